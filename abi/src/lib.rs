@@ -1,0 +1,51 @@
+//! The only code the hvo-harness guest and host share: the manifest the guest
+//! publishes in its memory, and the line protocol spoken on its console.
+//!
+//! Nothing about page tables lives here: the host's walker and verifier are an
+//! independent oracle and must not reuse the guest's understanding of them.
+#![cfg_attr(not(test), no_std)]
+
+pub mod manifest;
+pub mod protocol;
+
+/// The architectures a guest can be built for. The discriminant is what the
+/// manifest stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Arch {
+    X86_64 = 1,
+    Aarch64 = 2,
+    Ppc64le = 3,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 3] = [Arch::X86_64, Arch::Aarch64, Arch::Ppc64le];
+
+    /// The name used on the console, in scenario files and on the command line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+            Arch::Ppc64le => "ppc64le",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Arch> {
+        Arch::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    pub const fn from_raw(raw: u32) -> Option<Arch> {
+        match raw {
+            1 => Some(Arch::X86_64),
+            2 => Some(Arch::Aarch64),
+            3 => Some(Arch::Ppc64le),
+            _ => None,
+        }
+    }
+}
+
+impl core::fmt::Display for Arch {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}

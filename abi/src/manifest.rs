@@ -1,0 +1,380 @@
+//! The manifest: a `#[repr(C)]` structure the guest keeps at the ELF symbol
+//! [`MANIFEST_SYMBOL`] and the host reads from guest-physical memory.
+//!
+//! Every field is little-endian (all three guests run little-endian). The host
+//! decodes it field by field with [`Manifest::decode`], so a manifest from a
+//! guest of another ABI version is rejected with a reason instead of misread.
+
+use core::mem::{offset_of, size_of};
+
+use crate::Arch;
+
+/// The ELF symbol the guest exports its manifest under.
+pub const MANIFEST_SYMBOL: &str = "HVO_MANIFEST";
+/// `b"HVOMANIF"` read as a little-endian u64.
+pub const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"HVOMANIF");
+/// Bumped whenever the layout below changes.
+pub const ABI_VERSION: u32 = 1;
+
+pub const MAX_ROOTS: usize = 4;
+pub const MAX_RAM_RANGES: usize = 8;
+
+/// Where the guest is in its life; the host only trusts a `Ready` manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum GuestState {
+    /// Static initializer: the guest has not run far enough to fill it in.
+    Booting = 0,
+    /// The MMU is on, handlers are installed, the manifest is complete.
+    Ready = 1,
+}
+
+/// What a published page-table root is the root of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum RootKind {
+    /// The table that translates the kernel half: x86_64 CR3, arm64 TTBR1_EL1,
+    /// ppc64le the radix tree of process-table entry 0.
+    Kernel = 1,
+    /// arm64 TTBR0_EL1: the low (identity) half the firmware runs in.
+    Identity = 2,
+    /// ppc64le: the process table registered with the hypervisor.
+    ProcessTable = 3,
+    /// A second root that must carry the same kernel entries (a process's table).
+    Process = 4,
+}
+
+impl RootKind {
+    pub const fn from_raw(raw: u32) -> Option<RootKind> {
+        match raw {
+            1 => Some(RootKind::Kernel),
+            2 => Some(RootKind::Identity),
+            3 => Some(RootKind::ProcessTable),
+            4 => Some(RootKind::Process),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct RawRoot {
+    pub kind: u32,
+    pub _reserved: u32,
+    /// Guest-physical address of the root table.
+    pub pa: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct RawRange {
+    pub start: u64,
+    pub size: u64,
+}
+
+/// The manifest exactly as it lies in guest memory.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct RawManifest {
+    pub magic: u64,
+    pub abi_version: u32,
+    /// `size_of::<RawManifest>()` as the guest was built.
+    pub size: u32,
+    pub arch: u32,
+    pub state: u32,
+    pub page_size: u64,
+    /// Base of the linear map of physical memory (the kernel's PAGE_OFFSET).
+    pub linear_map_base: u64,
+    /// Base of the vmemmap region.
+    pub vmemmap_base: u64,
+    /// Guest-physical range the firmware image occupies.
+    pub image: RawRange,
+    pub root_count: u32,
+    pub ram_count: u32,
+    pub roots: [RawRoot; MAX_ROOTS],
+    /// Boot RAM as the platform described it.
+    pub ram: [RawRange; MAX_RAM_RANGES],
+    /// Bumped by the guest every time it rewrites the manifest.
+    pub generation: u64,
+}
+
+impl RawManifest {
+    /// The value the guest's static starts as, before boot code fills it in.
+    pub const fn booting(arch: Arch) -> RawManifest {
+        RawManifest {
+            magic: MANIFEST_MAGIC,
+            abi_version: ABI_VERSION,
+            size: size_of::<RawManifest>() as u32,
+            arch: arch as u32,
+            state: GuestState::Booting as u32,
+            page_size: 0,
+            linear_map_base: 0,
+            vmemmap_base: 0,
+            image: RawRange { start: 0, size: 0 },
+            root_count: 0,
+            ram_count: 0,
+            roots: [RawRoot { kind: 0, _reserved: 0, pa: 0 }; MAX_ROOTS],
+            ram: [RawRange { start: 0, size: 0 }; MAX_RAM_RANGES],
+            generation: 0,
+        }
+    }
+}
+
+/// Number of bytes the host must read to decode a manifest.
+pub const MANIFEST_SIZE: usize = size_of::<RawManifest>();
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Root {
+    pub kind: RootKind,
+    pub pa: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Range {
+    pub start: u64,
+    pub size: u64,
+}
+
+impl Range {
+    pub fn end(&self) -> u64 {
+        self.start.saturating_add(self.size)
+    }
+}
+
+/// A decoded, validated manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub arch: Arch,
+    pub state: GuestState,
+    pub page_size: u64,
+    pub linear_map_base: u64,
+    pub vmemmap_base: u64,
+    pub image: Range,
+    pub roots: [Option<Root>; MAX_ROOTS],
+    pub ram: [Option<Range>; MAX_RAM_RANGES],
+    pub generation: u64,
+}
+
+impl Manifest {
+    pub fn roots(&self) -> impl Iterator<Item = Root> + '_ {
+        self.roots.iter().flatten().copied()
+    }
+
+    pub fn root(&self, kind: RootKind) -> Option<Root> {
+        self.roots().find(|r| r.kind == kind)
+    }
+
+    pub fn ram(&self) -> impl Iterator<Item = Range> + '_ {
+        self.ram.iter().flatten().copied()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ManifestError {
+    /// Fewer bytes than a manifest needs.
+    Truncated { have: usize, need: usize },
+    BadMagic(u64),
+    AbiVersion { found: u32, expected: u32 },
+    SizeMismatch { found: u32, expected: u32 },
+    UnknownArch(u32),
+    UnknownState(u32),
+    UnknownRootKind { index: usize, raw: u32 },
+    TooMany { field: &'static str, count: u32, max: usize },
+    /// The page size is not a power of two of at least 4 KiB.
+    BadPageSize(u64),
+}
+
+impl core::fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            ManifestError::Truncated { have, need } => {
+                write!(f, "manifest truncated: {have} bytes, need {need}")
+            }
+            ManifestError::BadMagic(m) => write!(f, "bad manifest magic {m:#018x}"),
+            ManifestError::AbiVersion { found, expected } => {
+                write!(f, "guest ABI version {found}, host expects {expected}: rebuild the guest")
+            }
+            ManifestError::SizeMismatch { found, expected } => {
+                write!(f, "manifest size {found} bytes, host expects {expected}")
+            }
+            ManifestError::UnknownArch(a) => write!(f, "unknown architecture code {a}"),
+            ManifestError::UnknownState(s) => write!(f, "unknown guest state {s}"),
+            ManifestError::UnknownRootKind { index, raw } => {
+                write!(f, "root {index} has unknown kind {raw}")
+            }
+            ManifestError::TooMany { field, count, max } => {
+                write!(f, "{field}: count {count} exceeds {max}")
+            }
+            ManifestError::BadPageSize(s) => write!(f, "bad page size {s:#x}"),
+        }
+    }
+}
+
+fn le_u32(bytes: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+impl Manifest {
+    /// Decodes a manifest from the bytes at its guest-physical address.
+    pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        if bytes.len() < MANIFEST_SIZE {
+            return Err(ManifestError::Truncated { have: bytes.len(), need: MANIFEST_SIZE });
+        }
+        let u32_at = |off| le_u32(bytes, off);
+        let u64_at = |off| le_u64(bytes, off);
+
+        let magic = u64_at(offset_of!(RawManifest, magic));
+        if magic != MANIFEST_MAGIC {
+            return Err(ManifestError::BadMagic(magic));
+        }
+        let abi_version = u32_at(offset_of!(RawManifest, abi_version));
+        if abi_version != ABI_VERSION {
+            return Err(ManifestError::AbiVersion { found: abi_version, expected: ABI_VERSION });
+        }
+        let size = u32_at(offset_of!(RawManifest, size));
+        if size as usize != MANIFEST_SIZE {
+            return Err(ManifestError::SizeMismatch { found: size, expected: MANIFEST_SIZE as u32 });
+        }
+        let raw_arch = u32_at(offset_of!(RawManifest, arch));
+        let arch = Arch::from_raw(raw_arch).ok_or(ManifestError::UnknownArch(raw_arch))?;
+        let state = match u32_at(offset_of!(RawManifest, state)) {
+            0 => GuestState::Booting,
+            1 => GuestState::Ready,
+            other => return Err(ManifestError::UnknownState(other)),
+        };
+        let page_size = u64_at(offset_of!(RawManifest, page_size));
+        if state == GuestState::Ready && (page_size < 4096 || !page_size.is_power_of_two()) {
+            return Err(ManifestError::BadPageSize(page_size));
+        }
+
+        let root_count = u32_at(offset_of!(RawManifest, root_count));
+        if root_count as usize > MAX_ROOTS {
+            return Err(ManifestError::TooMany { field: "roots", count: root_count, max: MAX_ROOTS });
+        }
+        let mut roots = [None; MAX_ROOTS];
+        for (i, slot) in roots.iter_mut().enumerate().take(root_count as usize) {
+            let at = offset_of!(RawManifest, roots) + i * size_of::<RawRoot>();
+            let raw_kind = u32_at(at + offset_of!(RawRoot, kind));
+            let kind = RootKind::from_raw(raw_kind)
+                .ok_or(ManifestError::UnknownRootKind { index: i, raw: raw_kind })?;
+            *slot = Some(Root { kind, pa: u64_at(at + offset_of!(RawRoot, pa)) });
+        }
+
+        let ram_count = u32_at(offset_of!(RawManifest, ram_count));
+        if ram_count as usize > MAX_RAM_RANGES {
+            return Err(ManifestError::TooMany {
+                field: "ram",
+                count: ram_count,
+                max: MAX_RAM_RANGES,
+            });
+        }
+        let range_at = |at: usize| Range {
+            start: u64_at(at + offset_of!(RawRange, start)),
+            size: u64_at(at + offset_of!(RawRange, size)),
+        };
+        let mut ram = [None; MAX_RAM_RANGES];
+        for (i, slot) in ram.iter_mut().enumerate().take(ram_count as usize) {
+            *slot = Some(range_at(offset_of!(RawManifest, ram) + i * size_of::<RawRange>()));
+        }
+
+        Ok(Manifest {
+            arch,
+            state,
+            page_size,
+            linear_map_base: u64_at(offset_of!(RawManifest, linear_map_base)),
+            vmemmap_base: u64_at(offset_of!(RawManifest, vmemmap_base)),
+            image: range_at(offset_of!(RawManifest, image)),
+            roots,
+            ram,
+            generation: u64_at(offset_of!(RawManifest, generation)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of(raw: &RawManifest) -> Vec<u8> {
+        // The host is little-endian like every guest, so the in-memory image of
+        // a RawManifest is exactly what a guest would publish.
+        let ptr = raw as *const RawManifest as *const u8;
+        unsafe { core::slice::from_raw_parts(ptr, MANIFEST_SIZE) }.to_vec()
+    }
+
+    fn ready() -> RawManifest {
+        let mut raw = RawManifest::booting(Arch::Aarch64);
+        raw.state = GuestState::Ready as u32;
+        raw.page_size = 4096;
+        raw.vmemmap_base = 0xffff_fdff_c000_0000;
+        raw.root_count = 2;
+        raw.roots[0] = RawRoot { kind: RootKind::Kernel as u32, _reserved: 0, pa: 0x4030_0000 };
+        raw.roots[1] = RawRoot { kind: RootKind::Identity as u32, _reserved: 0, pa: 0x4030_1000 };
+        raw.ram_count = 1;
+        raw.ram[0] = RawRange { start: 0x4000_0000, size: 512 << 20 };
+        raw
+    }
+
+    #[test]
+    fn decodes_what_the_guest_publishes() {
+        let m = Manifest::decode(&bytes_of(&ready())).unwrap();
+        assert_eq!(m.arch, Arch::Aarch64);
+        assert_eq!(m.state, GuestState::Ready);
+        assert_eq!(m.root(RootKind::Kernel), Some(Root { kind: RootKind::Kernel, pa: 0x4030_0000 }));
+        assert_eq!(m.roots().count(), 2);
+        assert_eq!(m.ram().collect::<Vec<_>>(), vec![Range { start: 0x4000_0000, size: 512 << 20 }]);
+        assert_eq!(m.vmemmap_base, 0xffff_fdff_c000_0000);
+    }
+
+    #[test]
+    fn rejects_garbage_with_a_reason() {
+        assert_eq!(
+            Manifest::decode(&[0u8; 16]),
+            Err(ManifestError::Truncated { have: 16, need: MANIFEST_SIZE })
+        );
+        let mut raw = ready();
+        raw.magic = 0;
+        assert_eq!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::BadMagic(0)));
+
+        let mut raw = ready();
+        raw.abi_version = 99;
+        assert!(matches!(
+            Manifest::decode(&bytes_of(&raw)),
+            Err(ManifestError::AbiVersion { found: 99, .. })
+        ));
+
+        let mut raw = ready();
+        raw.arch = 7;
+        assert_eq!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::UnknownArch(7)));
+
+        let mut raw = ready();
+        raw.root_count = 9;
+        assert!(matches!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::TooMany { .. })));
+
+        let mut raw = ready();
+        raw.roots[1].kind = 42;
+        assert_eq!(
+            Manifest::decode(&bytes_of(&raw)),
+            Err(ManifestError::UnknownRootKind { index: 1, raw: 42 })
+        );
+
+        let mut raw = ready();
+        raw.page_size = 3000;
+        assert_eq!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::BadPageSize(3000)));
+    }
+
+    #[test]
+    fn a_booting_manifest_needs_no_page_size() {
+        let m = Manifest::decode(&bytes_of(&RawManifest::booting(Arch::X86_64))).unwrap();
+        assert_eq!(m.state, GuestState::Booting);
+        assert_eq!(m.roots().count(), 0);
+    }
+}

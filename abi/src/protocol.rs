@@ -1,0 +1,251 @@
+//! The console line protocol.
+//!
+//! Host to guest, one command per line: `<seq> <verb> [args...]`, where `seq` is
+//! a decimal number the reply echoes so a late or stray reply can never be taken
+//! for the answer to another command.
+//!
+//! Guest to host, protocol lines start with [`PREFIX`]; anything else is free
+//! text (logs, register dumps) that the host keeps for the console log:
+//! - `@hvo ready abi=<n> arch=<name>`: the guest serves commands from now on.
+//! - `@hvo <seq> ok [payload]` / `@hvo <seq> err <message>`: the reply to a
+//!   command; `seq` is `-` when the command was too malformed to carry one.
+//! - `@hvo crash <message>`: a panic or unexpected exception; register lines
+//!   follow as free text and the guest then exits with a failure status.
+
+use core::fmt;
+
+pub const PREFIX: &str = "@hvo";
+/// The longest line either side sends, newline excluded.
+pub const MAX_LINE: usize = 480;
+
+/// A command the host sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// Answered with `ok pong [token]`.
+    Ping { token: Option<&'a str> },
+    /// The guest rewrites its manifest and answers `ok generation=<n>`.
+    Report,
+    /// The guest answers `ok`, then exits with this status (0 is success).
+    Exit { status: u8 },
+}
+
+impl Command<'_> {
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Command::Ping { .. } => "ping",
+            Command::Report => "report",
+            Command::Exit { .. } => "exit",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub seq: u64,
+    pub command: Command<'a>,
+}
+
+impl fmt::Display for Request<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.seq, self.command.verb())?;
+        match self.command {
+            Command::Ping { token: Some(t) } => write!(f, " {t}"),
+            Command::Ping { token: None } | Command::Report => Ok(()),
+            Command::Exit { status } => write!(f, " {status}"),
+        }
+    }
+}
+
+/// Why a command line could not be understood.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestError<'a> {
+    Empty,
+    TooLong,
+    BadSeq,
+    UnknownVerb(&'a str),
+    MissingArgument { verb: &'static str, what: &'static str },
+    BadArgument { verb: &'static str, what: &'static str },
+    ExtraArgument { verb: &'static str },
+}
+
+impl fmt::Display for RequestError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestError::Empty => f.write_str("empty command"),
+            RequestError::TooLong => write!(f, "command longer than {MAX_LINE} bytes"),
+            RequestError::BadSeq => f.write_str("command must start with a sequence number"),
+            RequestError::UnknownVerb(v) => write!(f, "unknown command '{v}'"),
+            RequestError::MissingArgument { verb, what } => write!(f, "{verb}: missing {what}"),
+            RequestError::BadArgument { verb, what } => write!(f, "{verb}: bad {what}"),
+            RequestError::ExtraArgument { verb } => write!(f, "{verb}: too many arguments"),
+        }
+    }
+}
+
+/// A token is printable ASCII without spaces, so replies stay one clean line.
+fn valid_token(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Parses one command line (without its newline). On error, the sequence number
+/// is returned too when it could be read, so the reply can carry it.
+pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestError<'_>)> {
+    if line.len() > MAX_LINE {
+        return Err((None, RequestError::TooLong));
+    }
+    let mut words = line.split_ascii_whitespace();
+    let seq_word = words.next().ok_or((None, RequestError::Empty))?;
+    let seq: u64 = seq_word.parse().map_err(|_| (None, RequestError::BadSeq))?;
+    let fail = |e| (Some(seq), e);
+    let verb = words.next().ok_or(fail(RequestError::MissingArgument {
+        verb: "command",
+        what: "verb",
+    }))?;
+    let command = match verb {
+        "ping" => {
+            let token = words.next();
+            if let Some(t) = token {
+                if !valid_token(t) {
+                    return Err(fail(RequestError::BadArgument { verb: "ping", what: "token" }));
+                }
+            }
+            Command::Ping { token }
+        }
+        "report" => Command::Report,
+        "exit" => {
+            let status = words
+                .next()
+                .ok_or(fail(RequestError::MissingArgument { verb: "exit", what: "status" }))?;
+            let status = status
+                .parse::<u8>()
+                .map_err(|_| fail(RequestError::BadArgument { verb: "exit", what: "status" }))?;
+            Command::Exit { status }
+        }
+        other => return Err(fail(RequestError::UnknownVerb(other))),
+    };
+    if words.next().is_some() {
+        return Err(fail(RequestError::ExtraArgument { verb: command.verb() }));
+    }
+    Ok(Request { seq, command })
+}
+
+/// A line the guest printed, as the host sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestLine<'a> {
+    Ready { abi: u32, arch: &'a str },
+    Reply { seq: Option<u64>, outcome: Result<&'a str, &'a str> },
+    Crash(&'a str),
+    /// Not a protocol line, or a protocol line the host does not understand.
+    Text(&'a str),
+}
+
+/// Classifies one console line (without its line ending).
+pub fn parse_guest_line(line: &str) -> GuestLine<'_> {
+    let Some(rest) = line.strip_prefix(PREFIX).and_then(|r| r.strip_prefix(' ')) else {
+        return GuestLine::Text(line);
+    };
+    if let Some(msg) = rest.strip_prefix("crash") {
+        return GuestLine::Crash(msg.trim_start_matches(':').trim());
+    }
+    if let Some(args) = rest.strip_prefix("ready ") {
+        let mut abi = None;
+        let mut arch = None;
+        for word in args.split_ascii_whitespace() {
+            if let Some(v) = word.strip_prefix("abi=") {
+                abi = v.parse().ok();
+            } else if let Some(v) = word.strip_prefix("arch=") {
+                arch = Some(v);
+            }
+        }
+        return match (abi, arch) {
+            (Some(abi), Some(arch)) => GuestLine::Ready { abi, arch },
+            _ => GuestLine::Text(line),
+        };
+    }
+    let (seq_word, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+    let seq = match seq_word {
+        "-" => None,
+        s => match s.parse() {
+            Ok(n) => Some(n),
+            Err(_) => return GuestLine::Text(line),
+        },
+    };
+    let (status, payload) = tail.split_once(' ').unwrap_or((tail, ""));
+    match status {
+        "ok" => GuestLine::Reply { seq, outcome: Ok(payload) },
+        "err" => GuestLine::Reply { seq, outcome: Err(payload) },
+        _ => GuestLine::Text(line),
+    }
+}
+
+/// Writes the guest's reply line for a request; `seq` is `None` when the
+/// request had no readable sequence number.
+pub fn write_reply_head(out: &mut impl fmt::Write, seq: Option<u64>, ok: bool) -> fmt::Result {
+    match seq {
+        Some(s) => write!(out, "{PREFIX} {s} ")?,
+        None => write!(out, "{PREFIX} - ")?,
+    }
+    out.write_str(if ok { "ok" } else { "err" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for req in [
+            Request { seq: 1, command: Command::Ping { token: None } },
+            Request { seq: 2, command: Command::Ping { token: Some("abc-1") } },
+            Request { seq: 3, command: Command::Report },
+            Request { seq: 4, command: Command::Exit { status: 3 } },
+        ] {
+            let line = req.to_string();
+            assert_eq!(parse_request(&line), Ok(req), "{line}");
+        }
+    }
+
+    #[test]
+    fn bad_requests_say_why_and_keep_the_seq() {
+        assert_eq!(parse_request(""), Err((None, RequestError::Empty)));
+        assert_eq!(parse_request("x ping"), Err((None, RequestError::BadSeq)));
+        assert_eq!(parse_request("7 frobnicate"), Err((Some(7), RequestError::UnknownVerb("frobnicate"))));
+        assert!(matches!(parse_request("8 exit"), Err((Some(8), RequestError::MissingArgument { .. }))));
+        assert!(matches!(parse_request("9 exit 300"), Err((Some(9), RequestError::BadArgument { .. }))));
+        assert!(matches!(parse_request("9 report now"), Err((Some(9), RequestError::ExtraArgument { .. }))));
+        let long = "1 ping ".to_string() + &"a".repeat(MAX_LINE);
+        assert_eq!(parse_request(&long), Err((None, RequestError::TooLong)));
+        assert!(matches!(parse_request("1 ping \u{7f}"), Err((Some(1), RequestError::BadArgument { .. }))));
+    }
+
+    #[test]
+    fn guest_lines_are_classified() {
+        assert_eq!(
+            parse_guest_line("@hvo ready abi=1 arch=ppc64le"),
+            GuestLine::Ready { abi: 1, arch: "ppc64le" }
+        );
+        assert_eq!(
+            parse_guest_line("@hvo 12 ok pong t"),
+            GuestLine::Reply { seq: Some(12), outcome: Ok("pong t") }
+        );
+        assert_eq!(parse_guest_line("@hvo 3 ok"), GuestLine::Reply { seq: Some(3), outcome: Ok("") });
+        assert_eq!(
+            parse_guest_line("@hvo - err unknown command 'x'"),
+            GuestLine::Reply { seq: None, outcome: Err("unknown command 'x'") }
+        );
+        assert_eq!(parse_guest_line("@hvo crash: page fault at 0x10"), GuestLine::Crash("page fault at 0x10"));
+        assert_eq!(parse_guest_line("rip=0x1000"), GuestLine::Text("rip=0x1000"));
+        assert_eq!(parse_guest_line("@hvo zz ok"), GuestLine::Text("@hvo zz ok"));
+        assert_eq!(parse_guest_line("@hvoready"), GuestLine::Text("@hvoready"));
+    }
+
+    #[test]
+    fn reply_heads() {
+        let mut s = String::new();
+        write_reply_head(&mut s, Some(5), true).unwrap();
+        assert_eq!(s, "@hvo 5 ok");
+        s.clear();
+        write_reply_head(&mut s, None, false).unwrap();
+        assert_eq!(s, "@hvo - err");
+    }
+}

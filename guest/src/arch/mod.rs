@@ -1,0 +1,46 @@
+//! The per-architecture half of the guest, behind one small interface.
+//!
+//! Each architecture module provides exactly these items, and nothing outside
+//! `arch/` knows which architecture it runs on:
+//!
+//! - `ARCH: hvo_abi::Arch`, `LINEAR_MAP_BASE`, `VMEMMAP_BASE` (DESIGN.md section 3),
+//!   `IDENTITY_IS_LINEAR_MAP` (ppc64le radix: quadrants 0 and 3 walk one tree, so
+//!   mapping the linear map also maps the identity range), and
+//!   `SEPARATE_IDENTITY_ROOT` (arm64: TTBR0 holds the identity half).
+//! - `type Format: mm::pagetable::Format`: the page-table entry encoding.
+//! - `console_write(&[u8])`, `console_read() -> Option<u8>` (never blocks).
+//! - `exit(status: u8) -> !`: ends the VM; 0 means success.
+//! - `enable_mmu(&mm::boot::Tables)`: load the roots and turn translation on
+//!   (the identity range stays mapped, so execution carries on).
+//! - `flush_tlb_va(VirtAddr)`.
+//! - `process_table() -> Option<PhysAddr>`: ppc64le's registered process table.
+//! - the entry point, which sets up a stack, traps and the platform, then calls
+//!   `crate::main(Platform)`; unexpected traps call `crate::crash` with a
+//!   description and a closure printing the registers.
+//! - every linker script (images/<arch>/link.ld) defines `__image_start` and
+//!   `__image_end` around everything loaded or zeroed.
+
+#[cfg(target_arch = "x86_64")]
+#[path = "x86_64/mod.rs"]
+mod imp;
+
+#[cfg(target_arch = "aarch64")]
+#[path = "aarch64/mod.rs"]
+mod imp;
+
+#[cfg(target_arch = "powerpc64")]
+#[path = "powerpc64/mod.rs"]
+mod imp;
+
+pub use imp::*;
+
+/// What the platform told the architecture code at boot.
+pub struct Platform {
+    /// Usable boot RAM, in ascending order.
+    pub ram: crate::mm::RangeList,
+    /// Ranges inside `ram` the frame allocator must never hand out (firmware
+    /// data, the device tree; the image itself is added by `main`).
+    pub reserved: crate::mm::RangeList,
+    /// Device registers the firmware reaches with the MMU on (identity-mapped).
+    pub mmio: crate::mm::RangeList,
+}

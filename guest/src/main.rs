@@ -1,0 +1,57 @@
+//! hvo-guest: a tiny firmware that boots on x86_64 (q35), arm64 (virt) and
+//! ppc64le (pseries, radix), builds kernel-style page tables, publishes a
+//! manifest and serves the host's commands on its console.
+#![no_std]
+#![no_main]
+
+mod arch;
+mod commands;
+mod console;
+mod manifest;
+mod mm;
+
+use mm::frames::FrameAllocator;
+use mm::{Range, RangeList};
+
+extern "C" {
+    // Defined by every linker script in images/.
+    static __image_start: u8;
+    static __image_end: u8;
+}
+
+fn image_range() -> Range {
+    // SAFETY: only the addresses of the linker symbols are taken.
+    let (start, end) = unsafe {
+        (core::ptr::addr_of!(__image_start) as u64, core::ptr::addr_of!(__image_end) as u64)
+    };
+    Range { start, end }
+}
+
+/// Called by the architecture's entry code with its stack and traps set up.
+pub fn main(platform: arch::Platform) -> ! {
+    let image = image_range();
+    let mut reserved = platform.reserved;
+    reserved.push(image);
+    let mut frames = FrameAllocator::new(&platform.ram, &reserved);
+    let tables = match mm::boot::build(&mut frames, &platform) {
+        Ok(t) => t,
+        Err(e) => panic!("building the boot page tables failed: {e:?}"),
+    };
+    arch::enable_mmu(&tables);
+    manifest::publish(&tables, &platform.ram, image);
+    println!("{} ready abi={} arch={}", hvo_abi::protocol::PREFIX, hvo_abi::manifest::ABI_VERSION, arch::ARCH);
+    commands::serve()
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("\n{} crash: panic: {}", hvo_abi::protocol::PREFIX, info);
+    arch::exit(1)
+}
+
+/// The failure path of trap handlers: one crash line, the registers, then exit.
+pub fn crash(what: core::fmt::Arguments, registers: &dyn Fn(&mut console::Console)) -> ! {
+    println!("\n{} crash: {}", hvo_abi::protocol::PREFIX, what);
+    registers(&mut console::Console);
+    arch::exit(1)
+}

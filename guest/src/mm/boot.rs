@@ -1,0 +1,77 @@
+//! The kernel-style layout the firmware runs in: RAM identity-mapped (the
+//! firmware is linked there) and again at the architecture's linear-map base,
+//! MMIO identity-mapped as device memory.
+
+use super::frames::FrameAllocator;
+use super::pagetable::{MapError, PageTable, Prot};
+use super::{PageSize, PhysAddr, Range, VirtAddr};
+use crate::arch::{self, Platform};
+
+pub type Table = PageTable<arch::Format>;
+
+/// The roots the MMU is turned on with.
+pub struct Tables {
+    /// Translates the kernel half: linear map and vmemmap (and, where the
+    /// architecture has one root, everything).
+    pub kernel: Table,
+    /// arm64's TTBR0 tree for the identity half.
+    pub identity: Option<Table>,
+}
+
+/// Maps `range` at `va_base + range.start` with the largest leaves that fit.
+fn map_range(
+    table: &mut Table,
+    frames: &mut FrameAllocator,
+    va_base: u64,
+    range: Range,
+    prot: Prot,
+) -> Result<(), MapError> {
+    let mut pa = range.start;
+    while pa < range.end {
+        let va = va_base.wrapping_add(pa);
+        let size = PageSize::DESCENDING
+            .into_iter()
+            .find(|s| {
+                let b = s.bytes();
+                pa % b == 0 && va % b == 0 && pa + b <= range.end
+            })
+            .ok_or(MapError::Misaligned)?;
+        let result = table.map(frames, VirtAddr(va), PhysAddr(pa), size, prot);
+        // 1 GiB leaves are optional in some formats; fall back to smaller ones.
+        match result {
+            Err(MapError::SizeNotSupported) if size != PageSize::Size4K => {
+                let smaller = if size == PageSize::Size1G { PageSize::Size2M } else { PageSize::Size4K };
+                let mut off = 0;
+                while off < size.bytes() {
+                    table
+                        .map(frames, VirtAddr(va + off), PhysAddr(pa + off), smaller, prot)?
+                        .ignore();
+                    off += smaller.bytes();
+                }
+            }
+            other => other?.ignore(),
+        }
+        pa += size.bytes();
+    }
+    Ok(())
+}
+
+pub fn build(frames: &mut FrameAllocator, platform: &Platform) -> Result<Tables, MapError> {
+    let mut kernel = Table::new(frames)?;
+    let mut identity = if arch::SEPARATE_IDENTITY_ROOT { Some(Table::new(frames)?) } else { None };
+    // Where the identity range is the linear map (ppc64le), the firmware's code
+    // runs from the linear map and needs execute permission there.
+    let linear_prot = if arch::IDENTITY_IS_LINEAR_MAP { Prot::RWX } else { Prot::RW };
+    for r in platform.ram.iter() {
+        map_range(&mut kernel, frames, arch::LINEAR_MAP_BASE, r, linear_prot)?;
+        if !arch::IDENTITY_IS_LINEAR_MAP {
+            let id = identity.as_mut().unwrap_or(&mut kernel);
+            map_range(id, frames, 0, r, Prot::RWX)?;
+        }
+    }
+    for r in platform.mmio.iter() {
+        let id = identity.as_mut().unwrap_or(&mut kernel);
+        map_range(id, frames, 0, r, Prot::MMIO)?;
+    }
+    Ok(Tables { kernel, identity })
+}

@@ -1,0 +1,133 @@
+//! Memory management common to every architecture: address types, the frame
+//! allocator, and a page-table mapper written over an architecture's entry format.
+
+pub mod boot;
+pub mod frames;
+pub mod pagetable;
+
+use core::fmt;
+
+/// A guest-physical address.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(transparent)]
+pub struct PhysAddr(pub u64);
+
+/// A guest-virtual address.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(transparent)]
+pub struct VirtAddr(pub u64);
+
+impl PhysAddr {
+    pub const fn add(self, bytes: u64) -> PhysAddr {
+        PhysAddr(self.0 + bytes)
+    }
+    pub const fn is_aligned(self, size: PageSize) -> bool {
+        self.0 & (size.bytes() - 1) == 0
+    }
+    /// The address the firmware reaches this frame at: it keeps all RAM
+    /// identity-mapped, before and after the MMU is on.
+    pub fn as_mut_ptr<T>(self) -> *mut T {
+        self.0 as usize as *mut T
+    }
+}
+
+impl VirtAddr {
+    pub const fn add(self, bytes: u64) -> VirtAddr {
+        VirtAddr(self.0.wrapping_add(bytes))
+    }
+    pub const fn is_aligned(self, size: PageSize) -> bool {
+        self.0 & (size.bytes() - 1) == 0
+    }
+}
+
+impl fmt::Debug for PhysAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pa:{:#x}", self.0)
+    }
+}
+
+impl fmt::Debug for VirtAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "va:{:#x}", self.0)
+    }
+}
+
+/// The sizes a page-table leaf can map.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PageSize {
+    Size4K,
+    Size2M,
+    Size1G,
+}
+
+impl PageSize {
+    /// Largest first: the order `boot` tries them in.
+    pub const DESCENDING: [PageSize; 3] = [PageSize::Size1G, PageSize::Size2M, PageSize::Size4K];
+
+    pub const fn shift(self) -> u32 {
+        match self {
+            PageSize::Size4K => 12,
+            PageSize::Size2M => 21,
+            PageSize::Size1G => 30,
+        }
+    }
+    pub const fn bytes(self) -> u64 {
+        1 << self.shift()
+    }
+}
+
+/// A physical range.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Range {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Range {
+    pub const fn new(start: u64, size: u64) -> Range {
+        Range { start, end: start + size }
+    }
+    pub const fn size(&self) -> u64 {
+        self.end - self.start
+    }
+    pub const fn contains(&self, addr: u64) -> bool {
+        addr >= self.start && addr < self.end
+    }
+    pub const fn overlaps(&self, other: &Range) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+}
+
+const MAX_RANGES: usize = 16;
+
+/// A small fixed-capacity list of ranges (no heap in the firmware).
+#[derive(Clone, Copy)]
+pub struct RangeList {
+    ranges: [Range; MAX_RANGES],
+    len: usize,
+}
+
+impl RangeList {
+    pub const fn new() -> RangeList {
+        RangeList { ranges: [Range { start: 0, end: 0 }; MAX_RANGES], len: 0 }
+    }
+
+    /// Adds a range; a platform describing more than we can hold is a boot failure.
+    pub fn push(&mut self, range: Range) {
+        if range.start >= range.end {
+            return;
+        }
+        assert!(self.len < MAX_RANGES, "more than {MAX_RANGES} memory ranges");
+        self.ranges[self.len] = range;
+        self.len += 1;
+        self.ranges[..self.len].sort_unstable_by_key(|r| r.start);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Range> + '_ {
+        self.ranges[..self.len].iter().copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}

@@ -1,0 +1,221 @@
+//! A page-table mapper written once over an architecture's entry format.
+//!
+//! The architecture describes its radix tree (levels, index bits, which levels
+//! may hold leaves) and how entries are encoded; the walking, table allocation,
+//! splitting and freeing live here. Every change that needs a TLB invalidation
+//! returns a [`Flush`] the caller must use.
+
+use core::marker::PhantomData;
+
+use super::frames::{AllocError, FrameAllocator, Purpose};
+use super::{PageSize, PhysAddr, VirtAddr};
+use crate::arch;
+
+/// Protection of a leaf. Kernel-only always: the firmware has no user mode.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Prot {
+    pub write: bool,
+    pub exec: bool,
+    /// Device (uncached, strongly ordered) memory, for MMIO.
+    pub device: bool,
+}
+
+impl Prot {
+    pub const RW: Prot = Prot { write: true, exec: false, device: false };
+    pub const RO: Prot = Prot { write: false, exec: false, device: false };
+    pub const RWX: Prot = Prot { write: true, exec: true, device: false };
+    pub const MMIO: Prot = Prot { write: true, exec: false, device: true };
+}
+
+/// A decoded entry.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Entry {
+    Empty,
+    Table(PhysAddr),
+    Leaf { pa: PhysAddr, prot: Prot },
+}
+
+/// An architecture's page-table format. Level 0 is the root.
+pub trait Format {
+    const LEVELS: usize;
+    /// Lowest virtual-address bit each level indexes, root first.
+    const SHIFTS: [u32; 4];
+    /// Index bits at each level, root first.
+    const INDEX_BITS: [u32; 4];
+
+    /// Whether a leaf of the level's size may be placed at `level`.
+    fn leaf_allowed(level: usize) -> bool;
+    fn decode(raw: u64, level: usize) -> Entry;
+    fn encode_table(pa: PhysAddr, level: usize) -> u64;
+    fn encode_leaf(pa: PhysAddr, level: usize, prot: Prot) -> u64;
+
+    /// Entries are stored in the byte order the MMU reads (big-endian on radix).
+    fn load(slot: *const u64) -> u64 {
+        // SAFETY: callers pass a slot inside a live table.
+        unsafe { slot.read_volatile() }
+    }
+    fn store(slot: *mut u64, raw: u64) {
+        // SAFETY: as for `load`.
+        unsafe { slot.write_volatile(raw) }
+    }
+
+    fn table_bytes(level: usize) -> u64 {
+        8 << Self::INDEX_BITS[level]
+    }
+}
+
+/// A TLB invalidation owed after a page-table change.
+#[must_use = "a page-table change is not visible until its TLB entry is flushed"]
+pub struct Flush(VirtAddr);
+
+impl Flush {
+    pub fn flush(self) {
+        arch::flush_tlb_va(self.0);
+    }
+
+    /// For changes made before the MMU uses this table, where no TLB entry can exist.
+    pub fn ignore(self) {}
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum MapError {
+    Alloc(AllocError),
+    /// The address is not aligned to the page size.
+    Misaligned,
+    /// Something is mapped there already.
+    AlreadyMapped,
+    NotMapped,
+    /// A leaf of this size cannot be placed on this architecture.
+    SizeNotSupported,
+}
+
+impl From<AllocError> for MapError {
+    fn from(e: AllocError) -> MapError {
+        MapError::Alloc(e)
+    }
+}
+
+/// What a virtual address translates to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Translation {
+    pub pa: PhysAddr,
+    pub size: PageSize,
+    pub prot: Prot,
+}
+
+/// One page-table tree.
+pub struct PageTable<F: Format> {
+    root: PhysAddr,
+    _format: PhantomData<F>,
+}
+
+fn level_size<F: Format>(level: usize) -> Option<PageSize> {
+    PageSize::DESCENDING.into_iter().find(|s| s.shift() == F::SHIFTS[level])
+}
+
+fn leaf_level<F: Format>(size: PageSize) -> Option<usize> {
+    (0..F::LEVELS).find(|&l| F::SHIFTS[l] == size.shift() && F::leaf_allowed(l))
+}
+
+impl<F: Format> PageTable<F> {
+    pub fn new(frames: &mut FrameAllocator) -> Result<Self, AllocError> {
+        let root = frames.alloc_bytes(F::table_bytes(0), Purpose::PageTable)?;
+        Ok(PageTable { root, _format: PhantomData })
+    }
+
+    pub fn root(&self) -> PhysAddr {
+        self.root
+    }
+
+    fn slot(table: PhysAddr, level: usize, va: VirtAddr) -> *mut u64 {
+        let index = (va.0 >> F::SHIFTS[level]) & ((1 << F::INDEX_BITS[level]) - 1);
+        table.add(index * 8).as_mut_ptr()
+    }
+
+    /// The slot at `level` for `va`, allocating intermediate tables on the way.
+    fn walk_create(
+        &mut self,
+        frames: &mut FrameAllocator,
+        va: VirtAddr,
+        level: usize,
+    ) -> Result<*mut u64, MapError> {
+        let mut table = self.root;
+        for l in 0..level {
+            let slot = Self::slot(table, l, va);
+            table = match F::decode(F::load(slot), l) {
+                Entry::Table(next) => next,
+                Entry::Leaf { .. } => return Err(MapError::AlreadyMapped),
+                Entry::Empty => {
+                    let next = frames.alloc_bytes(F::table_bytes(l + 1), Purpose::PageTable)?;
+                    F::store(slot, F::encode_table(next, l));
+                    next
+                }
+            };
+        }
+        Ok(Self::slot(table, level, va))
+    }
+
+    /// The slot holding the leaf for `va`, and its level.
+    fn find_leaf(&self, va: VirtAddr) -> Option<(*mut u64, usize)> {
+        let mut table = self.root;
+        for l in 0..F::LEVELS {
+            let slot = Self::slot(table, l, va);
+            match F::decode(F::load(slot), l) {
+                Entry::Empty => return None,
+                Entry::Leaf { .. } => return Some((slot, l)),
+                Entry::Table(next) => table = next,
+            }
+        }
+        None
+    }
+
+    pub fn map(
+        &mut self,
+        frames: &mut FrameAllocator,
+        va: VirtAddr,
+        pa: PhysAddr,
+        size: PageSize,
+        prot: Prot,
+    ) -> Result<Flush, MapError> {
+        if !va.is_aligned(size) || !pa.is_aligned(size) {
+            return Err(MapError::Misaligned);
+        }
+        let level = leaf_level::<F>(size).ok_or(MapError::SizeNotSupported)?;
+        let slot = self.walk_create(frames, va, level)?;
+        if F::decode(F::load(slot), level) != Entry::Empty {
+            return Err(MapError::AlreadyMapped);
+        }
+        F::store(slot, F::encode_leaf(pa, level, prot));
+        Ok(Flush(va))
+    }
+
+    pub fn translate(&self, va: VirtAddr) -> Option<Translation> {
+        let (slot, level) = self.find_leaf(va)?;
+        let Entry::Leaf { pa, prot } = F::decode(F::load(slot), level) else { return None };
+        let size = level_size::<F>(level)?;
+        let offset = va.0 & (size.bytes() - 1);
+        Some(Translation { pa: pa.add(offset), size, prot })
+    }
+
+    /// Removes the leaf mapping `va`; returns the frame it mapped and its size.
+    pub fn unmap(&mut self, va: VirtAddr) -> Result<(PhysAddr, PageSize, Flush), MapError> {
+        let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
+        let Entry::Leaf { pa, .. } = F::decode(F::load(slot), level) else {
+            return Err(MapError::NotMapped);
+        };
+        let size = level_size::<F>(level).ok_or(MapError::SizeNotSupported)?;
+        F::store(slot, 0);
+        Ok((pa, size, Flush(VirtAddr(va.0 & !(size.bytes() - 1)))))
+    }
+
+    /// Changes the protection of the leaf mapping `va`.
+    pub fn protect(&mut self, va: VirtAddr, prot: Prot) -> Result<Flush, MapError> {
+        let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
+        let Entry::Leaf { pa, .. } = F::decode(F::load(slot), level) else {
+            return Err(MapError::NotMapped);
+        };
+        F::store(slot, F::encode_leaf(pa, level, prot));
+        let size = level_size::<F>(level).ok_or(MapError::SizeNotSupported)?;
+        Ok(Flush(VirtAddr(va.0 & !(size.bytes() - 1))))
+    }
+}

@@ -1,0 +1,264 @@
+//! Image profiles: every per-architecture fact about building the guest and
+//! starting QEMU for it, as data in one table ([`profile`]).
+//!
+//! The linker scripts live beside this crate in `images/<arch>/link.ld`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub use hvo_abi::Arch;
+
+/// How QEMU gets the guest image into memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loader {
+    /// `-kernel guest.elf`, with the given `-bios` firmware when set (q35 with
+    /// qboot via PVH; pseries with VOF, which needs no firmware file).
+    Kernel { bios: Option<&'static str> },
+    /// arm virt: plain `-kernel` leaves out the ACPI GED device memory hotplug
+    /// needs, so a tiny generated firmware (`-bios`) jumps to `entry` and the ELF
+    /// is placed by `-device loader`.
+    StubFirmware { entry: u64 },
+}
+
+/// How the guest ends the VM, which decides how a process exit code is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitDevice {
+    /// x86 `isa-debug-exit` at I/O port 0xf4: QEMU exits with `(status << 1) | 1`.
+    IsaDebugExit,
+    /// arm semihosting SYS_EXIT: QEMU exits with the status itself.
+    Semihosting,
+    /// pseries RTAS: `power-off` exits 0, `ibm,os-term` exits 1 (with
+    /// `-action panic=exit-failure`); only success and failure survive.
+    Rtas,
+}
+
+impl ExitDevice {
+    /// The guest's exit status from QEMU's process exit code, where it can be told.
+    pub fn guest_status(self, process_code: i32) -> GuestExit {
+        match self {
+            ExitDevice::IsaDebugExit if process_code & 1 == 1 => {
+                GuestExit::Status((process_code >> 1) as u8)
+            }
+            // isa-debug-exit can never produce an even code: QEMU itself exited.
+            ExitDevice::IsaDebugExit => GuestExit::NotByGuest,
+            ExitDevice::Semihosting => GuestExit::Status(process_code as u8),
+            ExitDevice::Rtas if process_code == 0 => GuestExit::Success,
+            ExitDevice::Rtas => GuestExit::Failure,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    Status(u8),
+    Success,
+    Failure,
+    NotByGuest,
+}
+
+impl GuestExit {
+    /// Whether this is what a guest asked to exit with `status` produces.
+    pub fn matches(self, status: u8) -> bool {
+        match self {
+            GuestExit::Status(s) => s == status,
+            GuestExit::Success => status == 0,
+            GuestExit::Failure => status != 0,
+            GuestExit::NotByGuest => false,
+        }
+    }
+}
+
+/// Everything per architecture.
+#[derive(Clone, Copy, Debug)]
+pub struct Profile {
+    pub arch: Arch,
+    /// The Rust target the guest is built for.
+    pub rust_target: &'static str,
+    /// Code-generation flags beyond the linker script (added by [`build_guest`]).
+    pub rustflags: &'static [&'static str],
+    pub qemu_binary: &'static str,
+    /// The Debian package that ships `qemu_binary`.
+    pub qemu_package: &'static str,
+    pub machine: &'static str,
+    pub cpu: &'static str,
+    pub loader: Loader,
+    pub exit: ExitDevice,
+    /// Machine-specific arguments that every run needs (exit devices, semihosting).
+    pub extra_args: &'static [&'static str],
+    /// Where boot RAM starts.
+    pub ram_base: u64,
+    /// Boot RAM sizes must be multiples of this.
+    pub ram_granule: u64,
+    /// Hotplugged DIMM sizes must be multiples of this.
+    pub dimm_granule: u64,
+}
+
+const MIB: u64 = 1 << 20;
+
+/// The one table of per-architecture facts (sources: QEMU-FACTS.md).
+pub const fn profile(arch: Arch) -> &'static Profile {
+    match arch {
+        Arch::X86_64 => &Profile {
+            arch: Arch::X86_64,
+            rust_target: "x86_64-unknown-none",
+            rustflags: &["-Crelocation-model=static", "-Clink-arg=--no-pie"],
+            qemu_binary: "qemu-system-x86_64",
+            qemu_package: "qemu-system-x86",
+            machine: "q35",
+            cpu: "max",
+            // qboot halves boot time against SeaBIOS; it boots PVH kernels.
+            loader: Loader::Kernel { bios: Some("/usr/share/qemu/qboot.rom") },
+            exit: ExitDevice::IsaDebugExit,
+            extra_args: &["-device", "isa-debug-exit,iobase=0xf4,iosize=4"],
+            ram_base: 0,
+            ram_granule: 2 * MIB,
+            dimm_granule: 2 * MIB,
+        },
+        Arch::Aarch64 => &Profile {
+            arch: Arch::Aarch64,
+            rust_target: "aarch64-unknown-none",
+            rustflags: &["-Crelocation-model=static"],
+            qemu_binary: "qemu-system-aarch64",
+            qemu_package: "qemu-system-arm",
+            machine: "virt",
+            cpu: "cortex-a57",
+            loader: Loader::StubFirmware { entry: 0x4020_0000 },
+            exit: ExitDevice::Semihosting,
+            extra_args: &["-semihosting-config", "enable=on,target=native"],
+            ram_base: 0x4000_0000,
+            ram_granule: 2 * MIB,
+            dimm_granule: 2 * MIB,
+        },
+        Arch::Ppc64le => &Profile {
+            arch: Arch::Ppc64le,
+            rust_target: "powerpc64le-unknown-linux-gnu",
+            rustflags: &[
+                "-Clinker=rust-lld",
+                "-Clinker-flavor=ld.lld",
+                "-Crelocation-model=static",
+                "-Ctarget-cpu=pwr9",
+                "-Clink-arg=-static",
+                "-Clink-arg=--no-pie",
+            ],
+            qemu_binary: "qemu-system-ppc64",
+            qemu_package: "qemu-system-ppc",
+            // VOF boots in 0.18 s where SLOF takes 15-22 s; the spectre caps
+            // are set to what TCG can provide so QEMU does not refuse to start.
+            machine: "pseries,x-vof=on,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
+            cpu: "power9",
+            loader: Loader::Kernel { bios: None },
+            exit: ExitDevice::Rtas,
+            extra_args: &["-action", "panic=exit-failure"],
+            ram_base: 0,
+            ram_granule: 256 * MIB,
+            dimm_granule: 256 * MIB,
+        },
+    }
+}
+
+/// The directory this crate lives in (`images/`).
+pub fn images_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The workspace root.
+pub fn workspace_root() -> &'static Path {
+    images_dir().parent().unwrap_or(Path::new("."))
+}
+
+impl Profile {
+    pub fn linker_script(&self) -> PathBuf {
+        images_dir().join(self.arch.name()).join("link.ld")
+    }
+
+    /// Where [`build_guest`] leaves the guest ELF.
+    pub fn guest_elf(&self) -> PathBuf {
+        workspace_root()
+            .join("target/guest")
+            .join(self.rust_target)
+            .join("release/hvo-guest")
+    }
+
+    /// The arm virt stub firmware: `ldr x0, #8; br x0; .quad entry`.
+    pub fn stub_firmware(&self) -> Option<Vec<u8>> {
+        let Loader::StubFirmware { entry } = self.loader else { return None };
+        let mut bytes = Vec::with_capacity(16);
+        bytes.extend_from_slice(&0x5800_0040u32.to_le_bytes()); // ldr x0, #8
+        bytes.extend_from_slice(&0xd61f_0000u32.to_le_bytes()); // br x0
+        bytes.extend_from_slice(&entry.to_le_bytes());
+        Some(bytes)
+    }
+
+    /// The `cargo build` command that builds the guest for this profile.
+    pub fn guest_build_command(&self) -> Command {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root())
+            .args(["build", "--release", "--manifest-path", "guest/Cargo.toml", "--target"])
+            .arg(self.rust_target)
+            .args(["--target-dir", "target/guest"]);
+        let mut flags: Vec<String> = self.rustflags.iter().map(|s| s.to_string()).collect();
+        flags.push(format!("-Clink-arg=-T{}", self.linker_script().display()));
+        // CARGO_ENCODED_RUSTFLAGS applies to the target only (not build scripts)
+        // when --target is given, and overrides any RUSTFLAGS in the environment.
+        cmd.env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"));
+        cmd.env_remove("RUSTFLAGS");
+        cmd
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("could not run cargo to build the {arch} guest: {source}")]
+    Spawn { arch: Arch, source: std::io::Error },
+    #[error("building the {arch} guest failed ({status}):\n{stderr}")]
+    Failed { arch: Arch, status: std::process::ExitStatus, stderr: String },
+}
+
+/// Builds the guest for `arch` (a no-op when it is up to date) and returns the ELF.
+pub fn build_guest(arch: Arch) -> Result<PathBuf, BuildError> {
+    let p = profile(arch);
+    let out = p
+        .guest_build_command()
+        .output()
+        .map_err(|source| BuildError::Spawn { arch, source })?;
+    if !out.status.success() {
+        return Err(BuildError::Failed {
+            arch,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(p.guest_elf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_arch_has_a_linker_script() {
+        for arch in Arch::ALL {
+            let script = profile(arch).linker_script();
+            assert!(script.is_file(), "{} missing", script.display());
+        }
+    }
+
+    #[test]
+    fn stub_firmware_jumps_to_the_entry() {
+        let fw = profile(Arch::Aarch64).stub_firmware().unwrap();
+        assert_eq!(fw.len(), 16);
+        assert_eq!(u64::from_le_bytes(fw[8..16].try_into().unwrap()), 0x4020_0000);
+        assert!(profile(Arch::X86_64).stub_firmware().is_none());
+    }
+
+    #[test]
+    fn exit_codes_are_read_per_device() {
+        assert_eq!(ExitDevice::IsaDebugExit.guest_status(7), GuestExit::Status(3));
+        assert_eq!(ExitDevice::IsaDebugExit.guest_status(0), GuestExit::NotByGuest);
+        assert_eq!(ExitDevice::Semihosting.guest_status(3), GuestExit::Status(3));
+        assert!(ExitDevice::Rtas.guest_status(0).matches(0));
+        assert!(ExitDevice::Rtas.guest_status(1).matches(5));
+        assert!(!ExitDevice::Rtas.guest_status(1).matches(0));
+    }
+}
