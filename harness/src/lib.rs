@@ -1,1 +1,10 @@
+//! hvo-harness, the host side: starts QEMU for an image profile, drives it over
+//! QMP and the guest console, reads guest memory, and runs scenarios.
 
+pub mod addr;
+pub mod console;
+pub mod image;
+pub mod memory;
+pub mod qemu;
+pub mod qmp;
+pub mod scenario;

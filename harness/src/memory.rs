@@ -1,0 +1,175 @@
+//! Guest-physical memory as the host reads it.
+//!
+//! Walkers and the verifier take any [`GuestMemory`], so they are tested on
+//! hand-built page tables in a [`SparseMemory`] without QEMU. With QEMU, boot
+//! RAM is a shared memory-backend file the host maps ([`MappedMemory`]); QMP's
+//! `pmemsave` (see `qmp`) is the path that works with any backend.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::ptr::NonNull;
+
+use crate::addr::PhysAddr;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum MemoryError {
+    #[error("guest-physical range {pa}+{len:#x} is not backed by any memory the host can read")]
+    Unbacked { pa: PhysAddr, len: usize },
+}
+
+pub trait GuestMemory {
+    /// Fills `buf` from guest-physical memory at `pa`.
+    fn read(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<(), MemoryError>;
+
+    fn read_u64_le(&self, pa: PhysAddr) -> Result<u64, MemoryError> {
+        let mut b = [0u8; 8];
+        self.read(pa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn read_u64_be(&self, pa: PhysAddr) -> Result<u64, MemoryError> {
+        let mut b = [0u8; 8];
+        self.read(pa, &mut b)?;
+        Ok(u64::from_be_bytes(b))
+    }
+}
+
+const PAGE: u64 = 4096;
+
+/// Memory built by hand for tests: 4 KiB pages, unwritten pages are unbacked.
+#[derive(Default, Clone)]
+pub struct SparseMemory {
+    pages: BTreeMap<u64, Box<[u8; PAGE as usize]>>,
+}
+
+impl SparseMemory {
+    pub fn new() -> SparseMemory {
+        SparseMemory::default()
+    }
+
+    pub fn write(&mut self, pa: PhysAddr, bytes: &[u8]) {
+        for (i, byte) in bytes.iter().enumerate() {
+            let a = pa.0 + i as u64;
+            let page = self.pages.entry(a / PAGE).or_insert_with(|| Box::new([0; PAGE as usize]));
+            page[(a % PAGE) as usize] = *byte;
+        }
+    }
+
+    pub fn write_u64_le(&mut self, pa: PhysAddr, v: u64) {
+        self.write(pa, &v.to_le_bytes());
+    }
+
+    pub fn write_u64_be(&mut self, pa: PhysAddr, v: u64) {
+        self.write(pa, &v.to_be_bytes());
+    }
+}
+
+impl GuestMemory for SparseMemory {
+    fn read(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let unbacked = MemoryError::Unbacked { pa, len: buf.len() };
+        for (i, out) in buf.iter_mut().enumerate() {
+            let a = pa.0.checked_add(i as u64).ok_or(unbacked.clone())?;
+            let page = self.pages.get(&(a / PAGE)).ok_or(unbacked.clone())?;
+            *out = page[(a % PAGE) as usize];
+        }
+        Ok(())
+    }
+}
+
+/// One guest-physical range backed by a file the host has mapped read-only.
+struct Mapping {
+    base: PhysAddr,
+    len: usize,
+    ptr: NonNull<u8>,
+}
+
+// SAFETY: the mapping is read-only for the host and lives as long as `Mapping`;
+// the guest writing it concurrently is the point (we read its current state).
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Guest RAM read through shared memory-backend files.
+#[derive(Default)]
+pub struct MappedMemory {
+    mappings: Vec<Mapping>,
+}
+
+impl MappedMemory {
+    pub fn new() -> MappedMemory {
+        MappedMemory::default()
+    }
+
+    /// Maps `file` (a `memory-backend-file,share=on` of `len` bytes) as the
+    /// guest-physical range starting at `base`.
+    pub fn add(&mut self, base: PhysAddr, file: &File, len: usize) -> std::io::Result<()> {
+        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+        let size = NonZeroUsize::new(len)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty mapping"))?;
+        // SAFETY: a fresh shared read-only mapping of a file we opened; Rust code
+        // only ever reads it through copies (volatile-free reads of plain bytes).
+        let ptr = unsafe { mmap(None, size, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, file, 0) }
+            .map_err(std::io::Error::from)?;
+        self.mappings.push(Mapping { base, len, ptr: ptr.cast() });
+        Ok(())
+    }
+}
+
+impl GuestMemory for MappedMemory {
+    fn read(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let unbacked = MemoryError::Unbacked { pa, len: buf.len() };
+        let m = self
+            .mappings
+            .iter()
+            .find(|m| pa.0 >= m.base.0 && pa.0 - m.base.0 < m.len as u64)
+            .ok_or(unbacked.clone())?;
+        let offset = (pa.0 - m.base.0) as usize;
+        if buf.len() > m.len - offset {
+            return Err(unbacked);
+        }
+        // SAFETY: offset..offset+len is inside the mapping (checked above). The
+        // guest may be writing concurrently; we copy whatever bytes are there.
+        unsafe { std::ptr::copy_nonoverlapping(m.ptr.as_ptr().add(offset), buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn sparse_memory_reads_back_what_was_written_and_refuses_holes() {
+        let mut m = SparseMemory::new();
+        m.write_u64_be(PhysAddr(0x1ffc), 0x0102_0304_0506_0708); // straddles two pages
+        assert_eq!(m.read_u64_be(PhysAddr(0x1ffc)), Ok(0x0102_0304_0506_0708));
+        assert_eq!(m.read_u64_le(PhysAddr(0x1ffc)), Ok(0x0807_0605_0403_0201));
+        assert_eq!(
+            m.read_u64_le(PhysAddr(0x5000)),
+            Err(MemoryError::Unbacked { pa: PhysAddr(0x5000), len: 8 })
+        );
+    }
+
+    #[test]
+    fn mapped_memory_sees_the_file_and_its_later_writes() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[0u8; 8192]).unwrap();
+        let mut mem = MappedMemory::new();
+        mem.add(PhysAddr(0x4000_0000), &file, 8192).unwrap();
+
+        use std::io::{Seek, SeekFrom};
+        file.seek(SeekFrom::Start(0x1008)).unwrap();
+        file.write_all(&0xdead_beef_u64.to_le_bytes()).unwrap();
+        assert_eq!(mem.read_u64_le(PhysAddr(0x4000_1008)), Ok(0xdead_beef));
+        assert!(mem.read_u64_le(PhysAddr(0x4000_1ffc)).is_err(), "crosses the end");
+        assert!(mem.read_u64_le(PhysAddr(0x3fff_f000)).is_err(), "below the range");
+    }
+}

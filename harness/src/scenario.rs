@@ -1,0 +1,627 @@
+//! Scenario files: TOML, parsed strictly. Unknown fields, wrong types and
+//! impossible values are errors that name the file, the line and the field.
+//! A scenario describes a machine and steps in our own terms; it can never run
+//! a host command or pass arguments to QEMU.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use hvo_images::{profile, Arch};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::qemu::MachineSpec;
+
+/// A scenario file larger than this is refused before parsing.
+pub const MAX_FILE_BYTES: u64 = 256 * 1024;
+const MIB: u64 = 1 << 20;
+const DEFAULT_STEP_TIMEOUT_MS: u64 = 5_000;
+const DEFAULT_BOOT_TIMEOUT_MS: u64 = 10_000;
+const MAX_TIMEOUT_MS: u64 = 600_000;
+/// QEMU's limit on memory slots (ACPI_MAX_RAM_SLOTS).
+const MAX_SLOTS: u32 = 256;
+/// The guest's boot allocations (page tables, images) need at least this.
+const MIN_BOOT_MEMORY: u64 = 64 * MIB;
+/// Beyond every machine's physical address width we model.
+const MAX_MEMORY_LIMIT: u64 = 1 << 46;
+
+/// A problem in a scenario file, located.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ScenarioError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the field, e.g. `machine.boot-memory` or `step[2].status`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ScenarioError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if !self.field.is_empty() {
+            write!(f, "field `{}`: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// A size in bytes, written as an integer or as a string with a unit:
+/// `"512M"`, `"1G"`, `"2MiB"`, `"64K"`, `"1T"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl Size {
+    pub fn parse(text: &str) -> Result<Size, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let n: u64 = digits.parse().map_err(|_| format!("`{text}` is not a size like \"512M\" or \"1G\""))?;
+        let shift = match unit.trim() {
+            "" | "B" => 0,
+            "K" | "KiB" => 10,
+            "M" | "MiB" => 20,
+            "G" | "GiB" => 30,
+            "T" | "TiB" => 40,
+            other => return Err(format!("unknown size unit `{other}` (use K, M, G or T)")),
+        };
+        n.checked_mul(1 << shift)
+            .map(Size)
+            .ok_or_else(|| format!("`{text}` is too large"))
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let units = [(40, "T"), (30, "G"), (20, "M"), (10, "K")];
+        match units.iter().find(|(s, _)| self.0 >= 1 << s && self.0 % (1 << s) == 0) {
+            Some((s, u)) => write!(f, "{}{u}", self.0 >> s),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a size: bytes as an integer, or a string like \"512M\"")
+        })? {
+            Raw::Bytes(n) => Ok(Size(n)),
+            Raw::Text(t) => Size::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawScenario {
+    name: Option<Spanned<String>>,
+    description: Option<String>,
+    architectures: Option<Spanned<Vec<Spanned<String>>>>,
+    step_timeout_ms: Option<Spanned<u64>>,
+    boot_timeout_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    machine: RawMachine,
+    expect: Option<RawExpect>,
+    #[serde(default)]
+    step: Vec<Spanned<RawStep>>,
+}
+
+/// A step as written: the action and every parameter any action takes, each
+/// spanned, so a misplaced or missing parameter is reported at its line.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawStep {
+    action: Spanned<String>,
+    status: Option<Spanned<u8>>,
+}
+
+const ACTIONS: &[&str] = &["ping", "verify-manifest", "exit"];
+
+impl RawStep {
+    fn into_step(self, loc: &Locator, index: usize) -> Result<Step, ScenarioError> {
+        let field = |name: &str| format!("step[{index}].{name}");
+        let action = self.action.get_ref().as_str();
+        // Parameters present, with their spans, for the "not a parameter" check.
+        let given: Vec<(&str, Range<usize>)> =
+            [("status", self.status.as_ref().map(|s| s.span()))].into_iter().filter_map(|(n, s)| Some((n, s?))).collect();
+        let (step, takes): (Step, &[&str]) = match action {
+            "ping" => (Step::Ping, &[]),
+            "verify-manifest" => (Step::VerifyManifest, &[]),
+            "exit" => (Step::Exit { status: self.status.as_ref().map(|s| *s.get_ref()).unwrap_or(0) }, &["status"]),
+            other => {
+                return Err(loc.error(
+                    self.action.span(),
+                    Some(&field("action")),
+                    format!("unknown action `{other}` (known: {})", ACTIONS.join(", ")),
+                ))
+            }
+        };
+        if let Some((name, span)) = given.iter().find(|(n, _)| !takes.contains(n)) {
+            return Err(loc.error(span.clone(), Some(&field(name)), format!("`{name}` is not a parameter of `{action}`")));
+        }
+        Ok(step)
+    }
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawMachine {
+    boot_memory: Option<Spanned<Size>>,
+    slots: Option<Spanned<u32>>,
+    max_memory: Option<Spanned<Size>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawExpect {
+    outcome: Spanned<Outcome>,
+    invariant: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Pass,
+    Fail,
+}
+
+/// One thing the runner does, in order. The machine boots before the first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Round trip on the console.
+    Ping,
+    /// Read the manifest through QMP and through the shared RAM mapping, check
+    /// both agree and describe what the guest said it is, and check QEMU's own
+    /// MMU translates the linear map the way the manifest says.
+    VerifyManifest,
+    /// Ask the guest to exit with `status` and check QEMU ends with it.
+    Exit { status: u8 },
+}
+
+impl Step {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::Ping => "ping",
+            Step::VerifyManifest => "verify-manifest",
+            Step::Exit { .. } => "exit",
+        }
+    }
+}
+
+/// What a scenario expects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    Pass,
+    /// The named check must fail (and no other).
+    Fail { invariant: String },
+}
+
+/// The names of the checks a scenario can expect to fail.
+pub const CHECK_NAMES: &[&str] = &["guest-ready", "ping", "manifest", "translation-agrees", "exit-status"];
+
+#[derive(Debug, Clone)]
+pub struct PlacedStep {
+    pub step: Step,
+    /// 1-based line of the step in its file.
+    pub line: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub file: PathBuf,
+    pub description: String,
+    pub architectures: Vec<Arch>,
+    pub machine: MachineSpec,
+    pub step_timeout_ms: u64,
+    pub boot_timeout_ms: u64,
+    pub expect: Expect,
+    pub steps: Vec<PlacedStep>,
+}
+
+/// Maps byte offsets to 1-based line and column and names the field there.
+struct Locator<'a> {
+    file: &'a Path,
+    source: &'a str,
+}
+
+impl Locator<'_> {
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = &self.source[..offset.min(self.source.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+        (line, column)
+    }
+
+    /// The dotted path of the key on the line of `offset`, within the table
+    /// header above it (`[machine]`, or the n-th `[[step]]`).
+    fn field_at(&self, offset: usize) -> String {
+        let offset = offset.min(self.source.len());
+        let line_start = self.source[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let line_end = self.source[offset..].find('\n').map(|i| offset + i).unwrap_or(self.source.len());
+        let line = self.source[line_start..line_end].trim();
+        let header = |l: &str| -> Option<String> {
+            let l = l.trim();
+            let inner = l.strip_prefix("[[").and_then(|r| r.split("]]").next())
+                .or_else(|| l.strip_prefix('[').and_then(|r| r.split(']').next()))?;
+            Some(inner.trim().to_string())
+        };
+        if let Some(h) = header(line).filter(|_| line.starts_with('[')) {
+            return h;
+        }
+        let key = line.split('=').next().unwrap_or("").trim().trim_matches('"').to_string();
+        // Find the table this line belongs to, counting array-of-table entries.
+        let mut table = String::new();
+        let mut index = None;
+        for l in self.source[..line_start].lines() {
+            let t = l.trim();
+            if t.starts_with("[[") {
+                let name = header(t).unwrap_or_default();
+                index = if name == table { index.map(|i: usize| i + 1) } else { Some(1) };
+                table = name;
+            } else if t.starts_with('[') {
+                table = header(t).unwrap_or_default();
+                index = None;
+            }
+        }
+        match (table.is_empty(), index, key.is_empty()) {
+            (true, _, _) => key,
+            (false, Some(i), true) => format!("{table}[{i}]"),
+            (false, Some(i), false) => format!("{table}[{i}].{key}"),
+            (false, None, true) => table,
+            (false, None, false) => format!("{table}.{key}"),
+        }
+    }
+
+    fn error(&self, span: Range<usize>, field: Option<&str>, message: impl Into<String>) -> ScenarioError {
+        let (line, column) = self.line_col(span.start);
+        ScenarioError {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            field: field.map(str::to_string).unwrap_or_else(|| self.field_at(span.start)),
+            message: message.into(),
+        }
+    }
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let whole_file = |message: String| ScenarioError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| whole_file(format!("cannot read: {e}")))?;
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(whole_file(format!(
+                "{} bytes is larger than a scenario may be ({MAX_FILE_BYTES})",
+                meta.len()
+            )));
+        }
+        let source = std::fs::read_to_string(path).map_err(|e| whole_file(format!("cannot read: {e}")))?;
+        Scenario::parse(path, &source)
+    }
+
+    pub fn parse(file: &Path, source: &str) -> Result<Scenario, ScenarioError> {
+        let loc = Locator { file, source };
+        let raw: RawScenario = toml::from_str(source).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            loc.error(span, None, e.message().trim().to_string())
+        })?;
+
+        let name = match &raw.name {
+            Some(n) => {
+                if !valid_name(n.get_ref()) {
+                    return Err(loc.error(n.span(), Some("name"), "use only a-z, 0-9, '-' and '_' (it names log directories)"));
+                }
+                n.get_ref().clone()
+            }
+            None => {
+                let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+                if !valid_name(stem) {
+                    return Err(loc.error(0..0, Some("name"), format!("the file name `{stem}` cannot name the scenario: set `name`")));
+                }
+                stem.to_string()
+            }
+        };
+
+        let architectures = match &raw.architectures {
+            None => Arch::ALL.to_vec(),
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    return Err(loc.error(list.span(), Some("architectures"), "must name at least one architecture"));
+                }
+                let mut out = Vec::new();
+                for a in list.get_ref() {
+                    let arch = Arch::from_name(a.get_ref()).ok_or_else(|| {
+                        loc.error(a.span(), Some("architectures"), format!("unknown architecture `{}` (known: x86_64, aarch64, ppc64le)", a.get_ref()))
+                    })?;
+                    if out.contains(&arch) {
+                        return Err(loc.error(a.span(), Some("architectures"), format!("`{arch}` is listed twice")));
+                    }
+                    out.push(arch);
+                }
+                out
+            }
+        };
+
+        let timeout = |v: &Option<Spanned<u64>>, field: &str, default: u64| -> Result<u64, ScenarioError> {
+            match v {
+                None => Ok(default),
+                Some(t) if *t.get_ref() == 0 || *t.get_ref() > MAX_TIMEOUT_MS => Err(loc.error(
+                    t.span(),
+                    Some(field),
+                    format!("{} ms is outside 1..={MAX_TIMEOUT_MS}", t.get_ref()),
+                )),
+                Some(t) => Ok(*t.get_ref()),
+            }
+        };
+        let step_timeout_ms = timeout(&raw.step_timeout_ms, "step-timeout-ms", DEFAULT_STEP_TIMEOUT_MS)?;
+        let boot_timeout_ms = timeout(&raw.boot_timeout_ms, "boot-timeout-ms", DEFAULT_BOOT_TIMEOUT_MS)?;
+
+        let machine = machine(&loc, &raw.machine, &architectures)?;
+
+        let expect = match &raw.expect {
+            None => Expect::Pass,
+            Some(e) => match (e.outcome.get_ref(), &e.invariant) {
+                (Outcome::Pass, None) => Expect::Pass,
+                (Outcome::Pass, Some(i)) => {
+                    return Err(loc.error(i.span(), Some("expect.invariant"), "only a scenario expecting `fail` names an invariant"))
+                }
+                (Outcome::Fail, None) => {
+                    return Err(loc.error(e.outcome.span(), Some("expect.invariant"), "a scenario expecting `fail` must name the invariant that must fire"))
+                }
+                (Outcome::Fail, Some(i)) => {
+                    if !CHECK_NAMES.contains(&i.get_ref().as_str()) {
+                        return Err(loc.error(
+                            i.span(),
+                            Some("expect.invariant"),
+                            format!("unknown invariant `{}` (known: {})", i.get_ref(), CHECK_NAMES.join(", ")),
+                        ));
+                    }
+                    Expect::Fail { invariant: i.get_ref().clone() }
+                }
+            },
+        };
+
+        let mut steps = Vec::with_capacity(raw.step.len());
+        for (i, spanned) in raw.step.into_iter().enumerate() {
+            let span = spanned.span();
+            if steps.last().is_some_and(|s: &PlacedStep| matches!(s.step, Step::Exit { .. })) {
+                return Err(loc.error(span, Some(&format!("step[{}]", i + 1)), "no step can follow `exit`: the guest is gone"));
+            }
+            let line = loc.line_col(span.start).0;
+            steps.push(PlacedStep { step: spanned.into_inner().into_step(&loc, i + 1)?, line });
+        }
+
+        Ok(Scenario {
+            name,
+            file: file.to_path_buf(),
+            description: raw.description.unwrap_or_default(),
+            architectures,
+            machine,
+            step_timeout_ms,
+            boot_timeout_ms,
+            expect,
+            steps,
+        })
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn machine(loc: &Locator, raw: &RawMachine, arches: &[Arch]) -> Result<MachineSpec, ScenarioError> {
+    let boot = raw.boot_memory.as_ref().map(|s| (s.get_ref().0, s.span()));
+    let (boot_memory, boot_span) = boot.unwrap_or((512 * MIB, 0..0));
+    let slots = raw.slots.as_ref().map(|s| *s.get_ref()).unwrap_or(4);
+    let max = raw.max_memory.as_ref().map(|s| (s.get_ref().0, s.span()));
+    let (max_memory, max_span) = max.unwrap_or((if slots > 0 { 8 << 30 } else { boot_memory }, 0..0));
+
+    if boot_memory < MIN_BOOT_MEMORY {
+        return Err(loc.error(boot_span, Some("machine.boot-memory"), format!("{} is less than the {} the guest needs", Size(boot_memory), Size(MIN_BOOT_MEMORY))));
+    }
+    for &arch in arches {
+        let granule = profile(arch).ram_granule;
+        if boot_memory % granule != 0 {
+            return Err(loc.error(boot_span.clone(), Some("machine.boot-memory"), format!("{} is not a multiple of {} as {arch} requires", Size(boot_memory), Size(granule))));
+        }
+    }
+    if let Some(s) = &raw.slots {
+        if *s.get_ref() > MAX_SLOTS {
+            return Err(loc.error(s.span(), Some("machine.slots"), format!("{} slots is more than QEMU's {MAX_SLOTS}", s.get_ref())));
+        }
+    }
+    if max_memory > MAX_MEMORY_LIMIT {
+        return Err(loc.error(max_span, Some("machine.max-memory"), format!("{} is beyond every machine's physical address space", Size(max_memory))));
+    }
+    if max_memory < boot_memory || (slots > 0 && max_memory == boot_memory) {
+        return Err(loc.error(max_span, Some("machine.max-memory"), format!("{} must exceed boot memory ({}) when there are hotplug slots", Size(max_memory), Size(boot_memory))));
+    }
+    if slots == 0 && max_memory != boot_memory {
+        return Err(loc.error(max_span, Some("machine.max-memory"), "without hotplug slots there can be no memory beyond boot memory"));
+    }
+    if max_memory % MIB != 0 {
+        return Err(loc.error(max_span, Some("machine.max-memory"), "must be a whole number of MiB"));
+    }
+    Ok(MachineSpec { boot_memory, slots, max_memory })
+}
+
+/// Every `.toml` file under `path` (or `path` itself), sorted.
+pub fn discover(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    if path.is_dir() {
+        let mut entries: Vec<_> = std::fs::read_dir(path)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.path());
+        for e in entries {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(discover(&p)?);
+            } else if p.extension().is_some_and(|x| x == "toml") {
+                out.push(p);
+            }
+        }
+    } else {
+        out.push(path.to_path_buf());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Result<Scenario, ScenarioError> {
+        Scenario::parse(Path::new("scenarios/t.toml"), src)
+    }
+
+    fn err(src: &str) -> ScenarioError {
+        parse(src).expect_err("should be rejected")
+    }
+
+    const GOOD: &str = r#"
+name = "boot"
+description = "boots"
+architectures = ["x86_64", "ppc64le"]
+
+[machine]
+boot-memory = "1G"
+slots = 2
+max-memory = "4G"
+
+[[step]]
+action = "ping"
+
+[[step]]
+action = "verify-manifest"
+
+[[step]]
+action = "exit"
+status = 0
+"#;
+
+    #[test]
+    fn a_good_scenario_parses_with_its_lines() {
+        let s = parse(GOOD).unwrap();
+        assert_eq!(s.name, "boot");
+        assert_eq!(s.architectures, vec![Arch::X86_64, Arch::Ppc64le]);
+        assert_eq!(s.machine, MachineSpec { boot_memory: 1 << 30, slots: 2, max_memory: 4 << 30 });
+        assert_eq!(s.steps.iter().map(|s| s.step.clone()).collect::<Vec<_>>(), vec![Step::Ping, Step::VerifyManifest, Step::Exit { status: 0 }]);
+        assert_eq!(s.steps[0].line, 11);
+        assert_eq!(s.expect, Expect::Pass);
+        assert_eq!(s.step_timeout_ms, DEFAULT_STEP_TIMEOUT_MS);
+    }
+
+    #[test]
+    fn defaults_fill_an_almost_empty_file() {
+        let s = parse("[[step]]\naction = \"ping\"\n").unwrap();
+        assert_eq!(s.name, "t");
+        assert_eq!(s.architectures, Arch::ALL.to_vec());
+        assert_eq!(s.machine.boot_memory, 512 << 20);
+    }
+
+    #[test]
+    fn unknown_fields_are_named_with_their_line() {
+        let e = err("name = \"x\"\n[machine]\nboot-memory = \"1G\"\nbogus = 3\n");
+        assert_eq!((e.line, e.field.as_str()), (4, "machine.bogus"), "{e}");
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert!(e.to_string().starts_with("scenarios/t.toml:4:1: field `machine.bogus`"), "{e}");
+
+        let e = err("[[step]]\naction = \"ping\"\n[[step]]\naction = \"exit\"\nstatus = 0\ncolour = 1\n");
+        assert_eq!((e.line, e.field.as_str()), (6, "step[2].colour"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_unknown_steps_are_named() {
+        let e = err("[machine]\nslots = \"four\"\n");
+        assert_eq!((e.line, e.field.as_str()), (2, "machine.slots"), "{e}");
+
+        let e = err("[[step]]\naction = \"launch-missiles\"\n");
+        assert_eq!((e.line, e.field.as_str()), (2, "step[1].action"), "{e}");
+        assert!(e.message.contains("launch-missiles"), "{e}");
+
+        let e = err("[[step]]\naction = \"ping\"\nstatus = 1\n");
+        assert_eq!((e.line, e.field.as_str()), (3, "step[1].status"), "{e}");
+        assert!(e.message.contains("not a parameter of `ping`"), "{e}");
+
+        let e = err("[[step]]\naction = \"exit\"\nstatus = 300\n");
+        assert_eq!((e.line, e.field.as_str()), (3, "step[1].status"), "{e}");
+
+        let e = err("[machine]\nboot-memory = \"12Q\"\n");
+        assert_eq!((e.line, e.field.as_str()), (2, "machine.boot-memory"), "{e}");
+        assert!(e.message.contains("unit"), "{e}");
+    }
+
+    #[test]
+    fn impossible_values_are_refused() {
+        let e = err("architectures = [\"x86_64\", \"sparc\"]\n");
+        assert_eq!((e.line, e.field.as_str()), (1, "architectures"), "{e}");
+
+        let e = err("architectures = [\"ppc64le\"]\n[machine]\nboot-memory = \"300M\"\n");
+        assert!(e.message.contains("256M"), "{e}");
+        assert_eq!(e.line, 3);
+
+        let e = err("[machine]\nboot-memory = \"1M\"\n");
+        assert!(e.message.contains("needs"), "{e}");
+
+        let e = err("[machine]\nboot-memory = \"1G\"\nmax-memory = \"512M\"\n");
+        assert_eq!(e.field, "machine.max-memory", "{e}");
+
+        let e = err("[machine]\nmax-memory = \"1000T\"\n");
+        assert!(e.message.contains("beyond"), "{e}");
+
+        let e = err("[machine]\nslots = 9999\n");
+        assert_eq!(e.field, "machine.slots", "{e}");
+
+        let e = err("step-timeout-ms = 0\n");
+        assert_eq!(e.field, "step-timeout-ms", "{e}");
+
+        let e = err("name = \"../../etc\"\n");
+        assert_eq!(e.field, "name", "{e}");
+
+        let e = err("[[step]]\naction = \"exit\"\n[[step]]\naction = \"ping\"\n");
+        assert_eq!(e.line, 3, "{e}");
+    }
+
+    #[test]
+    fn expectations_must_be_coherent() {
+        let e = err("[expect]\noutcome = \"fail\"\n");
+        assert_eq!(e.field, "expect.invariant", "{e}");
+        let e = err("[expect]\noutcome = \"fail\"\ninvariant = \"made-up\"\n");
+        assert!(e.message.contains("unknown invariant"), "{e}");
+        let s = parse("[expect]\noutcome = \"fail\"\ninvariant = \"exit-status\"\n").unwrap();
+        assert_eq!(s.expect, Expect::Fail { invariant: "exit-status".into() });
+    }
+
+    #[test]
+    fn not_toml_at_all_is_located() {
+        let e = err("name = \"x\"\nthis is not toml\n");
+        assert_eq!(e.line, 2, "{e}");
+    }
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(Size::parse("512M"), Ok(Size(512 << 20)));
+        assert_eq!(Size::parse("2MiB"), Ok(Size(2 << 20)));
+        assert_eq!(Size::parse("1T"), Ok(Size(1 << 40)));
+        assert_eq!(Size::parse("4096"), Ok(Size(4096)));
+        assert!(Size::parse("99999999999999T").is_err());
+        assert!(Size::parse("M").is_err());
+        assert_eq!(Size(3 << 30).to_string(), "3G");
+        assert_eq!(Size(4097).to_string(), "4097");
+    }
+}
