@@ -113,7 +113,11 @@ impl RawManifest {
             image: RawRange { start: 0, size: 0 },
             root_count: 0,
             ram_count: 0,
-            roots: [RawRoot { kind: 0, _reserved: 0, pa: 0 }; MAX_ROOTS],
+            roots: [RawRoot {
+                kind: 0,
+                _reserved: 0,
+                pa: 0,
+            }; MAX_ROOTS],
             ram: [RawRange { start: 0, size: 0 }; MAX_RAM_RANGES],
             generation: 0,
         }
@@ -172,14 +176,30 @@ impl Manifest {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ManifestError {
     /// Fewer bytes than a manifest needs.
-    Truncated { have: usize, need: usize },
+    Truncated {
+        have: usize,
+        need: usize,
+    },
     BadMagic(u64),
-    AbiVersion { found: u32, expected: u32 },
-    SizeMismatch { found: u32, expected: u32 },
+    AbiVersion {
+        found: u32,
+        expected: u32,
+    },
+    SizeMismatch {
+        found: u32,
+        expected: u32,
+    },
     UnknownArch(u32),
     UnknownState(u32),
-    UnknownRootKind { index: usize, raw: u32 },
-    TooMany { field: &'static str, count: u32, max: usize },
+    UnknownRootKind {
+        index: usize,
+        raw: u32,
+    },
+    TooMany {
+        field: &'static str,
+        count: u32,
+        max: usize,
+    },
     /// The page size is not a power of two of at least 4 KiB.
     BadPageSize(u64),
 }
@@ -192,7 +212,10 @@ impl core::fmt::Display for ManifestError {
             }
             ManifestError::BadMagic(m) => write!(f, "bad manifest magic {m:#018x}"),
             ManifestError::AbiVersion { found, expected } => {
-                write!(f, "guest ABI version {found}, host expects {expected}: rebuild the guest")
+                write!(
+                    f,
+                    "guest ABI version {found}, host expects {expected}: rebuild the guest"
+                )
             }
             ManifestError::SizeMismatch { found, expected } => {
                 write!(f, "manifest size {found} bytes, host expects {expected}")
@@ -226,7 +249,10 @@ impl Manifest {
     /// Decodes a manifest from the bytes at its guest-physical address.
     pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         if bytes.len() < MANIFEST_SIZE {
-            return Err(ManifestError::Truncated { have: bytes.len(), need: MANIFEST_SIZE });
+            return Err(ManifestError::Truncated {
+                have: bytes.len(),
+                need: MANIFEST_SIZE,
+            });
         }
         let u32_at = |off| le_u32(bytes, off);
         let u64_at = |off| le_u64(bytes, off);
@@ -237,11 +263,17 @@ impl Manifest {
         }
         let abi_version = u32_at(offset_of!(RawManifest, abi_version));
         if abi_version != ABI_VERSION {
-            return Err(ManifestError::AbiVersion { found: abi_version, expected: ABI_VERSION });
+            return Err(ManifestError::AbiVersion {
+                found: abi_version,
+                expected: ABI_VERSION,
+            });
         }
         let size = u32_at(offset_of!(RawManifest, size));
         if size as usize != MANIFEST_SIZE {
-            return Err(ManifestError::SizeMismatch { found: size, expected: MANIFEST_SIZE as u32 });
+            return Err(ManifestError::SizeMismatch {
+                found: size,
+                expected: MANIFEST_SIZE as u32,
+            });
         }
         let raw_arch = u32_at(offset_of!(RawManifest, arch));
         let arch = Arch::from_raw(raw_arch).ok_or(ManifestError::UnknownArch(raw_arch))?;
@@ -257,15 +289,24 @@ impl Manifest {
 
         let root_count = u32_at(offset_of!(RawManifest, root_count));
         if root_count as usize > MAX_ROOTS {
-            return Err(ManifestError::TooMany { field: "roots", count: root_count, max: MAX_ROOTS });
+            return Err(ManifestError::TooMany {
+                field: "roots",
+                count: root_count,
+                max: MAX_ROOTS,
+            });
         }
         let mut roots = [None; MAX_ROOTS];
         for (i, slot) in roots.iter_mut().enumerate().take(root_count as usize) {
             let at = offset_of!(RawManifest, roots) + i * size_of::<RawRoot>();
             let raw_kind = u32_at(at + offset_of!(RawRoot, kind));
-            let kind = RootKind::from_raw(raw_kind)
-                .ok_or(ManifestError::UnknownRootKind { index: i, raw: raw_kind })?;
-            *slot = Some(Root { kind, pa: u64_at(at + offset_of!(RawRoot, pa)) });
+            let kind = RootKind::from_raw(raw_kind).ok_or(ManifestError::UnknownRootKind {
+                index: i,
+                raw: raw_kind,
+            })?;
+            *slot = Some(Root {
+                kind,
+                pa: u64_at(at + offset_of!(RawRoot, pa)),
+            });
         }
 
         let ram_count = u32_at(offset_of!(RawManifest, ram_count));
@@ -282,7 +323,9 @@ impl Manifest {
         };
         let mut ram = [None; MAX_RAM_RANGES];
         for (i, slot) in ram.iter_mut().enumerate().take(ram_count as usize) {
-            *slot = Some(range_at(offset_of!(RawManifest, ram) + i * size_of::<RawRange>()));
+            *slot = Some(range_at(
+                offset_of!(RawManifest, ram) + i * size_of::<RawRange>(),
+            ));
         }
 
         Ok(Manifest {
@@ -316,10 +359,21 @@ mod tests {
         raw.page_size = 4096;
         raw.vmemmap_base = 0xffff_fdff_c000_0000;
         raw.root_count = 2;
-        raw.roots[0] = RawRoot { kind: RootKind::Kernel as u32, _reserved: 0, pa: 0x4030_0000 };
-        raw.roots[1] = RawRoot { kind: RootKind::Identity as u32, _reserved: 0, pa: 0x4030_1000 };
+        raw.roots[0] = RawRoot {
+            kind: RootKind::Kernel as u32,
+            _reserved: 0,
+            pa: 0x4030_0000,
+        };
+        raw.roots[1] = RawRoot {
+            kind: RootKind::Identity as u32,
+            _reserved: 0,
+            pa: 0x4030_1000,
+        };
         raw.ram_count = 1;
-        raw.ram[0] = RawRange { start: 0x4000_0000, size: 512 << 20 };
+        raw.ram[0] = RawRange {
+            start: 0x4000_0000,
+            size: 512 << 20,
+        };
         raw
     }
 
@@ -328,9 +382,21 @@ mod tests {
         let m = Manifest::decode(&bytes_of(&ready())).unwrap();
         assert_eq!(m.arch, Arch::Aarch64);
         assert_eq!(m.state, GuestState::Ready);
-        assert_eq!(m.root(RootKind::Kernel), Some(Root { kind: RootKind::Kernel, pa: 0x4030_0000 }));
+        assert_eq!(
+            m.root(RootKind::Kernel),
+            Some(Root {
+                kind: RootKind::Kernel,
+                pa: 0x4030_0000
+            })
+        );
         assert_eq!(m.roots().count(), 2);
-        assert_eq!(m.ram().collect::<Vec<_>>(), vec![Range { start: 0x4000_0000, size: 512 << 20 }]);
+        assert_eq!(
+            m.ram().collect::<Vec<_>>(),
+            vec![Range {
+                start: 0x4000_0000,
+                size: 512 << 20
+            }]
+        );
         assert_eq!(m.vmemmap_base, 0xffff_fdff_c000_0000);
     }
 
@@ -338,11 +404,17 @@ mod tests {
     fn rejects_garbage_with_a_reason() {
         assert_eq!(
             Manifest::decode(&[0u8; 16]),
-            Err(ManifestError::Truncated { have: 16, need: MANIFEST_SIZE })
+            Err(ManifestError::Truncated {
+                have: 16,
+                need: MANIFEST_SIZE
+            })
         );
         let mut raw = ready();
         raw.magic = 0;
-        assert_eq!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::BadMagic(0)));
+        assert_eq!(
+            Manifest::decode(&bytes_of(&raw)),
+            Err(ManifestError::BadMagic(0))
+        );
 
         let mut raw = ready();
         raw.abi_version = 99;
@@ -353,11 +425,17 @@ mod tests {
 
         let mut raw = ready();
         raw.arch = 7;
-        assert_eq!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::UnknownArch(7)));
+        assert_eq!(
+            Manifest::decode(&bytes_of(&raw)),
+            Err(ManifestError::UnknownArch(7))
+        );
 
         let mut raw = ready();
         raw.root_count = 9;
-        assert!(matches!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::TooMany { .. })));
+        assert!(matches!(
+            Manifest::decode(&bytes_of(&raw)),
+            Err(ManifestError::TooMany { .. })
+        ));
 
         let mut raw = ready();
         raw.roots[1].kind = 42;
@@ -368,7 +446,10 @@ mod tests {
 
         let mut raw = ready();
         raw.page_size = 3000;
-        assert_eq!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::BadPageSize(3000)));
+        assert_eq!(
+            Manifest::decode(&bytes_of(&raw)),
+            Err(ManifestError::BadPageSize(3000))
+        );
     }
 
     #[test]

@@ -63,9 +63,17 @@ pub enum RequestError<'a> {
     TooLong,
     BadSeq,
     UnknownVerb(&'a str),
-    MissingArgument { verb: &'static str, what: &'static str },
-    BadArgument { verb: &'static str, what: &'static str },
-    ExtraArgument { verb: &'static str },
+    MissingArgument {
+        verb: &'static str,
+        what: &'static str,
+    },
+    BadArgument {
+        verb: &'static str,
+        what: &'static str,
+    },
+    ExtraArgument {
+        verb: &'static str,
+    },
 }
 
 impl fmt::Display for RequestError<'_> {
@@ -106,25 +114,34 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
             let token = words.next();
             if let Some(t) = token {
                 if !valid_token(t) {
-                    return Err(fail(RequestError::BadArgument { verb: "ping", what: "token" }));
+                    return Err(fail(RequestError::BadArgument {
+                        verb: "ping",
+                        what: "token",
+                    }));
                 }
             }
             Command::Ping { token }
         }
         "report" => Command::Report,
         "exit" => {
-            let status = words
-                .next()
-                .ok_or(fail(RequestError::MissingArgument { verb: "exit", what: "status" }))?;
-            let status = status
-                .parse::<u8>()
-                .map_err(|_| fail(RequestError::BadArgument { verb: "exit", what: "status" }))?;
+            let status = words.next().ok_or(fail(RequestError::MissingArgument {
+                verb: "exit",
+                what: "status",
+            }))?;
+            let status = status.parse::<u8>().map_err(|_| {
+                fail(RequestError::BadArgument {
+                    verb: "exit",
+                    what: "status",
+                })
+            })?;
             Command::Exit { status }
         }
         other => return Err(fail(RequestError::UnknownVerb(other))),
     };
     if words.next().is_some() {
-        return Err(fail(RequestError::ExtraArgument { verb: command.verb() }));
+        return Err(fail(RequestError::ExtraArgument {
+            verb: command.verb(),
+        }));
     }
     Ok(Request { seq, command })
 }
@@ -132,8 +149,14 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
 /// A line the guest printed, as the host sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestLine<'a> {
-    Ready { abi: u32, arch: &'a str },
-    Reply { seq: Option<u64>, outcome: Result<&'a str, &'a str> },
+    Ready {
+        abi: u32,
+        arch: &'a str,
+    },
+    Reply {
+        seq: Option<u64>,
+        outcome: Result<&'a str, &'a str>,
+    },
     Crash(&'a str),
     /// Not a protocol line, or a protocol line the host does not understand.
     Text(&'a str),
@@ -172,8 +195,14 @@ pub fn parse_guest_line(line: &str) -> GuestLine<'_> {
     };
     let (status, payload) = tail.split_once(' ').unwrap_or((tail, ""));
     match status {
-        "ok" => GuestLine::Reply { seq, outcome: Ok(payload) },
-        "err" => GuestLine::Reply { seq, outcome: Err(payload) },
+        "ok" => GuestLine::Reply {
+            seq,
+            outcome: Ok(payload),
+        },
+        "err" => GuestLine::Reply {
+            seq,
+            outcome: Err(payload),
+        },
         _ => GuestLine::Text(line),
     }
 }
@@ -195,10 +224,24 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         for req in [
-            Request { seq: 1, command: Command::Ping { token: None } },
-            Request { seq: 2, command: Command::Ping { token: Some("abc-1") } },
-            Request { seq: 3, command: Command::Report },
-            Request { seq: 4, command: Command::Exit { status: 3 } },
+            Request {
+                seq: 1,
+                command: Command::Ping { token: None },
+            },
+            Request {
+                seq: 2,
+                command: Command::Ping {
+                    token: Some("abc-1"),
+                },
+            },
+            Request {
+                seq: 3,
+                command: Command::Report,
+            },
+            Request {
+                seq: 4,
+                command: Command::Exit { status: 3 },
+            },
         ] {
             let line = req.to_string();
             assert_eq!(parse_request(&line), Ok(req), "{line}");
@@ -209,33 +252,72 @@ mod tests {
     fn bad_requests_say_why_and_keep_the_seq() {
         assert_eq!(parse_request(""), Err((None, RequestError::Empty)));
         assert_eq!(parse_request("x ping"), Err((None, RequestError::BadSeq)));
-        assert_eq!(parse_request("7 frobnicate"), Err((Some(7), RequestError::UnknownVerb("frobnicate"))));
-        assert!(matches!(parse_request("8 exit"), Err((Some(8), RequestError::MissingArgument { .. }))));
-        assert!(matches!(parse_request("9 exit 300"), Err((Some(9), RequestError::BadArgument { .. }))));
-        assert!(matches!(parse_request("9 report now"), Err((Some(9), RequestError::ExtraArgument { .. }))));
+        assert_eq!(
+            parse_request("7 frobnicate"),
+            Err((Some(7), RequestError::UnknownVerb("frobnicate")))
+        );
+        assert!(matches!(
+            parse_request("8 exit"),
+            Err((Some(8), RequestError::MissingArgument { .. }))
+        ));
+        assert!(matches!(
+            parse_request("9 exit 300"),
+            Err((Some(9), RequestError::BadArgument { .. }))
+        ));
+        assert!(matches!(
+            parse_request("9 report now"),
+            Err((Some(9), RequestError::ExtraArgument { .. }))
+        ));
         let long = "1 ping ".to_string() + &"a".repeat(MAX_LINE);
         assert_eq!(parse_request(&long), Err((None, RequestError::TooLong)));
-        assert!(matches!(parse_request("1 ping \u{7f}"), Err((Some(1), RequestError::BadArgument { .. }))));
+        assert!(matches!(
+            parse_request("1 ping \u{7f}"),
+            Err((Some(1), RequestError::BadArgument { .. }))
+        ));
     }
 
     #[test]
     fn guest_lines_are_classified() {
         assert_eq!(
             parse_guest_line("@hvo ready abi=1 arch=ppc64le"),
-            GuestLine::Ready { abi: 1, arch: "ppc64le" }
+            GuestLine::Ready {
+                abi: 1,
+                arch: "ppc64le"
+            }
         );
         assert_eq!(
             parse_guest_line("@hvo 12 ok pong t"),
-            GuestLine::Reply { seq: Some(12), outcome: Ok("pong t") }
+            GuestLine::Reply {
+                seq: Some(12),
+                outcome: Ok("pong t")
+            }
         );
-        assert_eq!(parse_guest_line("@hvo 3 ok"), GuestLine::Reply { seq: Some(3), outcome: Ok("") });
+        assert_eq!(
+            parse_guest_line("@hvo 3 ok"),
+            GuestLine::Reply {
+                seq: Some(3),
+                outcome: Ok("")
+            }
+        );
         assert_eq!(
             parse_guest_line("@hvo - err unknown command 'x'"),
-            GuestLine::Reply { seq: None, outcome: Err("unknown command 'x'") }
+            GuestLine::Reply {
+                seq: None,
+                outcome: Err("unknown command 'x'")
+            }
         );
-        assert_eq!(parse_guest_line("@hvo crash: page fault at 0x10"), GuestLine::Crash("page fault at 0x10"));
-        assert_eq!(parse_guest_line("rip=0x1000"), GuestLine::Text("rip=0x1000"));
-        assert_eq!(parse_guest_line("@hvo zz ok"), GuestLine::Text("@hvo zz ok"));
+        assert_eq!(
+            parse_guest_line("@hvo crash: page fault at 0x10"),
+            GuestLine::Crash("page fault at 0x10")
+        );
+        assert_eq!(
+            parse_guest_line("rip=0x1000"),
+            GuestLine::Text("rip=0x1000")
+        );
+        assert_eq!(
+            parse_guest_line("@hvo zz ok"),
+            GuestLine::Text("@hvo zz ok")
+        );
         assert_eq!(parse_guest_line("@hvoready"), GuestLine::Text("@hvoready"));
     }
 

@@ -7,4 +7,6 @@ pub mod image;
 pub mod memory;
 pub mod qemu;
 pub mod qmp;
+pub mod report;
+pub mod runner;
 pub mod scenario;

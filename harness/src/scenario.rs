@@ -57,7 +57,9 @@ impl Size {
         let t = text.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (digits, unit) = t.split_at(split);
-        let n: u64 = digits.parse().map_err(|_| format!("`{text}` is not a size like \"512M\" or \"1G\""))?;
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size like \"512M\" or \"1G\""))?;
         let shift = match unit.trim() {
             "" | "B" => 0,
             "K" | "KiB" => 10,
@@ -75,7 +77,10 @@ impl Size {
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let units = [(40, "T"), (30, "G"), (20, "M"), (10, "K")];
-        match units.iter().find(|(s, _)| self.0 >= 1 << s && self.0 % (1 << s) == 0) {
+        match units
+            .iter()
+            .find(|(s, _)| self.0 >= 1 << s && self.0.is_multiple_of(1 << s))
+        {
             Some((s, u)) => write!(f, "{}{u}", self.0 >> s),
             None => write!(f, "{}", self.0),
         }
@@ -91,7 +96,9 @@ impl<'de> Deserialize<'de> for Size {
             Text(String),
         }
         match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("expected a size: bytes as an integer, or a string like \"512M\"")
+            serde::de::Error::custom(
+                "expected a size: bytes as an integer, or a string like \"512M\"",
+            )
         })? {
             Raw::Bytes(n) => Ok(Size(n)),
             Raw::Text(t) => Size::parse(&t).map_err(serde::de::Error::custom),
@@ -130,12 +137,19 @@ impl RawStep {
         let field = |name: &str| format!("step[{index}].{name}");
         let action = self.action.get_ref().as_str();
         // Parameters present, with their spans, for the "not a parameter" check.
-        let given: Vec<(&str, Range<usize>)> =
-            [("status", self.status.as_ref().map(|s| s.span()))].into_iter().filter_map(|(n, s)| Some((n, s?))).collect();
+        let given: Vec<(&str, Range<usize>)> = [("status", self.status.as_ref().map(|s| s.span()))]
+            .into_iter()
+            .filter_map(|(n, s)| Some((n, s?)))
+            .collect();
         let (step, takes): (Step, &[&str]) = match action {
             "ping" => (Step::Ping, &[]),
             "verify-manifest" => (Step::VerifyManifest, &[]),
-            "exit" => (Step::Exit { status: self.status.as_ref().map(|s| *s.get_ref()).unwrap_or(0) }, &["status"]),
+            "exit" => (
+                Step::Exit {
+                    status: self.status.as_ref().map(|s| *s.get_ref()).unwrap_or(0),
+                },
+                &["status"],
+            ),
             other => {
                 return Err(loc.error(
                     self.action.span(),
@@ -145,7 +159,11 @@ impl RawStep {
             }
         };
         if let Some((name, span)) = given.iter().find(|(n, _)| !takes.contains(n)) {
-            return Err(loc.error(span.clone(), Some(&field(name)), format!("`{name}` is not a parameter of `{action}`")));
+            return Err(loc.error(
+                span.clone(),
+                Some(&field(name)),
+                format!("`{name}` is not a parameter of `{action}`"),
+            ));
         }
         Ok(step)
     }
@@ -201,11 +219,19 @@ impl Step {
 pub enum Expect {
     Pass,
     /// The named check must fail (and no other).
-    Fail { invariant: String },
+    Fail {
+        invariant: String,
+    },
 }
 
 /// The names of the checks a scenario can expect to fail.
-pub const CHECK_NAMES: &[&str] = &["guest-ready", "ping", "manifest", "translation-agrees", "exit-status"];
+pub const CHECK_NAMES: &[&str] = &[
+    "guest-ready",
+    "ping",
+    "manifest",
+    "translation-agrees",
+    "exit-status",
+];
 
 #[derive(Debug, Clone)]
 pub struct PlacedStep {
@@ -245,19 +271,33 @@ impl Locator<'_> {
     /// header above it (`[machine]`, or the n-th `[[step]]`).
     fn field_at(&self, offset: usize) -> String {
         let offset = offset.min(self.source.len());
-        let line_start = self.source[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
-        let line_end = self.source[offset..].find('\n').map(|i| offset + i).unwrap_or(self.source.len());
+        let line_start = self.source[..offset]
+            .rfind('\n')
+            .map(|i| i + 1)
+            .unwrap_or(0);
+        let line_end = self.source[offset..]
+            .find('\n')
+            .map(|i| offset + i)
+            .unwrap_or(self.source.len());
         let line = self.source[line_start..line_end].trim();
         let header = |l: &str| -> Option<String> {
             let l = l.trim();
-            let inner = l.strip_prefix("[[").and_then(|r| r.split("]]").next())
+            let inner = l
+                .strip_prefix("[[")
+                .and_then(|r| r.split("]]").next())
                 .or_else(|| l.strip_prefix('[').and_then(|r| r.split(']').next()))?;
             Some(inner.trim().to_string())
         };
         if let Some(h) = header(line).filter(|_| line.starts_with('[')) {
             return h;
         }
-        let key = line.split('=').next().unwrap_or("").trim().trim_matches('"').to_string();
+        let key = line
+            .split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_matches('"')
+            .to_string();
         // Find the table this line belongs to, counting array-of-table entries.
         let mut table = String::new();
         let mut index = None;
@@ -265,7 +305,11 @@ impl Locator<'_> {
             let t = l.trim();
             if t.starts_with("[[") {
                 let name = header(t).unwrap_or_default();
-                index = if name == table { index.map(|i: usize| i + 1) } else { Some(1) };
+                index = if name == table {
+                    index.map(|i: usize| i + 1)
+                } else {
+                    Some(1)
+                };
                 table = name;
             } else if t.starts_with('[') {
                 table = header(t).unwrap_or_default();
@@ -281,13 +325,20 @@ impl Locator<'_> {
         }
     }
 
-    fn error(&self, span: Range<usize>, field: Option<&str>, message: impl Into<String>) -> ScenarioError {
+    fn error(
+        &self,
+        span: Range<usize>,
+        field: Option<&str>,
+        message: impl Into<String>,
+    ) -> ScenarioError {
         let (line, column) = self.line_col(span.start);
         ScenarioError {
             file: self.file.to_path_buf(),
             line,
             column,
-            field: field.map(str::to_string).unwrap_or_else(|| self.field_at(span.start)),
+            field: field
+                .map(str::to_string)
+                .unwrap_or_else(|| self.field_at(span.start)),
             message: message.into(),
         }
     }
@@ -309,7 +360,8 @@ impl Scenario {
                 meta.len()
             )));
         }
-        let source = std::fs::read_to_string(path).map_err(|e| whole_file(format!("cannot read: {e}")))?;
+        let source =
+            std::fs::read_to_string(path).map_err(|e| whole_file(format!("cannot read: {e}")))?;
         Scenario::parse(path, &source)
     }
 
@@ -323,14 +375,22 @@ impl Scenario {
         let name = match &raw.name {
             Some(n) => {
                 if !valid_name(n.get_ref()) {
-                    return Err(loc.error(n.span(), Some("name"), "use only a-z, 0-9, '-' and '_' (it names log directories)"));
+                    return Err(loc.error(
+                        n.span(),
+                        Some("name"),
+                        "use only a-z, 0-9, '-' and '_' (it names log directories)",
+                    ));
                 }
                 n.get_ref().clone()
             }
             None => {
                 let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("");
                 if !valid_name(stem) {
-                    return Err(loc.error(0..0, Some("name"), format!("the file name `{stem}` cannot name the scenario: set `name`")));
+                    return Err(loc.error(
+                        0..0,
+                        Some("name"),
+                        format!("the file name `{stem}` cannot name the scenario: set `name`"),
+                    ));
                 }
                 stem.to_string()
             }
@@ -340,15 +400,30 @@ impl Scenario {
             None => Arch::ALL.to_vec(),
             Some(list) => {
                 if list.get_ref().is_empty() {
-                    return Err(loc.error(list.span(), Some("architectures"), "must name at least one architecture"));
+                    return Err(loc.error(
+                        list.span(),
+                        Some("architectures"),
+                        "must name at least one architecture",
+                    ));
                 }
                 let mut out = Vec::new();
                 for a in list.get_ref() {
                     let arch = Arch::from_name(a.get_ref()).ok_or_else(|| {
-                        loc.error(a.span(), Some("architectures"), format!("unknown architecture `{}` (known: x86_64, aarch64, ppc64le)", a.get_ref()))
+                        loc.error(
+                            a.span(),
+                            Some("architectures"),
+                            format!(
+                                "unknown architecture `{}` (known: x86_64, aarch64, ppc64le)",
+                                a.get_ref()
+                            ),
+                        )
                     })?;
                     if out.contains(&arch) {
-                        return Err(loc.error(a.span(), Some("architectures"), format!("`{arch}` is listed twice")));
+                        return Err(loc.error(
+                            a.span(),
+                            Some("architectures"),
+                            format!("`{arch}` is listed twice"),
+                        ));
                     }
                     out.push(arch);
                 }
@@ -356,19 +431,29 @@ impl Scenario {
             }
         };
 
-        let timeout = |v: &Option<Spanned<u64>>, field: &str, default: u64| -> Result<u64, ScenarioError> {
-            match v {
-                None => Ok(default),
-                Some(t) if *t.get_ref() == 0 || *t.get_ref() > MAX_TIMEOUT_MS => Err(loc.error(
-                    t.span(),
-                    Some(field),
-                    format!("{} ms is outside 1..={MAX_TIMEOUT_MS}", t.get_ref()),
-                )),
-                Some(t) => Ok(*t.get_ref()),
-            }
-        };
-        let step_timeout_ms = timeout(&raw.step_timeout_ms, "step-timeout-ms", DEFAULT_STEP_TIMEOUT_MS)?;
-        let boot_timeout_ms = timeout(&raw.boot_timeout_ms, "boot-timeout-ms", DEFAULT_BOOT_TIMEOUT_MS)?;
+        let timeout =
+            |v: &Option<Spanned<u64>>, field: &str, default: u64| -> Result<u64, ScenarioError> {
+                match v {
+                    None => Ok(default),
+                    Some(t) if *t.get_ref() == 0 || *t.get_ref() > MAX_TIMEOUT_MS => Err(loc
+                        .error(
+                            t.span(),
+                            Some(field),
+                            format!("{} ms is outside 1..={MAX_TIMEOUT_MS}", t.get_ref()),
+                        )),
+                    Some(t) => Ok(*t.get_ref()),
+                }
+            };
+        let step_timeout_ms = timeout(
+            &raw.step_timeout_ms,
+            "step-timeout-ms",
+            DEFAULT_STEP_TIMEOUT_MS,
+        )?;
+        let boot_timeout_ms = timeout(
+            &raw.boot_timeout_ms,
+            "boot-timeout-ms",
+            DEFAULT_BOOT_TIMEOUT_MS,
+        )?;
 
         let machine = machine(&loc, &raw.machine, &architectures)?;
 
@@ -377,20 +462,34 @@ impl Scenario {
             Some(e) => match (e.outcome.get_ref(), &e.invariant) {
                 (Outcome::Pass, None) => Expect::Pass,
                 (Outcome::Pass, Some(i)) => {
-                    return Err(loc.error(i.span(), Some("expect.invariant"), "only a scenario expecting `fail` names an invariant"))
+                    return Err(loc.error(
+                        i.span(),
+                        Some("expect.invariant"),
+                        "only a scenario expecting `fail` names an invariant",
+                    ))
                 }
                 (Outcome::Fail, None) => {
-                    return Err(loc.error(e.outcome.span(), Some("expect.invariant"), "a scenario expecting `fail` must name the invariant that must fire"))
+                    return Err(loc.error(
+                        e.outcome.span(),
+                        Some("expect.invariant"),
+                        "a scenario expecting `fail` must name the invariant that must fire",
+                    ))
                 }
                 (Outcome::Fail, Some(i)) => {
                     if !CHECK_NAMES.contains(&i.get_ref().as_str()) {
                         return Err(loc.error(
                             i.span(),
                             Some("expect.invariant"),
-                            format!("unknown invariant `{}` (known: {})", i.get_ref(), CHECK_NAMES.join(", ")),
+                            format!(
+                                "unknown invariant `{}` (known: {})",
+                                i.get_ref(),
+                                CHECK_NAMES.join(", ")
+                            ),
                         ));
                     }
-                    Expect::Fail { invariant: i.get_ref().clone() }
+                    Expect::Fail {
+                        invariant: i.get_ref().clone(),
+                    }
                 }
             },
         };
@@ -398,11 +497,21 @@ impl Scenario {
         let mut steps = Vec::with_capacity(raw.step.len());
         for (i, spanned) in raw.step.into_iter().enumerate() {
             let span = spanned.span();
-            if steps.last().is_some_and(|s: &PlacedStep| matches!(s.step, Step::Exit { .. })) {
-                return Err(loc.error(span, Some(&format!("step[{}]", i + 1)), "no step can follow `exit`: the guest is gone"));
+            if steps
+                .last()
+                .is_some_and(|s: &PlacedStep| matches!(s.step, Step::Exit { .. }))
+            {
+                return Err(loc.error(
+                    span,
+                    Some(&format!("step[{}]", i + 1)),
+                    "no step can follow `exit`: the guest is gone",
+                ));
             }
             let line = loc.line_col(span.start).0;
-            steps.push(PlacedStep { step: spanned.into_inner().into_step(&loc, i + 1)?, line });
+            steps.push(PlacedStep {
+                step: spanned.into_inner().into_step(&loc, i + 1)?,
+                line,
+            });
         }
 
         Ok(Scenario {
@@ -422,7 +531,9 @@ impl Scenario {
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 fn machine(loc: &Locator, raw: &RawMachine, arches: &[Arch]) -> Result<MachineSpec, ScenarioError> {
@@ -430,35 +541,83 @@ fn machine(loc: &Locator, raw: &RawMachine, arches: &[Arch]) -> Result<MachineSp
     let (boot_memory, boot_span) = boot.unwrap_or((512 * MIB, 0..0));
     let slots = raw.slots.as_ref().map(|s| *s.get_ref()).unwrap_or(4);
     let max = raw.max_memory.as_ref().map(|s| (s.get_ref().0, s.span()));
-    let (max_memory, max_span) = max.unwrap_or((if slots > 0 { 8 << 30 } else { boot_memory }, 0..0));
+    let (max_memory, max_span) =
+        max.unwrap_or((if slots > 0 { 8 << 30 } else { boot_memory }, 0..0));
 
     if boot_memory < MIN_BOOT_MEMORY {
-        return Err(loc.error(boot_span, Some("machine.boot-memory"), format!("{} is less than the {} the guest needs", Size(boot_memory), Size(MIN_BOOT_MEMORY))));
+        return Err(loc.error(
+            boot_span,
+            Some("machine.boot-memory"),
+            format!(
+                "{} is less than the {} the guest needs",
+                Size(boot_memory),
+                Size(MIN_BOOT_MEMORY)
+            ),
+        ));
     }
     for &arch in arches {
         let granule = profile(arch).ram_granule;
-        if boot_memory % granule != 0 {
-            return Err(loc.error(boot_span.clone(), Some("machine.boot-memory"), format!("{} is not a multiple of {} as {arch} requires", Size(boot_memory), Size(granule))));
+        if !boot_memory.is_multiple_of(granule) {
+            return Err(loc.error(
+                boot_span.clone(),
+                Some("machine.boot-memory"),
+                format!(
+                    "{} is not a multiple of {} as {arch} requires",
+                    Size(boot_memory),
+                    Size(granule)
+                ),
+            ));
         }
     }
     if let Some(s) = &raw.slots {
         if *s.get_ref() > MAX_SLOTS {
-            return Err(loc.error(s.span(), Some("machine.slots"), format!("{} slots is more than QEMU's {MAX_SLOTS}", s.get_ref())));
+            return Err(loc.error(
+                s.span(),
+                Some("machine.slots"),
+                format!("{} slots is more than QEMU's {MAX_SLOTS}", s.get_ref()),
+            ));
         }
     }
     if max_memory > MAX_MEMORY_LIMIT {
-        return Err(loc.error(max_span, Some("machine.max-memory"), format!("{} is beyond every machine's physical address space", Size(max_memory))));
+        return Err(loc.error(
+            max_span,
+            Some("machine.max-memory"),
+            format!(
+                "{} is beyond every machine's physical address space",
+                Size(max_memory)
+            ),
+        ));
     }
     if max_memory < boot_memory || (slots > 0 && max_memory == boot_memory) {
-        return Err(loc.error(max_span, Some("machine.max-memory"), format!("{} must exceed boot memory ({}) when there are hotplug slots", Size(max_memory), Size(boot_memory))));
+        return Err(loc.error(
+            max_span,
+            Some("machine.max-memory"),
+            format!(
+                "{} must exceed boot memory ({}) when there are hotplug slots",
+                Size(max_memory),
+                Size(boot_memory)
+            ),
+        ));
     }
     if slots == 0 && max_memory != boot_memory {
-        return Err(loc.error(max_span, Some("machine.max-memory"), "without hotplug slots there can be no memory beyond boot memory"));
+        return Err(loc.error(
+            max_span,
+            Some("machine.max-memory"),
+            "without hotplug slots there can be no memory beyond boot memory",
+        ));
     }
-    if max_memory % MIB != 0 {
-        return Err(loc.error(max_span, Some("machine.max-memory"), "must be a whole number of MiB"));
+    if !max_memory.is_multiple_of(MIB) {
+        return Err(loc.error(
+            max_span,
+            Some("machine.max-memory"),
+            "must be a whole number of MiB",
+        ));
     }
-    Ok(MachineSpec { boot_memory, slots, max_memory })
+    Ok(MachineSpec {
+        boot_memory,
+        slots,
+        max_memory,
+    })
 }
 
 /// Every `.toml` file under `path` (or `path` itself), sorted.
@@ -519,8 +678,18 @@ status = 0
         let s = parse(GOOD).unwrap();
         assert_eq!(s.name, "boot");
         assert_eq!(s.architectures, vec![Arch::X86_64, Arch::Ppc64le]);
-        assert_eq!(s.machine, MachineSpec { boot_memory: 1 << 30, slots: 2, max_memory: 4 << 30 });
-        assert_eq!(s.steps.iter().map(|s| s.step.clone()).collect::<Vec<_>>(), vec![Step::Ping, Step::VerifyManifest, Step::Exit { status: 0 }]);
+        assert_eq!(
+            s.machine,
+            MachineSpec {
+                boot_memory: 1 << 30,
+                slots: 2,
+                max_memory: 4 << 30
+            }
+        );
+        assert_eq!(
+            s.steps.iter().map(|s| s.step.clone()).collect::<Vec<_>>(),
+            vec![Step::Ping, Step::VerifyManifest, Step::Exit { status: 0 }]
+        );
         assert_eq!(s.steps[0].line, 11);
         assert_eq!(s.expect, Expect::Pass);
         assert_eq!(s.step_timeout_ms, DEFAULT_STEP_TIMEOUT_MS);
@@ -539,9 +708,15 @@ status = 0
         let e = err("name = \"x\"\n[machine]\nboot-memory = \"1G\"\nbogus = 3\n");
         assert_eq!((e.line, e.field.as_str()), (4, "machine.bogus"), "{e}");
         assert!(e.message.contains("unknown field"), "{e}");
-        assert!(e.to_string().starts_with("scenarios/t.toml:4:1: field `machine.bogus`"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("scenarios/t.toml:4:1: field `machine.bogus`"),
+            "{e}"
+        );
 
-        let e = err("[[step]]\naction = \"ping\"\n[[step]]\naction = \"exit\"\nstatus = 0\ncolour = 1\n");
+        let e = err(
+            "[[step]]\naction = \"ping\"\n[[step]]\naction = \"exit\"\nstatus = 0\ncolour = 1\n",
+        );
         assert_eq!((e.line, e.field.as_str()), (6, "step[2].colour"), "{e}");
     }
 
@@ -562,7 +737,11 @@ status = 0
         assert_eq!((e.line, e.field.as_str()), (3, "step[1].status"), "{e}");
 
         let e = err("[machine]\nboot-memory = \"12Q\"\n");
-        assert_eq!((e.line, e.field.as_str()), (2, "machine.boot-memory"), "{e}");
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (2, "machine.boot-memory"),
+            "{e}"
+        );
         assert!(e.message.contains("unit"), "{e}");
     }
 
@@ -604,7 +783,12 @@ status = 0
         let e = err("[expect]\noutcome = \"fail\"\ninvariant = \"made-up\"\n");
         assert!(e.message.contains("unknown invariant"), "{e}");
         let s = parse("[expect]\noutcome = \"fail\"\ninvariant = \"exit-status\"\n").unwrap();
-        assert_eq!(s.expect, Expect::Fail { invariant: "exit-status".into() });
+        assert_eq!(
+            s.expect,
+            Expect::Fail {
+                invariant: "exit-status".into()
+            }
+        );
     }
 
     #[test]

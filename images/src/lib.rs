@@ -91,6 +91,30 @@ pub struct Profile {
     pub ram_granule: u64,
     /// Hotplugged DIMM sizes must be multiples of this.
     pub dimm_granule: u64,
+    /// How boot RAM is laid out in guest-physical space.
+    pub ram_layout: RamLayout,
+    /// The kernel's PAGE_OFFSET: where all RAM is mapped again.
+    pub linear_map_base: u64,
+    /// Base of the vmemmap region (DESIGN.md section 3).
+    pub vmemmap_base: u64,
+}
+
+/// How the machine places boot RAM (one backing file) in guest-physical space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RamLayout {
+    /// One range from `ram_base`.
+    Contiguous,
+    /// q35: RAM above 2.75 GiB is split, the part from 2 GiB moving above 4 GiB
+    /// to leave room for the PCI hole (hw/i386/pc_q35.c).
+    PcSplit,
+}
+
+/// A piece of boot RAM: guest-physical start, offset in the backing file, length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamPiece {
+    pub gpa: u64,
+    pub file_offset: u64,
+    pub len: u64,
 }
 
 const MIB: u64 = 1 << 20;
@@ -107,12 +131,17 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             machine: "q35",
             cpu: "max",
             // qboot halves boot time against SeaBIOS; it boots PVH kernels.
-            loader: Loader::Kernel { bios: Some("/usr/share/qemu/qboot.rom") },
+            loader: Loader::Kernel {
+                bios: Some("/usr/share/qemu/qboot.rom"),
+            },
             exit: ExitDevice::IsaDebugExit,
             extra_args: &["-device", "isa-debug-exit,iobase=0xf4,iosize=4"],
             ram_base: 0,
             ram_granule: 2 * MIB,
             dimm_granule: 2 * MIB,
+            ram_layout: RamLayout::PcSplit,
+            linear_map_base: 0xffff_8880_0000_0000,
+            vmemmap_base: 0xffff_ea00_0000_0000,
         },
         Arch::Aarch64 => &Profile {
             arch: Arch::Aarch64,
@@ -128,6 +157,9 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             ram_base: 0x4000_0000,
             ram_granule: 2 * MIB,
             dimm_granule: 2 * MIB,
+            ram_layout: RamLayout::Contiguous,
+            linear_map_base: 0xffff_0000_0000_0000,
+            vmemmap_base: 0xffff_fdff_c000_0000,
         },
         Arch::Ppc64le => &Profile {
             arch: Arch::Ppc64le,
@@ -144,7 +176,8 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             qemu_package: "qemu-system-ppc",
             // VOF boots in 0.18 s where SLOF takes 15-22 s; the spectre caps
             // are set to what TCG can provide so QEMU does not refuse to start.
-            machine: "pseries,x-vof=on,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
+            machine:
+                "pseries,x-vof=on,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
             cpu: "power9",
             loader: Loader::Kernel { bios: None },
             exit: ExitDevice::Rtas,
@@ -152,6 +185,9 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             ram_base: 0,
             ram_granule: 256 * MIB,
             dimm_granule: 256 * MIB,
+            ram_layout: RamLayout::Contiguous,
+            linear_map_base: 0xc000_0000_0000_0000,
+            vmemmap_base: 0xc00c_0000_0000_0000,
         },
     }
 }
@@ -167,6 +203,30 @@ pub fn workspace_root() -> &'static Path {
 }
 
 impl Profile {
+    /// Where `size` bytes of boot RAM land in guest-physical space.
+    pub fn boot_ram_pieces(&self, size: u64) -> Vec<RamPiece> {
+        const GIB: u64 = 1 << 30;
+        match self.ram_layout {
+            RamLayout::PcSplit if size >= 0xb000_0000 => vec![
+                RamPiece {
+                    gpa: 0,
+                    file_offset: 0,
+                    len: 2 * GIB,
+                },
+                RamPiece {
+                    gpa: 4 * GIB,
+                    file_offset: 2 * GIB,
+                    len: size - 2 * GIB,
+                },
+            ],
+            _ => vec![RamPiece {
+                gpa: self.ram_base,
+                file_offset: 0,
+                len: size,
+            }],
+        }
+    }
+
     pub fn linker_script(&self) -> PathBuf {
         images_dir().join(self.arch.name()).join("link.ld")
     }
@@ -181,7 +241,9 @@ impl Profile {
 
     /// The arm virt stub firmware: `ldr x0, #8; br x0; .quad entry`.
     pub fn stub_firmware(&self) -> Option<Vec<u8>> {
-        let Loader::StubFirmware { entry } = self.loader else { return None };
+        let Loader::StubFirmware { entry } = self.loader else {
+            return None;
+        };
         let mut bytes = Vec::with_capacity(16);
         bytes.extend_from_slice(&0x5800_0040u32.to_le_bytes()); // ldr x0, #8
         bytes.extend_from_slice(&0xd61f_0000u32.to_le_bytes()); // br x0
@@ -189,12 +251,19 @@ impl Profile {
         Some(bytes)
     }
 
-    /// The `cargo build` command that builds the guest for this profile.
-    pub fn guest_build_command(&self) -> Command {
+    /// A cargo command (`build`, `clippy`) on the guest for this profile, with
+    /// its target, flags and linker script.
+    pub fn guest_command(&self, subcommand: &str) -> Command {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace_root())
-            .args(["build", "--release", "--manifest-path", "guest/Cargo.toml", "--target"])
+            .args([
+                subcommand,
+                "--release",
+                "--manifest-path",
+                "guest/Cargo.toml",
+                "--target",
+            ])
             .arg(self.rust_target)
             .args(["--target-dir", "target/guest"]);
         let mut flags: Vec<String> = self.rustflags.iter().map(|s| s.to_string()).collect();
@@ -212,14 +281,18 @@ pub enum BuildError {
     #[error("could not run cargo to build the {arch} guest: {source}")]
     Spawn { arch: Arch, source: std::io::Error },
     #[error("building the {arch} guest failed ({status}):\n{stderr}")]
-    Failed { arch: Arch, status: std::process::ExitStatus, stderr: String },
+    Failed {
+        arch: Arch,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
 }
 
 /// Builds the guest for `arch` (a no-op when it is up to date) and returns the ELF.
 pub fn build_guest(arch: Arch) -> Result<PathBuf, BuildError> {
     let p = profile(arch);
     let out = p
-        .guest_build_command()
+        .guest_command("build")
         .output()
         .map_err(|source| BuildError::Spawn { arch, source })?;
     if !out.status.success() {
@@ -248,15 +321,53 @@ mod tests {
     fn stub_firmware_jumps_to_the_entry() {
         let fw = profile(Arch::Aarch64).stub_firmware().unwrap();
         assert_eq!(fw.len(), 16);
-        assert_eq!(u64::from_le_bytes(fw[8..16].try_into().unwrap()), 0x4020_0000);
+        assert_eq!(
+            u64::from_le_bytes(fw[8..16].try_into().unwrap()),
+            0x4020_0000
+        );
         assert!(profile(Arch::X86_64).stub_firmware().is_none());
     }
 
     #[test]
+    fn q35_moves_ram_above_the_pci_hole() {
+        let x86 = profile(Arch::X86_64);
+        assert_eq!(
+            x86.boot_ram_pieces(512 << 20),
+            vec![RamPiece {
+                gpa: 0,
+                file_offset: 0,
+                len: 512 << 20
+            }]
+        );
+        let big = x86.boot_ram_pieces(4 << 30);
+        assert_eq!(
+            big[1],
+            RamPiece {
+                gpa: 4 << 30,
+                file_offset: 2 << 30,
+                len: 2 << 30
+            }
+        );
+        assert_eq!(
+            profile(Arch::Aarch64).boot_ram_pieces(1 << 30)[0].gpa,
+            0x4000_0000
+        );
+    }
+
+    #[test]
     fn exit_codes_are_read_per_device() {
-        assert_eq!(ExitDevice::IsaDebugExit.guest_status(7), GuestExit::Status(3));
-        assert_eq!(ExitDevice::IsaDebugExit.guest_status(0), GuestExit::NotByGuest);
-        assert_eq!(ExitDevice::Semihosting.guest_status(3), GuestExit::Status(3));
+        assert_eq!(
+            ExitDevice::IsaDebugExit.guest_status(7),
+            GuestExit::Status(3)
+        );
+        assert_eq!(
+            ExitDevice::IsaDebugExit.guest_status(0),
+            GuestExit::NotByGuest
+        );
+        assert_eq!(
+            ExitDevice::Semihosting.guest_status(3),
+            GuestExit::Status(3)
+        );
         assert!(ExitDevice::Rtas.guest_status(0).matches(0));
         assert!(ExitDevice::Rtas.guest_status(1).matches(5));
         assert!(!ExitDevice::Rtas.guest_status(1).matches(0));

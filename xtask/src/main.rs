@@ -1,19 +1,127 @@
-//! Temporary entry point while the CLI is written: `cargo xtask build-guest ARCH...`.
-fn main() {
-    let args: Vec<String> = std::env::args().skip(2).collect();
-    let mut failed = false;
-    for name in &args {
-        let Some(arch) = hvo_images::Arch::from_name(name) else {
-            eprintln!("unknown architecture {name}");
-            std::process::exit(2);
-        };
-        match hvo_images::build_guest(arch) {
-            Ok(p) => println!("{}", p.display()),
-            Err(e) => {
-                eprintln!("{e}");
-                failed = true;
+//! `cargo xtask`: the hvo-harness command line.
+
+mod run;
+mod setup;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use hvo_images::{profile, workspace_root, Arch};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "hvo-harness: test vmemmap optimization on real MMUs under QEMU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run scenarios (default: everything under scenarios/) on each architecture.
+    RunScenarios(run::RunArgs),
+    /// The full test: formatting, clippy, unit and QEMU tests, then every scenario.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Install what is missing: the guest targets and QEMU.
+    Setup {
+        #[arg(long, value_delimiter = ',', value_parser = run::parse_arch)]
+        arch: Option<Vec<Arch>>,
+    },
+    /// Build the guest image for each architecture and print its path.
+    BuildGuest {
+        #[arg(value_parser = run::parse_arch)]
+        arches: Vec<Arch>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Cmd::RunScenarios(args) => run::run_scenarios(args),
+        Cmd::Test { no_lint } => test(no_lint),
+        Cmd::Setup { arch } => {
+            setup::ensure(&arch.unwrap_or(Arch::ALL.to_vec())).map(|()| ExitCode::SUCCESS)
+        }
+        Cmd::BuildGuest { arches } => build_guests(if arches.is_empty() {
+            &Arch::ALL
+        } else {
+            &arches
+        })
+        .map(|paths| {
+            for p in paths {
+                println!("{}", p.display());
+            }
+            ExitCode::SUCCESS
+        }),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            // Usage, set-up and infrastructure problems are 2; a failing scenario is 1.
+            ExitCode::from(2)
+        }
+    }
+}
+
+pub fn build_guests(arches: &[Arch]) -> Result<Vec<std::path::PathBuf>> {
+    setup::ensure(arches)?;
+    arches
+        .iter()
+        .map(|&a| {
+            eprintln!("building the {a} guest ({})", profile(a).rust_target);
+            hvo_images::build_guest(a).map_err(Into::into)
+        })
+        .collect()
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let line = format!("cargo {}", args.join(" "));
+    eprintln!("test: {line}");
+    let status = Command::new(cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("cannot run {line}"))?;
+    if !status.success() {
+        bail!("{line} failed ({status})");
+    }
+    Ok(())
+}
+
+fn test(no_lint: bool) -> Result<ExitCode> {
+    setup::ensure(&Arch::ALL)?;
+    if !no_lint {
+        cargo(&["fmt", "--all", "--check"])?;
+        cargo(&["fmt", "--manifest-path", "guest/Cargo.toml", "--check"])?;
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--quiet",
+            "--",
+            "-D",
+            "warnings",
+        ])?;
+        for arch in Arch::ALL {
+            let mut clippy = profile(arch).guest_command("clippy");
+            clippy.args(["--quiet", "--", "-D", "warnings"]);
+            eprintln!("test: clippy for the {arch} guest");
+            let status = clippy.status().context("cannot run cargo clippy")?;
+            if !status.success() {
+                bail!("clippy found problems in the {arch} guest");
             }
         }
     }
-    std::process::exit(failed as i32)
+    cargo(&["test", "--workspace", "--quiet"])?;
+    // The scenario suite last: its closing line is the run's summary.
+    run::run_scenarios(run::RunArgs::default())
 }

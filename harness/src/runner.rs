@@ -1,0 +1,787 @@
+//! Runs one scenario on one architecture: starts QEMU, boots the guest, runs
+//! the steps, shuts down, and writes artifacts when asked or when it failed.
+//!
+//! Every wait is bounded (boot timeout, step timeout, shutdown grace), every
+//! wait races QEMU's death, and the QEMU process and temporary directory are
+//! owned by the run, so no path leaves either behind.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use hvo_abi::manifest::{GuestState, Manifest, RootKind, MANIFEST_SIZE};
+use hvo_abi::protocol::Command;
+use hvo_images::{profile, Arch, Profile};
+use serde_json::json;
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::addr::{PhysAddr, VirtAddr};
+use crate::console::{Console, ConsoleError};
+use crate::image::GuestImage;
+use crate::memory::{GuestMemory, MappedMemory};
+use crate::qemu::{QemuCommand, QemuProcess, RunPaths};
+use crate::qmp::Qmp;
+use crate::report::{Check, CheckStatus, ScenarioResult, Status};
+use crate::scenario::{Expect, Scenario, Step};
+
+/// How runs are set up, shared by every scenario of an invocation.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Artifacts go to `<root>/<arch>/<scenario>/`.
+    pub artifacts_root: PathBuf,
+    /// Write artifacts for passing runs too.
+    pub keep_artifacts: bool,
+}
+
+/// Lines of console shown with a failure.
+const CONSOLE_TAIL: usize = 20;
+/// How long QEMU gets to exit after the guest asked for it, and after SIGTERM.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+const KILL_GRACE: Duration = Duration::from_millis(500);
+
+/// Why a run stopped early.
+enum Abort {
+    /// The guest misbehaved (crash, hang, wrong answer): the scenario fails.
+    Guest(String),
+    /// The harness could not run it (QEMU missing, dead, or refusing): error.
+    Infra(String),
+}
+
+struct Run<'a> {
+    scenario: &'a Scenario,
+    arch: Arch,
+    profile: &'static Profile,
+    start: Instant,
+    paths: RunPaths,
+    command: QemuCommand,
+    image: GuestImage,
+    qemu: Option<QemuProcess>,
+    qmp: Option<Qmp>,
+    console: Option<Console>,
+    memory: MappedMemory,
+    checks: Vec<Check>,
+    metrics: serde_json::Map<String, serde_json::Value>,
+    guest_exited: bool,
+}
+
+/// Runs `scenario` on `arch` with the guest image at `guest_elf`.
+pub async fn run_scenario(
+    scenario: &Scenario,
+    arch: Arch,
+    guest_elf: &Path,
+    config: &RunConfig,
+) -> ScenarioResult {
+    let start = Instant::now();
+    let mut result =
+        ScenarioResult::skipped(&scenario.name, scenario.file.clone(), arch.name(), "");
+    result.message = None;
+
+    let dir = match private_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            return errored(
+                result,
+                start,
+                format!("cannot create a temporary directory: {e}"),
+            )
+        }
+    };
+    let image = match GuestImage::load(guest_elf) {
+        Ok(i) => i,
+        Err(e) => return errored(result, start, e.to_string()),
+    };
+    let paths = RunPaths {
+        dir: dir.path().to_path_buf(),
+    };
+    let p = profile(arch);
+    let command = QemuCommand::new(p, &scenario.machine, guest_elf, &paths);
+    let mut run = Run {
+        scenario,
+        arch,
+        profile: p,
+        start,
+        paths,
+        command,
+        image,
+        qemu: None,
+        qmp: None,
+        console: None,
+        memory: MappedMemory::new(),
+        checks: Vec::new(),
+        metrics: Default::default(),
+        guest_exited: false,
+    };
+
+    let outcome = run.execute().await;
+    let shutdown_start = Instant::now();
+    run.shutdown().await;
+    run.metrics.insert(
+        "shutdown_ms".into(),
+        json!(shutdown_start.elapsed().as_millis() as u64),
+    );
+
+    result.duration_ms = start.elapsed().as_millis() as u64;
+    result.qemu_command = run.command.shell_line();
+    result.checks = std::mem::take(&mut run.checks);
+    result.metrics = std::mem::take(&mut run.metrics);
+    let (status, message) = judge(&scenario.expect, &result.checks, outcome);
+    result.status = status;
+    result.message = message;
+    if status != Status::Pass {
+        result.console_tail = run
+            .console
+            .as_ref()
+            .map(|c| c.log().tail(CONSOLE_TAIL))
+            .unwrap_or_default();
+    }
+    if status != Status::Pass || config.keep_artifacts {
+        let target = config.artifacts_root.join(arch.name()).join(&scenario.name);
+        match run.write_artifacts(&target) {
+            Ok(()) => result.artifacts = Some(target),
+            Err(e) => {
+                let note = format!(
+                    "(artifacts could not be written to {}: {e})",
+                    target.display()
+                );
+                result.message = Some(match result.message.take() {
+                    Some(m) => format!("{m} {note}"),
+                    None => note,
+                });
+            }
+        }
+    }
+    drop(run);
+    drop(dir);
+    result
+}
+
+fn errored(mut result: ScenarioResult, start: Instant, message: String) -> ScenarioResult {
+    result.status = Status::Error;
+    result.message = Some(message);
+    result.duration_ms = start.elapsed().as_millis() as u64;
+    result
+}
+
+/// A private directory for sockets and the RAM backing file: on tmpfs where
+/// there is one, so guest RAM never touches a disk.
+fn private_dir() -> std::io::Result<tempfile::TempDir> {
+    let shm = Path::new("/dev/shm");
+    let builder = {
+        let mut b = tempfile::Builder::new();
+        b.prefix("hvo-");
+        b
+    };
+    match builder.tempdir_in(shm) {
+        Ok(d) => Ok(d),
+        Err(_) => builder.tempdir(),
+    }
+}
+
+/// The scenario's verdict from its checks, its expectation and how it ended.
+fn judge(
+    expect: &Expect,
+    checks: &[Check],
+    outcome: Result<(), Abort>,
+) -> (Status, Option<String>) {
+    let failed: Vec<&Check> = checks
+        .iter()
+        .filter(|c| c.status == CheckStatus::Fail)
+        .collect();
+    match outcome {
+        Err(Abort::Infra(m)) => return (Status::Error, Some(m)),
+        Err(Abort::Guest(m)) => return (Status::Fail, Some(m)),
+        Ok(()) => {}
+    }
+    let describe = |cs: &[&Check]| {
+        cs.iter()
+            .map(|c| format!("{}: {}", c.name, c.detail))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    match expect {
+        Expect::Pass if failed.is_empty() => (Status::Pass, None),
+        Expect::Pass => (Status::Fail, Some(describe(&failed))),
+        Expect::Fail { invariant } => {
+            let caught = failed.iter().any(|c| &c.name == invariant);
+            let others: Vec<&Check> = failed
+                .iter()
+                .copied()
+                .filter(|c| &c.name != invariant)
+                .collect();
+            match (caught, others.is_empty()) {
+                (true, true) => (Status::Pass, None),
+                (false, true) => (
+                    Status::Fail,
+                    Some(format!("expected `{invariant}` to fail, but it held")),
+                ),
+                (_, false) => (
+                    Status::Fail,
+                    Some(format!(
+                        "expected only `{invariant}` to fail, but: {}",
+                        describe(&others)
+                    )),
+                ),
+            }
+        }
+    }
+}
+
+impl Run<'_> {
+    fn step_timeout(&self) -> Duration {
+        Duration::from_millis(self.scenario.step_timeout_ms)
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    async fn execute(&mut self) -> Result<(), Abort> {
+        self.boot().await?;
+        let steps_start = Instant::now();
+        for placed in &self.scenario.steps {
+            self.step(&placed.step).await.map_err(|abort| match abort {
+                Abort::Guest(m) => Abort::Guest(format!(
+                    "step {} (line {}): {m}",
+                    placed.step.name(),
+                    placed.line
+                )),
+                Abort::Infra(m) => Abort::Infra(format!(
+                    "step {} (line {}): {m}",
+                    placed.step.name(),
+                    placed.line
+                )),
+            })?;
+        }
+        self.metrics.insert(
+            "steps_ms".into(),
+            json!(steps_start.elapsed().as_millis() as u64),
+        );
+        Ok(())
+    }
+
+    /// Starts QEMU and waits for the guest's `ready`.
+    async fn boot(&mut self) -> Result<(), Abort> {
+        let boot_timeout = Duration::from_millis(self.scenario.boot_timeout_ms);
+        if let Some(stub) = self.profile.stub_firmware() {
+            std::fs::write(self.paths.firmware_stub(), stub)
+                .map_err(|e| Abort::Infra(format!("cannot write the firmware stub: {e}")))?;
+        }
+        let bind = |p: PathBuf| {
+            UnixListener::bind(&p)
+                .map_err(|e| Abort::Infra(format!("cannot listen on {}: {e}", p.display())))
+        };
+        let console_listener = bind(self.paths.console_socket())?;
+        let qmp_listener = bind(self.paths.qmp_socket())?;
+
+        let qemu = QemuProcess::spawn(&self.command, self.profile.qemu_package)
+            .map_err(|e| Abort::Infra(format!("{e}; run `cargo xtask setup` to install it")))?;
+        let qemu = self.qemu.insert(qemu);
+
+        // QEMU connects to the console first, then to QMP, during its start-up.
+        let accept = async {
+            let (console, _) = console_listener.accept().await?;
+            let (qmp, _) = qmp_listener.accept().await?;
+            Ok::<(UnixStream, UnixStream), std::io::Error>((console, qmp))
+        };
+        let (console_stream, qmp_stream) = tokio::select! {
+            accepted = tokio::time::timeout(boot_timeout, accept) => match accepted {
+                Ok(Ok(streams)) => streams,
+                Ok(Err(e)) => return Err(Abort::Infra(format!("accepting QEMU's connections failed: {e}"))),
+                Err(_) => return Err(Abort::Infra(format!("QEMU did not connect its console and QMP within {boot_timeout:?}"))),
+            },
+            status = qemu.wait_exit(boot_timeout) => {
+                return Err(Abort::Infra(format!("QEMU exited during start-up ({}): {}", describe_exit(status), qemu.stderr().trim())));
+            }
+        };
+        self.console = Some(Console::attach(console_stream, self.start));
+        let qmp = Qmp::handshake(qmp_stream, self.step_timeout(), self.start)
+            .await
+            .map_err(|e| Abort::Infra(e.to_string()))?;
+        self.qmp = Some(qmp);
+        self.metrics
+            .insert("qemu_start_ms".into(), json!(self.elapsed_ms()));
+
+        let Some(console) = self.console.as_mut() else {
+            return Err(Abort::Infra("no console".into()));
+        };
+        match console.wait_ready(boot_timeout).await {
+            Ok(arch) if arch == self.arch.name() => {
+                self.checks
+                    .push(Check::pass("guest-ready", format!("{arch} guest ready")));
+            }
+            Ok(other) => {
+                self.checks.push(Check::fail(
+                    "guest-ready",
+                    format!("guest says it is {other}, expected {}", self.arch),
+                ));
+                return Err(Abort::Guest(format!(
+                    "wrong guest image: it says it is {other}"
+                )));
+            }
+            Err(e) => {
+                self.checks.push(Check::fail("guest-ready", e.to_string()));
+                return Err(self.console_abort(e).await);
+            }
+        }
+        self.metrics
+            .insert("boot_ms".into(), json!(self.elapsed_ms()));
+        self.map_boot_ram()?;
+        Ok(())
+    }
+
+    /// Maps the shared boot-RAM file (QEMU created it before starting the guest).
+    fn map_boot_ram(&mut self) -> Result<(), Abort> {
+        let file = std::fs::File::open(self.paths.boot_ram())
+            .map_err(|e| Abort::Infra(format!("cannot open the boot RAM backing file: {e}")))?;
+        let mut memory = MappedMemory::new();
+        for piece in self
+            .profile
+            .boot_ram_pieces(self.scenario.machine.boot_memory)
+        {
+            memory
+                .add_at_offset(
+                    PhysAddr(piece.gpa),
+                    &file,
+                    piece.file_offset,
+                    piece.len as usize,
+                )
+                .map_err(|e| Abort::Infra(format!("cannot map boot RAM: {e}")))?;
+        }
+        self.memory = memory;
+        Ok(())
+    }
+
+    /// Turns a console failure into a verdict, telling a guest crash or hang
+    /// from QEMU being killed or dying.
+    async fn console_abort(&mut self, error: ConsoleError) -> Abort {
+        match error {
+            ConsoleError::Crash(msg) => {
+                // Give the guest a moment to print its registers and exit.
+                if let Some(q) = self.qemu.as_mut() {
+                    q.wait_exit(Duration::from_secs(1)).await;
+                }
+                Abort::Guest(format!("guest crashed: {msg}"))
+            }
+            ConsoleError::Closed => {
+                let status = match self.qemu.as_mut() {
+                    Some(q) => q.wait_exit(Duration::from_secs(1)).await,
+                    None => None,
+                };
+                let stderr = self.qemu.as_ref().map(|q| q.stderr()).unwrap_or_default();
+                match status {
+                    Some(s)
+                        if s.code().is_some()
+                            && self
+                                .profile
+                                .exit
+                                .guest_status(s.code().unwrap_or(-1))
+                                .matches(1) =>
+                    {
+                        Abort::Guest(format!(
+                            "the guest exited unasked ({})",
+                            describe_exit(Some(s))
+                        ))
+                    }
+                    _ => Abort::Infra(format!(
+                        "QEMU died ({}){}",
+                        describe_exit(status),
+                        stderr_note(&stderr)
+                    )),
+                }
+            }
+            ConsoleError::Timeout { .. } => Abort::Guest(format!("the guest hung: {error}")),
+            other => Abort::Guest(other.to_string()),
+        }
+    }
+
+    async fn request(&mut self, command: Command<'_>) -> Result<String, Abort> {
+        let timeout = self.step_timeout();
+        let Some(console) = self.console.as_mut() else {
+            return Err(Abort::Infra("no console".into()));
+        };
+        match console.request(command, timeout).await {
+            Ok(payload) => Ok(payload),
+            Err(e) => Err(self.console_abort(e).await),
+        }
+    }
+
+    async fn step(&mut self, step: &Step) -> Result<(), Abort> {
+        match step {
+            Step::Ping => {
+                let token = format!("t{}", self.elapsed_ms());
+                let reply = self
+                    .request(Command::Ping {
+                        token: Some(&token),
+                    })
+                    .await?;
+                let expected = format!("pong {token}");
+                self.checks.push(if reply == expected {
+                    Check::pass("ping", "the guest answered")
+                } else {
+                    Check::fail("ping", format!("expected `{expected}`, got `{reply}`"))
+                });
+                Ok(())
+            }
+            Step::VerifyManifest => self.verify_manifest().await,
+            Step::Exit { status } => self.exit(*status).await,
+        }
+    }
+
+    async fn exit(&mut self, status: u8) -> Result<(), Abort> {
+        self.request(Command::Exit { status }).await?;
+        self.guest_exited = true;
+        let grace = self.step_timeout();
+        let Some(qemu) = self.qemu.as_mut() else {
+            return Err(Abort::Infra("no QEMU".into()));
+        };
+        let exit = qemu.wait_exit(grace).await;
+        let code = exit.and_then(|s| s.code());
+        let seen = code.map(|c| self.profile.exit.guest_status(c));
+        self.checks.push(match seen {
+            Some(g) if g.matches(status) => Check::pass(
+                "exit-status",
+                format!(
+                    "QEMU exited with {} for guest status {status}",
+                    describe_exit(exit)
+                ),
+            ),
+            _ => Check::fail(
+                "exit-status",
+                format!(
+                    "guest asked to exit with {status}, QEMU ended with {}",
+                    describe_exit(exit)
+                ),
+            ),
+        });
+        Ok(())
+    }
+
+    async fn verify_manifest(&mut self) -> Result<(), Abort> {
+        let Some(qmp) = self.qmp.as_ref() else {
+            return Err(Abort::Infra("no QMP".into()));
+        };
+        let at = self.image.manifest;
+        let scratch = self.paths.dir.join("pmemsave.bin");
+        let through_qmp = qmp
+            .pmemsave(at, MANIFEST_SIZE, &scratch)
+            .await
+            .map_err(|e| Abort::Infra(e.to_string()))?;
+        let mut through_map = vec![0u8; MANIFEST_SIZE];
+        if let Err(e) = self.memory.read(at, &mut through_map) {
+            self.checks.push(Check::fail(
+                "manifest",
+                format!("manifest at {at} not in mapped boot RAM: {e}"),
+            ));
+            return Ok(());
+        }
+        if through_qmp != through_map {
+            self.checks.push(Check::fail(
+                "manifest",
+                "pmemsave and the shared RAM mapping read different manifests",
+            ));
+            return Ok(());
+        }
+        let manifest = match Manifest::decode(&through_qmp) {
+            Ok(m) => m,
+            Err(e) => {
+                self.checks
+                    .push(Check::fail("manifest", format!("at {at}: {e}")));
+                return Ok(());
+            }
+        };
+        let problems = manifest_problems(
+            &manifest,
+            self.arch,
+            self.profile,
+            self.scenario.machine.boot_memory,
+            at,
+        );
+        self.checks.push(if problems.is_empty() {
+            Check::pass(
+                "manifest",
+                format!(
+                    "{} roots, {} RAM ranges, generation {}",
+                    manifest.roots().count(),
+                    manifest.ram().count(),
+                    manifest.generation
+                ),
+            )
+        } else {
+            Check::fail("manifest", problems.join("; "))
+        });
+        if problems.is_empty() {
+            self.check_translations(&manifest).await?;
+        }
+        Ok(())
+    }
+
+    /// QEMU's own MMU must translate the linear map and the identity map the
+    /// way the manifest says the guest built them.
+    async fn check_translations(&mut self, manifest: &Manifest) -> Result<(), Abort> {
+        let Some(qmp) = self.qmp.as_ref() else {
+            return Err(Abort::Infra("no QMP".into()));
+        };
+        let mut samples: Vec<PhysAddr> = vec![self.image.manifest];
+        samples.extend(manifest.roots().map(|r| PhysAddr(r.pa)));
+        for r in manifest.ram() {
+            samples.push(PhysAddr(r.start));
+            samples.push(PhysAddr(r.end() - 8));
+        }
+        let mut wrong = Vec::new();
+        for pa in &samples {
+            for (what, va) in [
+                (
+                    "linear map",
+                    VirtAddr(manifest.linear_map_base.wrapping_add(pa.0)),
+                ),
+                ("identity map", VirtAddr(pa.0)),
+            ] {
+                match qmp.gva2gpa(va).await {
+                    Ok(Some(got)) if got == *pa => {}
+                    Ok(Some(got)) => wrong.push(format!("{what} {va} -> {got}, expected {pa}")),
+                    Ok(None) => wrong.push(format!("{what} {va} unmapped, expected {pa}")),
+                    Err(e) => return Err(Abort::Infra(e.to_string())),
+                }
+            }
+        }
+        self.checks.push(if wrong.is_empty() {
+            Check::pass(
+                "translation-agrees",
+                format!("QEMU's MMU agrees on {} addresses", samples.len() * 2),
+            )
+        } else {
+            Check::fail("translation-agrees", wrong.join("; "))
+        });
+        Ok(())
+    }
+
+    /// Ends the VM: asks the guest to exit if it has not, then SIGTERM, then SIGKILL.
+    async fn shutdown(&mut self) {
+        if !self.guest_exited && self.qemu.as_mut().is_some_and(|q| q.try_exit().is_none()) {
+            if let Some(console) = self.console.as_mut() {
+                let _ = console
+                    .request(Command::Exit { status: 0 }, Duration::from_millis(500))
+                    .await;
+            }
+            if let Some(q) = self.qemu.as_mut() {
+                q.wait_exit(EXIT_GRACE).await;
+            }
+        }
+        if let Some(q) = self.qemu.as_mut() {
+            q.terminate(KILL_GRACE).await;
+        }
+    }
+
+    fn write_artifacts(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            dir.join("qemu-command.txt"),
+            format!("{}\n", self.command.shell_line()),
+        )?;
+        let console = self
+            .console
+            .as_ref()
+            .map(|c| c.log().text())
+            .unwrap_or_default();
+        std::fs::write(dir.join("console.log"), console)?;
+        let stderr = self.qemu.as_ref().map(|q| q.stderr()).unwrap_or_default();
+        std::fs::write(dir.join("qemu-stderr.log"), stderr)?;
+        let transcript = self
+            .qmp
+            .as_ref()
+            .map(|q| q.transcript().text())
+            .unwrap_or_default();
+        std::fs::write(dir.join("qmp-transcript.log"), transcript)?;
+        Ok(())
+    }
+}
+
+/// What is wrong with a manifest, judged against the host's own knowledge of
+/// the architecture and of the machine it started.
+fn manifest_problems(
+    m: &Manifest,
+    arch: Arch,
+    profile: &Profile,
+    boot_memory: u64,
+    at: PhysAddr,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if m.state != GuestState::Ready {
+        problems.push(format!("guest state is {:?}, not ready", m.state));
+    }
+    if m.arch != arch {
+        problems.push(format!("architecture {} instead of {arch}", m.arch));
+    }
+    if m.page_size != 4096 {
+        problems.push(format!("page size {:#x}, expected 4 KiB", m.page_size));
+    }
+    if m.linear_map_base != profile.linear_map_base {
+        problems.push(format!(
+            "linear map at {:#x}, expected {:#x}",
+            m.linear_map_base, profile.linear_map_base
+        ));
+    }
+    if m.vmemmap_base != profile.vmemmap_base {
+        problems.push(format!(
+            "vmemmap at {:#x}, expected {:#x}",
+            m.vmemmap_base, profile.vmemmap_base
+        ));
+    }
+    let pieces = profile.boot_ram_pieces(boot_memory);
+    let in_boot_ram = |pa: u64, len: u64| {
+        pieces
+            .iter()
+            .any(|p| pa >= p.gpa && pa + len <= p.gpa + p.len)
+    };
+    match m.root(RootKind::Kernel) {
+        Some(root) if !in_boot_ram(root.pa, 4096) => {
+            problems.push(format!("kernel root {:#x} is outside boot RAM", root.pa))
+        }
+        Some(_) => {}
+        None => problems.push("no kernel page-table root".into()),
+    }
+    let mut ram_total = 0;
+    for r in m.ram() {
+        if !in_boot_ram(r.start, r.size) {
+            problems.push(format!(
+                "RAM range {:#x}+{:#x} is outside the machine's boot RAM",
+                r.start, r.size
+            ));
+        }
+        ram_total += r.size;
+    }
+    // Firmware keeps a little low memory for itself (x86's BIOS area below 1 MiB).
+    if ram_total > boot_memory || ram_total + (2 << 20) < boot_memory {
+        problems.push(format!(
+            "guest sees {ram_total:#x} bytes of RAM, the machine has {boot_memory:#x}"
+        ));
+    }
+    if !(at.0 >= m.image.start && at.0 + MANIFEST_SIZE as u64 <= m.image.end()) {
+        problems.push(format!(
+            "manifest {at} lies outside the image range {:#x}+{:#x}",
+            m.image.start, m.image.size
+        ));
+    }
+    problems
+}
+
+fn describe_exit(status: Option<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        None => "still running".into(),
+        Some(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("exit code {c}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => "unknown status".into(),
+        },
+    }
+}
+
+fn stderr_note(stderr: &str) -> String {
+    let s = stderr.trim();
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ": {}",
+            s.lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join(" | ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fail_scenario_passes_only_when_its_invariant_alone_fires() {
+        let expect = Expect::Fail {
+            invariant: "exit-status".into(),
+        };
+        let fired = [Check::pass("ping", ""), Check::fail("exit-status", "x")];
+        assert_eq!(judge(&expect, &fired, Ok(())).0, Status::Pass);
+        let held = [Check::pass("exit-status", "")];
+        assert_eq!(judge(&expect, &held, Ok(())).0, Status::Fail);
+        let other = [
+            Check::fail("exit-status", ""),
+            Check::fail("manifest", "bad"),
+        ];
+        let (status, message) = judge(&expect, &other, Ok(()));
+        assert_eq!(status, Status::Fail);
+        assert!(message.unwrap().contains("manifest"));
+    }
+
+    #[test]
+    fn aborts_decide_over_checks() {
+        assert_eq!(
+            judge(&Expect::Pass, &[], Err(Abort::Infra("qemu".into()))).0,
+            Status::Error
+        );
+        assert_eq!(
+            judge(&Expect::Pass, &[], Err(Abort::Guest("hang".into()))).0,
+            Status::Fail
+        );
+        assert_eq!(
+            judge(&Expect::Pass, &[Check::pass("a", "")], Ok(())).0,
+            Status::Pass
+        );
+    }
+
+    #[test]
+    fn manifest_problems_are_specific() {
+        use hvo_abi::manifest::{Range, Root};
+        let p = profile(Arch::Aarch64);
+        let mut m = Manifest {
+            arch: Arch::Aarch64,
+            state: GuestState::Ready,
+            page_size: 4096,
+            linear_map_base: p.linear_map_base,
+            vmemmap_base: p.vmemmap_base,
+            image: Range {
+                start: 0x4020_0000,
+                size: 0x10_0000,
+            },
+            roots: [
+                Some(Root {
+                    kind: RootKind::Kernel,
+                    pa: 0x4040_0000,
+                }),
+                None,
+                None,
+                None,
+            ],
+            ram: [
+                Some(Range {
+                    start: 0x4000_0000,
+                    size: 512 << 20,
+                }),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            ],
+            generation: 0,
+        };
+        let at = PhysAddr(0x4020_1000);
+        assert!(manifest_problems(&m, Arch::Aarch64, p, 512 << 20, at).is_empty());
+        m.vmemmap_base = 0;
+        m.roots[0] = Some(Root {
+            kind: RootKind::Kernel,
+            pa: 0x1000,
+        });
+        let problems = manifest_problems(&m, Arch::Aarch64, p, 512 << 20, at);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("vmemmap"));
+        assert!(problems[1].contains("outside boot RAM"));
+    }
+}
