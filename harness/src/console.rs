@@ -211,12 +211,12 @@ impl Console {
                 }
                 Ok(None) => return Err(self.closed()),
                 Ok(Some(Event::Crash(m))) => return Err(self.crash(m)),
-                // A reply without a sequence number is the guest refusing a line
-                // it could not read at all: only ours can be outstanding.
+                // Replies to other lines (stale ones, or `-` for lines the guest
+                // could not read at all) are not answers: ours always carry `seq`.
                 Ok(Some(Event::Reply {
-                    seq: reply_seq,
+                    seq: Some(reply_seq),
                     outcome,
-                })) if reply_seq.is_none_or(|s| s == seq) => {
+                })) if reply_seq == seq => {
                     return outcome.map_err(|message| ConsoleError::Refused {
                         command: line.clone(),
                         message,

@@ -31,6 +31,20 @@ pub struct RunConfig {
     pub artifacts_root: PathBuf,
     /// Write artifacts for passing runs too.
     pub keep_artifacts: bool,
+    /// A fault the harness injects into its own run after boot, to test how
+    /// failures are reported. Never set from a scenario file.
+    pub inject: Option<HarnessFault>,
+}
+
+/// Failures the harness can cause on purpose, for its own tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HarnessFault {
+    /// SIGKILL QEMU: the run must end as an infrastructure error.
+    KillQemu,
+    /// Stop the vCPUs over QMP: the guest never answers again.
+    FreezeGuest,
+    /// Write bytes that are no command: the guest must answer and go on.
+    ConsoleGarbage,
 }
 
 /// Lines of console shown with a failure.
@@ -112,7 +126,7 @@ pub async fn run_scenario(
         guest_exited: false,
     };
 
-    let outcome = run.execute().await;
+    let outcome = run.execute(config.inject).await;
     let shutdown_start = Instant::now();
     run.shutdown().await;
     run.metrics.insert(
@@ -235,8 +249,11 @@ impl Run<'_> {
         self.start.elapsed().as_millis() as u64
     }
 
-    async fn execute(&mut self) -> Result<(), Abort> {
+    async fn execute(&mut self, inject: Option<HarnessFault>) -> Result<(), Abort> {
         self.boot().await?;
+        if let Some(fault) = inject {
+            self.inject(fault).await?;
+        }
         let steps_start = Instant::now();
         for placed in &self.scenario.steps {
             self.step(&placed.step).await.map_err(|abort| match abort {
@@ -392,6 +409,35 @@ impl Run<'_> {
             ConsoleError::Timeout { .. } => Abort::Guest(format!("the guest hung: {error}")),
             other => Abort::Guest(other.to_string()),
         }
+    }
+
+    async fn inject(&mut self, fault: HarnessFault) -> Result<(), Abort> {
+        match fault {
+            HarnessFault::KillQemu => {
+                if let Some(q) = self.qemu.as_mut() {
+                    q.kill_now();
+                }
+            }
+            HarnessFault::FreezeGuest => {
+                if let Some(qmp) = self.qmp.as_ref() {
+                    qmp.execute(qapi::qmp::stop {})
+                        .await
+                        .map_err(|e| Abort::Infra(e.to_string()))?;
+                }
+            }
+            HarnessFault::ConsoleGarbage => {
+                if let Some(console) = self.console.as_mut() {
+                    let mut garbage: Vec<u8> = (0u8..=255).cycle().take(2000).collect();
+                    garbage.extend_from_slice(
+                        b"\n\xff\xfe not a command\n99999999999999999999999 ping\n\n",
+                    );
+                    if let Err(e) = console.send_raw(&garbage).await {
+                        return Err(self.console_abort(e).await);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn request(&mut self, command: Command<'_>) -> Result<String, Abort> {
