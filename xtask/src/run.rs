@@ -138,6 +138,7 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
     let config = RunConfig {
         artifacts_root: root.join("target/scenario-logs"),
         keep_artifacts: args.keep_artifacts,
+        inject: None,
     };
     for r in &results {
         print_result(r);
