@@ -27,6 +27,9 @@ pub enum Command<'a> {
     Report,
     /// The guest answers `ok`, then exits with this status (0 is success).
     Exit { status: u8 },
+    /// The guest reads the byte at `va` and writes it back; it answers
+    /// `ok faulted` if the write faulted and `ok written` if it did not.
+    ProbeWrite { va: u64 },
 }
 
 impl Command<'_> {
@@ -35,6 +38,7 @@ impl Command<'_> {
             Command::Ping { .. } => "ping",
             Command::Report => "report",
             Command::Exit { .. } => "exit",
+            Command::ProbeWrite { .. } => "probe-write",
         }
     }
 }
@@ -52,6 +56,7 @@ impl fmt::Display for Request<'_> {
             Command::Ping { token: Some(t) } => write!(f, " {t}"),
             Command::Ping { token: None } | Command::Report => Ok(()),
             Command::Exit { status } => write!(f, " {status}"),
+            Command::ProbeWrite { va } => write!(f, " {va:#x}"),
         }
     }
 }
@@ -135,6 +140,16 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
                 })
             })?;
             Command::Exit { status }
+        }
+        "probe-write" => {
+            let va = words
+                .next()
+                .ok_or(fail(RequestError::MissingArgument { verb: "probe-write", what: "address" }))?;
+            let va = va
+                .strip_prefix("0x")
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                .ok_or(fail(RequestError::BadArgument { verb: "probe-write", what: "address (0x...)" }))?;
+            Command::ProbeWrite { va }
         }
         other => return Err(fail(RequestError::UnknownVerb(other))),
     };

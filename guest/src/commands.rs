@@ -3,6 +3,7 @@
 use hvo_abi::protocol::{parse_request, write_reply_head, Command};
 
 use crate::console::{Console, LineError, LineReader};
+use crate::mm::VirtAddr;
 use crate::{arch, manifest};
 
 /// Answers commands until told to exit.
@@ -22,6 +23,10 @@ pub fn serve() -> ! {
                     Command::Report => {
                         let generation = manifest::bump_generation();
                         reply_ok(req.seq, format_args!("generation={generation}"))
+                    }
+                    Command::ProbeWrite { va } => {
+                        let outcome = if arch::probe_write(VirtAddr(va)) { "faulted" } else { "written" };
+                        reply_ok(req.seq, format_args!("{outcome}"))
                     }
                     Command::Exit { status } => {
                         reply_ok(req.seq, format_args!("exiting"));

@@ -11,7 +11,7 @@ mod manifest;
 mod mm;
 
 use mm::frames::FrameAllocator;
-use mm::{Range, RangeList};
+use mm::Range;
 
 extern "C" {
     // Defined by every linker script in images/.
@@ -20,10 +20,8 @@ extern "C" {
 }
 
 fn image_range() -> Range {
-    // SAFETY: only the addresses of the linker symbols are taken.
-    let (start, end) = unsafe {
-        (core::ptr::addr_of!(__image_start) as u64, core::ptr::addr_of!(__image_end) as u64)
-    };
+    // Only the addresses of the linker symbols are taken.
+    let (start, end) = (core::ptr::addr_of!(__image_start) as u64, core::ptr::addr_of!(__image_end) as u64);
     Range { start, end }
 }
 

@@ -14,6 +14,8 @@
 //!   (the identity range stays mapped, so execution carries on).
 //! - `flush_tlb_va(VirtAddr)`.
 //! - `process_table() -> Option<PhysAddr>`: ppc64le's registered process table.
+//! - `probe_write(VirtAddr) -> bool`: read the byte there and write it back;
+//!   true when the write faulted (the trap handler recovers that one store).
 //! - the entry point, which sets up a stack, traps and the platform, then calls
 //!   `crate::main(Platform)`; unexpected traps call `crate::crash` with a
 //!   description and a closure printing the registers.
