@@ -1,0 +1,163 @@
+//! arm64 on virt: stub-firmware boot at EL1, PL011 console, semihosting exit,
+//! 4 KiB granule 48-bit translation with TTBR0 (identity) and TTBR1 (kernel).
+
+mod boot;
+mod platform;
+mod traps;
+
+use crate::mm::pagetable::{Entry, Format as PageTableFormat, Prot};
+use crate::mm::{boot::Tables, PhysAddr, RangeList, VirtAddr};
+
+pub use platform::{console_read, console_write, exit};
+pub use traps::probe_write;
+
+pub const ARCH: hvo_abi::Arch = hvo_abi::Arch::Aarch64;
+/// Linux's PAGE_OFFSET with 48-bit virtual addresses.
+pub const LINEAR_MAP_BASE: u64 = 0xffff_0000_0000_0000;
+/// Linux's VMEMMAP_START with 48-bit virtual addresses and 4 KiB pages.
+pub const VMEMMAP_BASE: u64 = 0xffff_fdff_c000_0000;
+pub const IDENTITY_IS_LINEAR_MAP: bool = false;
+pub const SEPARATE_IDENTITY_ROOT: bool = true;
+
+pub type Format = Vmsav8Descriptors;
+
+/// VMSAv8-64 stage 1 descriptors, 4 KiB granule, 4 levels (Arm ARM D8.3).
+pub enum Vmsav8Descriptors {}
+
+const VALID: u64 = 1 << 0;
+/// At levels 0-2: a table, not a block. At level 3: required for a page.
+const TABLE_OR_PAGE: u64 = 1 << 1;
+/// AttrIndx: MAIR_EL1 attribute 0 is Device-nGnRnE, attribute 1 Normal WB.
+const ATTR_NORMAL: u64 = 1 << 2;
+const READ_ONLY: u64 = 1 << 7;
+const INNER_SHAREABLE: u64 = 3 << 8;
+const ACCESS_FLAG: u64 = 1 << 10;
+const PRIVILEGED_NO_EXECUTE: u64 = 1 << 53;
+const UNPRIVILEGED_NO_EXECUTE: u64 = 1 << 54;
+const OUTPUT_ADDRESS: u64 = 0x0000_ffff_ffff_f000;
+const ATTR_INDEX: u64 = 7 << 2;
+
+impl PageTableFormat for Vmsav8Descriptors {
+    const LEVELS: usize = 4;
+    const SHIFTS: [u32; 4] = [39, 30, 21, 12];
+    const INDEX_BITS: [u32; 4] = [9, 9, 9, 9];
+
+    fn leaf_allowed(level: usize) -> bool {
+        // Level 0 blocks need 52-bit output addresses.
+        level >= 1
+    }
+
+    fn decode(raw: u64, level: usize) -> Entry {
+        if raw & VALID == 0 {
+            return Entry::Empty;
+        }
+        let is_table = level < 3 && raw & TABLE_OR_PAGE != 0;
+        if is_table {
+            return Entry::Table(PhysAddr(raw & OUTPUT_ADDRESS));
+        }
+        if (level == 3 && raw & TABLE_OR_PAGE == 0) || level == 0 {
+            // Reserved encodings: the MMU faults on them like on an empty entry.
+            return Entry::Empty;
+        }
+        let size_mask = (1u64 << Self::SHIFTS[level]) - 1;
+        Entry::Leaf {
+            pa: PhysAddr(raw & OUTPUT_ADDRESS & !size_mask),
+            prot: Prot {
+                write: raw & READ_ONLY == 0,
+                exec: raw & PRIVILEGED_NO_EXECUTE == 0,
+                device: raw & ATTR_INDEX == 0,
+            },
+        }
+    }
+
+    fn encode_table(pa: PhysAddr, _level: usize) -> u64 {
+        pa.0 | VALID | TABLE_OR_PAGE
+    }
+
+    fn encode_leaf(pa: PhysAddr, level: usize, prot: Prot) -> u64 {
+        // The access flag is preset, as Linux does, so no access fault happens
+        // and nothing is written back into the tables.
+        let mut raw = pa.0 | VALID | ACCESS_FLAG | UNPRIVILEGED_NO_EXECUTE;
+        if level == 3 {
+            raw |= TABLE_OR_PAGE;
+        }
+        if !prot.device {
+            raw |= ATTR_NORMAL | INNER_SHAREABLE;
+        }
+        if !prot.write {
+            raw |= READ_ONLY;
+        }
+        if !prot.exec {
+            raw |= PRIVILEGED_NO_EXECUTE;
+        }
+        raw
+    }
+}
+
+/// MAIR_EL1: attribute 0 Device-nGnRnE (0x00), attribute 1 Normal write-back (0xff).
+const MAIR: u64 = 0xff << 8;
+
+pub fn enable_mmu(tables: &Tables) {
+    let identity = tables.identity.as_ref().map(|t| t.root()).unwrap_or(tables.kernel.root());
+    let pa_range: u64;
+    // SAFETY: reading an ID register.
+    unsafe { core::arch::asm!("mrs {}, id_aa64mmfr0_el1", out(reg) pa_range, options(nomem, nostack)) };
+    const T0SZ_48: u64 = 16;
+    const T1SZ_48: u64 = 16 << 16;
+    const WALKS_CACHED_SHARED_0: u64 = (1 << 8) | (1 << 10) | (3 << 12); // IRGN0, ORGN0 WB; SH0 inner
+    const WALKS_CACHED_SHARED_1: u64 = (1 << 24) | (1 << 26) | (3 << 28);
+    const TG1_4K: u64 = 2 << 30; // TG0 = 0 is 4 KiB already
+    let tcr = T0SZ_48 | T1SZ_48 | WALKS_CACHED_SHARED_0 | WALKS_CACHED_SHARED_1 | TG1_4K | ((pa_range & 7) << 32);
+    const MMU_ON: u64 = 1 << 0;
+    const DATA_CACHE: u64 = 1 << 2;
+    const INSTRUCTION_CACHE: u64 = 1 << 12;
+    const WRITE_IMPLIES_XN: u64 = 1 << 19;
+    // SAFETY: the identity map covers the firmware, so execution continues at
+    // the next instruction with translation on.
+    unsafe {
+        core::arch::asm!(
+            "msr mair_el1, {mair}",
+            "msr tcr_el1, {tcr}",
+            "msr ttbr0_el1, {ttbr0}",
+            "msr ttbr1_el1, {ttbr1}",
+            "isb",
+            "tlbi vmalle1",
+            "dsb ish",
+            "isb",
+            "mrs {sctlr}, sctlr_el1",
+            "orr {sctlr}, {sctlr}, {on}",
+            "bic {sctlr}, {sctlr}, {wxn}",
+            "msr sctlr_el1, {sctlr}",
+            "isb",
+            mair = in(reg) MAIR,
+            tcr = in(reg) tcr,
+            ttbr0 = in(reg) identity.0,
+            ttbr1 = in(reg) tables.kernel.root().0,
+            on = in(reg) MMU_ON | DATA_CACHE | INSTRUCTION_CACHE,
+            wxn = in(reg) WRITE_IMPLIES_XN,
+            sctlr = out(reg) _,
+            options(nostack),
+        );
+    }
+}
+
+pub fn flush_tlb_va(va: VirtAddr) {
+    // TLBI VAAE1IS takes VA[55:12]; all ASIDs, inner shareable.
+    let operand = (va.0 >> 12) & ((1 << 44) - 1);
+    // SAFETY: invalidating a translation has no other effect.
+    unsafe { core::arch::asm!("dsb ishst", "tlbi vaae1is, {}", "dsb ish", "isb", in(reg) operand, options(nostack)) };
+}
+
+pub fn process_table() -> Option<PhysAddr> {
+    None
+}
+
+#[no_mangle]
+extern "C" fn aarch64_entry() -> ! {
+    let (ram, device_tree) = platform::ram_from_device_tree();
+    let mut reserved = RangeList::new();
+    reserved.push(device_tree);
+    let mut mmio = RangeList::new();
+    mmio.push(platform::DEVICES);
+    crate::main(crate::arch::Platform { ram, reserved, mmio })
+}
