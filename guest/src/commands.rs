@@ -17,15 +17,24 @@ pub fn serve() -> ! {
             Some(Ok(line)) => match parse_request(line) {
                 Err((seq, error)) => reply_err(seq, format_args!("{error}")),
                 Ok(req) => match req.command {
-                    Command::Ping { token } => {
-                        reply_ok(req.seq, format_args!("pong{}{}", if token.is_some() { " " } else { "" }, token.unwrap_or("")))
-                    }
+                    Command::Ping { token } => reply_ok(
+                        req.seq,
+                        format_args!(
+                            "pong{}{}",
+                            if token.is_some() { " " } else { "" },
+                            token.unwrap_or("")
+                        ),
+                    ),
                     Command::Report => {
                         let generation = manifest::bump_generation();
                         reply_ok(req.seq, format_args!("generation={generation}"))
                     }
                     Command::ProbeWrite { va } => {
-                        let outcome = if arch::probe_write(VirtAddr(va)) { "faulted" } else { "written" };
+                        let outcome = if arch::probe_write(VirtAddr(va)) {
+                            "faulted"
+                        } else {
+                            "written"
+                        };
                         reply_ok(req.seq, format_args!("{outcome}"))
                     }
                     Command::Exit { status } => {

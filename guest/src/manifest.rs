@@ -1,6 +1,8 @@
 //! The manifest the host reads from guest memory (layout in `hvo_abi::manifest`).
 
-use hvo_abi::manifest::{GuestState, RawManifest, RawRange, RawRoot, RootKind, MAX_RAM_RANGES, MAX_ROOTS};
+use hvo_abi::manifest::{
+    GuestState, RawManifest, RawRange, RawRoot, RootKind, MAX_RAM_RANGES, MAX_ROOTS,
+};
 
 use crate::arch;
 use crate::mm::boot::Tables;
@@ -13,7 +15,10 @@ use crate::mm::{PageSize, Range, RangeList};
 pub static mut HVO_MANIFEST: RawManifest = RawManifest::booting(arch::ARCH);
 
 fn raw_range(r: Range) -> RawRange {
-    RawRange { start: r.start, size: r.size() }
+    RawRange {
+        start: r.start,
+        size: r.size(),
+    }
 }
 
 /// Fills the manifest in from what the firmware built and marks it ready.
@@ -27,7 +32,11 @@ pub fn publish(tables: &Tables, ram: &RangeList, image: Range) {
     let mut roots = [RawRoot::default(); MAX_ROOTS];
     let mut n = 0;
     let mut add = |kind: RootKind, pa: u64| {
-        roots[n] = RawRoot { kind: kind as u32, _reserved: 0, pa };
+        roots[n] = RawRoot {
+            kind: kind as u32,
+            _reserved: 0,
+            pa,
+        };
         n += 1;
     };
     add(RootKind::Kernel, tables.kernel.root().0);

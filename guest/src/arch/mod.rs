@@ -12,7 +12,6 @@
 //! - `exit(status: u8) -> !`: ends the VM; 0 means success.
 //! - `enable_mmu(&mm::boot::Tables)`: load the roots and turn translation on
 //!   (the identity range stays mapped, so execution carries on).
-//! - `flush_tlb_va(VirtAddr)`.
 //! - `process_table() -> Option<PhysAddr>`: ppc64le's registered process table.
 //! - `probe_write(VirtAddr) -> bool`: read the byte there and write it back;
 //!   true when the write faulted (the trap handler recovers that one store).

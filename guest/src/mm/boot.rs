@@ -33,18 +33,28 @@ fn map_range(
             .into_iter()
             .find(|s| {
                 let b = s.bytes();
-                pa % b == 0 && va % b == 0 && pa + b <= range.end
+                pa.is_multiple_of(b) && va.is_multiple_of(b) && pa + b <= range.end
             })
             .ok_or(MapError::Misaligned)?;
         let result = table.map(frames, VirtAddr(va), PhysAddr(pa), size, prot);
         // 1 GiB leaves are optional in some formats; fall back to smaller ones.
         match result {
             Err(MapError::SizeNotSupported) if size != PageSize::Size4K => {
-                let smaller = if size == PageSize::Size1G { PageSize::Size2M } else { PageSize::Size4K };
+                let smaller = if size == PageSize::Size1G {
+                    PageSize::Size2M
+                } else {
+                    PageSize::Size4K
+                };
                 let mut off = 0;
                 while off < size.bytes() {
                     table
-                        .map(frames, VirtAddr(va + off), PhysAddr(pa + off), smaller, prot)?
+                        .map(
+                            frames,
+                            VirtAddr(va + off),
+                            PhysAddr(pa + off),
+                            smaller,
+                            prot,
+                        )?
                         .ignore();
                     off += smaller.bytes();
                 }
@@ -58,10 +68,18 @@ fn map_range(
 
 pub fn build(frames: &mut FrameAllocator, platform: &Platform) -> Result<Tables, MapError> {
     let mut kernel = Table::new(frames)?;
-    let mut identity = if arch::SEPARATE_IDENTITY_ROOT { Some(Table::new(frames)?) } else { None };
+    let mut identity = if arch::SEPARATE_IDENTITY_ROOT {
+        Some(Table::new(frames)?)
+    } else {
+        None
+    };
     // Where the identity range is the linear map (ppc64le), the firmware's code
     // runs from the linear map and needs execute permission there.
-    let linear_prot = if arch::IDENTITY_IS_LINEAR_MAP { Prot::RWX } else { Prot::RW };
+    let linear_prot = if arch::IDENTITY_IS_LINEAR_MAP {
+        Prot::RWX
+    } else {
+        Prot::RW
+    };
     for r in platform.ram.iter() {
         map_range(&mut kernel, frames, arch::LINEAR_MAP_BASE, r, linear_prot)?;
         if !arch::IDENTITY_IS_LINEAR_MAP {

@@ -7,11 +7,10 @@ use super::{PageSize, PhysAddr, Range, RangeList};
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Purpose {
     PageTable,
-    Vmemmap,
 }
 
 impl Purpose {
-    const COUNT: usize = 2;
+    const COUNT: usize = 1;
     const fn index(self) -> usize {
         self as usize
     }
@@ -26,20 +25,11 @@ pub enum AllocError {
 #[derive(Clone, Copy, Default, Debug)]
 pub struct Counters {
     pub allocated: [u64; Purpose::COUNT],
-    pub freed: [u64; Purpose::COUNT],
-}
-
-impl Counters {
-    pub fn live(&self, purpose: Purpose) -> u64 {
-        self.allocated[purpose.index()] - self.freed[purpose.index()]
-    }
 }
 
 /// Free RAM that has never been handed out, one cursor per range.
 pub struct FrameAllocator {
     free: RangeList,
-    /// Head of a singly linked list threaded through freed 4 KiB frames.
-    recycled: Option<PhysAddr>,
     pub counters: Counters,
 }
 
@@ -54,7 +44,10 @@ impl FrameAllocator {
             let mut start = align_up(r.start, FRAME);
             for res in reserved.iter().filter(|res| res.overlaps(&r)) {
                 if res.start > start {
-                    free.push(Range { start, end: align_down(res.start, FRAME) });
+                    free.push(Range {
+                        start,
+                        end: align_down(res.start, FRAME),
+                    });
                 }
                 start = start.max(align_up(res.end, FRAME));
             }
@@ -63,42 +56,21 @@ impl FrameAllocator {
                 free.push(Range { start, end });
             }
         }
-        FrameAllocator { free, recycled: None, counters: Counters::default() }
-    }
-
-    /// One zeroed frame of `size`, aligned to its size.
-    pub fn alloc(&mut self, size: PageSize, purpose: Purpose) -> Result<PhysAddr, AllocError> {
-        self.alloc_bytes(size.bytes(), purpose)
+        FrameAllocator {
+            free,
+            counters: Counters::default(),
+        }
     }
 
     /// A zeroed block of `bytes` (a power of two, at least 4 KiB), aligned to its
     /// size: page-table roots larger than a page (ppc64le radix) come from here.
     pub fn alloc_bytes(&mut self, bytes: u64, purpose: Purpose) -> Result<PhysAddr, AllocError> {
         debug_assert!(bytes.is_power_of_two() && bytes >= FRAME);
-        let pa = match (bytes, self.recycled) {
-            (FRAME, Some(head)) => {
-                // SAFETY: a recycled frame is ours and identity-mapped; its first
-                // word links to the next one.
-                self.recycled = unsafe { *head.as_mut_ptr::<Option<PhysAddr>>() };
-                head
-            }
-            _ => self.bump(bytes)?,
-        };
+        let pa = self.bump(bytes)?;
         // SAFETY: the frame was free RAM that nothing else references.
         unsafe { core::ptr::write_bytes(pa.as_mut_ptr::<u8>(), 0, bytes as usize) };
         self.counters.allocated[purpose.index()] += bytes / FRAME;
         Ok(pa)
-    }
-
-    /// Takes a block back; it is recycled as 4 KiB frames.
-    pub fn free(&mut self, pa: PhysAddr, bytes: u64, purpose: Purpose) {
-        for i in 0..bytes / FRAME {
-            let frame = pa.add(i * FRAME);
-            // SAFETY: the caller gives the frame back and no longer uses it.
-            unsafe { *frame.as_mut_ptr::<Option<PhysAddr>>() = self.recycled };
-            self.recycled = Some(frame);
-        }
-        self.counters.freed[purpose.index()] += bytes / FRAME;
     }
 
     fn bump(&mut self, bytes: u64) -> Result<PhysAddr, AllocError> {
@@ -110,7 +82,10 @@ impl FrameAllocator {
                 found = Some(PhysAddr(start));
                 // The alignment gap below `start` is given up: it only arises for
                 // large blocks, which come early in boot.
-                next.push(Range { start: start + bytes, end: r.end });
+                next.push(Range {
+                    start: start + bytes,
+                    end: r.end,
+                });
             } else {
                 next.push(r);
             }

@@ -32,9 +32,6 @@ impl PhysAddr {
 }
 
 impl VirtAddr {
-    pub const fn add(self, bytes: u64) -> VirtAddr {
-        VirtAddr(self.0.wrapping_add(bytes))
-    }
     pub const fn is_aligned(self, size: PageSize) -> bool {
         self.0 & (size.bytes() - 1) == 0
     }
@@ -85,7 +82,10 @@ pub struct Range {
 
 impl Range {
     pub const fn new(start: u64, size: u64) -> Range {
-        Range { start, end: start + size }
+        Range {
+            start,
+            end: start + size,
+        }
     }
     pub const fn size(&self) -> u64 {
         self.end - self.start
@@ -109,7 +109,10 @@ pub struct RangeList {
 
 impl RangeList {
     pub const fn new() -> RangeList {
-        RangeList { ranges: [Range { start: 0, end: 0 }; MAX_RANGES], len: 0 }
+        RangeList {
+            ranges: [Range { start: 0, end: 0 }; MAX_RANGES],
+            len: 0,
+        }
     }
 
     /// Adds a range; a platform describing more than we can hold is a boot failure.
@@ -117,7 +120,10 @@ impl RangeList {
         if range.start >= range.end {
             return;
         }
-        assert!(self.len < MAX_RANGES, "more than {MAX_RANGES} memory ranges");
+        assert!(
+            self.len < MAX_RANGES,
+            "more than {MAX_RANGES} memory ranges"
+        );
         self.ranges[self.len] = range;
         self.len += 1;
         self.ranges[..self.len].sort_unstable_by_key(|r| r.start);

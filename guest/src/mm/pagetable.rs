@@ -9,7 +9,6 @@ use core::marker::PhantomData;
 
 use super::frames::{AllocError, FrameAllocator, Purpose};
 use super::{PageSize, PhysAddr, VirtAddr};
-use crate::arch;
 
 /// Protection of a leaf. Kernel-only always: the firmware has no user mode.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -21,10 +20,21 @@ pub struct Prot {
 }
 
 impl Prot {
-    pub const RW: Prot = Prot { write: true, exec: false, device: false };
-    pub const RO: Prot = Prot { write: false, exec: false, device: false };
-    pub const RWX: Prot = Prot { write: true, exec: true, device: false };
-    pub const MMIO: Prot = Prot { write: true, exec: false, device: true };
+    pub const RW: Prot = Prot {
+        write: true,
+        exec: false,
+        device: false,
+    };
+    pub const RWX: Prot = Prot {
+        write: true,
+        exec: true,
+        device: false,
+    };
+    pub const MMIO: Prot = Prot {
+        write: true,
+        exec: false,
+        device: true,
+    };
 }
 
 /// A decoded entry.
@@ -64,15 +74,13 @@ pub trait Format {
     }
 }
 
-/// A TLB invalidation owed after a page-table change.
+/// A TLB invalidation owed after a page-table change. Boot mappings are made
+/// before the MMU uses the table, so they `ignore()` it; changes to live
+/// tables (vmemmap optimization) must flush.
 #[must_use = "a page-table change is not visible until its TLB entry is flushed"]
-pub struct Flush(VirtAddr);
+pub struct Flush;
 
 impl Flush {
-    pub fn flush(self) {
-        arch::flush_tlb_va(self.0);
-    }
-
     /// For changes made before the MMU uses this table, where no TLB entry can exist.
     pub fn ignore(self) {}
 }
@@ -84,7 +92,6 @@ pub enum MapError {
     Misaligned,
     /// Something is mapped there already.
     AlreadyMapped,
-    NotMapped,
     /// A leaf of this size cannot be placed on this architecture.
     SizeNotSupported,
 }
@@ -95,22 +102,10 @@ impl From<AllocError> for MapError {
     }
 }
 
-/// What a virtual address translates to.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct Translation {
-    pub pa: PhysAddr,
-    pub size: PageSize,
-    pub prot: Prot,
-}
-
 /// One page-table tree.
 pub struct PageTable<F: Format> {
     root: PhysAddr,
     _format: PhantomData<F>,
-}
-
-fn level_size<F: Format>(level: usize) -> Option<PageSize> {
-    PageSize::DESCENDING.into_iter().find(|s| s.shift() == F::SHIFTS[level])
 }
 
 fn leaf_level<F: Format>(size: PageSize) -> Option<usize> {
@@ -120,7 +115,10 @@ fn leaf_level<F: Format>(size: PageSize) -> Option<usize> {
 impl<F: Format> PageTable<F> {
     pub fn new(frames: &mut FrameAllocator) -> Result<Self, AllocError> {
         let root = frames.alloc_bytes(F::table_bytes(0), Purpose::PageTable)?;
-        Ok(PageTable { root, _format: PhantomData })
+        Ok(PageTable {
+            root,
+            _format: PhantomData,
+        })
     }
 
     pub fn root(&self) -> PhysAddr {
@@ -155,20 +153,6 @@ impl<F: Format> PageTable<F> {
         Ok(Self::slot(table, level, va))
     }
 
-    /// The slot holding the leaf for `va`, and its level.
-    fn find_leaf(&self, va: VirtAddr) -> Option<(*mut u64, usize)> {
-        let mut table = self.root;
-        for l in 0..F::LEVELS {
-            let slot = Self::slot(table, l, va);
-            match F::decode(F::load(slot), l) {
-                Entry::Empty => return None,
-                Entry::Leaf { .. } => return Some((slot, l)),
-                Entry::Table(next) => table = next,
-            }
-        }
-        None
-    }
-
     pub fn map(
         &mut self,
         frames: &mut FrameAllocator,
@@ -186,36 +170,6 @@ impl<F: Format> PageTable<F> {
             return Err(MapError::AlreadyMapped);
         }
         F::store(slot, F::encode_leaf(pa, level, prot));
-        Ok(Flush(va))
-    }
-
-    pub fn translate(&self, va: VirtAddr) -> Option<Translation> {
-        let (slot, level) = self.find_leaf(va)?;
-        let Entry::Leaf { pa, prot } = F::decode(F::load(slot), level) else { return None };
-        let size = level_size::<F>(level)?;
-        let offset = va.0 & (size.bytes() - 1);
-        Some(Translation { pa: pa.add(offset), size, prot })
-    }
-
-    /// Removes the leaf mapping `va`; returns the frame it mapped and its size.
-    pub fn unmap(&mut self, va: VirtAddr) -> Result<(PhysAddr, PageSize, Flush), MapError> {
-        let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
-        let Entry::Leaf { pa, .. } = F::decode(F::load(slot), level) else {
-            return Err(MapError::NotMapped);
-        };
-        let size = level_size::<F>(level).ok_or(MapError::SizeNotSupported)?;
-        F::store(slot, 0);
-        Ok((pa, size, Flush(VirtAddr(va.0 & !(size.bytes() - 1)))))
-    }
-
-    /// Changes the protection of the leaf mapping `va`.
-    pub fn protect(&mut self, va: VirtAddr, prot: Prot) -> Result<Flush, MapError> {
-        let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
-        let Entry::Leaf { pa, .. } = F::decode(F::load(slot), level) else {
-            return Err(MapError::NotMapped);
-        };
-        F::store(slot, F::encode_leaf(pa, level, prot));
-        let size = level_size::<F>(level).ok_or(MapError::SizeNotSupported)?;
-        Ok(Flush(VirtAddr(va.0 & !(size.bytes() - 1))))
+        Ok(Flush)
     }
 }

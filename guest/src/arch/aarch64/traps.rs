@@ -116,7 +116,12 @@ const SYNC_CURRENT_EL: u64 = 4;
 const EC_DATA_ABORT_SAME_EL: u64 = 0x25;
 
 const VECTOR_NAMES: [&str; 4] = ["synchronous", "IRQ", "FIQ", "SError"];
-const VECTOR_ORIGINS: [&str; 4] = ["current EL, SP_EL0", "current EL, SP_ELx", "lower EL, AArch64", "lower EL, AArch32"];
+const VECTOR_ORIGINS: [&str; 4] = [
+    "current EL, SP_EL0",
+    "current EL, SP_ELx",
+    "lower EL, AArch64",
+    "lower EL, AArch32",
+];
 
 pub fn probe_write(va: VirtAddr) -> bool {
     // SAFETY: the probe reads the byte and writes the same value back; a fault
@@ -127,7 +132,9 @@ pub fn probe_write(va: VirtAddr) -> bool {
 fn esr_far() -> (u64, u64) {
     let (esr, far): (u64, u64);
     // SAFETY: reading syndrome registers has no side effects.
-    unsafe { core::arch::asm!("mrs {}, esr_el1", "mrs {}, far_el1", out(reg) esr, out(reg) far, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("mrs {}, esr_el1", "mrs {}, far_el1", out(reg) esr, out(reg) far, options(nomem, nostack))
+    };
     (esr, far)
 }
 
@@ -143,14 +150,23 @@ extern "C" fn aarch64_exception(frame: &mut ExceptionFrame, kind: u64) {
     }
     let name = VECTOR_NAMES[(kind % 4) as usize];
     let origin = VECTOR_ORIGINS[(kind / 4 % 4) as usize];
-    crate::crash(format_args!("{name} exception from {origin}: ESR {esr:#x} (class {class:#x}) FAR {far:#x}"), &|c| {
-        let _ = writeln!(c, "elr={:#018x} spsr={:#x} esr={esr:#x} far={far:#x}", frame.elr, frame.spsr);
-        for (i, pair) in frame.x.chunks(4).enumerate() {
-            let _ = write!(c, "x{:<2}", i * 4);
-            for v in pair {
-                let _ = write!(c, " {v:#018x}");
+    crate::crash(
+        format_args!(
+            "{name} exception from {origin}: ESR {esr:#x} (class {class:#x}) FAR {far:#x}"
+        ),
+        &|c| {
+            let _ = writeln!(
+                c,
+                "elr={:#018x} spsr={:#x} esr={esr:#x} far={far:#x}",
+                frame.elr, frame.spsr
+            );
+            for (i, pair) in frame.x.chunks(4).enumerate() {
+                let _ = write!(c, "x{:<2}", i * 4);
+                for v in pair {
+                    let _ = write!(c, " {v:#018x}");
+                }
+                let _ = writeln!(c);
             }
-            let _ = writeln!(c);
-        }
-    })
+        },
+    )
 }

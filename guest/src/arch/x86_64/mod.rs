@@ -5,7 +5,7 @@ mod platform;
 mod traps;
 
 use crate::mm::pagetable::{Entry, Format as PageTableFormat, Prot};
-use crate::mm::{boot::Tables, PhysAddr, RangeList, VirtAddr};
+use crate::mm::{boot::Tables, PhysAddr, RangeList};
 
 pub use platform::{console_read, console_write, exit};
 pub use traps::probe_write;
@@ -55,7 +55,11 @@ impl PageTableFormat for X86PageTables {
         let size_mask = (1u64 << Self::SHIFTS[level]) - 1;
         Entry::Leaf {
             pa: PhysAddr(raw & ADDRESS & !size_mask),
-            prot: Prot { write: raw & WRITABLE != 0, exec: raw & NO_EXECUTE == 0, device: raw & CACHE_DISABLE != 0 },
+            prot: Prot {
+                write: raw & WRITABLE != 0,
+                exec: raw & NO_EXECUTE == 0,
+                device: raw & CACHE_DISABLE != 0,
+            },
         }
     }
 
@@ -93,11 +97,6 @@ pub fn enable_mmu(tables: &Tables) {
     }
 }
 
-pub fn flush_tlb_va(va: VirtAddr) {
-    // SAFETY: invalidating a translation has no other effect.
-    unsafe { core::arch::asm!("invlpg [{}]", in(reg) va.0, options(nostack, preserves_flags)) };
-}
-
 pub fn process_table() -> Option<PhysAddr> {
     None
 }
@@ -107,5 +106,9 @@ extern "C" fn x86_64_entry(start_info: u32) -> ! {
     platform::serial_init();
     traps::install();
     let ram = platform::ram_from_start_info(start_info);
-    crate::main(crate::arch::Platform { ram, reserved: RangeList::new(), mmio: RangeList::new() })
+    crate::main(crate::arch::Platform {
+        ram,
+        reserved: RangeList::new(),
+        mmio: RangeList::new(),
+    })
 }
