@@ -5,6 +5,7 @@ pub mod addr;
 pub mod console;
 pub mod image;
 pub mod memory;
+pub mod pgtable;
 pub mod qemu;
 pub mod qmp;
 pub mod report;

@@ -19,6 +19,7 @@ use crate::addr::{PhysAddr, VirtAddr};
 use crate::console::{Console, ConsoleError};
 use crate::image::GuestImage;
 use crate::memory::{GuestMemory, MappedMemory};
+use crate::pgtable;
 use crate::qemu::{QemuCommand, QemuProcess, RunPaths};
 use crate::qmp::Qmp;
 use crate::report::{Check, CheckStatus, ScenarioResult, Status};
@@ -561,8 +562,8 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// QEMU's own MMU must translate the linear map and the identity map the
-    /// way the manifest says the guest built them.
+    /// The host's own walker and QEMU's MMU must both translate the linear map
+    /// and the identity map the way the manifest says the guest built them.
     async fn check_translations(&mut self, manifest: &Manifest) -> Result<(), Abort> {
         let Some(qmp) = self.qmp.as_ref() else {
             return Err(Abort::Infra("no QMP".into()));
@@ -574,6 +575,7 @@ impl Run<'_> {
             samples.push(PhysAddr(r.end() - 8));
         }
         let mut wrong = Vec::new();
+        let mut compared = 0;
         for pa in &samples {
             for (what, va) in [
                 (
@@ -582,18 +584,28 @@ impl Run<'_> {
                 ),
                 ("identity map", VirtAddr(pa.0)),
             ] {
-                match qmp.gva2gpa(va).await {
-                    Ok(Some(got)) if got == *pa => {}
-                    Ok(Some(got)) => wrong.push(format!("{what} {va} -> {got}, expected {pa}")),
-                    Ok(None) => wrong.push(format!("{what} {va} unmapped, expected {pa}")),
-                    Err(e) => return Err(Abort::Infra(e.to_string())),
+                let by_qemu = qmp
+                    .gva2gpa(va)
+                    .await
+                    .map_err(|e| Abort::Infra(e.to_string()))?;
+                let by_host = pgtable::walker_for(self.arch, &self.memory, manifest, va)
+                    .and_then(|w| w.translate(&self.memory, va))
+                    .map(|leaf| leaf.map(|l| l.translate(va)));
+                match by_host {
+                    Err(e) => wrong.push(format!("{what} {va}: host walker: {e}")),
+                    Ok(host) if host != Some(*pa) || by_qemu != Some(*pa) => wrong.push(format!(
+                        "{what} {va}: expected {pa}, host walker {}, QEMU {}",
+                        show(host),
+                        show(by_qemu)
+                    )),
+                    Ok(_) => compared += 1,
                 }
             }
         }
         self.checks.push(if wrong.is_empty() {
             Check::pass(
                 "translation-agrees",
-                format!("QEMU's MMU agrees on {} addresses", samples.len() * 2),
+                format!("host walker and QEMU's MMU agree on {compared} addresses"),
             )
         } else {
             Check::fail("translation-agrees", wrong.join("; "))
@@ -721,6 +733,11 @@ fn describe_exit(status: Option<ExitStatus>) -> String {
             _ => "unknown status".into(),
         },
     }
+}
+
+fn show(pa: Option<PhysAddr>) -> String {
+    pa.map(|p| p.to_string())
+        .unwrap_or_else(|| "unmapped".into())
 }
 
 fn stderr_note(stderr: &str) -> String {

@@ -1,0 +1,341 @@
+//! The host's page-table walkers: one per architecture, written from the
+//! architecture manuals, sharing no code with the guest. They read the tables
+//! through [`GuestMemory`], so they are tested on hand-built tables.
+//!
+//! Each architecture describes how it decodes one entry at one level; the
+//! traversal and the accumulation of permissions through the levels are here.
+
+mod aarch64;
+mod ppc64;
+mod x86_64;
+
+use std::fmt;
+
+use hvo_abi::manifest::{Manifest, RootKind};
+use hvo_images::Arch;
+
+use crate::addr::{PhysAddr, VirtAddr};
+use crate::memory::{GuestMemory, MemoryError};
+
+pub use aarch64::Aarch64;
+pub use ppc64::Radix;
+pub use x86_64::X86_64;
+
+/// Effective permissions of a translation: what every level allows together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Perms {
+    pub write: bool,
+    pub exec: bool,
+}
+
+/// One decoded entry, as an architecture reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// Not valid: translation faults here.
+    Invalid,
+    /// A next-level table of `2^index_bits` entries, and what this level
+    /// allows everything below it.
+    Table {
+        pa: PhysAddr,
+        index_bits: u32,
+        allows: Perms,
+    },
+    /// A leaf mapping `2^shift` bytes.
+    Leaf { pa: PhysAddr, perms: Perms },
+}
+
+/// A leaf the walker reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leaf {
+    /// First virtual address the leaf maps.
+    pub va: VirtAddr,
+    /// Physical address it maps to.
+    pub pa: PhysAddr,
+    /// log2 of the bytes it maps.
+    pub shift: u32,
+    /// Effective permissions through every level.
+    pub perms: Perms,
+    /// Level of the leaf (0 is the root).
+    pub level: usize,
+    /// Where the leaf entry lives, and its raw value (in the MMU's byte order).
+    pub entry_pa: PhysAddr,
+    pub raw: u64,
+}
+
+impl Leaf {
+    pub fn size(&self) -> u64 {
+        1 << self.shift
+    }
+
+    /// The physical address `va` (inside this leaf) translates to.
+    pub fn translate(&self, va: VirtAddr) -> PhysAddr {
+        PhysAddr(self.pa.0 + (va.0 - self.va.0))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WalkError {
+    #[error("reading a page table: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("{va} is outside the address space this root translates")]
+    OutOfRange { va: VirtAddr },
+    #[error("the manifest publishes no {0:?} root")]
+    NoRoot(RootKind),
+    #[error("{0}")]
+    BadRoot(String),
+}
+
+/// One architecture's page-table format, from its manual.
+pub trait Format: Send + Sync {
+    /// log2 of the entries of the root table.
+    fn root_index_bits(&self) -> u32;
+    /// The lowest virtual-address bit the given level indexes.
+    fn shift(&self, level: usize) -> u32;
+    /// Decodes the raw entry at `level`.
+    fn decode(&self, raw: u64, level: usize) -> Decoded;
+    /// Entries are big-endian in memory (ppc64 radix) rather than little-endian.
+    fn big_endian(&self) -> bool {
+        false
+    }
+    /// Which bits of the virtual address the tables translate; the rest must
+    /// be a sign extension (x86, arm64) or select a quadrant (ppc64).
+    fn va_bits(&self) -> u32;
+}
+
+/// A walker: a format and a root.
+pub struct Walker<'a> {
+    format: &'a dyn Format,
+    root: PhysAddr,
+    root_index_bits: u32,
+}
+
+impl fmt::Debug for Walker<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Walker(root {})", self.root)
+    }
+}
+
+const ALL: Perms = Perms {
+    write: true,
+    exec: true,
+};
+
+impl<'a> Walker<'a> {
+    pub fn new(format: &'a dyn Format, root: PhysAddr) -> Walker<'a> {
+        Walker {
+            format,
+            root,
+            root_index_bits: format.root_index_bits(),
+        }
+    }
+
+    fn read_table(
+        &self,
+        mem: &dyn GuestMemory,
+        pa: PhysAddr,
+        entries: usize,
+    ) -> Result<Vec<u64>, MemoryError> {
+        let mut bytes = vec![0u8; entries * 8];
+        mem.read(pa, &mut bytes)?;
+        let big = self.format.big_endian();
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|c| {
+                let b: [u8; 8] = c.try_into().unwrap_or_default();
+                if big {
+                    u64::from_be_bytes(b)
+                } else {
+                    u64::from_le_bytes(b)
+                }
+            })
+            .collect())
+    }
+
+    fn index(&self, va: VirtAddr, level: usize, index_bits: u32) -> u64 {
+        (va.0 >> self.format.shift(level)) & ((1 << index_bits) - 1)
+    }
+
+    /// Translates one address; `None` when it is not mapped.
+    pub fn translate(
+        &self,
+        mem: &dyn GuestMemory,
+        va: VirtAddr,
+    ) -> Result<Option<Leaf>, WalkError> {
+        let mut table = self.root;
+        let mut index_bits = self.root_index_bits;
+        let mut allows = ALL;
+        for level in 0.. {
+            let index = self.index(va, level, index_bits);
+            let entry_pa = PhysAddr(table.0 + index * 8);
+            let raw = self.read_table(mem, entry_pa, 1)?[0];
+            match self.format.decode(raw, level) {
+                Decoded::Invalid => return Ok(None),
+                Decoded::Table {
+                    pa,
+                    index_bits: next,
+                    allows: here,
+                } => {
+                    table = pa;
+                    index_bits = next;
+                    allows = Perms {
+                        write: allows.write && here.write,
+                        exec: allows.exec && here.exec,
+                    };
+                }
+                Decoded::Leaf { pa, perms } => {
+                    let shift = self.format.shift(level);
+                    let base = VirtAddr(va.0 & !((1u64 << shift) - 1));
+                    return Ok(Some(Leaf {
+                        va: base,
+                        pa,
+                        shift,
+                        perms: Perms {
+                            write: allows.write && perms.write,
+                            exec: allows.exec && perms.exec,
+                        },
+                        level,
+                        entry_pa,
+                        raw,
+                    }));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every leaf mapping part of `[start, end)`, in address order, reading
+    /// each table once.
+    pub fn leaves(
+        &self,
+        mem: &dyn GuestMemory,
+        start: VirtAddr,
+        end: VirtAddr,
+    ) -> Result<Vec<Leaf>, WalkError> {
+        let mut out = Vec::new();
+        let va_mask = if self.format.va_bits() >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.format.va_bits()) - 1
+        };
+        // The bits above the translated ones are carried into every leaf's VA.
+        let high = start.0 & !va_mask;
+        self.collect(
+            mem,
+            self.root,
+            self.root_index_bits,
+            0,
+            high,
+            start,
+            end,
+            ALL,
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn collect(
+        &self,
+        mem: &dyn GuestMemory,
+        table: PhysAddr,
+        index_bits: u32,
+        level: usize,
+        prefix: u64,
+        start: VirtAddr,
+        end: VirtAddr,
+        allows: Perms,
+        out: &mut Vec<Leaf>,
+    ) -> Result<(), WalkError> {
+        let shift = self.format.shift(level);
+        let span = 1u64 << shift;
+        let entries = self.read_table(mem, table, 1 << index_bits)?;
+        for (i, &raw) in entries.iter().enumerate() {
+            let va = prefix | ((i as u64) << shift);
+            let last = va.wrapping_add(span - 1);
+            if last < start.0 || va >= end.0 {
+                continue;
+            }
+            let entry_pa = PhysAddr(table.0 + i as u64 * 8);
+            match self.format.decode(raw, level) {
+                Decoded::Invalid => {}
+                Decoded::Table {
+                    pa,
+                    index_bits: next,
+                    allows: here,
+                } => {
+                    let allows = Perms {
+                        write: allows.write && here.write,
+                        exec: allows.exec && here.exec,
+                    };
+                    self.collect(mem, pa, next, level + 1, va, start, end, allows, out)?;
+                }
+                Decoded::Leaf { pa, perms } => out.push(Leaf {
+                    va: VirtAddr(va),
+                    pa,
+                    shift,
+                    perms: Perms {
+                        write: allows.write && perms.write,
+                        exec: allows.exec && perms.exec,
+                    },
+                    level,
+                    entry_pa,
+                    raw,
+                }),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The format of an architecture's tables.
+pub fn format(arch: Arch) -> &'static dyn Format {
+    match arch {
+        Arch::X86_64 => &X86_64,
+        Arch::Aarch64 => &Aarch64,
+        Arch::Ppc64le => &Radix::FOUR_K,
+    }
+}
+
+/// The root that translates `va`, from the manifest: arm64 splits the address
+/// space between TTBR0 (low half) and TTBR1 (high half); x86_64 has one root;
+/// ppc64 radix walks one tree for quadrants 0 and 3 with PIDR 0, found through
+/// the registered process table.
+pub fn walker_for<'a>(
+    arch: Arch,
+    mem: &dyn GuestMemory,
+    manifest: &Manifest,
+    va: VirtAddr,
+) -> Result<Walker<'a>, WalkError> {
+    let root = |kind| {
+        manifest
+            .root(kind)
+            .map(|r| PhysAddr(r.pa))
+            .ok_or(WalkError::NoRoot(kind))
+    };
+    match arch {
+        Arch::X86_64 => Ok(Walker::new(&X86_64, root(RootKind::Kernel)?)),
+        Arch::Aarch64 => {
+            let kind = if va.0 >> 63 == 1 {
+                RootKind::Kernel
+            } else {
+                RootKind::Identity
+            };
+            Ok(Walker::new(&Aarch64, root(kind)?))
+        }
+        Arch::Ppc64le => {
+            let (tree, root_bits) = Radix::from_process_table(mem, root(RootKind::ProcessTable)?)?;
+            let published = root(RootKind::Kernel)?;
+            if tree != published {
+                return Err(WalkError::BadRoot(format!(
+                    "process table entry 0 points at {tree}, the manifest says the kernel root is {published}"
+                )));
+            }
+            let mut w = Walker::new(&Radix::FOUR_K, tree);
+            w.root_index_bits = root_bits;
+            Ok(w)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

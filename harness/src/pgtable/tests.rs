@@ -1,0 +1,243 @@
+//! Walkers on hand-built tables: what each manual says, entry by entry.
+
+use super::*;
+use crate::memory::SparseMemory;
+
+fn put(mem: &mut SparseMemory, table: u64, index: u64, raw: u64, big_endian: bool) {
+    let at = PhysAddr(table + index * 8);
+    if big_endian {
+        mem.write_u64_be(at, raw)
+    } else {
+        mem.write_u64_le(at, raw)
+    }
+}
+
+fn idx(va: u64, shift: u32, bits: u32) -> u64 {
+    (va >> shift) & ((1 << bits) - 1)
+}
+
+const RW: Perms = Perms {
+    write: true,
+    exec: false,
+};
+const RO: Perms = Perms {
+    write: false,
+    exec: false,
+};
+
+#[test]
+fn x86_64_walks_4k_2m_and_1g_leaves_and_ands_permissions() {
+    let mut mem = SparseMemory::new();
+    let (pml4, pdpt, pd, pt) = (0x1000, 0x2000, 0x3000, 0x4000);
+    for t in [pml4, pdpt, pd, pt, 0x7000] {
+        mem.write(PhysAddr(t), &[0; 4096]);
+    }
+    let vmemmap = 0xffff_ea00_0000_0000u64;
+    let table = |pa: u64| pa | 0x3; // present, writable
+    put(&mut mem, pml4, idx(vmemmap, 39, 9), table(pdpt), false);
+    put(&mut mem, pdpt, idx(vmemmap, 30, 9), table(pd), false);
+    put(&mut mem, pd, 0, table(pt), false);
+    // A 4 KiB read-only, non-executable page with accessed/dirty preset.
+    put(&mut mem, pt, 0, 0x5000 | 0x1 | 0x60 | 1 << 63, false);
+    // A writable one next to it.
+    put(&mut mem, pt, 1, 0x6000 | 0x3 | 1 << 63, false);
+    // A 2 MiB leaf with PAT (bit 12) set, which is no address bit.
+    put(&mut mem, pd, 1, 0x20_0000 | 0x83 | 1 << 12, false);
+    // A 1 GiB leaf, executable, under a read-only PDPT entry: not writable.
+    let linear = 0xffff_8880_0000_0000u64;
+    let pdpt2 = 0x7000;
+    put(&mut mem, pml4, idx(linear, 39, 9), pdpt2 | 0x1, false);
+    put(
+        &mut mem,
+        pdpt2,
+        idx(linear, 30, 9),
+        0x4000_0000 | 0x83,
+        false,
+    );
+
+    let w = Walker::new(&X86_64, PhysAddr(pml4));
+    let leaf = w
+        .translate(&mem, VirtAddr(vmemmap + 0x10))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (leaf.pa, leaf.shift, leaf.perms, leaf.level),
+        (PhysAddr(0x5000), 12, RO, 3)
+    );
+    assert_eq!(leaf.translate(VirtAddr(vmemmap + 0x10)), PhysAddr(0x5010));
+    assert_eq!(leaf.entry_pa, PhysAddr(pt));
+    let big = w
+        .translate(&mem, VirtAddr(vmemmap + 0x20_0000 + 5))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (big.pa, big.shift, big.perms.write),
+        (PhysAddr(0x20_0000), 21, true)
+    );
+    let giant = w
+        .translate(&mem, VirtAddr(linear + 0x1234))
+        .unwrap()
+        .unwrap();
+    assert_eq!((giant.pa, giant.shift), (PhysAddr(0x4000_0000), 30));
+    assert_eq!(
+        giant.perms,
+        Perms {
+            write: false,
+            exec: true
+        },
+        "the PDPT entry forbids writes"
+    );
+    assert_eq!(
+        w.translate(&mem, VirtAddr(vmemmap + 0x40_0000)).unwrap(),
+        None
+    );
+    assert_eq!(w.translate(&mem, VirtAddr(0x1234)).unwrap(), None);
+
+    let leaves = w
+        .leaves(&mem, VirtAddr(vmemmap), VirtAddr(vmemmap + 0x40_0000))
+        .unwrap();
+    let got: Vec<(u64, u64, u32)> = leaves.iter().map(|l| (l.va.0, l.pa.0, l.shift)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (vmemmap, 0x5000, 12),
+            (vmemmap + 0x1000, 0x6000, 12),
+            (vmemmap + 0x20_0000, 0x20_0000, 21)
+        ]
+    );
+    assert_eq!(leaves[1].perms, RW);
+}
+
+#[test]
+fn aarch64_honours_block_page_encodings_and_table_permissions() {
+    let mut mem = SparseMemory::new();
+    let (l0, l1, l2, l3) = (0x4000_1000u64, 0x4000_2000, 0x4000_3000, 0x4000_4000);
+    for t in [l0, l1, l2, l3, 0x4000_5000] {
+        mem.write(PhysAddr(t), &[0; 4096]);
+    }
+    let va = 0xffff_fd00_0000_0000u64;
+    let table = |pa: u64| pa | 0x3;
+    put(&mut mem, l0, idx(va, 39, 9), table(l1), false);
+    put(&mut mem, l1, idx(va, 30, 9), table(l2), false);
+    put(&mut mem, l2, 0, table(l3), false);
+    let normal_af = 0x1 << 2 | 0x3 << 8 | 1 << 10;
+    // Page: read-only (AP[2]), PXN and UXN.
+    put(
+        &mut mem,
+        l3,
+        0,
+        0x4010_0000 | 0x3 | normal_af | 1 << 7 | 3 << 53,
+        false,
+    );
+    // Level 3 with bit 1 clear is reserved: a fault, not a mapping.
+    put(&mut mem, l3, 1, 0x4010_1000 | 0x1 | normal_af, false);
+    // 2 MiB block, writable and executable, under an APTable no-write table.
+    let l2b = 0x4000_5000u64;
+    put(&mut mem, l1, idx(va, 30, 9) + 1, l2b | 0x3 | 1 << 62, false);
+    put(&mut mem, l2b, 0, 0x4020_0000 | 0x1 | normal_af, false);
+
+    let w = Walker::new(&Aarch64, PhysAddr(l0));
+    let page = w.translate(&mem, VirtAddr(va + 8)).unwrap().unwrap();
+    assert_eq!(
+        (page.pa, page.shift, page.perms),
+        (PhysAddr(0x4010_0000), 12, RO)
+    );
+    assert_eq!(w.translate(&mem, VirtAddr(va + 0x1000)).unwrap(), None);
+    let block = w
+        .translate(&mem, VirtAddr(va + (1 << 30) + 0x123))
+        .unwrap()
+        .unwrap();
+    assert_eq!((block.pa, block.shift), (PhysAddr(0x4020_0000), 21));
+    assert_eq!(
+        block.perms,
+        Perms {
+            write: false,
+            exec: true
+        },
+        "APTable[1] removes write"
+    );
+
+    let leaves = w
+        .leaves(&mem, VirtAddr(va), VirtAddr(va + (2 << 30)))
+        .unwrap();
+    assert_eq!(
+        leaves.iter().map(|l| l.va.0).collect::<Vec<_>>(),
+        vec![va, va + (1 << 30)]
+    );
+}
+
+#[test]
+fn ppc64_radix_reads_big_endian_entries_through_the_process_table() {
+    let mut mem = SparseMemory::new();
+    let (prtb, root, l1, l2, l3) = (0x10000u64, 0x20000u64, 0x30000, 0x31000, 0x32000);
+    // Tables exist whole in real memory; the walker reads them whole.
+    mem.write(PhysAddr(root), &[0; 0x10000]);
+    for t in [l1, l2, l3, 0x33000] {
+        mem.write(PhysAddr(t), &[0; 4096]);
+    }
+    // Process table entry 0: RTS 52 bits, 13-bit root.
+    mem.write_u64_be(PhysAddr(prtb), 2 << 61 | root | 5 << 5 | 13);
+    let va = 0xc00c_0000_0000_0000u64;
+    let dir = |pa: u64| 1 << 63 | pa | 9;
+    put(&mut mem, root, idx(va, 39, 13), dir(l1), true);
+    put(&mut mem, l1, idx(va, 30, 9), dir(l2), true);
+    put(&mut mem, l2, 0, dir(l3), true);
+    let leaf_bits = 1u64 << 63 | 1 << 62 | 0x8 | 0x4;
+    // Read-only page with R and C written back by TCG: still the same mapping.
+    put(&mut mem, l3, 0, leaf_bits | 0x5000 | 0x180, true);
+    put(&mut mem, l3, 1, leaf_bits | 0x6000 | 0x2, true);
+    // Last level without L: QEMU faults.
+    put(&mut mem, l3, 2, 1 << 63 | 0x7000 | 0x6, true);
+    // The linear map's 1 GiB leaf, executable.
+    put(&mut mem, root, 0, dir(0x33000), true);
+    put(&mut mem, 0x33000, 0, leaf_bits | 0x2 | 0x1, true);
+
+    let (tree, bits) = Radix::from_process_table(&mem, PhysAddr(prtb)).unwrap();
+    assert_eq!((tree, bits), (PhysAddr(root), 13));
+    let w = Walker::new(&Radix::FOUR_K, tree);
+    let page = w.translate(&mem, VirtAddr(va + 0x10)).unwrap().unwrap();
+    assert_eq!(
+        (page.pa, page.shift, page.perms),
+        (PhysAddr(0x5000), 12, RO)
+    );
+    assert_eq!(w.translate(&mem, VirtAddr(va + 0x2000)).unwrap(), None);
+    for linear in [0xc000_0000_0000_1000u64, 0x1000] {
+        let l = w.translate(&mem, VirtAddr(linear)).unwrap().unwrap();
+        assert_eq!(
+            (l.pa, l.shift, l.perms),
+            (
+                PhysAddr(0),
+                30,
+                Perms {
+                    write: true,
+                    exec: true
+                }
+            ),
+            "{linear:#x}"
+        );
+    }
+    let leaves = w.leaves(&mem, VirtAddr(va), VirtAddr(va + 0x4000)).unwrap();
+    assert_eq!(
+        leaves
+            .iter()
+            .map(|l| (l.va.0, l.pa.0, l.perms.write))
+            .collect::<Vec<_>>(),
+        vec![(va, 0x5000, false), (va + 0x1000, 0x6000, true)]
+    );
+
+    mem.write_u64_be(PhysAddr(prtb), 2 << 61 | root | 5 << 5 | 9);
+    assert!(matches!(
+        Radix::from_process_table(&mem, PhysAddr(prtb)),
+        Err(WalkError::BadRoot(_))
+    ));
+}
+
+#[test]
+fn unreadable_tables_are_errors_not_unmapped() {
+    let mem = SparseMemory::new();
+    let w = Walker::new(&X86_64, PhysAddr(0x1000));
+    assert!(matches!(
+        w.translate(&mem, VirtAddr(0)),
+        Err(WalkError::Memory(_))
+    ));
+}
