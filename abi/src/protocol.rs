@@ -142,13 +142,17 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
             Command::Exit { status }
         }
         "probe-write" => {
-            let va = words
-                .next()
-                .ok_or(fail(RequestError::MissingArgument { verb: "probe-write", what: "address" }))?;
+            let va = words.next().ok_or(fail(RequestError::MissingArgument {
+                verb: "probe-write",
+                what: "address",
+            }))?;
             let va = va
                 .strip_prefix("0x")
                 .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-                .ok_or(fail(RequestError::BadArgument { verb: "probe-write", what: "address (0x...)" }))?;
+                .ok_or(fail(RequestError::BadArgument {
+                    verb: "probe-write",
+                    what: "address (0x...)",
+                }))?;
             Command::ProbeWrite { va }
         }
         other => return Err(fail(RequestError::UnknownVerb(other))),
