@@ -21,7 +21,10 @@ extern "C" {
 
 fn image_range() -> Range {
     // Only the addresses of the linker symbols are taken.
-    let (start, end) = (core::ptr::addr_of!(__image_start) as u64, core::ptr::addr_of!(__image_end) as u64);
+    let (start, end) = (
+        core::ptr::addr_of!(__image_start) as u64,
+        core::ptr::addr_of!(__image_end) as u64,
+    );
     Range { start, end }
 }
 
@@ -37,7 +40,12 @@ pub fn main(platform: arch::Platform) -> ! {
     };
     arch::enable_mmu(&tables);
     manifest::publish(&tables, &platform.ram, image);
-    println!("{} ready abi={} arch={}", hvo_abi::protocol::PREFIX, hvo_abi::manifest::ABI_VERSION, arch::ARCH);
+    println!(
+        "{} ready abi={} arch={}",
+        hvo_abi::protocol::PREFIX,
+        hvo_abi::manifest::ABI_VERSION,
+        arch::ARCH
+    );
     commands::serve()
 }
 
