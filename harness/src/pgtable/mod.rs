@@ -28,6 +28,16 @@ pub struct Perms {
     pub exec: bool,
 }
 
+impl Perms {
+    /// What both allow: permissions narrow from the root down to the leaf.
+    fn and(self, other: Perms) -> Perms {
+        Perms {
+            write: self.write && other.write,
+            exec: self.exec && other.exec,
+        }
+    }
+}
+
 /// One decoded entry, as an architecture reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decoded {
@@ -177,10 +187,7 @@ impl<'a> Walker<'a> {
                 } => {
                     table = pa;
                     index_bits = next;
-                    allows = Perms {
-                        write: allows.write && here.write,
-                        exec: allows.exec && here.exec,
-                    };
+                    allows = allows.and(here);
                 }
                 Decoded::Leaf { pa, perms } => {
                     let shift = self.format.shift(level);
@@ -189,10 +196,7 @@ impl<'a> Walker<'a> {
                         va: base,
                         pa,
                         shift,
-                        perms: Perms {
-                            write: allows.write && perms.write,
-                            exec: allows.exec && perms.exec,
-                        },
+                        perms: allows.and(perms),
                         level,
                         entry_pa,
                         raw,
@@ -263,20 +267,14 @@ impl<'a> Walker<'a> {
                     index_bits: next,
                     allows: here,
                 } => {
-                    let allows = Perms {
-                        write: allows.write && here.write,
-                        exec: allows.exec && here.exec,
-                    };
+                    let allows = allows.and(here);
                     self.collect(mem, pa, next, level + 1, va, start, end, allows, out)?;
                 }
                 Decoded::Leaf { pa, perms } => out.push(Leaf {
                     va: VirtAddr(va),
                     pa,
                     shift,
-                    perms: Perms {
-                        write: allows.write && perms.write,
-                        exec: allows.exec && perms.exec,
-                    },
+                    perms: allows.and(perms),
                     level,
                     entry_pa,
                     raw,
