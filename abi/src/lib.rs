@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod manifest;
+pub mod model;
 pub mod protocol;
 
 /// The architectures a guest can be built for. The discriminant is what the

@@ -7,6 +7,7 @@
 
 use core::mem::{offset_of, size_of};
 
+use crate::model::{Layout, RegionKind, Zone};
 use crate::Arch;
 
 /// The ELF symbol the guest exports its manifest under.
@@ -14,10 +15,12 @@ pub const MANIFEST_SYMBOL: &str = "HVO_MANIFEST";
 /// `b"HVOMANIF"` read as a little-endian u64.
 pub const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"HVOMANIF");
 /// Bumped whenever the layout below changes.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 pub const MAX_ROOTS: usize = 4;
 pub const MAX_RAM_RANGES: usize = 8;
+pub const MAX_REGIONS: usize = 32;
+pub const MAX_SHARED_TAILS: usize = 16;
 
 /// Where the guest is in its life; the host only trusts a `Ready` manifest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +75,57 @@ pub struct RawRange {
     pub size: u64,
 }
 
+/// What the guest counted; the host recounts it from the page tables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Counters {
+    /// 4 KiB vmemmap frames allocated, ever, and freed, ever.
+    pub vmemmap_allocated: u64,
+    pub vmemmap_freed: u64,
+    /// 4 KiB page-table frames allocated and freed (roots included).
+    pub pagetable_allocated: u64,
+    pub pagetable_freed: u64,
+    /// Struct pages memmap init wrote (it skips shared tails).
+    pub struct_pages_initialized: u64,
+}
+
+impl Counters {
+    pub fn vmemmap_live(&self) -> u64 {
+        self.vmemmap_allocated.wrapping_sub(self.vmemmap_freed)
+    }
+    pub fn pagetable_live(&self) -> u64 {
+        self.pagetable_allocated.wrapping_sub(self.pagetable_freed)
+    }
+}
+
+/// A range of compound pages the guest manages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct RawRegion {
+    pub start_pfn: u64,
+    pub nr_pages: u64,
+    pub kind: u32,
+    pub zone: u32,
+    /// Compound order of every page in the region (9: 2 MiB with 4 KiB pages).
+    pub order: u32,
+    pub layout: u32,
+    /// Whether the region's vmemmap is optimized now.
+    pub optimized: u32,
+    /// The id commands name the region by.
+    pub id: u32,
+}
+
+/// A shared tail page: one per (zone, order).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct RawSharedTail {
+    pub pa: u64,
+    pub zone: u32,
+    pub order: u32,
+    /// Compound pages mapping it.
+    pub users: u64,
+}
+
 /// The manifest exactly as it lies in guest memory.
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
@@ -96,6 +150,18 @@ pub struct RawManifest {
     pub ram: [RawRange; MAX_RAM_RANGES],
     /// Bumped by the guest every time it rewrites the manifest.
     pub generation: u64,
+    /// log2 of a memory section (SECTION_SIZE_BITS).
+    pub section_size_bits: u32,
+    pub region_count: u32,
+    /// The struct page of pfn `p` is at `vmemmap_base + (p - memstart_pfn) * 64`.
+    pub memstart_pfn: u64,
+    pub counters: Counters,
+    /// Bug knobs in force (bit per knob), for the report.
+    pub knobs: u64,
+    pub shared_tail_count: u32,
+    pub _reserved: u32,
+    pub regions: [RawRegion; MAX_REGIONS],
+    pub shared_tails: [RawSharedTail; MAX_SHARED_TAILS],
 }
 
 impl RawManifest {
@@ -120,6 +186,35 @@ impl RawManifest {
             }; MAX_ROOTS],
             ram: [RawRange { start: 0, size: 0 }; MAX_RAM_RANGES],
             generation: 0,
+            section_size_bits: 0,
+            region_count: 0,
+            memstart_pfn: 0,
+            counters: Counters {
+                vmemmap_allocated: 0,
+                vmemmap_freed: 0,
+                pagetable_allocated: 0,
+                pagetable_freed: 0,
+                struct_pages_initialized: 0,
+            },
+            knobs: 0,
+            shared_tail_count: 0,
+            _reserved: 0,
+            regions: [RawRegion {
+                start_pfn: 0,
+                nr_pages: 0,
+                kind: 0,
+                zone: 0,
+                order: 0,
+                layout: 0,
+                optimized: 0,
+                id: 0,
+            }; MAX_REGIONS],
+            shared_tails: [RawSharedTail {
+                pa: 0,
+                zone: 0,
+                order: 0,
+                users: 0,
+            }; MAX_SHARED_TAILS],
         }
     }
 }
@@ -145,6 +240,36 @@ impl Range {
     }
 }
 
+/// A decoded region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub id: u32,
+    pub kind: RegionKind,
+    pub start_pfn: u64,
+    pub nr_pages: u64,
+    pub zone: Zone,
+    pub order: u32,
+    pub layout: Layout,
+    pub optimized: bool,
+}
+
+impl Region {
+    /// Head pfns of the region's compound pages.
+    pub fn heads(&self) -> impl Iterator<Item = u64> + '_ {
+        let step = 1u64 << self.order;
+        (0..self.nr_pages / step).map(move |i| self.start_pfn + i * step)
+    }
+}
+
+/// A decoded shared tail page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedTail {
+    pub pa: u64,
+    pub zone: Zone,
+    pub order: u32,
+    pub users: u64,
+}
+
 /// A decoded, validated manifest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Manifest {
@@ -157,6 +282,39 @@ pub struct Manifest {
     pub roots: [Option<Root>; MAX_ROOTS],
     pub ram: [Option<Range>; MAX_RAM_RANGES],
     pub generation: u64,
+    pub section_size_bits: u32,
+    pub memstart_pfn: u64,
+    pub counters: Counters,
+    pub knobs: u64,
+    pub regions: Regions,
+    pub shared_tails: SharedTails,
+}
+
+/// The regions, in a fixed-capacity list (the ABI crate has no heap).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Regions {
+    items: [Option<Region>; MAX_REGIONS],
+}
+
+impl Regions {
+    pub fn iter(&self) -> impl Iterator<Item = &Region> {
+        self.items.iter().flatten()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SharedTails {
+    items: [Option<SharedTail>; MAX_SHARED_TAILS],
+}
+
+impl SharedTails {
+    pub fn iter(&self) -> impl Iterator<Item = &SharedTail> {
+        self.items.iter().flatten()
+    }
+
+    pub fn find(&self, zone: Zone, order: u32) -> Option<&SharedTail> {
+        self.iter().find(|t| t.zone == zone && t.order == order)
+    }
 }
 
 impl Manifest {
@@ -170,6 +328,14 @@ impl Manifest {
 
     pub fn ram(&self) -> impl Iterator<Item = Range> + '_ {
         self.ram.iter().flatten().copied()
+    }
+
+    /// Virtual address of the struct page of `pfn`.
+    pub fn struct_page_va(&self, pfn: u64) -> u64 {
+        self.vmemmap_base.wrapping_add(
+            pfn.wrapping_sub(self.memstart_pfn)
+                .wrapping_mul(crate::model::STRUCT_PAGE_SIZE),
+        )
     }
 }
 
@@ -202,6 +368,16 @@ pub enum ManifestError {
     },
     /// The page size is not a power of two of at least 4 KiB.
     BadPageSize(u64),
+    BadRegion {
+        index: usize,
+        what: &'static str,
+        raw: u32,
+    },
+    BadSharedTail {
+        index: usize,
+        what: &'static str,
+        raw: u32,
+    },
 }
 
 impl core::fmt::Display for ManifestError {
@@ -229,6 +405,12 @@ impl core::fmt::Display for ManifestError {
                 write!(f, "{field}: count {count} exceeds {max}")
             }
             ManifestError::BadPageSize(s) => write!(f, "bad page size {s:#x}"),
+            ManifestError::BadRegion { index, what, raw } => {
+                write!(f, "region {index}: unknown {what} {raw}")
+            }
+            ManifestError::BadSharedTail { index, what, raw } => {
+                write!(f, "shared tail {index}: unknown {what} {raw}")
+            }
         }
     }
 }
@@ -328,6 +510,81 @@ impl Manifest {
             ));
         }
 
+        let region_count = u32_at(offset_of!(RawManifest, region_count));
+        if region_count as usize > MAX_REGIONS {
+            return Err(ManifestError::TooMany {
+                field: "regions",
+                count: region_count,
+                max: MAX_REGIONS,
+            });
+        }
+        let mut regions = Regions::default();
+        for (i, slot) in regions
+            .items
+            .iter_mut()
+            .enumerate()
+            .take(region_count as usize)
+        {
+            let at = offset_of!(RawManifest, regions) + i * size_of::<RawRegion>();
+            let field = |off: usize| u32_at(at + off);
+            let bad = |what, raw| ManifestError::BadRegion {
+                index: i,
+                what,
+                raw,
+            };
+            let kind_raw = field(offset_of!(RawRegion, kind));
+            let zone_raw = field(offset_of!(RawRegion, zone));
+            let layout_raw = field(offset_of!(RawRegion, layout));
+            *slot = Some(Region {
+                id: field(offset_of!(RawRegion, id)),
+                kind: RegionKind::from_raw(kind_raw).ok_or(bad("kind", kind_raw))?,
+                start_pfn: u64_at(at + offset_of!(RawRegion, start_pfn)),
+                nr_pages: u64_at(at + offset_of!(RawRegion, nr_pages)),
+                zone: Zone::from_raw(zone_raw).ok_or(bad("zone", zone_raw))?,
+                order: field(offset_of!(RawRegion, order)),
+                layout: Layout::from_raw(layout_raw).ok_or(bad("layout", layout_raw))?,
+                optimized: field(offset_of!(RawRegion, optimized)) != 0,
+            });
+        }
+
+        let tail_count = u32_at(offset_of!(RawManifest, shared_tail_count));
+        if tail_count as usize > MAX_SHARED_TAILS {
+            return Err(ManifestError::TooMany {
+                field: "shared tails",
+                count: tail_count,
+                max: MAX_SHARED_TAILS,
+            });
+        }
+        let mut shared_tails = SharedTails::default();
+        for (i, slot) in shared_tails
+            .items
+            .iter_mut()
+            .enumerate()
+            .take(tail_count as usize)
+        {
+            let at = offset_of!(RawManifest, shared_tails) + i * size_of::<RawSharedTail>();
+            let zone_raw = u32_at(at + offset_of!(RawSharedTail, zone));
+            *slot = Some(SharedTail {
+                pa: u64_at(at + offset_of!(RawSharedTail, pa)),
+                zone: Zone::from_raw(zone_raw).ok_or(ManifestError::BadSharedTail {
+                    index: i,
+                    what: "zone",
+                    raw: zone_raw,
+                })?,
+                order: u32_at(at + offset_of!(RawSharedTail, order)),
+                users: u64_at(at + offset_of!(RawSharedTail, users)),
+            });
+        }
+
+        let c = offset_of!(RawManifest, counters);
+        let counters = Counters {
+            vmemmap_allocated: u64_at(c + offset_of!(Counters, vmemmap_allocated)),
+            vmemmap_freed: u64_at(c + offset_of!(Counters, vmemmap_freed)),
+            pagetable_allocated: u64_at(c + offset_of!(Counters, pagetable_allocated)),
+            pagetable_freed: u64_at(c + offset_of!(Counters, pagetable_freed)),
+            struct_pages_initialized: u64_at(c + offset_of!(Counters, struct_pages_initialized)),
+        };
+
         Ok(Manifest {
             arch,
             state,
@@ -338,6 +595,12 @@ impl Manifest {
             roots,
             ram,
             generation: u64_at(offset_of!(RawManifest, generation)),
+            section_size_bits: u32_at(offset_of!(RawManifest, section_size_bits)),
+            memstart_pfn: u64_at(offset_of!(RawManifest, memstart_pfn)),
+            counters,
+            knobs: u64_at(offset_of!(RawManifest, knobs)),
+            regions,
+            shared_tails,
         })
     }
 }
@@ -449,6 +712,58 @@ mod tests {
         assert_eq!(
             Manifest::decode(&bytes_of(&raw)),
             Err(ManifestError::BadPageSize(3000))
+        );
+    }
+
+    #[test]
+    fn regions_shared_tails_and_counters_decode() {
+        let mut raw = ready();
+        raw.memstart_pfn = 0x40000;
+        raw.counters.vmemmap_allocated = 1030;
+        raw.counters.vmemmap_freed = 6;
+        raw.region_count = 1;
+        raw.regions[0] = RawRegion {
+            start_pfn: 0x48000,
+            nr_pages: 2048,
+            kind: RegionKind::HugeTlb as u32,
+            zone: Zone::Movable as u32,
+            order: 9,
+            layout: Layout::Unified as u32,
+            optimized: 1,
+            id: 3,
+        };
+        raw.shared_tail_count = 1;
+        raw.shared_tails[0] = RawSharedTail {
+            pa: 0x4100_0000,
+            zone: Zone::Movable as u32,
+            order: 9,
+            users: 4,
+        };
+        let m = Manifest::decode(&bytes_of(&raw)).unwrap();
+        let region = *m.regions.iter().next().unwrap();
+        assert_eq!(
+            (region.zone, region.layout, region.optimized),
+            (Zone::Movable, Layout::Unified, true)
+        );
+        assert_eq!(
+            region.heads().collect::<Vec<_>>(),
+            vec![0x48000, 0x48200, 0x48400, 0x48600]
+        );
+        assert_eq!(
+            m.shared_tails.find(Zone::Movable, 9).map(|t| t.users),
+            Some(4)
+        );
+        assert_eq!(m.counters.vmemmap_live(), 1024);
+        assert_eq!(m.struct_page_va(0x40001), 0xffff_fdff_c000_0040);
+
+        raw.regions[0].layout = 77;
+        assert_eq!(
+            Manifest::decode(&bytes_of(&raw)),
+            Err(ManifestError::BadRegion {
+                index: 0,
+                what: "layout",
+                raw: 77
+            })
         );
     }
 

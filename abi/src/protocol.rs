@@ -14,6 +14,8 @@
 
 use core::fmt;
 
+use crate::model::{Layout, Zone};
+
 pub const PREFIX: &str = "@hvo";
 /// The longest line either side sends, newline excluded.
 pub const MAX_LINE: usize = 480;
@@ -30,6 +32,15 @@ pub enum Command<'a> {
     /// The guest reads the byte at `va` and writes it back; it answers
     /// `ok faulted` if the write faulted and `ok written` if it did not.
     ProbeWrite { va: u64 },
+    /// Allocate `count` HugeTLB folios of `order` in `zone` as one region;
+    /// answered with `ok region=<id>`.
+    HugetlbAlloc { order: u32, count: u64, zone: Zone },
+    /// Restore (if needed) and free a region's folios.
+    HugetlbFree { region: u32 },
+    /// Optimize a region's vmemmap under `layout`.
+    Optimize { region: u32, layout: Layout },
+    /// Give a region's vmemmap pages their own frames again.
+    Restore { region: u32 },
 }
 
 impl Command<'_> {
@@ -39,6 +50,10 @@ impl Command<'_> {
             Command::Report => "report",
             Command::Exit { .. } => "exit",
             Command::ProbeWrite { .. } => "probe-write",
+            Command::HugetlbAlloc { .. } => "hugetlb-alloc",
+            Command::HugetlbFree { .. } => "hugetlb-free",
+            Command::Optimize { .. } => "optimize",
+            Command::Restore { .. } => "restore",
         }
     }
 }
@@ -57,6 +72,11 @@ impl fmt::Display for Request<'_> {
             Command::Ping { token: None } | Command::Report => Ok(()),
             Command::Exit { status } => write!(f, " {status}"),
             Command::ProbeWrite { va } => write!(f, " {va:#x}"),
+            Command::HugetlbAlloc { order, count, zone } => {
+                write!(f, " {order} {count} {}", zone.name())
+            }
+            Command::HugetlbFree { region } | Command::Restore { region } => write!(f, " {region}"),
+            Command::Optimize { region, layout } => write!(f, " {region} {}", layout.name()),
         }
     }
 }
@@ -98,6 +118,18 @@ impl fmt::Display for RequestError<'_> {
 /// A token is printable ASCII without spaces, so replies stay one clean line.
 fn valid_token(t: &str) -> bool {
     !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A decimal argument of at most 32 bits.
+fn number<'a>(
+    word: Option<&str>,
+    verb: &'static str,
+    what: &'static str,
+) -> Result<u64, RequestError<'a>> {
+    let word = word.ok_or(RequestError::MissingArgument { verb, what })?;
+    word.parse::<u32>()
+        .map(u64::from)
+        .map_err(|_| RequestError::BadArgument { verb, what })
 }
 
 /// Parses one command line (without its newline). On error, the sequence number
@@ -154,6 +186,36 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
                     what: "address (0x...)",
                 }))?;
             Command::ProbeWrite { va }
+        }
+        "hugetlb-alloc" => {
+            let verb = "hugetlb-alloc";
+            let order = number(words.next(), verb, "order").map_err(fail)?;
+            let count = number(words.next(), verb, "count").map_err(fail)?;
+            let zone = words
+                .next()
+                .and_then(Zone::from_name)
+                .ok_or(fail(RequestError::BadArgument { verb, what: "zone" }))?;
+            Command::HugetlbAlloc {
+                order: order as u32,
+                count,
+                zone,
+            }
+        }
+        "hugetlb-free" => Command::HugetlbFree {
+            region: number(words.next(), "hugetlb-free", "region").map_err(fail)? as u32,
+        },
+        "restore" => Command::Restore {
+            region: number(words.next(), "restore", "region").map_err(fail)? as u32,
+        },
+        "optimize" => {
+            let region = number(words.next(), "optimize", "region").map_err(fail)? as u32;
+            let layout = words.next().and_then(Layout::from_name).ok_or(fail(
+                RequestError::BadArgument {
+                    verb: "optimize",
+                    what: "layout",
+                },
+            ))?;
+            Command::Optimize { region, layout }
         }
         other => return Err(fail(RequestError::UnknownVerb(other))),
     };

@@ -4,10 +4,11 @@ use hvo_abi::protocol::{parse_request, write_reply_head, Command};
 
 use crate::console::{Console, LineError, LineReader};
 use crate::mm::VirtAddr;
-use crate::{arch, manifest};
+use crate::vmemmap::VmemmapError;
+use crate::{arch, manifest, Kernel};
 
 /// Answers commands until told to exit.
-pub fn serve() -> ! {
+pub fn serve(kernel: &mut Kernel) -> ! {
     let mut reader = LineReader::new();
     loop {
         match reader.poll() {
@@ -26,8 +27,51 @@ pub fn serve() -> ! {
                         ),
                     ),
                     Command::Report => {
-                        let generation = manifest::bump_generation();
+                        let generation = manifest::publish(kernel);
                         reply_ok(req.seq, format_args!("generation={generation}"))
+                    }
+                    Command::HugetlbAlloc { order, count, zone } => {
+                        let done =
+                            kernel
+                                .vmemmap
+                                .hugetlb_alloc(&mut kernel.frames, order, count, zone);
+                        changed(kernel, req.seq, done.map(|id| id as u64), "region")
+                    }
+                    Command::HugetlbFree { region } => {
+                        let k = &mut *kernel;
+                        let done = k.vmemmap.hugetlb_free(
+                            &mut k.tables.kernel,
+                            &mut k.frames,
+                            region as usize,
+                        );
+                        changed(kernel, req.seq, done.map(|()| u64::from(region)), "freed")
+                    }
+                    Command::Optimize { region, layout } => {
+                        let k = &mut *kernel;
+                        let done = k.vmemmap.optimize(
+                            &mut k.tables.kernel,
+                            &mut k.frames,
+                            region as usize,
+                            layout,
+                        );
+                        changed(
+                            kernel,
+                            req.seq,
+                            done.map(|()| u64::from(region)),
+                            "optimized",
+                        )
+                    }
+                    Command::Restore { region } => {
+                        let k = &mut *kernel;
+                        let done =
+                            k.vmemmap
+                                .restore(&mut k.tables.kernel, &mut k.frames, region as usize);
+                        changed(
+                            kernel,
+                            req.seq,
+                            done.map(|()| u64::from(region)),
+                            "restored",
+                        )
                     }
                     Command::ProbeWrite { va } => {
                         let outcome = if arch::probe_write(VirtAddr(va)) {
@@ -44,6 +88,16 @@ pub fn serve() -> ! {
                 },
             },
         }
+    }
+}
+
+/// Republishes the manifest after a change (also after a failed one, whose
+/// partial effects the host must see) and answers `ok <what>=<value>`.
+fn changed(kernel: &Kernel, seq: u64, done: Result<u64, VmemmapError>, what: &str) {
+    let generation = manifest::publish(kernel);
+    match done {
+        Ok(value) => reply_ok(seq, format_args!("{what}={value} generation={generation}")),
+        Err(e) => reply_err(Some(seq), format_args!("{e:?}")),
     }
 }
 

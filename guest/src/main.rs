@@ -9,9 +9,12 @@ mod commands;
 mod console;
 mod manifest;
 mod mm;
+mod vmemmap;
 
+use mm::boot::Tables;
 use mm::frames::FrameAllocator;
-use mm::Range;
+use mm::{Range, RangeList};
+use vmemmap::Vmemmap;
 
 extern "C" {
     // Defined by every linker script in images/.
@@ -28,25 +31,46 @@ fn image_range() -> Range {
     Range { start, end }
 }
 
+/// Everything the firmware manages, handed to the command loop.
+pub struct Kernel {
+    pub frames: FrameAllocator,
+    pub tables: Tables,
+    pub vmemmap: Vmemmap,
+    pub ram: RangeList,
+    pub image: Range,
+}
+
 /// Called by the architecture's entry code with its stack and traps set up.
 pub fn main(platform: arch::Platform) -> ! {
     let image = image_range();
     let mut reserved = platform.reserved;
     reserved.push(image);
     let mut frames = FrameAllocator::new(&platform.ram, &reserved);
-    let tables = match mm::boot::build(&mut frames, &platform) {
+    let mut tables = match mm::boot::build(&mut frames, &platform) {
         Ok(t) => t,
         Err(e) => panic!("building the boot page tables failed: {e:?}"),
     };
     arch::enable_mmu(&tables);
-    manifest::publish(&tables, &platform.ram, image);
+    let mut vmemmap = Vmemmap::new(&platform.ram);
+    if let Err(e) = vmemmap.populate_boot(&mut tables.kernel, &mut frames, &platform.ram) {
+        panic!("populating the boot vmemmap failed: {e:?}");
+    }
+    vmemmap.memmap_init(&platform.ram);
+    let mut kernel = Kernel {
+        frames,
+        tables,
+        vmemmap,
+        ram: platform.ram,
+        image,
+    };
+    manifest::publish(&kernel);
     println!(
         "{} ready abi={} arch={}",
         hvo_abi::protocol::PREFIX,
         hvo_abi::manifest::ABI_VERSION,
         arch::ARCH
     );
-    commands::serve()
+    commands::serve(&mut kernel)
 }
 
 #[panic_handler]

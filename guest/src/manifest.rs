@@ -1,12 +1,14 @@
 //! The manifest the host reads from guest memory (layout in `hvo_abi::manifest`).
 
 use hvo_abi::manifest::{
-    GuestState, RawManifest, RawRange, RawRoot, RootKind, MAX_RAM_RANGES, MAX_ROOTS,
+    Counters, GuestState, RawManifest, RawRange, RawRegion, RawRoot, RawSharedTail, RootKind,
+    MAX_RAM_RANGES, MAX_ROOTS,
 };
+use hvo_abi::model::RegionKind;
 
-use crate::arch;
-use crate::mm::boot::Tables;
-use crate::mm::{PageSize, Range, RangeList};
+use crate::mm::frames::Purpose;
+use crate::mm::{PageSize, Range};
+use crate::{arch, Kernel};
 
 /// The host finds this through the ELF symbol table; the firmware is linked at
 /// its physical load address, so the symbol's value is its guest-physical address.
@@ -21,8 +23,10 @@ fn raw_range(r: Range) -> RawRange {
     }
 }
 
-/// Fills the manifest in from what the firmware built and marks it ready.
-pub fn publish(tables: &Tables, ram: &RangeList, image: Range) {
+/// Rewrites the manifest from the firmware's state, marks it ready and bumps
+/// its generation; returns the generation.
+pub fn publish(kernel: &Kernel) -> u64 {
+    let (tables, ram, image) = (&kernel.tables, &kernel.ram, kernel.image);
     let mut m = RawManifest::booting(arch::ARCH);
     m.page_size = PageSize::Size4K.bytes();
     m.linear_map_base = arch::LINEAR_MAP_BASE;
@@ -53,14 +57,49 @@ pub fn publish(tables: &Tables, ram: &RangeList, image: Range) {
         *slot = raw_range(r);
     }
     m.ram_count = ram.len().min(MAX_RAM_RANGES) as u32;
-    m.state = GuestState::Ready as u32;
-    write(m);
-}
 
-/// Rewrites the manifest with a new generation number; returns it.
-pub fn bump_generation() -> u64 {
-    let mut m = read();
-    m.generation += 1;
+    let vm = &kernel.vmemmap;
+    m.section_size_bits = arch::SECTION_SIZE_BITS;
+    m.memstart_pfn = vm.memstart_pfn();
+    let c = &kernel.frames.counters;
+    m.counters = Counters {
+        vmemmap_allocated: c.allocated(Purpose::Vmemmap),
+        vmemmap_freed: c.freed(Purpose::Vmemmap),
+        pagetable_allocated: c.allocated(Purpose::PageTable),
+        pagetable_freed: c.freed(Purpose::PageTable),
+        struct_pages_initialized: vm.struct_pages_initialized,
+    };
+    let mut n = 0;
+    for (id, r) in vm.regions.iter().enumerate() {
+        if let Some(r) = r {
+            m.regions[n] = RawRegion {
+                start_pfn: r.start_pfn,
+                nr_pages: r.nr_pages,
+                kind: RegionKind::HugeTlb as u32,
+                zone: r.zone as u32,
+                order: r.order,
+                layout: r.layout as u32,
+                optimized: r.optimized as u32,
+                id: id as u32,
+            };
+            n += 1;
+        }
+    }
+    m.region_count = n as u32;
+    let mut n = 0;
+    for t in vm.shared_tails.iter().flatten() {
+        m.shared_tails[n] = RawSharedTail {
+            pa: t.pa.0,
+            zone: t.zone as u32,
+            order: t.order,
+            users: t.users,
+        };
+        n += 1;
+    }
+    m.shared_tail_count = n as u32;
+
+    m.state = GuestState::Ready as u32;
+    m.generation = read().generation + 1;
     write(m);
     m.generation
 }

@@ -3,7 +3,8 @@
 //! Each architecture module provides exactly these items, and nothing outside
 //! `arch/` knows which architecture it runs on:
 //!
-//! - `ARCH: hvo_abi::Arch`, `LINEAR_MAP_BASE`, `VMEMMAP_BASE` (DESIGN.md section 3),
+//! - `ARCH: hvo_abi::Arch`, `LINEAR_MAP_BASE`, `VMEMMAP_BASE`, `SECTION_SIZE_BITS`,
+//!   `MEMSTART_ALIGN` (DESIGN.md section 3),
 //!   `IDENTITY_IS_LINEAR_MAP` (ppc64le radix: quadrants 0 and 3 walk one tree, so
 //!   mapping the linear map also maps the identity range), and
 //!   `SEPARATE_IDENTITY_ROOT` (arm64: TTBR0 holds the identity half).
@@ -12,6 +13,7 @@
 //! - `exit(status: u8) -> !`: ends the VM; 0 means success.
 //! - `enable_mmu(&mm::boot::Tables)`: load the roots and turn translation on
 //!   (the identity range stays mapped, so execution carries on).
+//! - `flush_tlb_va(VirtAddr)`: invalidate one page's translation everywhere.
 //! - `process_table() -> Option<PhysAddr>`: ppc64le's registered process table.
 //! - `probe_write(VirtAddr) -> bool`: read the byte there and write it back;
 //!   true when the write faulted (the trap handler recovers that one store).

@@ -7,10 +7,13 @@ use super::{PageSize, PhysAddr, Range, RangeList};
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Purpose {
     PageTable,
+    Vmemmap,
+    /// HugeTLB folios: data pages, not counted as overhead.
+    HugeTlb,
 }
 
 impl Purpose {
-    const COUNT: usize = 1;
+    const COUNT: usize = 3;
     const fn index(self) -> usize {
         self as usize
     }
@@ -24,12 +27,25 @@ pub enum AllocError {
 /// Frame counts in units of 4 KiB, per purpose.
 #[derive(Clone, Copy, Default, Debug)]
 pub struct Counters {
-    pub allocated: [u64; Purpose::COUNT],
+    allocated: [u64; Purpose::COUNT],
+    freed: [u64; Purpose::COUNT],
 }
 
-/// Free RAM that has never been handed out, one cursor per range.
+impl Counters {
+    pub fn allocated(&self, purpose: Purpose) -> u64 {
+        self.allocated[purpose.index()]
+    }
+    pub fn freed(&self, purpose: Purpose) -> u64 {
+        self.freed[purpose.index()]
+    }
+}
+
+/// Free RAM that has never been handed out, one cursor per range, and a list
+/// of 4 KiB frames given back.
 pub struct FrameAllocator {
     free: RangeList,
+    /// Head of a singly linked list threaded through freed 4 KiB frames.
+    recycled: Option<PhysAddr>,
     pub counters: Counters,
 }
 
@@ -58,26 +74,68 @@ impl FrameAllocator {
         }
         FrameAllocator {
             free,
+            recycled: None,
             counters: Counters::default(),
         }
+    }
+
+    /// One zeroed frame of `size`, aligned to its size.
+    pub fn alloc(&mut self, size: PageSize, purpose: Purpose) -> Result<PhysAddr, AllocError> {
+        self.alloc_bytes(size.bytes(), purpose)
     }
 
     /// A zeroed block of `bytes` (a power of two, at least 4 KiB), aligned to its
     /// size: page-table roots larger than a page (ppc64le radix) come from here.
     pub fn alloc_bytes(&mut self, bytes: u64, purpose: Purpose) -> Result<PhysAddr, AllocError> {
         debug_assert!(bytes.is_power_of_two() && bytes >= FRAME);
-        let pa = self.bump(bytes)?;
+        let pa = match (bytes, self.recycled) {
+            (FRAME, Some(head)) => {
+                // SAFETY: a recycled frame is ours and identity-mapped; its first
+                // word links to the next one.
+                self.recycled = unsafe { head.as_mut_ptr::<Option<PhysAddr>>().read() };
+                head
+            }
+            _ => self.bump(bytes)?,
+        };
         // SAFETY: the frame was free RAM that nothing else references.
         unsafe { core::ptr::write_bytes(pa.as_mut_ptr::<u8>(), 0, bytes as usize) };
         self.counters.allocated[purpose.index()] += bytes / FRAME;
         Ok(pa)
     }
 
+    /// Takes a block back; it is recycled as 4 KiB frames.
+    pub fn free(&mut self, pa: PhysAddr, bytes: u64, purpose: Purpose) {
+        for i in 0..bytes / FRAME {
+            let frame = pa.add(i * FRAME);
+            // SAFETY: the caller gives the frame back and no longer uses it.
+            unsafe { frame.as_mut_ptr::<Option<PhysAddr>>().write(self.recycled) };
+            self.recycled = Some(frame);
+        }
+        self.counters.freed[purpose.index()] += bytes / FRAME;
+    }
+
+    /// `bytes` of contiguous memory aligned to `align`, not zeroed: data pages
+    /// (HugeTLB folios) whose contents the model never reads.
+    pub fn alloc_data(
+        &mut self,
+        bytes: u64,
+        align: u64,
+        purpose: Purpose,
+    ) -> Result<PhysAddr, AllocError> {
+        let pa = self.bump_aligned(bytes, align)?;
+        self.counters.allocated[purpose.index()] += bytes / FRAME;
+        Ok(pa)
+    }
+
     fn bump(&mut self, bytes: u64) -> Result<PhysAddr, AllocError> {
+        self.bump_aligned(bytes, bytes)
+    }
+
+    fn bump_aligned(&mut self, bytes: u64, align: u64) -> Result<PhysAddr, AllocError> {
         let mut next = RangeList::new();
         let mut found = None;
         for r in self.free.iter() {
-            let start = align_up(r.start, bytes);
+            let start = align_up(r.start, align);
             if found.is_none() && start + bytes <= r.end {
                 found = Some(PhysAddr(start));
                 // The alignment gap below `start` is given up: it only arises for

@@ -25,6 +25,11 @@ impl Prot {
         exec: false,
         device: false,
     };
+    pub const RO: Prot = Prot {
+        write: false,
+        exec: false,
+        device: false,
+    };
     pub const RWX: Prot = Prot {
         write: true,
         exec: true,
@@ -76,12 +81,17 @@ pub trait Format {
 
 /// A TLB invalidation owed after a page-table change. Boot mappings are made
 /// before the MMU uses the table, so they `ignore()` it; changes to live
-/// tables (vmemmap optimization) must flush.
+/// tables (vmemmap optimization) must `flush()`.
 #[must_use = "a page-table change is not visible until its TLB entry is flushed"]
-pub struct Flush;
+pub struct Flush(VirtAddr);
 
 impl Flush {
-    /// For changes made before the MMU uses this table, where no TLB entry can exist.
+    pub fn flush(self) {
+        crate::arch::flush_tlb_va(self.0);
+    }
+
+    /// For changes made before the MMU uses this table, where no TLB entry
+    /// can exist, and for the bug knob that forgets the flush on purpose.
     pub fn ignore(self) {}
 }
 
@@ -92,6 +102,7 @@ pub enum MapError {
     Misaligned,
     /// Something is mapped there already.
     AlreadyMapped,
+    NotMapped,
     /// A leaf of this size cannot be placed on this architecture.
     SizeNotSupported,
 }
@@ -100,6 +111,20 @@ impl From<AllocError> for MapError {
     fn from(e: AllocError) -> MapError {
         MapError::Alloc(e)
     }
+}
+
+/// What a virtual address translates to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Translation {
+    pub pa: PhysAddr,
+    pub size: PageSize,
+    pub prot: Prot,
+}
+
+fn level_size<F: Format>(level: usize) -> Option<PageSize> {
+    PageSize::DESCENDING
+        .into_iter()
+        .find(|s| s.shift() == F::SHIFTS[level])
 }
 
 /// One page-table tree.
@@ -170,6 +195,82 @@ impl<F: Format> PageTable<F> {
             return Err(MapError::AlreadyMapped);
         }
         F::store(slot, F::encode_leaf(pa, level, prot));
-        Ok(Flush)
+        Ok(Flush(va))
+    }
+
+    /// The slot holding the leaf for `va`, and its level.
+    fn find_leaf(&self, va: VirtAddr) -> Option<(*mut u64, usize)> {
+        let mut table = self.root;
+        for l in 0..F::LEVELS {
+            let slot = Self::slot(table, l, va);
+            match F::decode(F::load(slot), l) {
+                Entry::Empty => return None,
+                Entry::Leaf { .. } => return Some((slot, l)),
+                Entry::Table(next) => table = next,
+            }
+        }
+        None
+    }
+
+    pub fn translate(&self, va: VirtAddr) -> Option<Translation> {
+        let (slot, level) = self.find_leaf(va)?;
+        let Entry::Leaf { pa, prot } = F::decode(F::load(slot), level) else {
+            return None;
+        };
+        let size = level_size::<F>(level)?;
+        Some(Translation {
+            pa: pa.add(va.0 & (size.bytes() - 1)),
+            size,
+            prot,
+        })
+    }
+
+    /// Points the 4 KiB leaf mapping `va` at `pa` with `prot`; returns the frame
+    /// it mapped before.
+    pub fn remap(
+        &mut self,
+        va: VirtAddr,
+        pa: PhysAddr,
+        prot: Prot,
+    ) -> Result<(PhysAddr, Flush), MapError> {
+        let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
+        let Entry::Leaf { pa: old, .. } = F::decode(F::load(slot), level) else {
+            return Err(MapError::NotMapped);
+        };
+        if level_size::<F>(level) != Some(PageSize::Size4K) {
+            return Err(MapError::SizeNotSupported);
+        }
+        F::store(slot, F::encode_leaf(pa, level, prot));
+        Ok((old, Flush(va)))
+    }
+
+    /// Replaces the 2 MiB leaf covering `va` with a table of 512 base pages
+    /// mapping the same frames with the same protection. A no-op when `va` is
+    /// already mapped by base pages.
+    pub fn split(
+        &mut self,
+        frames: &mut FrameAllocator,
+        va: VirtAddr,
+    ) -> Result<Option<Flush>, MapError> {
+        let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
+        let Entry::Leaf { pa, prot } = F::decode(F::load(slot), level) else {
+            return Err(MapError::NotMapped);
+        };
+        match level_size::<F>(level) {
+            Some(PageSize::Size4K) => return Ok(None),
+            Some(PageSize::Size2M) => {}
+            _ => return Err(MapError::SizeNotSupported),
+        }
+        let table = frames.alloc_bytes(F::table_bytes(level + 1), Purpose::PageTable)?;
+        let step = PageSize::Size4K.bytes();
+        for i in 0..PageSize::Size2M.bytes() / step {
+            F::store(
+                table.add(i * 8).as_mut_ptr(),
+                F::encode_leaf(pa.add(i * step), level + 1, prot),
+            );
+        }
+        F::store(slot, F::encode_table(table, level));
+        let base = VirtAddr(va.0 & !(PageSize::Size2M.bytes() - 1));
+        Ok(Some(Flush(base)))
     }
 }

@@ -6,7 +6,7 @@ mod platform;
 mod traps;
 
 use crate::mm::pagetable::{Entry, Format as PageTableFormat, Prot};
-use crate::mm::{boot::Tables, PhysAddr, RangeList};
+use crate::mm::{boot::Tables, PhysAddr, RangeList, VirtAddr};
 
 pub use platform::{console_read, console_write, exit};
 pub use traps::probe_write;
@@ -16,6 +16,11 @@ pub const ARCH: hvo_abi::Arch = hvo_abi::Arch::Aarch64;
 pub const LINEAR_MAP_BASE: u64 = 0xffff_0000_0000_0000;
 /// Linux's VMEMMAP_START with 48-bit virtual addresses and 4 KiB pages.
 pub const VMEMMAP_BASE: u64 = 0xffff_fdff_c000_0000;
+/// Linux's SECTION_SIZE_BITS.
+pub const SECTION_SIZE_BITS: u32 = 27;
+/// arm64 indexes the vmemmap from memstart_addr: the start of RAM rounded
+/// down to ARM64_MEMSTART_ALIGN (1 GiB with 4 KiB pages and 48-bit VAs).
+pub const MEMSTART_ALIGN: Option<u64> = Some(1 << 30);
 pub const IDENTITY_IS_LINEAR_MAP: bool = false;
 pub const SEPARATE_IDENTITY_ROOT: bool = true;
 
@@ -150,6 +155,15 @@ pub fn enable_mmu(tables: &Tables) {
             options(nostack),
         );
     }
+}
+
+pub fn flush_tlb_va(va: VirtAddr) {
+    // TLBI VAAE1IS takes VA[55:12]; all ASIDs, inner shareable.
+    let operand = (va.0 >> 12) & ((1 << 44) - 1);
+    // SAFETY: invalidating a translation has no other effect.
+    unsafe {
+        core::arch::asm!("dsb ishst", "tlbi vaae1is, {}", "dsb ish", "isb", in(reg) operand, options(nostack))
+    };
 }
 
 pub fn process_table() -> Option<PhysAddr> {

@@ -7,7 +7,7 @@ mod platform;
 mod traps;
 
 use crate::mm::pagetable::{Entry, Format as PageTableFormat, Prot};
-use crate::mm::{boot::Tables, PhysAddr, Range, RangeList};
+use crate::mm::{boot::Tables, PhysAddr, Range, RangeList, VirtAddr};
 
 pub use platform::{console_read, console_write, exit};
 pub use traps::probe_write;
@@ -19,6 +19,10 @@ pub const LINEAR_MAP_BASE: u64 = 0xc000_0000_0000_0000;
 pub const VMEMMAP_BASE: u64 = 0xc00c_0000_0000_0000;
 /// With PIDR 0, quadrants 0 and 3 walk the same tree: the linear map is also
 /// the identity map the firmware runs in.
+/// Linux's SECTION_SIZE_BITS.
+pub const SECTION_SIZE_BITS: u32 = 24;
+/// The vmemmap is indexed by pfn from 0.
+pub const MEMSTART_ALIGN: Option<u64> = None;
 pub const IDENTITY_IS_LINEAR_MAP: bool = true;
 pub const SEPARATE_IDENTITY_ROOT: bool = false;
 
@@ -105,6 +109,25 @@ impl PageTableFormat for RadixTree {
 struct ProcessTable([u64; 512]);
 
 static mut PROCESS_TABLE: ProcessTable = ProcessTable([0; 512]);
+
+pub fn flush_tlb_va(va: VirtAddr) {
+    // tlbie RB, RS, RIC=0 (TLB only), PRS=1 (process scoped), R=1 (radix):
+    // RB holds the page's effective address with AP=0 (4 KiB), RS the PID (0).
+    let rb = va.0 & !0xfff;
+    // SAFETY: invalidating a translation has no other effect.
+    unsafe {
+        core::arch::asm!(
+            "ptesync",
+            "tlbie {rb}, {rs}, 0, 1, 1",
+            "eieio",
+            "tlbsync",
+            "ptesync",
+            rb = in(reg) rb,
+            rs = in(reg) 0u64,
+            options(nostack),
+        )
+    };
+}
 
 pub fn process_table() -> Option<PhysAddr> {
     Some(PhysAddr(core::ptr::addr_of!(PROCESS_TABLE) as u64))

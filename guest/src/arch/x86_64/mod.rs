@@ -5,7 +5,7 @@ mod platform;
 mod traps;
 
 use crate::mm::pagetable::{Entry, Format as PageTableFormat, Prot};
-use crate::mm::{boot::Tables, PhysAddr, RangeList};
+use crate::mm::{boot::Tables, PhysAddr, RangeList, VirtAddr};
 
 pub use platform::{console_read, console_write, exit};
 pub use traps::probe_write;
@@ -15,6 +15,10 @@ pub const ARCH: hvo_abi::Arch = hvo_abi::Arch::X86_64;
 pub const LINEAR_MAP_BASE: u64 = 0xffff_8880_0000_0000;
 /// Linux's VMEMMAP_START with 4-level paging.
 pub const VMEMMAP_BASE: u64 = 0xffff_ea00_0000_0000;
+/// Linux's SECTION_SIZE_BITS.
+pub const SECTION_SIZE_BITS: u32 = 27;
+/// The vmemmap is indexed by pfn from 0.
+pub const MEMSTART_ALIGN: Option<u64> = None;
 pub const IDENTITY_IS_LINEAR_MAP: bool = false;
 pub const SEPARATE_IDENTITY_ROOT: bool = false;
 
@@ -95,6 +99,11 @@ pub fn enable_mmu(tables: &Tables) {
     unsafe {
         core::arch::asm!("mov cr3, {}", in(reg) tables.kernel.root().0, options(nostack, preserves_flags));
     }
+}
+
+pub fn flush_tlb_va(va: VirtAddr) {
+    // SAFETY: invalidating a translation has no other effect.
+    unsafe { core::arch::asm!("invlpg [{}]", in(reg) va.0, options(nostack, preserves_flags)) };
 }
 
 pub fn process_table() -> Option<PhysAddr> {

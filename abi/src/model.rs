@@ -1,0 +1,250 @@
+//! The vmemmap model's vocabulary: the guest's `struct page`, zones, layouts
+//! and region kinds. Defined once so the host decodes exactly what the guest
+//! writes; how pages are mapped is not here (the host works that out itself).
+
+/// Every architecture's `struct page` is 64 bytes.
+pub const STRUCT_PAGE_SIZE: u64 = 64;
+
+/// The guest's model of `struct page`: eight little-endian words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct StructPage {
+    /// Zone in bits 0-7, [`HEAD`] or [`TAIL`], compound order in bits 16-23.
+    pub flags: u64,
+    /// Tails: [`TAIL_MARKER`] (the head is found by alignment, so every tail of
+    /// a given zone and order is identical, which is what makes sharing work).
+    pub compound_head: u64,
+    pub refcount: u64,
+    /// [`INITIALIZED`] once memmap init wrote this struct page.
+    pub marker: u64,
+    pub reserved: [u64; 4],
+}
+
+pub const HEAD: u64 = 1 << 8;
+pub const TAIL: u64 = 1 << 9;
+pub const TAIL_MARKER: u64 = 1;
+pub const INITIALIZED: u64 = u64::from_le_bytes(*b"hvo-page");
+const ZONE_MASK: u64 = 0xff;
+const ORDER_SHIFT: u32 = 16;
+
+impl StructPage {
+    /// A page memmap init has initialized and nothing has claimed.
+    pub const fn free(zone: Zone) -> StructPage {
+        StructPage {
+            flags: zone as u64,
+            compound_head: 0,
+            refcount: 0,
+            marker: INITIALIZED,
+            reserved: [0; 4],
+        }
+    }
+
+    pub const fn head(zone: Zone, order: u32) -> StructPage {
+        StructPage {
+            flags: zone as u64 | HEAD | (order as u64) << ORDER_SHIFT,
+            compound_head: 0,
+            refcount: 1,
+            marker: INITIALIZED,
+            reserved: [0; 4],
+        }
+    }
+
+    pub const fn tail(zone: Zone, order: u32) -> StructPage {
+        StructPage {
+            flags: zone as u64 | TAIL | (order as u64) << ORDER_SHIFT,
+            compound_head: TAIL_MARKER,
+            refcount: 0,
+            marker: INITIALIZED,
+            reserved: [0; 4],
+        }
+    }
+
+    pub fn zone(&self) -> Option<Zone> {
+        Zone::from_raw((self.flags & ZONE_MASK) as u32)
+    }
+
+    pub fn order(&self) -> u32 {
+        ((self.flags >> ORDER_SHIFT) & 0xff) as u32
+    }
+
+    pub fn to_words(self) -> [u64; 8] {
+        let r = self.reserved;
+        [
+            self.flags,
+            self.compound_head,
+            self.refcount,
+            self.marker,
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+        ]
+    }
+
+    pub fn from_le_bytes(b: &[u8; 64]) -> StructPage {
+        let w = |i: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(x)
+        };
+        StructPage {
+            flags: w(0),
+            compound_head: w(1),
+            refcount: w(2),
+            marker: w(3),
+            reserved: [w(4), w(5), w(6), w(7)],
+        }
+    }
+}
+
+/// Memory zones the model distinguishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum Zone {
+    Normal = 0,
+    Movable = 1,
+    Device = 2,
+}
+
+impl Zone {
+    pub const ALL: [Zone; 3] = [Zone::Normal, Zone::Movable, Zone::Device];
+
+    pub const fn from_raw(raw: u32) -> Option<Zone> {
+        match raw {
+            0 => Some(Zone::Normal),
+            1 => Some(Zone::Movable),
+            2 => Some(Zone::Device),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Zone::Normal => "normal",
+            Zone::Movable => "movable",
+            Zone::Device => "device",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Zone> {
+        Zone::ALL.into_iter().find(|z| z.name() == name)
+    }
+}
+
+/// How an optimized compound page's vmemmap is laid out (DESIGN.md section 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Layout {
+    /// The series: one private head page, tails on the (zone, order) shared page, read-only.
+    Unified = 0,
+    /// Linux up to about 6.19: tails map the head page's own frame, read-only.
+    LegacyHugetlb = 1,
+    /// DAX before the series: head and first tail private, tails map page 1, writable.
+    LegacyDax = 2,
+    /// Not optimized: every vmemmap page private and writable.
+    None = 3,
+}
+
+impl Layout {
+    pub const ALL: [Layout; 4] = [
+        Layout::Unified,
+        Layout::LegacyHugetlb,
+        Layout::LegacyDax,
+        Layout::None,
+    ];
+
+    pub const fn from_raw(raw: u32) -> Option<Layout> {
+        match raw {
+            0 => Some(Layout::Unified),
+            1 => Some(Layout::LegacyHugetlb),
+            2 => Some(Layout::LegacyDax),
+            3 => Some(Layout::None),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Layout::Unified => "unified",
+            Layout::LegacyHugetlb => "legacy-hugetlb",
+            Layout::LegacyDax => "legacy-dax",
+            Layout::None => "none",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Layout> {
+        Layout::ALL.into_iter().find(|l| l.name() == name)
+    }
+
+    /// Vmemmap pages each compound page keeps private under this layout.
+    pub const fn private_pages(self) -> u64 {
+        match self {
+            Layout::Unified | Layout::LegacyHugetlb => 1,
+            Layout::LegacyDax => 2,
+            Layout::None => u64::MAX,
+        }
+    }
+}
+
+/// What a region of memory is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum RegionKind {
+    /// HugeTLB folios allocated from boot memory.
+    HugeTlb = 1,
+}
+
+impl RegionKind {
+    pub const fn from_raw(raw: u32) -> Option<RegionKind> {
+        match raw {
+            1 => Some(RegionKind::HugeTlb),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn struct_pages_round_trip_through_bytes() {
+        for page in [
+            StructPage::free(Zone::Movable),
+            StructPage::head(Zone::Normal, 9),
+            StructPage::tail(Zone::Device, 18),
+        ] {
+            let mut bytes = [0u8; 64];
+            for (i, w) in page.to_words().iter().enumerate() {
+                bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            }
+            assert_eq!(StructPage::from_le_bytes(&bytes), page);
+        }
+        let t = StructPage::tail(Zone::Device, 18);
+        assert_eq!((t.zone(), t.order()), (Some(Zone::Device), 18));
+        assert_eq!(core::mem::size_of::<StructPage>() as u64, STRUCT_PAGE_SIZE);
+    }
+
+    #[test]
+    fn tails_of_different_zone_or_order_differ() {
+        assert_ne!(
+            StructPage::tail(Zone::Normal, 9),
+            StructPage::tail(Zone::Movable, 9)
+        );
+        assert_ne!(
+            StructPage::tail(Zone::Normal, 9),
+            StructPage::tail(Zone::Normal, 18)
+        );
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for l in Layout::ALL {
+            assert_eq!(Layout::from_name(l.name()), Some(l));
+            assert_eq!(Layout::from_raw(l as u32), Some(l));
+        }
+        for z in Zone::ALL {
+            assert_eq!(Zone::from_name(z.name()), Some(z));
+        }
+    }
+}

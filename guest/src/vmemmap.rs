@@ -1,0 +1,418 @@
+//! The vmemmap model: sparse sections, boot population, memmap init, and
+//! HugeTLB vmemmap optimization and restore under each layout, as Linux's
+//! mm/sparse-vmemmap.c and mm/hugetlb_vmemmap.c do it, in miniature.
+
+use hvo_abi::model::{Layout, StructPage, Zone, STRUCT_PAGE_SIZE};
+
+use crate::arch;
+use crate::mm::boot::Table;
+use crate::mm::frames::{align_down, align_up, AllocError, FrameAllocator, Purpose};
+use crate::mm::pagetable::{MapError, Prot};
+use crate::mm::{PageSize, PhysAddr, Range, RangeList, VirtAddr};
+
+pub const MAX_REGIONS: usize = hvo_abi::manifest::MAX_REGIONS;
+pub const MAX_SHARED_TAILS: usize = hvo_abi::manifest::MAX_SHARED_TAILS;
+const PAGE: u64 = PageSize::Size4K.bytes();
+const STRUCT_PAGES_PER_PAGE: u64 = PAGE / STRUCT_PAGE_SIZE;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum VmemmapError {
+    Map(MapError),
+    /// No free region slot, shared-tail slot, or such region.
+    NoSuchRegion,
+    TooManyRegions,
+    TooManySharedTails,
+    /// The compound page's struct pages fit in fewer than two vmemmap pages.
+    TooSmallToOptimize,
+    AlreadyOptimized,
+    NotOptimized,
+}
+
+impl From<MapError> for VmemmapError {
+    fn from(e: MapError) -> VmemmapError {
+        VmemmapError::Map(e)
+    }
+}
+
+impl From<AllocError> for VmemmapError {
+    fn from(e: AllocError) -> VmemmapError {
+        VmemmapError::Map(MapError::Alloc(e))
+    }
+}
+
+/// A run of compound pages allocated together.
+#[derive(Clone, Copy, Debug)]
+pub struct Region {
+    pub start_pfn: u64,
+    pub nr_pages: u64,
+    pub zone: Zone,
+    pub order: u32,
+    pub layout: Layout,
+    pub optimized: bool,
+}
+
+impl Region {
+    fn heads(&self) -> impl Iterator<Item = u64> {
+        let step = 1u64 << self.order;
+        let start = self.start_pfn;
+        (0..self.nr_pages / step).map(move |i| start + i * step)
+    }
+
+    /// Vmemmap pages of one compound page.
+    fn vmemmap_pages(&self) -> u64 {
+        (1u64 << self.order) / STRUCT_PAGES_PER_PAGE
+    }
+}
+
+/// The page all tails of a (zone, order) map under the unified layout.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedTail {
+    pub pa: PhysAddr,
+    pub zone: Zone,
+    pub order: u32,
+    pub users: u64,
+}
+
+/// A fresh vmemmap page holding only tail struct pages of (zone, order).
+fn tail_page(
+    frames: &mut FrameAllocator,
+    zone: Zone,
+    order: u32,
+) -> Result<PhysAddr, VmemmapError> {
+    let pa = frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?;
+    let words = StructPage::tail(zone, order).to_words();
+    let ptr = pa.as_mut_ptr::<u64>();
+    for i in 0..STRUCT_PAGES_PER_PAGE as usize {
+        for (w, word) in words.iter().enumerate() {
+            // SAFETY: a fresh frame of ours, identity-mapped.
+            unsafe { ptr.add(i * 8 + w).write_volatile(*word) };
+        }
+    }
+    Ok(pa)
+}
+
+pub struct Vmemmap {
+    memstart_pfn: u64,
+    pub regions: [Option<Region>; MAX_REGIONS],
+    pub shared_tails: [Option<SharedTail>; MAX_SHARED_TAILS],
+    pub struct_pages_initialized: u64,
+}
+
+/// The sections holding any of `ram`, merged into ranges.
+fn present_sections(ram: &RangeList) -> RangeList {
+    let section = 1u64 << arch::SECTION_SIZE_BITS;
+    let mut out = RangeList::new();
+    let mut current: Option<Range> = None;
+    for r in ram.iter() {
+        let s = Range {
+            start: align_down(r.start, section),
+            end: align_up(r.end, section),
+        };
+        current = match current {
+            Some(c) if s.start <= c.end => Some(Range {
+                start: c.start,
+                end: c.end.max(s.end),
+            }),
+            Some(c) => {
+                out.push(c);
+                Some(s)
+            }
+            None => Some(s),
+        };
+    }
+    if let Some(c) = current {
+        out.push(c);
+    }
+    out
+}
+
+impl Vmemmap {
+    pub fn new(ram: &RangeList) -> Vmemmap {
+        let first = ram.iter().next().map(|r| r.start).unwrap_or(0);
+        let memstart = arch::MEMSTART_ALIGN
+            .map(|a| align_down(first, a))
+            .unwrap_or(0);
+        Vmemmap {
+            memstart_pfn: memstart / PAGE,
+            regions: [None; MAX_REGIONS],
+            shared_tails: [None; MAX_SHARED_TAILS],
+            struct_pages_initialized: 0,
+        }
+    }
+
+    pub fn memstart_pfn(&self) -> u64 {
+        self.memstart_pfn
+    }
+
+    /// The struct page of `pfn`.
+    pub fn va(&self, pfn: u64) -> VirtAddr {
+        VirtAddr(arch::VMEMMAP_BASE + (pfn - self.memstart_pfn) * STRUCT_PAGE_SIZE)
+    }
+
+    /// Maps the vmemmap of every present section: 2 MiB leaves where a whole
+    /// 2 MiB of vmemmap is covered, base pages otherwise (vmemmap_populate).
+    pub fn populate_boot(
+        &mut self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        ram: &RangeList,
+    ) -> Result<(), VmemmapError> {
+        let big = PageSize::Size2M.bytes();
+        for sections in present_sections(ram).iter() {
+            let start = self.va(sections.start / PAGE).0;
+            let end = self.va(sections.end / PAGE).0;
+            let mut va = start;
+            while va < end {
+                let (size, bytes) = if va.is_multiple_of(big) && va + big <= end {
+                    (PageSize::Size2M, big)
+                } else {
+                    (PageSize::Size4K, PAGE)
+                };
+                let frame = frames.alloc(size, Purpose::Vmemmap)?;
+                // Empty entries are never cached: nothing to flush.
+                table
+                    .map(frames, VirtAddr(va), frame, size, Prot::RW)?
+                    .ignore();
+                va += bytes;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_struct_page(&self, pfn: u64, page: StructPage) {
+        let ptr = self.va(pfn).0 as *mut u64;
+        for (i, word) in page.to_words().into_iter().enumerate() {
+            // SAFETY: the vmemmap of every RAM pfn is mapped and writable.
+            unsafe { ptr.add(i).write_volatile(word) };
+        }
+    }
+
+    /// memmap_init: every RAM page's struct page, free in the normal zone.
+    pub fn memmap_init(&mut self, ram: &RangeList) {
+        for r in ram.iter() {
+            for pfn in r.start / PAGE..r.end / PAGE {
+                self.write_struct_page(pfn, StructPage::free(Zone::Normal));
+                self.struct_pages_initialized += 1;
+            }
+        }
+    }
+
+    /// Allocates `count` HugeTLB folios of `order` as one region; returns its id.
+    pub fn hugetlb_alloc(
+        &mut self,
+        frames: &mut FrameAllocator,
+        order: u32,
+        count: u64,
+        zone: Zone,
+    ) -> Result<usize, VmemmapError> {
+        let id = self
+            .regions
+            .iter()
+            .position(Option::is_none)
+            .ok_or(VmemmapError::TooManyRegions)?;
+        let folio = PAGE << order;
+        let start = frames.alloc_data(folio * count, folio, Purpose::HugeTlb)?;
+        let region = Region {
+            start_pfn: start.0 / PAGE,
+            nr_pages: count << order,
+            zone,
+            order,
+            layout: Layout::None,
+            optimized: false,
+        };
+        for head in region.heads() {
+            self.write_struct_page(head, StructPage::head(zone, order));
+            for pfn in head + 1..head + (1 << order) {
+                self.write_struct_page(pfn, StructPage::tail(zone, order));
+            }
+        }
+        self.regions[id] = Some(region);
+        Ok(id)
+    }
+
+    fn region(&self, id: usize) -> Result<Region, VmemmapError> {
+        self.regions
+            .get(id)
+            .copied()
+            .flatten()
+            .ok_or(VmemmapError::NoSuchRegion)
+    }
+
+    /// The shared tail page of (zone, order), created on first use.
+    fn get_shared_tail(
+        &mut self,
+        frames: &mut FrameAllocator,
+        zone: Zone,
+        order: u32,
+    ) -> Result<PhysAddr, VmemmapError> {
+        if let Some(t) = self
+            .shared_tails
+            .iter_mut()
+            .flatten()
+            .find(|t| t.zone == zone && t.order == order)
+        {
+            t.users += 1;
+            return Ok(t.pa);
+        }
+        let slot = self
+            .shared_tails
+            .iter()
+            .position(Option::is_none)
+            .ok_or(VmemmapError::TooManySharedTails)?;
+        let pa = tail_page(frames, zone, order)?;
+        self.shared_tails[slot] = Some(SharedTail {
+            pa,
+            zone,
+            order,
+            users: 1,
+        });
+        Ok(pa)
+    }
+
+    fn put_shared_tail(&mut self, frames: &mut FrameAllocator, zone: Zone, order: u32) {
+        for slot in self.shared_tails.iter_mut() {
+            if let Some(t) = slot.as_mut().filter(|t| t.zone == zone && t.order == order) {
+                t.users -= 1;
+                if t.users == 0 {
+                    frames.free(t.pa, PAGE, Purpose::Vmemmap);
+                    *slot = None;
+                }
+                return;
+            }
+        }
+    }
+
+    /// Points the vmemmap page at `va` to a fresh copy of itself; returns the copy.
+    fn copy_to_fresh(
+        &self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        va: VirtAddr,
+    ) -> Result<PhysAddr, VmemmapError> {
+        let fresh = frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?;
+        // SAFETY: `va` is mapped (readable) vmemmap; `fresh` is ours.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                va.0 as *const u8,
+                fresh.as_mut_ptr::<u8>(),
+                PAGE as usize,
+            )
+        };
+        let (old, flush) = table.remap(va, fresh, Prot::RW)?;
+        flush.flush();
+        frames.free(old, PAGE, Purpose::Vmemmap);
+        Ok(fresh)
+    }
+
+    /// Optimizes every compound page of a region under `layout`.
+    pub fn optimize(
+        &mut self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        id: usize,
+        layout: Layout,
+    ) -> Result<(), VmemmapError> {
+        let mut region = self.region(id)?;
+        if region.optimized {
+            return Err(VmemmapError::AlreadyOptimized);
+        }
+        let pages = region.vmemmap_pages();
+        if pages < 2 || layout == Layout::None {
+            return Err(VmemmapError::TooSmallToOptimize);
+        }
+        for head in region.heads() {
+            let base = self.va(head);
+            // HVO needs base-page PTEs: split any 2 MiB leaf over this vmemmap.
+            let mut va = base.0;
+            while va < base.0 + pages * PAGE {
+                if let Some(flush) = table.split(frames, VirtAddr(va))? {
+                    flush.flush();
+                }
+                va = align_down(va, PageSize::Size2M.bytes()) + PageSize::Size2M.bytes();
+            }
+            let head_frame = self.copy_to_fresh(table, frames, base)?;
+            let (first_shared, target, prot) = match layout {
+                Layout::Unified => (
+                    1,
+                    self.get_shared_tail(frames, region.zone, region.order)?,
+                    Prot::RO,
+                ),
+                Layout::LegacyHugetlb => (1, head_frame, Prot::RO),
+                Layout::LegacyDax => (
+                    2,
+                    self.copy_to_fresh(table, frames, VirtAddr(base.0 + PAGE))?,
+                    Prot::RW,
+                ),
+                Layout::None => unreachable!("refused above"),
+            };
+            for i in first_shared..pages {
+                let (old, flush) = table.remap(VirtAddr(base.0 + i * PAGE), target, prot)?;
+                flush.flush();
+                frames.free(old, PAGE, Purpose::Vmemmap);
+            }
+        }
+        region.layout = layout;
+        region.optimized = true;
+        self.regions[id] = Some(region);
+        Ok(())
+    }
+
+    /// Gives every vmemmap page of a region's compound pages its own frame again.
+    pub fn restore(
+        &mut self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        id: usize,
+    ) -> Result<(), VmemmapError> {
+        let mut region = self.region(id)?;
+        if !region.optimized {
+            return Err(VmemmapError::NotOptimized);
+        }
+        let pages = region.vmemmap_pages();
+        let first_shared = if region.layout == Layout::LegacyDax {
+            2
+        } else {
+            1
+        };
+        for head in region.heads() {
+            let base = self.va(head);
+            for i in first_shared..pages {
+                let fresh = tail_page(frames, region.zone, region.order)?;
+                // The old frame is shared (or the head's): it stays.
+                let (_shared, flush) = table.remap(VirtAddr(base.0 + i * PAGE), fresh, Prot::RW)?;
+                flush.flush();
+            }
+            if region.layout == Layout::Unified {
+                self.put_shared_tail(frames, region.zone, region.order);
+            }
+        }
+        region.optimized = false;
+        region.layout = Layout::None;
+        self.regions[id] = Some(region);
+        Ok(())
+    }
+
+    /// Returns a region's folios: restored first if optimized, struct pages
+    /// back to free, data pages back to the allocator.
+    pub fn hugetlb_free(
+        &mut self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        id: usize,
+    ) -> Result<(), VmemmapError> {
+        let region = self.region(id)?;
+        if region.optimized {
+            self.restore(table, frames, id)?;
+        }
+        for pfn in region.start_pfn..region.start_pfn + region.nr_pages {
+            self.write_struct_page(pfn, StructPage::free(Zone::Normal));
+        }
+        frames.free(
+            PhysAddr(region.start_pfn * PAGE),
+            region.nr_pages * PAGE,
+            Purpose::HugeTlb,
+        );
+        self.regions[id] = None;
+        Ok(())
+    }
+}
