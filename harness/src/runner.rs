@@ -834,6 +834,12 @@ mod tests {
                 None,
             ],
             generation: 0,
+            section_size_bits: 27,
+            memstart_pfn: 0x40000,
+            counters: Default::default(),
+            knobs: 0,
+            regions: Default::default(),
+            shared_tails: Default::default(),
         };
         let at = PhysAddr(0x4020_1000);
         assert!(manifest_problems(&m, Arch::Aarch64, p, 512 << 20, at).is_empty());
