@@ -11,3 +11,4 @@ pub mod qmp;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod verify;

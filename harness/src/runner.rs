@@ -5,11 +5,13 @@
 //! wait races QEMU's death, and the QEMU process and temporary directory are
 //! owned by the run, so no path leaves either behind.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use hvo_abi::manifest::{GuestState, Manifest, RootKind, MANIFEST_SIZE};
+use hvo_abi::model::Layout;
 use hvo_abi::protocol::Command;
 use hvo_images::{profile, Arch, Profile};
 use serde_json::json;
@@ -24,6 +26,7 @@ use crate::qemu::{QemuCommand, QemuProcess, RunPaths};
 use crate::qmp::Qmp;
 use crate::report::{Check, CheckStatus, ScenarioResult, Status};
 use crate::scenario::{Expect, Scenario, Step};
+use crate::verify::{self, VmemmapMap};
 
 /// How runs are set up, shared by every scenario of an invocation.
 #[derive(Clone, Debug)]
@@ -77,6 +80,8 @@ struct Run<'a> {
     checks: Vec<Check>,
     metrics: serde_json::Map<String, serde_json::Value>,
     guest_exited: bool,
+    /// Scenario region names -> the guest's region ids.
+    regions: HashMap<String, u32>,
 }
 
 /// Runs `scenario` on `arch` with the guest image at `guest_elf`.
@@ -125,6 +130,7 @@ pub async fn run_scenario(
         checks: Vec::new(),
         metrics: Default::default(),
         guest_exited: false,
+        regions: HashMap::new(),
     };
 
     let outcome = run.execute(config.inject).await;
@@ -471,7 +477,176 @@ impl Run<'_> {
             }
             Step::VerifyManifest => self.verify_manifest().await,
             Step::Exit { status } => self.exit(*status).await,
+            Step::HugetlbAlloc {
+                region,
+                order,
+                count,
+                zone,
+            } => {
+                let reply = self
+                    .request(Command::HugetlbAlloc {
+                        order: *order,
+                        count: *count,
+                        zone: *zone,
+                    })
+                    .await?;
+                let id = reply_field(&reply, "region")
+                    .ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
+                self.regions.insert(region.clone(), id as u32);
+                Ok(())
+            }
+            Step::Optimize { region, layout } => {
+                let region = self.region_id(region)?;
+                self.request(Command::Optimize {
+                    region,
+                    layout: *layout,
+                })
+                .await
+                .map(drop)
+            }
+            Step::Restore { region } => {
+                let region = self.region_id(region)?;
+                self.request(Command::Restore { region }).await.map(drop)
+            }
+            Step::HugetlbFree { region: name } => {
+                let region = self.region_id(name)?;
+                self.request(Command::HugetlbFree { region }).await?;
+                self.regions.remove(name);
+                Ok(())
+            }
+            Step::Verify => self.verify().await,
         }
+    }
+
+    fn region_id(&self, name: &str) -> Result<u32, Abort> {
+        self.regions
+            .get(name)
+            .copied()
+            .ok_or_else(|| Abort::Guest(format!("region `{name}` was freed or never allocated")))
+    }
+
+    /// The manifest as the guest last published it (it republishes after every change).
+    fn read_manifest(&self) -> Result<Manifest, Abort> {
+        let mut bytes = vec![0u8; MANIFEST_SIZE];
+        self.memory
+            .read(self.image.manifest, &mut bytes)
+            .map_err(|e| Abort::Infra(format!("reading the manifest: {e}")))?;
+        Manifest::decode(&bytes)
+            .map_err(|e| Abort::Guest(format!("the manifest is unreadable: {e}")))
+    }
+
+    /// Every invariant: from the page tables, then on the live guest (write
+    /// probes and QEMU's own translation).
+    async fn verify(&mut self) -> Result<(), Abort> {
+        let started = Instant::now();
+        let manifest = self.read_manifest()?;
+        let (checks, map) = verify::check(self.arch, &manifest, &self.memory)
+            .map_err(|e| Abort::Guest(format!("the page tables cannot be walked: {e}")))?;
+        self.metrics.insert(
+            "verify_static_ms".into(),
+            json!(started.elapsed().as_millis() as u64),
+        );
+        self.metrics
+            .insert("vmemmap_ptes".into(), json!(map.ptes()));
+        self.checks.extend(checks);
+        self.check_write_faults(&manifest).await?;
+        self.check_vmemmap_translations(&manifest, &map).await?;
+        self.metrics.insert(
+            "verify_ms".into(),
+            json!(started.elapsed().as_millis() as u64),
+        );
+        Ok(())
+    }
+
+    /// What a write to each sampled vmemmap page must do under its layout:
+    /// heads are writable, read-only tails must fault (a missing TLB flush
+    /// shows here: the tables say read-only, the stale TLB entry lets it through).
+    async fn check_write_faults(&mut self, manifest: &Manifest) -> Result<(), Abort> {
+        let mut wrong = Vec::new();
+        let mut probed = 0;
+        for region in manifest.regions.iter() {
+            let Some(head) = region.heads().next() else {
+                continue;
+            };
+            let base = manifest.struct_page_va(head);
+            let pages = ((1u64 << region.order) * 64 / verify::PAGE).max(1);
+            let read_only_tails = region.optimized
+                && matches!(region.layout, Layout::Unified | Layout::LegacyHugetlb);
+            let mut samples = vec![
+                (0, false),
+                (1, read_only_tails),
+                (pages - 1, read_only_tails),
+            ];
+            samples.dedup();
+            for (i, must_fault) in samples {
+                let va = base + i * verify::PAGE + 8;
+                let reply = self.request(Command::ProbeWrite { va }).await?;
+                probed += 1;
+                let faulted = reply == "faulted";
+                if faulted != must_fault {
+                    wrong.push(format!(
+                        "region {} pfn {head:#x} vmemmap[{i}] ({va:#x}): the write {}, it must {}",
+                        region.id,
+                        if faulted { "faulted" } else { "went through" },
+                        if must_fault { "fault" } else { "succeed" }
+                    ));
+                }
+            }
+        }
+        self.checks.push(if wrong.is_empty() {
+            Check::pass(
+                verify::WRITE_FAULTS,
+                format!("{probed} write probes behaved"),
+            )
+        } else {
+            Check::fail(verify::WRITE_FAULTS, wrong.join("; "))
+        });
+        Ok(())
+    }
+
+    /// QEMU's MMU and the host walker agree on sampled vmemmap pages.
+    async fn check_vmemmap_translations(
+        &mut self,
+        manifest: &Manifest,
+        map: &VmemmapMap,
+    ) -> Result<(), Abort> {
+        let Some(qmp) = self.qmp.as_ref() else {
+            return Err(Abort::Infra("no QMP".into()));
+        };
+        let mut samples = Vec::new();
+        for region in manifest.regions.iter() {
+            if let Some(head) = region.heads().next() {
+                let base = manifest.struct_page_va(head);
+                samples.extend([base, base + verify::PAGE]);
+            }
+        }
+        let mut wrong = Vec::new();
+        for va in &samples {
+            let by_qemu = qmp
+                .gva2gpa(VirtAddr(*va))
+                .await
+                .map_err(|e| Abort::Infra(e.to_string()))?;
+            let by_host = map.lookup(*va).map(|(_, frame)| frame);
+            if by_qemu != by_host {
+                wrong.push(format!(
+                    "vmemmap {va:#x}: host walker {}, QEMU {}",
+                    show(by_host),
+                    show(by_qemu)
+                ));
+            }
+        }
+        self.checks.push(if wrong.is_empty() {
+            Check::pass(
+                verify::TRANSLATION_AGREES,
+                format!(
+                    "host walker and QEMU agree on {} vmemmap pages",
+                    samples.len()
+                ),
+            )
+        } else {
+            Check::fail(verify::TRANSLATION_AGREES, wrong.join("; "))
+        });
+        Ok(())
     }
 
     async fn exit(&mut self, status: u8) -> Result<(), Abort> {
@@ -604,11 +779,11 @@ impl Run<'_> {
         }
         self.checks.push(if wrong.is_empty() {
             Check::pass(
-                "translation-agrees",
+                verify::TRANSLATION_AGREES,
                 format!("host walker and QEMU's MMU agree on {compared} addresses"),
             )
         } else {
-            Check::fail("translation-agrees", wrong.join("; "))
+            Check::fail(verify::TRANSLATION_AGREES, wrong.join("; "))
         });
         Ok(())
     }
@@ -733,6 +908,13 @@ fn describe_exit(status: Option<ExitStatus>) -> String {
             _ => "unknown status".into(),
         },
     }
+}
+
+/// `value` of `name=value` in a reply payload.
+fn reply_field(payload: &str, name: &str) -> Option<u64> {
+    payload
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
 }
 
 fn show(pa: Option<PhysAddr>) -> String {

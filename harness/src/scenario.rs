@@ -7,11 +7,13 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use hvo_abi::model::{Layout, Zone};
 use hvo_images::{profile, Arch};
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::qemu::MachineSpec;
+use crate::verify;
 
 /// A scenario file larger than this is refused before parsing.
 pub const MAX_FILE_BYTES: u64 = 256 * 1024;
@@ -128,31 +130,151 @@ struct RawScenario {
 struct RawStep {
     action: Spanned<String>,
     status: Option<Spanned<u8>>,
+    region: Option<Spanned<String>>,
+    size: Option<Spanned<Size>>,
+    count: Option<Spanned<u64>>,
+    zone: Option<Spanned<String>>,
+    layout: Option<Spanned<String>>,
 }
 
-const ACTIONS: &[&str] = &["ping", "verify-manifest", "exit"];
+const ACTIONS: &[&str] = &[
+    "ping",
+    "verify-manifest",
+    "hugetlb-alloc",
+    "optimize",
+    "restore",
+    "hugetlb-free",
+    "verify",
+    "exit",
+];
+/// HugeTLB folio sizes the model allocates: 2 MiB to 1 GiB.
+const FOLIO_SIZES: std::ops::RangeInclusive<u64> = (2 << 20)..=(1 << 30);
+const MAX_FOLIOS: u64 = 65536;
 
 impl RawStep {
     fn into_step(self, loc: &Locator, index: usize) -> Result<Step, ScenarioError> {
         let field = |name: &str| format!("step[{index}].{name}");
         let action = self.action.get_ref().as_str();
+        let action_span = self.action.span();
+        let missing = |name: &str, what: &str| {
+            loc.error(
+                action_span.clone(),
+                Some(&field(name)),
+                format!("`{action}` needs {what}"),
+            )
+        };
         // Parameters present, with their spans, for the "not a parameter" check.
-        let given: Vec<(&str, Range<usize>)> = [("status", self.status.as_ref().map(|s| s.span()))]
-            .into_iter()
-            .filter_map(|(n, s)| Some((n, s?)))
-            .collect();
+        let given: Vec<(&str, Range<usize>)> = [
+            ("status", self.status.as_ref().map(|s| s.span())),
+            ("region", self.region.as_ref().map(|s| s.span())),
+            ("size", self.size.as_ref().map(|s| s.span())),
+            ("count", self.count.as_ref().map(|s| s.span())),
+            ("zone", self.zone.as_ref().map(|s| s.span())),
+            ("layout", self.layout.as_ref().map(|s| s.span())),
+        ]
+        .into_iter()
+        .filter_map(|(n, s)| Some((n, s?)))
+        .collect();
+        let region = || -> Result<String, ScenarioError> {
+            let r = self
+                .region
+                .as_ref()
+                .ok_or_else(|| missing("region", "a `region` name"))?;
+            if !valid_name(r.get_ref()) {
+                return Err(loc.error(
+                    r.span(),
+                    Some(&field("region")),
+                    "use only a-z, 0-9, '-' and '_'",
+                ));
+            }
+            Ok(r.get_ref().clone())
+        };
         let (step, takes): (Step, &[&str]) = match action {
             "ping" => (Step::Ping, &[]),
             "verify-manifest" => (Step::VerifyManifest, &[]),
+            "verify" => (Step::Verify, &[]),
             "exit" => (
                 Step::Exit {
                     status: self.status.as_ref().map(|s| *s.get_ref()).unwrap_or(0),
                 },
                 &["status"],
             ),
+            "hugetlb-alloc" => {
+                let size = self
+                    .size
+                    .as_ref()
+                    .ok_or_else(|| missing("size", "a folio `size`, like \"2M\" or \"1G\""))?;
+                let bytes = size.get_ref().0;
+                if !bytes.is_power_of_two() || !FOLIO_SIZES.contains(&bytes) {
+                    return Err(loc.error(
+                        size.span(),
+                        Some(&field("size")),
+                        format!(
+                            "{} is not a HugeTLB folio size: a power of two from 2M to 1G",
+                            size.get_ref()
+                        ),
+                    ));
+                }
+                let (count, count_span) = self
+                    .count
+                    .as_ref()
+                    .map(|c| (*c.get_ref(), c.span()))
+                    .unwrap_or((1, action_span.clone()));
+                if count == 0 || count > MAX_FOLIOS {
+                    return Err(loc.error(
+                        count_span,
+                        Some(&field("count")),
+                        format!("{count} folios is outside 1..={MAX_FOLIOS}"),
+                    ));
+                }
+                let zone = match &self.zone {
+                    None => Zone::Normal,
+                    Some(z) => Zone::from_name(z.get_ref()).ok_or_else(|| {
+                        loc.error(
+                            z.span(),
+                            Some(&field("zone")),
+                            format!(
+                                "unknown zone `{}` (known: normal, movable, device)",
+                                z.get_ref()
+                            ),
+                        )
+                    })?,
+                };
+                let order = bytes.trailing_zeros() - 12;
+                (
+                    Step::HugetlbAlloc {
+                        region: region()?,
+                        order,
+                        count,
+                        zone,
+                    },
+                    &["region", "size", "count", "zone"],
+                )
+            }
+            "optimize" => {
+                let layout = match &self.layout {
+                    None => Layout::Unified,
+                    Some(l) => Layout::from_name(l.get_ref()).filter(|l| *l != Layout::None).ok_or_else(|| {
+                        loc.error(
+                            l.span(),
+                            Some(&field("layout")),
+                            format!("unknown layout `{}` (known: unified, legacy-hugetlb, legacy-dax)", l.get_ref()),
+                        )
+                    })?,
+                };
+                (
+                    Step::Optimize {
+                        region: region()?,
+                        layout,
+                    },
+                    &["region", "layout"],
+                )
+            }
+            "restore" => (Step::Restore { region: region()? }, &["region"]),
+            "hugetlb-free" => (Step::HugetlbFree { region: region()? }, &["region"]),
             other => {
                 return Err(loc.error(
-                    self.action.span(),
+                    action_span.clone(),
                     Some(&field("action")),
                     format!("unknown action `{other}` (known: {})", ACTIONS.join(", ")),
                 ))
@@ -202,6 +324,21 @@ pub enum Step {
     VerifyManifest,
     /// Ask the guest to exit with `status` and check QEMU ends with it.
     Exit { status: u8 },
+    /// Allocate `count` HugeTLB folios of `order` in `zone`, named `region`.
+    HugetlbAlloc {
+        region: String,
+        order: u32,
+        count: u64,
+        zone: Zone,
+    },
+    /// Optimize a region's vmemmap under `layout`.
+    Optimize { region: String, layout: Layout },
+    /// Restore a region's vmemmap.
+    Restore { region: String },
+    /// Restore if needed, then free a region's folios.
+    HugetlbFree { region: String },
+    /// Check every invariant of the vmemmap as it is now.
+    Verify,
 }
 
 impl Step {
@@ -210,6 +347,11 @@ impl Step {
             Step::Ping => "ping",
             Step::VerifyManifest => "verify-manifest",
             Step::Exit { .. } => "exit",
+            Step::HugetlbAlloc { .. } => "hugetlb-alloc",
+            Step::Optimize { .. } => "optimize",
+            Step::Restore { .. } => "restore",
+            Step::HugetlbFree { .. } => "hugetlb-free",
+            Step::Verify => "verify",
         }
     }
 }
@@ -229,8 +371,16 @@ pub const CHECK_NAMES: &[&str] = &[
     "guest-ready",
     "ping",
     "manifest",
-    "translation-agrees",
     "exit-status",
+    verify::HEAD_PRIVATE,
+    verify::TAILS_SHARED,
+    verify::TAILS_READONLY,
+    verify::PTE_GRANULARITY,
+    verify::CONTENTS,
+    verify::ACCOUNTING,
+    verify::NO_LEAK,
+    verify::TRANSLATION_AGREES,
+    verify::WRITE_FAULTS,
 ];
 
 #[derive(Debug, Clone)]
@@ -508,10 +658,32 @@ impl Scenario {
                 ));
             }
             let line = loc.line_col(span.start).0;
-            steps.push(PlacedStep {
-                step: spanned.into_inner().into_step(&loc, i + 1)?,
-                line,
-            });
+            let step = spanned.into_inner().into_step(&loc, i + 1)?;
+            let allocated = |name: &str| {
+                steps.iter().any(|s: &PlacedStep| matches!(&s.step, Step::HugetlbAlloc { region, .. } if region == name))
+            };
+            match &step {
+                Step::Optimize { region, .. }
+                | Step::Restore { region }
+                | Step::HugetlbFree { region }
+                    if !allocated(region) =>
+                {
+                    return Err(loc.error(
+                        span,
+                        Some(&format!("step[{}].region", i + 1)),
+                        format!("no earlier step allocates region `{region}`"),
+                    ));
+                }
+                Step::HugetlbAlloc { region, .. } if allocated(region) => {
+                    return Err(loc.error(
+                        span,
+                        Some(&format!("step[{}].region", i + 1)),
+                        format!("region `{region}` is allocated twice"),
+                    ));
+                }
+                _ => {}
+            }
+            steps.push(PlacedStep { step, line });
         }
 
         Ok(Scenario {
@@ -774,6 +946,47 @@ status = 0
 
         let e = err("[[step]]\naction = \"exit\"\n[[step]]\naction = \"ping\"\n");
         assert_eq!(e.line, 3, "{e}");
+    }
+
+    #[test]
+    fn hugetlb_steps_parse_with_defaults_and_are_checked() {
+        let s = parse(
+            "[[step]]\naction = \"hugetlb-alloc\"\nregion = \"a\"\nsize = \"1G\"\ncount = 2\nzone = \"movable\"\n\
+             [[step]]\naction = \"optimize\"\nregion = \"a\"\n[[step]]\naction = \"verify\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.steps[0].step,
+            Step::HugetlbAlloc {
+                region: "a".into(),
+                order: 18,
+                count: 2,
+                zone: Zone::Movable
+            }
+        );
+        assert_eq!(
+            s.steps[1].step,
+            Step::Optimize {
+                region: "a".into(),
+                layout: Layout::Unified
+            }
+        );
+
+        let e = err("[[step]]\naction = \"hugetlb-alloc\"\nregion = \"a\"\nsize = \"3M\"\n");
+        assert_eq!((e.line, e.field.as_str()), (4, "step[1].size"), "{e}");
+        let e =
+            err("[[step]]\naction = \"hugetlb-alloc\"\nregion = \"a\"\nsize = \"2M\"\ncount = 0\n");
+        assert_eq!(e.field, "step[1].count", "{e}");
+        let e = err(
+            "[[step]]\naction = \"hugetlb-alloc\"\nregion = \"a\"\nsize = \"2M\"\nzone = \"dma\"\n",
+        );
+        assert_eq!(e.field, "step[1].zone", "{e}");
+        let e = err("[[step]]\naction = \"optimize\"\nregion = \"nope\"\n");
+        assert!(e.message.contains("no earlier step allocates"), "{e}");
+        let e = err("[[step]]\naction = \"hugetlb-alloc\"\nregion = \"a\"\nsize = \"2M\"\n[[step]]\naction = \"optimize\"\nregion = \"a\"\nlayout = \"sideways\"\n");
+        assert_eq!((e.line, e.field.as_str()), (8, "step[2].layout"), "{e}");
+        let e = err("[[step]]\naction = \"optimize\"\n");
+        assert_eq!(e.field, "step[1].region", "{e}");
     }
 
     #[test]

@@ -237,6 +237,35 @@ impl<'a> Walker<'a> {
         Ok(out)
     }
 
+    /// Every table of the tree (the root included): its address and size in bytes.
+    pub fn tables(&self, mem: &dyn GuestMemory) -> Result<Vec<(PhysAddr, u64)>, WalkError> {
+        let mut out = Vec::new();
+        self.collect_tables(mem, self.root, self.root_index_bits, 0, &mut out)?;
+        Ok(out)
+    }
+
+    fn collect_tables(
+        &self,
+        mem: &dyn GuestMemory,
+        table: PhysAddr,
+        index_bits: u32,
+        level: usize,
+        out: &mut Vec<(PhysAddr, u64)>,
+    ) -> Result<(), WalkError> {
+        out.push((table, 8 << index_bits));
+        for raw in self.read_table(mem, table, 1 << index_bits)? {
+            if let Decoded::Table {
+                pa,
+                index_bits: next,
+                ..
+            } = self.format.decode(raw, level)
+            {
+                self.collect_tables(mem, pa, next, level + 1, out)?;
+            }
+        }
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn collect(
         &self,
@@ -292,6 +321,25 @@ pub fn format(arch: Arch) -> &'static dyn Format {
         Arch::Aarch64 => &Aarch64,
         Arch::Ppc64le => &Radix::FOUR_K,
     }
+}
+
+/// Every root the manifest publishes that the MMU walks (the ppc64 process
+/// table is a table of roots, not a tree).
+pub fn published_trees<'a>(
+    arch: Arch,
+    mem: &dyn GuestMemory,
+    manifest: &Manifest,
+) -> Result<Vec<Walker<'a>>, WalkError> {
+    let mut trees = vec![walker_for(
+        arch,
+        mem,
+        manifest,
+        VirtAddr(manifest.vmemmap_base),
+    )?];
+    if let Some(identity) = manifest.root(RootKind::Identity) {
+        trees.push(Walker::new(format(arch), PhysAddr(identity.pa)));
+    }
+    Ok(trees)
 }
 
 /// The root that translates `va`, from the manifest: arm64 splits the address

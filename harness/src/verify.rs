@@ -1,0 +1,539 @@
+//! The verifier: DESIGN.md's invariants, computed from the guest's page tables
+//! (walked by the host's own walker), its memory and its manifest. Nothing
+//! here trusts the guest's page-table code; the manifest only says what the
+//! guest claims to have built, and every claim is checked against the tables.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+use hvo_abi::manifest::{Manifest, Region};
+use hvo_abi::model::{Layout, StructPage, STRUCT_PAGE_SIZE};
+use hvo_images::Arch;
+
+use crate::addr::{PhysAddr, VirtAddr};
+use crate::memory::GuestMemory;
+use crate::pgtable::{self, Leaf, WalkError};
+use crate::report::Check;
+
+pub const PAGE: u64 = 4096;
+
+/// The invariants, by the names reports and scenario files use.
+pub const HEAD_PRIVATE: &str = "head-private";
+pub const TAILS_SHARED: &str = "tails-shared";
+pub const TAILS_READONLY: &str = "tails-readonly";
+pub const PTE_GRANULARITY: &str = "pte-granularity";
+pub const CONTENTS: &str = "contents";
+pub const ACCOUNTING: &str = "accounting";
+pub const NO_LEAK: &str = "no-leak";
+pub const TRANSLATION_AGREES: &str = "translation-agrees";
+pub const WRITE_FAULTS: &str = "write-faults";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("walking the vmemmap: {0}")]
+    Walk(#[from] WalkError),
+}
+
+/// The vmemmap as the page tables map it: every 4 KiB of it.
+pub struct VmemmapMap {
+    /// Vmemmap VA (4 KiB aligned) -> the leaf mapping it.
+    by_va: BTreeMap<u64, Leaf>,
+    /// Frame (4 KiB) -> the vmemmap VAs mapping it.
+    by_frame: HashMap<u64, Vec<u64>>,
+}
+
+impl VmemmapMap {
+    /// Walks the vmemmap of all RAM and of every region.
+    pub fn walk(
+        arch: Arch,
+        manifest: &Manifest,
+        mem: &dyn GuestMemory,
+    ) -> Result<VmemmapMap, WalkError> {
+        let mut lo = u64::MAX;
+        let mut hi = 0;
+        for r in manifest.ram() {
+            lo = lo.min(r.start / PAGE);
+            hi = hi.max(r.end() / PAGE);
+        }
+        for r in manifest.regions.iter() {
+            lo = lo.min(r.start_pfn);
+            hi = hi.max(r.start_pfn + r.nr_pages);
+        }
+        let section = 1u64 << manifest.section_size_bits.min(40);
+        let lo = (lo * PAGE / section * section) / PAGE;
+        let hi = (hi * PAGE).div_ceil(section) * section / PAGE;
+        let start = VirtAddr(manifest.struct_page_va(lo));
+        let end = VirtAddr(manifest.struct_page_va(hi));
+        let walker = pgtable::walker_for(arch, mem, manifest, start)?;
+        let mut map = VmemmapMap {
+            by_va: BTreeMap::new(),
+            by_frame: HashMap::new(),
+        };
+        for leaf in walker.leaves(mem, start, end)? {
+            for i in 0..leaf.size() / PAGE {
+                let va = leaf.va.0 + i * PAGE;
+                map.by_va.insert(va, leaf);
+                map.by_frame
+                    .entry(leaf.pa.0 + i * PAGE)
+                    .or_default()
+                    .push(va);
+            }
+        }
+        Ok(map)
+    }
+
+    /// The leaf and the 4 KiB frame mapping the vmemmap page at `va`.
+    pub fn lookup(&self, va: u64) -> Option<(Leaf, PhysAddr)> {
+        self.by_va
+            .get(&va)
+            .map(|leaf| (*leaf, leaf.translate(VirtAddr(va))))
+    }
+
+    fn mappers(&self, frame: PhysAddr) -> &[u64] {
+        self.by_frame
+            .get(&frame.0)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Distinct 4 KiB frames the vmemmap maps.
+    pub fn frames(&self) -> u64 {
+        self.by_frame.len() as u64
+    }
+
+    pub fn ptes(&self) -> u64 {
+        self.by_va.len() as u64
+    }
+}
+
+/// One compound page's vmemmap pages as the tables map them.
+struct CompoundView {
+    head_pfn: u64,
+    pages: Vec<(u64, Option<(Leaf, PhysAddr)>)>,
+}
+
+impl CompoundView {
+    fn new(manifest: &Manifest, map: &VmemmapMap, region: &Region, head_pfn: u64) -> CompoundView {
+        let n = ((1u64 << region.order) * STRUCT_PAGE_SIZE / PAGE).max(1);
+        let base = manifest.struct_page_va(head_pfn);
+        let pages = (0..n)
+            .map(|i| (base + i * PAGE, map.lookup(base + i * PAGE)))
+            .collect();
+        CompoundView { head_pfn, pages }
+    }
+
+    /// A small picture of the layout, in the style of vmemmap_dedup.rst: each
+    /// vmemmap page, the frame it maps and how.
+    fn diagram(&self, shared: Option<PhysAddr>) -> String {
+        let mut out = format!("\n  compound page at pfn {:#x}:", self.head_pfn);
+        let shown: Vec<usize> = if self.pages.len() <= 6 {
+            (0..self.pages.len()).collect()
+        } else {
+            vec![0, 1, 2, self.pages.len() - 1]
+        };
+        for (k, &i) in shown.iter().enumerate() {
+            if k > 0 && i != shown[k - 1] + 1 {
+                let _ = write!(out, "\n    ...");
+            }
+            let (va, mapping) = &self.pages[i];
+            let _ = match mapping {
+                None => write!(out, "\n    vmemmap[{i}] {va:#x} -> unmapped"),
+                Some((leaf, frame)) => write!(
+                    out,
+                    "\n    vmemmap[{i}] {va:#x} -> {frame} {}{}{}",
+                    if leaf.perms.write { "RW" } else { "RO" },
+                    if leaf.shift > 12 {
+                        format!(" in a {} KiB leaf", leaf.size() >> 10)
+                    } else {
+                        String::new()
+                    },
+                    if Some(*frame) == shared {
+                        " (shared tail)"
+                    } else {
+                        ""
+                    },
+                ),
+            };
+        }
+        out
+    }
+}
+
+fn read_page(mem: &dyn GuestMemory, frame: PhysAddr) -> Option<Vec<StructPage>> {
+    let mut bytes = vec![0u8; PAGE as usize];
+    mem.read(frame, &mut bytes).ok()?;
+    Some(
+        bytes
+            .chunks_exact(64)
+            .map(|c| StructPage::from_le_bytes(c.try_into().unwrap_or(&[0; 64])))
+            .collect(),
+    )
+}
+
+/// Collects failures per invariant; a passing invariant reports what it covered.
+#[derive(Default)]
+struct Findings {
+    failures: BTreeMap<&'static str, Vec<String>>,
+    covered: BTreeMap<&'static str, u64>,
+}
+
+impl Findings {
+    fn fail(&mut self, invariant: &'static str, what: String) {
+        self.failures.entry(invariant).or_default().push(what);
+    }
+    fn cover(&mut self, invariant: &'static str, n: u64) {
+        *self.covered.entry(invariant).or_default() += n;
+    }
+    fn into_checks(self, names: &[&'static str]) -> Vec<Check> {
+        names
+            .iter()
+            .map(|name| match self.failures.get(name) {
+                Some(f) => {
+                    let more = if f.len() > 3 {
+                        format!(" (and {} more)", f.len() - 3)
+                    } else {
+                        String::new()
+                    };
+                    Check::fail(name, format!("{}{more}", f[..f.len().min(3)].join("; ")))
+                }
+                None => Check::pass(
+                    name,
+                    format!("{} checked", self.covered.get(name).copied().unwrap_or(0)),
+                ),
+            })
+            .collect()
+    }
+}
+
+/// Checks every static invariant (all but those needing the live guest).
+pub fn check(
+    arch: Arch,
+    manifest: &Manifest,
+    mem: &dyn GuestMemory,
+) -> Result<(Vec<Check>, VmemmapMap), VerifyError> {
+    let map = VmemmapMap::walk(arch, manifest, mem)?;
+    let mut f = Findings::default();
+
+    // Distinct (zone, order) pairs never share a frame.
+    let tails: Vec<_> = manifest.shared_tails.iter().collect();
+    for (i, a) in tails.iter().enumerate() {
+        for b in &tails[i + 1..] {
+            if a.pa == b.pa {
+                f.fail(
+                    TAILS_SHARED,
+                    format!(
+                        "zones {}/order {} and {}/order {} share the tail page {:#x}",
+                        a.zone.name(),
+                        a.order,
+                        b.zone.name(),
+                        b.order,
+                        a.pa
+                    ),
+                );
+            }
+        }
+    }
+
+    for region in manifest.regions.iter() {
+        let shared = manifest
+            .shared_tails
+            .find(region.zone, region.order)
+            .map(|t| PhysAddr(t.pa));
+        let mut compound_pages = 0;
+        for head in region.heads() {
+            compound_pages += 1;
+            let view = CompoundView::new(manifest, &map, region, head);
+            check_compound(&mut f, mem, &map, region, &view, shared);
+        }
+        if region.optimized && region.layout == Layout::Unified {
+            let users = manifest
+                .shared_tails
+                .find(region.zone, region.order)
+                .map(|t| t.users)
+                .unwrap_or(0);
+            f.cover(ACCOUNTING, 1);
+            if users < compound_pages {
+                f.fail(ACCOUNTING, format!(
+                    "the {}/order {} shared tail page counts {users} users, region {} alone has {compound_pages} optimized compound pages",
+                    region.zone.name(), region.order, region.id
+                ));
+            }
+        }
+    }
+
+    // Accounting: what the guest counted, recounted from the tables.
+    let counted = manifest.counters.vmemmap_live();
+    f.cover(ACCOUNTING, 2);
+    if counted != map.frames() {
+        f.fail(
+            ACCOUNTING,
+            format!(
+            "the guest counts {counted} live vmemmap frames, the page tables map {} distinct ones",
+            map.frames()
+        ),
+        );
+    }
+    let trees = pgtable::published_trees(arch, mem, manifest)?;
+    let mut table_frames = 0;
+    for t in &trees {
+        table_frames += t
+            .tables(mem)?
+            .iter()
+            .map(|(_, bytes)| bytes / PAGE)
+            .sum::<u64>();
+    }
+    if manifest.counters.pagetable_live() != table_frames {
+        f.fail(
+            ACCOUNTING,
+            format!(
+                "the guest counts {} live page-table frames, the roots reach {table_frames}",
+                manifest.counters.pagetable_live()
+            ),
+        );
+    }
+
+    // No leak: every shared tail page has users and is mapped by the vmemmap.
+    for t in manifest.shared_tails.iter() {
+        f.cover(NO_LEAK, 1);
+        if t.users == 0 {
+            f.fail(
+                NO_LEAK,
+                format!(
+                    "shared tail page {:#x} ({}/order {}) has no users but was not freed",
+                    t.pa,
+                    t.zone.name(),
+                    t.order
+                ),
+            );
+        } else if map.mappers(PhysAddr(t.pa)).is_empty() {
+            f.fail(
+                NO_LEAK,
+                format!(
+                    "shared tail page {:#x} ({}/order {}) is mapped by no vmemmap page",
+                    t.pa,
+                    t.zone.name(),
+                    t.order
+                ),
+            );
+        }
+    }
+
+    Ok((
+        f.into_checks(&[
+            HEAD_PRIVATE,
+            TAILS_SHARED,
+            TAILS_READONLY,
+            PTE_GRANULARITY,
+            CONTENTS,
+            ACCOUNTING,
+            NO_LEAK,
+        ]),
+        map,
+    ))
+}
+
+fn check_compound(
+    f: &mut Findings,
+    mem: &dyn GuestMemory,
+    map: &VmemmapMap,
+    region: &Region,
+    view: &CompoundView,
+    shared: Option<PhysAddr>,
+) {
+    let where_ = |i: usize| {
+        format!(
+            "region {} compound page at pfn {:#x}, vmemmap[{i}]",
+            region.id, view.head_pfn
+        )
+    };
+    let diagram = || view.diagram(shared);
+    let Some((head_leaf, head_frame)) = view.pages[0].1 else {
+        f.fail(
+            HEAD_PRIVATE,
+            format!("{}: head vmemmap page unmapped{}", where_(0), diagram()),
+        );
+        return;
+    };
+
+    // Contents of the head page: the head struct page then its tails.
+    f.cover(CONTENTS, 1);
+    match read_page(mem, head_frame) {
+        None => f.fail(
+            CONTENTS,
+            format!("{}: head page {head_frame} unreadable", where_(0)),
+        ),
+        Some(pages) => {
+            let expect_tail = StructPage::tail(region.zone, region.order);
+            if pages[0] != StructPage::head(region.zone, region.order) {
+                f.fail(
+                    CONTENTS,
+                    format!("{}: head struct page is {:?}", where_(0), pages[0]),
+                );
+            } else if let Some(k) = pages[1..].iter().position(|p| *p != expect_tail) {
+                f.fail(
+                    CONTENTS,
+                    format!(
+                        "{}: struct page {} of the head page is {:?}, expected a tail",
+                        where_(0),
+                        k + 1,
+                        pages[k + 1]
+                    ),
+                );
+            }
+        }
+    }
+
+    if !region.optimized {
+        // Unoptimized: every vmemmap page private and writable.
+        for (i, (_, m)) in view.pages.iter().enumerate() {
+            f.cover(HEAD_PRIVATE, 1);
+            match m {
+                Some((leaf, frame)) if leaf.perms.write && map.mappers(*frame).len() == 1 => {}
+                Some((leaf, frame)) => f.fail(
+                    HEAD_PRIVATE,
+                    format!(
+                        "{}: not optimized, yet it maps {frame} {} shared by {} vmemmap pages{}",
+                        where_(i),
+                        if leaf.perms.write { "RW" } else { "RO" },
+                        map.mappers(*frame).len(),
+                        diagram()
+                    ),
+                ),
+                None => f.fail(
+                    HEAD_PRIVATE,
+                    format!("{}: unmapped{}", where_(i), diagram()),
+                ),
+            }
+        }
+        return;
+    }
+
+    // Optimized: base-page PTEs only.
+    for (i, (_, m)) in view.pages.iter().enumerate() {
+        f.cover(PTE_GRANULARITY, 1);
+        if let Some((leaf, _)) = m {
+            if leaf.shift != 12 {
+                f.fail(
+                    PTE_GRANULARITY,
+                    format!(
+                        "{}: mapped by a {} KiB leaf, not a base page{}",
+                        where_(i),
+                        leaf.size() >> 10,
+                        diagram()
+                    ),
+                );
+            }
+        }
+    }
+
+    // The head page: private and writable.
+    f.cover(HEAD_PRIVATE, 1);
+    let head_users = map.mappers(head_frame);
+    let private_ok = match region.layout {
+        // Legacy HugeTLB maps the tails onto the head's own frame.
+        Layout::LegacyHugetlb => head_users.len() as u64 == view.pages.len() as u64,
+        _ => head_users.len() == 1,
+    };
+    if !head_leaf.perms.write || !private_ok || Some(head_frame) == shared {
+        f.fail(
+            HEAD_PRIVATE,
+            format!(
+                "{}: head page {head_frame} is {} and mapped by {} vmemmap pages{}{}",
+                where_(0),
+                if head_leaf.perms.write {
+                    "writable"
+                } else {
+                    "read-only"
+                },
+                head_users.len(),
+                if Some(head_frame) == shared {
+                    ", and it is the shared tail page"
+                } else {
+                    ""
+                },
+                diagram()
+            ),
+        );
+    }
+
+    // Tails: the layout's frame, read-only unless the layout says otherwise.
+    let (first_tail, expected, writable) = match region.layout {
+        Layout::Unified => (1, shared, false),
+        Layout::LegacyHugetlb => (1, Some(head_frame), false),
+        Layout::LegacyDax => (
+            2,
+            view.pages.get(1).and_then(|p| p.1).map(|(_, fr)| fr),
+            true,
+        ),
+        Layout::None => (view.pages.len(), None, true),
+    };
+    if region.layout == Layout::Unified && shared.is_none() {
+        f.fail(
+            TAILS_SHARED,
+            format!(
+                "{}: optimized under unified, but the manifest has no {}/order {} shared tail page",
+                where_(1),
+                region.zone.name(),
+                region.order
+            ),
+        );
+    }
+    for (i, (_, m)) in view.pages.iter().enumerate().skip(first_tail) {
+        f.cover(TAILS_SHARED, 1);
+        f.cover(TAILS_READONLY, 1);
+        let Some((leaf, frame)) = m else {
+            f.fail(
+                TAILS_SHARED,
+                format!("{}: tail page unmapped{}", where_(i), diagram()),
+            );
+            continue;
+        };
+        if Some(*frame) != expected {
+            f.fail(
+                TAILS_SHARED,
+                format!(
+                    "{}: tail maps {frame}, expected {} under {}{}",
+                    where_(i),
+                    expected
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "a shared page".into()),
+                    region.layout.name(),
+                    diagram()
+                ),
+            );
+        }
+        if !writable && (leaf.perms.write || leaf.perms.exec) {
+            f.fail(
+                TAILS_READONLY,
+                format!(
+                    "{}: tail is {}{} through the page tables{}",
+                    where_(i),
+                    if leaf.perms.write { "writable" } else { "" },
+                    if leaf.perms.exec { " executable" } else { "" },
+                    diagram()
+                ),
+            );
+        }
+    }
+    // The shared page itself holds identical tails of this zone and order.
+    if let (Layout::Unified, Some(page)) = (region.layout, shared) {
+        f.cover(CONTENTS, 1);
+        let expect = StructPage::tail(region.zone, region.order);
+        match read_page(mem, page) {
+            Some(pages) if pages.iter().all(|p| *p == expect) => {}
+            Some(pages) => {
+                let k = pages.iter().position(|p| *p != expect).unwrap_or(0);
+                f.fail(
+                    CONTENTS,
+                    format!(
+                        "shared tail page {page} ({}/order {}): struct page {k} is {:?}",
+                        region.zone.name(),
+                        region.order,
+                        pages[k]
+                    ),
+                );
+            }
+            None => f.fail(CONTENTS, format!("shared tail page {page} unreadable")),
+        }
+    }
+}
