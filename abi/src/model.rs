@@ -186,6 +186,63 @@ impl Layout {
     }
 }
 
+/// Bug knobs: each reintroduces one known bug on purpose, so every invariant
+/// is shown to fire (DESIGN.md section 7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Knob {
+    /// Tails mapped writable.
+    TailsWritable = 0,
+    /// The head vmemmap page mapped to the shared tail page.
+    HeadShared = 1,
+    /// Under unified, tails mapped to a page of their own folio.
+    PerFolioTail = 2,
+    /// One shared tail page used for every zone.
+    CrossZoneTail = 3,
+    /// A freed vmemmap frame not subtracted from the counters.
+    CounterNotDecremented = 4,
+    /// Remapping without invalidating the TLB.
+    NoTlbFlush = 5,
+    /// The shared tail page kept when its last user goes.
+    SharedTailLeak = 6,
+    /// The shared tail page filled with struct pages of the wrong order.
+    StaleTailContents = 7,
+}
+
+impl Knob {
+    pub const ALL: [Knob; 8] = [
+        Knob::TailsWritable,
+        Knob::HeadShared,
+        Knob::PerFolioTail,
+        Knob::CrossZoneTail,
+        Knob::CounterNotDecremented,
+        Knob::NoTlbFlush,
+        Knob::SharedTailLeak,
+        Knob::StaleTailContents,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Knob::TailsWritable => "tails-writable",
+            Knob::HeadShared => "head-shared",
+            Knob::PerFolioTail => "per-folio-tail",
+            Knob::CrossZoneTail => "cross-zone-tail",
+            Knob::CounterNotDecremented => "counter-not-decremented",
+            Knob::NoTlbFlush => "no-tlb-flush",
+            Knob::SharedTailLeak => "shared-tail-leak",
+            Knob::StaleTailContents => "stale-tail-contents",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Knob> {
+        Knob::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    pub const fn bit(self) -> u64 {
+        1 << self as u32
+    }
+}
+
 /// What a region of memory is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -235,6 +292,16 @@ mod tests {
             StructPage::tail(Zone::Normal, 9),
             StructPage::tail(Zone::Normal, 18)
         );
+    }
+
+    #[test]
+    fn knobs_have_distinct_names_and_bits() {
+        for (i, a) in Knob::ALL.iter().enumerate() {
+            assert_eq!(Knob::from_name(a.name()), Some(*a));
+            for b in &Knob::ALL[i + 1..] {
+                assert_ne!(a.bit(), b.bit());
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@
 
 use core::fmt;
 
-use crate::model::{Layout, Zone};
+use crate::model::{Knob, Layout, Zone};
 
 pub const PREFIX: &str = "@hvo";
 /// The longest line either side sends, newline excluded.
@@ -41,6 +41,8 @@ pub enum Command<'a> {
     Optimize { region: u32, layout: Layout },
     /// Give a region's vmemmap pages their own frames again.
     Restore { region: u32 },
+    /// Turn a bug knob on.
+    Knob { knob: Knob },
 }
 
 impl Command<'_> {
@@ -54,6 +56,7 @@ impl Command<'_> {
             Command::HugetlbFree { .. } => "hugetlb-free",
             Command::Optimize { .. } => "optimize",
             Command::Restore { .. } => "restore",
+            Command::Knob { .. } => "knob",
         }
     }
 }
@@ -77,6 +80,7 @@ impl fmt::Display for Request<'_> {
             }
             Command::HugetlbFree { region } | Command::Restore { region } => write!(f, " {region}"),
             Command::Optimize { region, layout } => write!(f, " {region} {}", layout.name()),
+            Command::Knob { knob } => write!(f, " {}", knob.name()),
         }
     }
 }
@@ -146,79 +150,89 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
         verb: "command",
         what: "verb",
     }))?;
-    let command = match verb {
-        "ping" => {
-            let token = words.next();
-            if let Some(t) = token {
-                if !valid_token(t) {
-                    return Err(fail(RequestError::BadArgument {
-                        verb: "ping",
-                        what: "token",
-                    }));
+    let command =
+        match verb {
+            "ping" => {
+                let token = words.next();
+                if let Some(t) = token {
+                    if !valid_token(t) {
+                        return Err(fail(RequestError::BadArgument {
+                            verb: "ping",
+                            what: "token",
+                        }));
+                    }
                 }
+                Command::Ping { token }
             }
-            Command::Ping { token }
-        }
-        "report" => Command::Report,
-        "exit" => {
-            let status = words.next().ok_or(fail(RequestError::MissingArgument {
-                verb: "exit",
-                what: "status",
-            }))?;
-            let status = status.parse::<u8>().map_err(|_| {
-                fail(RequestError::BadArgument {
+            "report" => Command::Report,
+            "exit" => {
+                let status = words.next().ok_or(fail(RequestError::MissingArgument {
                     verb: "exit",
                     what: "status",
-                })
-            })?;
-            Command::Exit { status }
-        }
-        "probe-write" => {
-            let va = words.next().ok_or(fail(RequestError::MissingArgument {
-                verb: "probe-write",
-                what: "address",
-            }))?;
-            let va = va
-                .strip_prefix("0x")
-                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-                .ok_or(fail(RequestError::BadArgument {
-                    verb: "probe-write",
-                    what: "address (0x...)",
                 }))?;
-            Command::ProbeWrite { va }
-        }
-        "hugetlb-alloc" => {
-            let verb = "hugetlb-alloc";
-            let order = number(words.next(), verb, "order").map_err(fail)?;
-            let count = number(words.next(), verb, "count").map_err(fail)?;
-            let zone = words
-                .next()
-                .and_then(Zone::from_name)
-                .ok_or(fail(RequestError::BadArgument { verb, what: "zone" }))?;
-            Command::HugetlbAlloc {
-                order: order as u32,
-                count,
-                zone,
+                let status = status.parse::<u8>().map_err(|_| {
+                    fail(RequestError::BadArgument {
+                        verb: "exit",
+                        what: "status",
+                    })
+                })?;
+                Command::Exit { status }
             }
-        }
-        "hugetlb-free" => Command::HugetlbFree {
-            region: number(words.next(), "hugetlb-free", "region").map_err(fail)? as u32,
-        },
-        "restore" => Command::Restore {
-            region: number(words.next(), "restore", "region").map_err(fail)? as u32,
-        },
-        "optimize" => {
-            let region = number(words.next(), "optimize", "region").map_err(fail)? as u32;
-            let layout = words.next().and_then(Layout::from_name).ok_or(fail(
-                RequestError::BadArgument {
-                    verb: "optimize",
-                    what: "layout",
-                },
-            ))?;
-            Command::Optimize { region, layout }
-        }
-        other => return Err(fail(RequestError::UnknownVerb(other))),
-    };
+            "probe-write" => {
+                let va = words.next().ok_or(fail(RequestError::MissingArgument {
+                    verb: "probe-write",
+                    what: "address",
+                }))?;
+                let va = va
+                    .strip_prefix("0x")
+                    .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                    .ok_or(fail(RequestError::BadArgument {
+                        verb: "probe-write",
+                        what: "address (0x...)",
+                    }))?;
+                Command::ProbeWrite { va }
+            }
+            "hugetlb-alloc" => {
+                let verb = "hugetlb-alloc";
+                let order = number(words.next(), verb, "order").map_err(fail)?;
+                let count = number(words.next(), verb, "count").map_err(fail)?;
+                let zone = words
+                    .next()
+                    .and_then(Zone::from_name)
+                    .ok_or(fail(RequestError::BadArgument { verb, what: "zone" }))?;
+                Command::HugetlbAlloc {
+                    order: order as u32,
+                    count,
+                    zone,
+                }
+            }
+            "hugetlb-free" => Command::HugetlbFree {
+                region: number(words.next(), "hugetlb-free", "region").map_err(fail)? as u32,
+            },
+            "restore" => Command::Restore {
+                region: number(words.next(), "restore", "region").map_err(fail)? as u32,
+            },
+            "optimize" => {
+                let region = number(words.next(), "optimize", "region").map_err(fail)? as u32;
+                let layout = words.next().and_then(Layout::from_name).ok_or(fail(
+                    RequestError::BadArgument {
+                        verb: "optimize",
+                        what: "layout",
+                    },
+                ))?;
+                Command::Optimize { region, layout }
+            }
+            "knob" => {
+                let knob = words.next().and_then(Knob::from_name).ok_or(fail(
+                    RequestError::BadArgument {
+                        verb: "knob",
+                        what: "knob name",
+                    },
+                ))?;
+                Command::Knob { knob }
+            }
+            other => return Err(fail(RequestError::UnknownVerb(other))),
+        };
     if words.next().is_some() {
         return Err(fail(RequestError::ExtraArgument {
             verb: command.verb(),

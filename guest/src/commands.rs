@@ -61,6 +61,13 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                             "optimized",
                         )
                     }
+                    Command::Knob { knob } => {
+                        kernel.vmemmap.knobs |= knob.bit();
+                        if knob == hvo_abi::model::Knob::CounterNotDecremented {
+                            kernel.frames.forget_vmemmap_frees = true;
+                        }
+                        changed(kernel, req.seq, Ok(knob.bit()), "knobs")
+                    }
                     Command::Restore { region } => {
                         let k = &mut *kernel;
                         let done =

@@ -86,6 +86,7 @@ pub fn publish(kernel: &Kernel) -> u64 {
         }
     }
     m.region_count = n as u32;
+    m.knobs = vm.knobs;
     let mut n = 0;
     for t in vm.shared_tails.iter().flatten() {
         m.shared_tails[n] = RawSharedTail {

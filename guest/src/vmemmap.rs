@@ -2,12 +2,12 @@
 //! HugeTLB vmemmap optimization and restore under each layout, as Linux's
 //! mm/sparse-vmemmap.c and mm/hugetlb_vmemmap.c do it, in miniature.
 
-use hvo_abi::model::{Layout, StructPage, Zone, STRUCT_PAGE_SIZE};
+use hvo_abi::model::{Knob, Layout, StructPage, Zone, STRUCT_PAGE_SIZE};
 
 use crate::arch;
 use crate::mm::boot::Table;
 use crate::mm::frames::{align_down, align_up, AllocError, FrameAllocator, Purpose};
-use crate::mm::pagetable::{MapError, Prot};
+use crate::mm::pagetable::{Flush, MapError, Prot};
 use crate::mm::{PageSize, PhysAddr, Range, RangeList, VirtAddr};
 
 pub const MAX_REGIONS: usize = hvo_abi::manifest::MAX_REGIONS;
@@ -96,6 +96,8 @@ pub struct Vmemmap {
     pub regions: [Option<Region>; MAX_REGIONS],
     pub shared_tails: [Option<SharedTail>; MAX_SHARED_TAILS],
     pub struct_pages_initialized: u64,
+    /// Bug knobs in force, one bit per `Knob`.
+    pub knobs: u64,
 }
 
 /// The sections holding any of `ram`, merged into ranges.
@@ -137,6 +139,21 @@ impl Vmemmap {
             regions: [None; MAX_REGIONS],
             shared_tails: [None; MAX_SHARED_TAILS],
             struct_pages_initialized: 0,
+            knobs: 0,
+        }
+    }
+
+    fn knob(&self, knob: Knob) -> bool {
+        self.knobs & knob.bit() != 0
+    }
+
+    /// Invalidates the TLB entry a change left stale, unless the
+    /// `no-tlb-flush` knob forgets it on purpose.
+    fn complete(&self, flush: Flush) {
+        if self.knob(Knob::NoTlbFlush) {
+            flush.ignore();
+        } else {
+            flush.flush();
         }
     }
 
@@ -245,11 +262,13 @@ impl Vmemmap {
         zone: Zone,
         order: u32,
     ) -> Result<PhysAddr, VmemmapError> {
+        // Knob `cross-zone-tail`: the lookup forgets the zone.
+        let any_zone = self.knob(Knob::CrossZoneTail);
         if let Some(t) = self
             .shared_tails
             .iter_mut()
             .flatten()
-            .find(|t| t.zone == zone && t.order == order)
+            .find(|t| (any_zone || t.zone == zone) && t.order == order)
         {
             t.users += 1;
             return Ok(t.pa);
@@ -259,7 +278,13 @@ impl Vmemmap {
             .iter()
             .position(Option::is_none)
             .ok_or(VmemmapError::TooManySharedTails)?;
-        let pa = tail_page(frames, zone, order)?;
+        // Knob `stale-tail-contents`: the page is filled for the wrong order.
+        let filled_order = if self.knob(Knob::StaleTailContents) {
+            order + 1
+        } else {
+            order
+        };
+        let pa = tail_page(frames, zone, filled_order)?;
         self.shared_tails[slot] = Some(SharedTail {
             pa,
             zone,
@@ -270,10 +295,12 @@ impl Vmemmap {
     }
 
     fn put_shared_tail(&mut self, frames: &mut FrameAllocator, zone: Zone, order: u32) {
+        let leak = self.knob(Knob::SharedTailLeak);
         for slot in self.shared_tails.iter_mut() {
             if let Some(t) = slot.as_mut().filter(|t| t.zone == zone && t.order == order) {
                 t.users -= 1;
-                if t.users == 0 {
+                // Knob `shared-tail-leak`: the last user does not free it.
+                if t.users == 0 && !leak {
                     frames.free(t.pa, PAGE, Purpose::Vmemmap);
                     *slot = None;
                 }
@@ -299,7 +326,7 @@ impl Vmemmap {
             )
         };
         let (old, flush) = table.remap(va, fresh, Prot::RW)?;
-        flush.flush();
+        self.complete(flush);
         frames.free(old, PAGE, Purpose::Vmemmap);
         Ok(fresh)
     }
@@ -326,12 +353,25 @@ impl Vmemmap {
             let mut va = base.0;
             while va < base.0 + pages * PAGE {
                 if let Some(flush) = table.split(frames, VirtAddr(va))? {
-                    flush.flush();
+                    self.complete(flush);
                 }
                 va = align_down(va, PageSize::Size2M.bytes()) + PageSize::Size2M.bytes();
             }
-            let head_frame = self.copy_to_fresh(table, frames, base)?;
+            let head_frame = if self.knob(Knob::HeadShared) {
+                // Knob `head-shared`: the head page goes to the shared tail page too.
+                let shared = self.get_shared_tail(frames, region.zone, region.order)?;
+                let (old, flush) = table.remap(base, shared, Prot::RO)?;
+                self.complete(flush);
+                frames.free(old, PAGE, Purpose::Vmemmap);
+                shared
+            } else {
+                self.copy_to_fresh(table, frames, base)?
+            };
             let (first_shared, target, prot) = match layout {
+                // Knob `per-folio-tail`: every folio gets a tail page of its own.
+                Layout::Unified if self.knob(Knob::PerFolioTail) => {
+                    (1, tail_page(frames, region.zone, region.order)?, Prot::RO)
+                }
                 Layout::Unified => (
                     1,
                     self.get_shared_tail(frames, region.zone, region.order)?,
@@ -345,9 +385,21 @@ impl Vmemmap {
                 ),
                 Layout::None => unreachable!("refused above"),
             };
+            // Knob `tails-writable`: the tails keep write permission.
+            let prot = if self.knob(Knob::TailsWritable) {
+                Prot::RW
+            } else {
+                prot
+            };
             for i in first_shared..pages {
-                let (old, flush) = table.remap(VirtAddr(base.0 + i * PAGE), target, prot)?;
-                flush.flush();
+                let va = VirtAddr(base.0 + i * PAGE);
+                // Like the kernel's remap walk, look at the tail page before
+                // remapping it: its old translation is live in the TLB, which
+                // is what the flush after the remap must kill.
+                // SAFETY: mapped, readable vmemmap.
+                let _ = unsafe { (va.0 as *const u64).read_volatile() };
+                let (old, flush) = table.remap(va, target, prot)?;
+                self.complete(flush);
                 frames.free(old, PAGE, Purpose::Vmemmap);
             }
         }
@@ -380,7 +432,7 @@ impl Vmemmap {
                 let fresh = tail_page(frames, region.zone, region.order)?;
                 // The old frame is shared (or the head's): it stays.
                 let (_shared, flush) = table.remap(VirtAddr(base.0 + i * PAGE), fresh, Prot::RW)?;
-                flush.flush();
+                self.complete(flush);
             }
             if region.layout == Layout::Unified {
                 self.put_shared_tail(frames, region.zone, region.order);

@@ -222,12 +222,12 @@ fn judge(
     match expect {
         Expect::Pass if failed.is_empty() => (Status::Pass, None),
         Expect::Pass => (Status::Fail, Some(describe(&failed))),
-        Expect::Fail { invariant } => {
+        Expect::Fail { invariant, also } => {
             let caught = failed.iter().any(|c| &c.name == invariant);
             let others: Vec<&Check> = failed
                 .iter()
                 .copied()
-                .filter(|c| &c.name != invariant)
+                .filter(|c| &c.name != invariant && !also.contains(&c.name))
                 .collect();
             match (caught, others.is_empty()) {
                 (true, true) => (Status::Pass, None),
@@ -350,6 +350,9 @@ impl Run<'_> {
         self.metrics
             .insert("boot_ms".into(), json!(self.elapsed_ms()));
         self.map_boot_ram()?;
+        for knob in &self.scenario.bug_knobs {
+            self.request(Command::Knob { knob: *knob }).await?;
+        }
         Ok(())
     }
 
@@ -949,11 +952,18 @@ mod tests {
     fn a_fail_scenario_passes_only_when_its_invariant_alone_fires() {
         let expect = Expect::Fail {
             invariant: "exit-status".into(),
+            also: vec!["contents".into()],
         };
         let fired = [Check::pass("ping", ""), Check::fail("exit-status", "x")];
         assert_eq!(judge(&expect, &fired, Ok(())).0, Status::Pass);
         let held = [Check::pass("exit-status", "")];
         assert_eq!(judge(&expect, &held, Ok(())).0, Status::Fail);
+        let consequence = [Check::fail("exit-status", ""), Check::fail("contents", "x")];
+        assert_eq!(
+            judge(&expect, &consequence, Ok(())).0,
+            Status::Pass,
+            "`also` may fire too"
+        );
         let other = [
             Check::fail("exit-status", ""),
             Check::fail("manifest", "bad"),

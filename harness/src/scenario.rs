@@ -7,7 +7,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use hvo_abi::model::{Layout, Zone};
+use hvo_abi::model::{Knob, Layout, Zone};
 use hvo_images::{profile, Arch};
 use serde::Deserialize;
 use toml::Spanned;
@@ -118,6 +118,7 @@ struct RawScenario {
     boot_timeout_ms: Option<Spanned<u64>>,
     #[serde(default)]
     machine: RawMachine,
+    bug_knobs: Option<Vec<Spanned<String>>>,
     expect: Option<RawExpect>,
     #[serde(default)]
     step: Vec<Spanned<RawStep>>,
@@ -304,6 +305,8 @@ struct RawMachine {
 struct RawExpect {
     outcome: Spanned<Outcome>,
     invariant: Option<Spanned<String>>,
+    /// Invariants that fire too, as consequences of the same bug.
+    also: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -360,9 +363,10 @@ impl Step {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {
     Pass,
-    /// The named check must fail (and no other).
+    /// The named check must fail; no other may, except those in `also`.
     Fail {
         invariant: String,
+        also: Vec<String>,
     },
 }
 
@@ -400,6 +404,8 @@ pub struct Scenario {
     pub step_timeout_ms: u64,
     pub boot_timeout_ms: u64,
     pub expect: Expect,
+    /// Bugs the guest reintroduces on purpose, turned on right after boot.
+    pub bug_knobs: Vec<Knob>,
     pub steps: Vec<PlacedStep>,
 }
 
@@ -607,42 +613,73 @@ impl Scenario {
 
         let machine = machine(&loc, &raw.machine, &architectures)?;
 
+        let known_check = |c: &Spanned<String>, field: &str| -> Result<String, ScenarioError> {
+            if CHECK_NAMES.contains(&c.get_ref().as_str()) {
+                Ok(c.get_ref().clone())
+            } else {
+                Err(loc.error(
+                    c.span(),
+                    Some(field),
+                    format!(
+                        "unknown invariant `{}` (known: {})",
+                        c.get_ref(),
+                        CHECK_NAMES.join(", ")
+                    ),
+                ))
+            }
+        };
         let expect = match &raw.expect {
             None => Expect::Pass,
-            Some(e) => match (e.outcome.get_ref(), &e.invariant) {
-                (Outcome::Pass, None) => Expect::Pass,
-                (Outcome::Pass, Some(i)) => {
+            Some(e) => match (e.outcome.get_ref(), &e.invariant, &e.also) {
+                (Outcome::Pass, None, None) => Expect::Pass,
+                (Outcome::Pass, Some(i), _) => {
                     return Err(loc.error(
                         i.span(),
                         Some("expect.invariant"),
                         "only a scenario expecting `fail` names an invariant",
                     ))
                 }
-                (Outcome::Fail, None) => {
+                (Outcome::Pass, None, Some(_)) => {
+                    return Err(loc.error(
+                        e.outcome.span(),
+                        Some("expect.also"),
+                        "only a scenario expecting `fail` names invariants",
+                    ))
+                }
+                (Outcome::Fail, None, _) => {
                     return Err(loc.error(
                         e.outcome.span(),
                         Some("expect.invariant"),
                         "a scenario expecting `fail` must name the invariant that must fire",
                     ))
                 }
-                (Outcome::Fail, Some(i)) => {
-                    if !CHECK_NAMES.contains(&i.get_ref().as_str()) {
-                        return Err(loc.error(
-                            i.span(),
-                            Some("expect.invariant"),
-                            format!(
-                                "unknown invariant `{}` (known: {})",
-                                i.get_ref(),
-                                CHECK_NAMES.join(", ")
-                            ),
-                        ));
-                    }
-                    Expect::Fail {
-                        invariant: i.get_ref().clone(),
-                    }
-                }
+                (Outcome::Fail, Some(i), also) => Expect::Fail {
+                    invariant: known_check(i, "expect.invariant")?,
+                    also: also
+                        .iter()
+                        .flatten()
+                        .map(|a| known_check(a, "expect.also"))
+                        .collect::<Result<_, _>>()?,
+                },
             },
         };
+
+        let mut bug_knobs = Vec::new();
+        for k in raw.bug_knobs.iter().flatten() {
+            let knob = Knob::from_name(k.get_ref()).ok_or_else(|| {
+                let known: Vec<&str> = Knob::ALL.iter().map(|k| k.name()).collect();
+                loc.error(
+                    k.span(),
+                    Some("bug-knobs"),
+                    format!(
+                        "unknown bug knob `{}` (known: {})",
+                        k.get_ref(),
+                        known.join(", ")
+                    ),
+                )
+            })?;
+            bug_knobs.push(knob);
+        }
 
         let mut steps = Vec::with_capacity(raw.step.len());
         for (i, spanned) in raw.step.into_iter().enumerate() {
@@ -695,6 +732,7 @@ impl Scenario {
             step_timeout_ms,
             boot_timeout_ms,
             expect,
+            bug_knobs,
             steps,
         })
     }
@@ -999,9 +1037,27 @@ status = 0
         assert_eq!(
             s.expect,
             Expect::Fail {
-                invariant: "exit-status".into()
+                invariant: "exit-status".into(),
+                also: vec![]
             }
         );
+        let s = parse(
+            "bug-knobs = [\"no-tlb-flush\"]\n[expect]\noutcome = \"fail\"\ninvariant = \"write-faults\"\nalso = [\"contents\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.expect,
+            Expect::Fail {
+                invariant: "write-faults".into(),
+                also: vec!["contents".into()]
+            }
+        );
+        assert_eq!(s.bug_knobs, vec![Knob::NoTlbFlush]);
+        let e = err("bug-knobs = [\"flip-bits\"]\n");
+        assert_eq!((e.line, e.field.as_str()), (1, "bug-knobs"), "{e}");
+        let e =
+            err("[expect]\noutcome = \"fail\"\ninvariant = \"contents\"\nalso = [\"nonsense\"]\n");
+        assert_eq!((e.line, e.field.as_str()), (4, "expect.also"), "{e}");
     }
 
     #[test]

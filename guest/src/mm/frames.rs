@@ -40,16 +40,31 @@ impl Counters {
     }
 }
 
-/// Free RAM that has never been handed out, one cursor per range, and a list
-/// of 4 KiB frames given back.
+/// Free RAM that has never been handed out, one cursor per range, and the
+/// 4 KiB frames given back.
+///
+/// Freed frames are kept on a stack inside the allocator rather than linked
+/// through the frames themselves: writing a link into a just-freed vmemmap
+/// frame (through the identity map) lands in the same TCG TLB slot as the
+/// vmemmap page that mapped it, evicting exactly the stale translation a
+/// missing TLB flush leaves behind, and the write probes could never see it.
+/// Only when the stack is full (freeing whole HugeTLB regions) are frames
+/// linked through themselves.
 pub struct FrameAllocator {
     free: RangeList,
-    /// Head of a singly linked list threaded through freed 4 KiB frames.
-    recycled: Option<PhysAddr>,
+    /// The recycled-frame stack: `RECYCLE_SLOTS` addresses, `recycled_len` used.
+    recycled: *mut u64,
+    recycled_len: usize,
+    /// Head of a list threaded through frames freed while the stack was full.
+    overflow: Option<PhysAddr>,
     pub counters: Counters,
+    /// Bug knob `counter-not-decremented`: freed vmemmap frames are not counted.
+    pub forget_vmemmap_frees: bool,
 }
 
 const FRAME: u64 = PageSize::Size4K.bytes();
+const RECYCLE_BYTES: u64 = 64 * 1024;
+const RECYCLE_SLOTS: usize = (RECYCLE_BYTES / 8) as usize;
 
 impl FrameAllocator {
     /// Everything in `ram` that is not in `reserved`.
@@ -72,11 +87,20 @@ impl FrameAllocator {
                 free.push(Range { start, end });
             }
         }
-        FrameAllocator {
+        let mut allocator = FrameAllocator {
             free,
-            recycled: None,
+            recycled: core::ptr::null_mut(),
+            recycled_len: 0,
+            overflow: None,
             counters: Counters::default(),
-        }
+            forget_vmemmap_frees: false,
+        };
+        // The stack's own storage: the allocator's, counted for nothing.
+        allocator.recycled = match allocator.bump(RECYCLE_BYTES) {
+            Ok(pa) => pa.as_mut_ptr(),
+            Err(_) => panic!("no memory for the frame allocator"),
+        };
+        allocator
     }
 
     /// One zeroed frame of `size`, aligned to its size.
@@ -88,12 +112,17 @@ impl FrameAllocator {
     /// size: page-table roots larger than a page (ppc64le radix) come from here.
     pub fn alloc_bytes(&mut self, bytes: u64, purpose: Purpose) -> Result<PhysAddr, AllocError> {
         debug_assert!(bytes.is_power_of_two() && bytes >= FRAME);
-        let pa = match (bytes, self.recycled) {
+        let pa = match (bytes, self.overflow) {
             (FRAME, Some(head)) => {
-                // SAFETY: a recycled frame is ours and identity-mapped; its first
-                // word links to the next one.
-                self.recycled = unsafe { head.as_mut_ptr::<Option<PhysAddr>>().read() };
+                // SAFETY: an overflowed frame is ours and identity-mapped; its
+                // first word links to the next one.
+                self.overflow = unsafe { head.as_mut_ptr::<Option<PhysAddr>>().read() };
                 head
+            }
+            (FRAME, None) if self.recycled_len > 0 => {
+                self.recycled_len -= 1;
+                // SAFETY: below `recycled_len`, inside the stack's storage.
+                PhysAddr(unsafe { self.recycled.add(self.recycled_len).read() })
             }
             _ => self.bump(bytes)?,
         };
@@ -107,11 +136,19 @@ impl FrameAllocator {
     pub fn free(&mut self, pa: PhysAddr, bytes: u64, purpose: Purpose) {
         for i in 0..bytes / FRAME {
             let frame = pa.add(i * FRAME);
-            // SAFETY: the caller gives the frame back and no longer uses it.
-            unsafe { frame.as_mut_ptr::<Option<PhysAddr>>().write(self.recycled) };
-            self.recycled = Some(frame);
+            if self.recycled_len < RECYCLE_SLOTS {
+                // SAFETY: below the stack's capacity.
+                unsafe { self.recycled.add(self.recycled_len).write(frame.0) };
+                self.recycled_len += 1;
+            } else {
+                // SAFETY: the caller gives the frame back and no longer uses it.
+                unsafe { frame.as_mut_ptr::<Option<PhysAddr>>().write(self.overflow) };
+                self.overflow = Some(frame);
+            }
         }
-        self.counters.freed[purpose.index()] += bytes / FRAME;
+        if !(self.forget_vmemmap_frees && purpose == Purpose::Vmemmap) {
+            self.counters.freed[purpose.index()] += bytes / FRAME;
+        }
     }
 
     /// `bytes` of contiguous memory aligned to `align`, not zeroed: data pages
