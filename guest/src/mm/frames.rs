@@ -132,8 +132,18 @@ impl FrameAllocator {
         Ok(pa)
     }
 
-    /// Takes a block back; it is recycled as 4 KiB frames.
+    /// Takes memory back: a 4 KiB frame onto the recycle stack, a larger
+    /// block (a HugeTLB region) back into the free ranges whole, without
+    /// touching its pages.
     pub fn free(&mut self, pa: PhysAddr, bytes: u64, purpose: Purpose) {
+        if bytes > FRAME {
+            self.free.push(Range {
+                start: pa.0,
+                end: pa.0 + bytes,
+            });
+            self.count_free(purpose, bytes);
+            return;
+        }
         for i in 0..bytes / FRAME {
             let frame = pa.add(i * FRAME);
             if self.recycled_len < RECYCLE_SLOTS {
@@ -146,6 +156,10 @@ impl FrameAllocator {
                 self.overflow = Some(frame);
             }
         }
+        self.count_free(purpose, bytes);
+    }
+
+    fn count_free(&mut self, purpose: Purpose, bytes: u64) {
         if !(self.forget_vmemmap_frees && purpose == Purpose::Vmemmap) {
             self.counters.freed[purpose.index()] += bytes / FRAME;
         }
@@ -175,8 +189,12 @@ impl FrameAllocator {
             let start = align_up(r.start, align);
             if found.is_none() && start + bytes <= r.end {
                 found = Some(PhysAddr(start));
-                // The alignment gap below `start` is given up: it only arises for
-                // large blocks, which come early in boot.
+                // The alignment gap below `start` stays free: a 1 GiB folio
+                // would otherwise take everything below it too.
+                next.push(Range {
+                    start: r.start,
+                    end: start,
+                });
                 next.push(Range {
                     start: start + bytes,
                     end: r.end,

@@ -98,7 +98,7 @@ impl Range {
     }
 }
 
-const MAX_RANGES: usize = 16;
+const MAX_RANGES: usize = 64;
 
 /// A small fixed-capacity list of ranges (no heap in the firmware).
 #[derive(Clone, Copy)]
@@ -115,17 +115,32 @@ impl RangeList {
         }
     }
 
-    /// Adds a range; a platform describing more than we can hold is a boot failure.
+    /// Adds a range, merged with any it overlaps or touches; more disjoint
+    /// ranges than we can hold is a firmware failure.
     pub fn push(&mut self, range: Range) {
         if range.start >= range.end {
             return;
         }
+        let mut merged = range;
+        let mut kept = 0;
+        for i in 0..self.len {
+            let r = self.ranges[i];
+            if r.start <= merged.end && merged.start <= r.end {
+                merged = Range {
+                    start: r.start.min(merged.start),
+                    end: r.end.max(merged.end),
+                };
+            } else {
+                self.ranges[kept] = r;
+                kept += 1;
+            }
+        }
         assert!(
-            self.len < MAX_RANGES,
-            "more than {MAX_RANGES} memory ranges"
+            kept < MAX_RANGES,
+            "more than {MAX_RANGES} disjoint memory ranges"
         );
-        self.ranges[self.len] = range;
-        self.len += 1;
+        self.ranges[kept] = merged;
+        self.len = kept + 1;
         self.ranges[..self.len].sort_unstable_by_key(|r| r.start);
     }
 
