@@ -179,11 +179,7 @@ impl RawManifest {
             image: RawRange { start: 0, size: 0 },
             root_count: 0,
             ram_count: 0,
-            roots: [RawRoot {
-                kind: 0,
-                _reserved: 0,
-                pa: 0,
-            }; MAX_ROOTS],
+            roots: [RawRoot { kind: 0, _reserved: 0, pa: 0 }; MAX_ROOTS],
             ram: [RawRange { start: 0, size: 0 }; MAX_RAM_RANGES],
             generation: 0,
             section_size_bits: 0,
@@ -209,12 +205,7 @@ impl RawManifest {
                 optimized: 0,
                 id: 0,
             }; MAX_REGIONS],
-            shared_tails: [RawSharedTail {
-                pa: 0,
-                zone: 0,
-                order: 0,
-                users: 0,
-            }; MAX_SHARED_TAILS],
+            shared_tails: [RawSharedTail { pa: 0, zone: 0, order: 0, users: 0 }; MAX_SHARED_TAILS],
         }
     }
 }
@@ -332,10 +323,7 @@ impl Manifest {
 
     /// Virtual address of the struct page of `pfn`.
     pub fn struct_page_va(&self, pfn: u64) -> u64 {
-        self.vmemmap_base.wrapping_add(
-            pfn.wrapping_sub(self.memstart_pfn)
-                .wrapping_mul(crate::model::STRUCT_PAGE_SIZE),
-        )
+        self.vmemmap_base.wrapping_add(pfn.wrapping_sub(self.memstart_pfn).wrapping_mul(crate::model::STRUCT_PAGE_SIZE))
     }
 }
 
@@ -388,10 +376,7 @@ impl core::fmt::Display for ManifestError {
             }
             ManifestError::BadMagic(m) => write!(f, "bad manifest magic {m:#018x}"),
             ManifestError::AbiVersion { found, expected } => {
-                write!(
-                    f,
-                    "guest ABI version {found}, host expects {expected}: rebuild the guest"
-                )
+                write!(f, "guest ABI version {found}, host expects {expected}: rebuild the guest")
             }
             ManifestError::SizeMismatch { found, expected } => {
                 write!(f, "manifest size {found} bytes, host expects {expected}")
@@ -431,10 +416,7 @@ impl Manifest {
     /// Decodes a manifest from the bytes at its guest-physical address.
     pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         if bytes.len() < MANIFEST_SIZE {
-            return Err(ManifestError::Truncated {
-                have: bytes.len(),
-                need: MANIFEST_SIZE,
-            });
+            return Err(ManifestError::Truncated { have: bytes.len(), need: MANIFEST_SIZE });
         }
         let u32_at = |off| le_u32(bytes, off);
         let u64_at = |off| le_u64(bytes, off);
@@ -445,17 +427,11 @@ impl Manifest {
         }
         let abi_version = u32_at(offset_of!(RawManifest, abi_version));
         if abi_version != ABI_VERSION {
-            return Err(ManifestError::AbiVersion {
-                found: abi_version,
-                expected: ABI_VERSION,
-            });
+            return Err(ManifestError::AbiVersion { found: abi_version, expected: ABI_VERSION });
         }
         let size = u32_at(offset_of!(RawManifest, size));
         if size as usize != MANIFEST_SIZE {
-            return Err(ManifestError::SizeMismatch {
-                found: size,
-                expected: MANIFEST_SIZE as u32,
-            });
+            return Err(ManifestError::SizeMismatch { found: size, expected: MANIFEST_SIZE as u32 });
         }
         let raw_arch = u32_at(offset_of!(RawManifest, arch));
         let arch = Arch::from_raw(raw_arch).ok_or(ManifestError::UnknownArch(raw_arch))?;
@@ -471,33 +447,20 @@ impl Manifest {
 
         let root_count = u32_at(offset_of!(RawManifest, root_count));
         if root_count as usize > MAX_ROOTS {
-            return Err(ManifestError::TooMany {
-                field: "roots",
-                count: root_count,
-                max: MAX_ROOTS,
-            });
+            return Err(ManifestError::TooMany { field: "roots", count: root_count, max: MAX_ROOTS });
         }
         let mut roots = [None; MAX_ROOTS];
         for (i, slot) in roots.iter_mut().enumerate().take(root_count as usize) {
             let at = offset_of!(RawManifest, roots) + i * size_of::<RawRoot>();
             let raw_kind = u32_at(at + offset_of!(RawRoot, kind));
-            let kind = RootKind::from_raw(raw_kind).ok_or(ManifestError::UnknownRootKind {
-                index: i,
-                raw: raw_kind,
-            })?;
-            *slot = Some(Root {
-                kind,
-                pa: u64_at(at + offset_of!(RawRoot, pa)),
-            });
+            let kind =
+                RootKind::from_raw(raw_kind).ok_or(ManifestError::UnknownRootKind { index: i, raw: raw_kind })?;
+            *slot = Some(Root { kind, pa: u64_at(at + offset_of!(RawRoot, pa)) });
         }
 
         let ram_count = u32_at(offset_of!(RawManifest, ram_count));
         if ram_count as usize > MAX_RAM_RANGES {
-            return Err(ManifestError::TooMany {
-                field: "ram",
-                count: ram_count,
-                max: MAX_RAM_RANGES,
-            });
+            return Err(ManifestError::TooMany { field: "ram", count: ram_count, max: MAX_RAM_RANGES });
         }
         let range_at = |at: usize| Range {
             start: u64_at(at + offset_of!(RawRange, start)),
@@ -505,33 +468,18 @@ impl Manifest {
         };
         let mut ram = [None; MAX_RAM_RANGES];
         for (i, slot) in ram.iter_mut().enumerate().take(ram_count as usize) {
-            *slot = Some(range_at(
-                offset_of!(RawManifest, ram) + i * size_of::<RawRange>(),
-            ));
+            *slot = Some(range_at(offset_of!(RawManifest, ram) + i * size_of::<RawRange>()));
         }
 
         let region_count = u32_at(offset_of!(RawManifest, region_count));
         if region_count as usize > MAX_REGIONS {
-            return Err(ManifestError::TooMany {
-                field: "regions",
-                count: region_count,
-                max: MAX_REGIONS,
-            });
+            return Err(ManifestError::TooMany { field: "regions", count: region_count, max: MAX_REGIONS });
         }
         let mut regions = Regions::default();
-        for (i, slot) in regions
-            .items
-            .iter_mut()
-            .enumerate()
-            .take(region_count as usize)
-        {
+        for (i, slot) in regions.items.iter_mut().enumerate().take(region_count as usize) {
             let at = offset_of!(RawManifest, regions) + i * size_of::<RawRegion>();
             let field = |off: usize| u32_at(at + off);
-            let bad = |what, raw| ManifestError::BadRegion {
-                index: i,
-                what,
-                raw,
-            };
+            let bad = |what, raw| ManifestError::BadRegion { index: i, what, raw };
             let kind_raw = field(offset_of!(RawRegion, kind));
             let zone_raw = field(offset_of!(RawRegion, zone));
             let layout_raw = field(offset_of!(RawRegion, layout));
@@ -549,19 +497,10 @@ impl Manifest {
 
         let tail_count = u32_at(offset_of!(RawManifest, shared_tail_count));
         if tail_count as usize > MAX_SHARED_TAILS {
-            return Err(ManifestError::TooMany {
-                field: "shared tails",
-                count: tail_count,
-                max: MAX_SHARED_TAILS,
-            });
+            return Err(ManifestError::TooMany { field: "shared tails", count: tail_count, max: MAX_SHARED_TAILS });
         }
         let mut shared_tails = SharedTails::default();
-        for (i, slot) in shared_tails
-            .items
-            .iter_mut()
-            .enumerate()
-            .take(tail_count as usize)
-        {
+        for (i, slot) in shared_tails.items.iter_mut().enumerate().take(tail_count as usize) {
             let at = offset_of!(RawManifest, shared_tails) + i * size_of::<RawSharedTail>();
             let zone_raw = u32_at(at + offset_of!(RawSharedTail, zone));
             *slot = Some(SharedTail {
@@ -622,21 +561,10 @@ mod tests {
         raw.page_size = 4096;
         raw.vmemmap_base = 0xffff_fdff_c000_0000;
         raw.root_count = 2;
-        raw.roots[0] = RawRoot {
-            kind: RootKind::Kernel as u32,
-            _reserved: 0,
-            pa: 0x4030_0000,
-        };
-        raw.roots[1] = RawRoot {
-            kind: RootKind::Identity as u32,
-            _reserved: 0,
-            pa: 0x4030_1000,
-        };
+        raw.roots[0] = RawRoot { kind: RootKind::Kernel as u32, _reserved: 0, pa: 0x4030_0000 };
+        raw.roots[1] = RawRoot { kind: RootKind::Identity as u32, _reserved: 0, pa: 0x4030_1000 };
         raw.ram_count = 1;
-        raw.ram[0] = RawRange {
-            start: 0x4000_0000,
-            size: 512 << 20,
-        };
+        raw.ram[0] = RawRange { start: 0x4000_0000, size: 512 << 20 };
         raw
     }
 
@@ -645,74 +573,38 @@ mod tests {
         let m = Manifest::decode(&bytes_of(&ready())).unwrap();
         assert_eq!(m.arch, Arch::Aarch64);
         assert_eq!(m.state, GuestState::Ready);
-        assert_eq!(
-            m.root(RootKind::Kernel),
-            Some(Root {
-                kind: RootKind::Kernel,
-                pa: 0x4030_0000
-            })
-        );
+        assert_eq!(m.root(RootKind::Kernel), Some(Root { kind: RootKind::Kernel, pa: 0x4030_0000 }));
         assert_eq!(m.roots().count(), 2);
-        assert_eq!(
-            m.ram().collect::<Vec<_>>(),
-            vec![Range {
-                start: 0x4000_0000,
-                size: 512 << 20
-            }]
-        );
+        assert_eq!(m.ram().collect::<Vec<_>>(), vec![Range { start: 0x4000_0000, size: 512 << 20 }]);
         assert_eq!(m.vmemmap_base, 0xffff_fdff_c000_0000);
     }
 
     #[test]
     fn rejects_garbage_with_a_reason() {
-        assert_eq!(
-            Manifest::decode(&[0u8; 16]),
-            Err(ManifestError::Truncated {
-                have: 16,
-                need: MANIFEST_SIZE
-            })
-        );
+        assert_eq!(Manifest::decode(&[0u8; 16]), Err(ManifestError::Truncated { have: 16, need: MANIFEST_SIZE }));
         let mut raw = ready();
         raw.magic = 0;
-        assert_eq!(
-            Manifest::decode(&bytes_of(&raw)),
-            Err(ManifestError::BadMagic(0))
-        );
+        assert_eq!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::BadMagic(0)));
 
         let mut raw = ready();
         raw.abi_version = 99;
-        assert!(matches!(
-            Manifest::decode(&bytes_of(&raw)),
-            Err(ManifestError::AbiVersion { found: 99, .. })
-        ));
+        assert!(matches!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::AbiVersion { found: 99, .. })));
 
         let mut raw = ready();
         raw.arch = 7;
-        assert_eq!(
-            Manifest::decode(&bytes_of(&raw)),
-            Err(ManifestError::UnknownArch(7))
-        );
+        assert_eq!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::UnknownArch(7)));
 
         let mut raw = ready();
         raw.root_count = 9;
-        assert!(matches!(
-            Manifest::decode(&bytes_of(&raw)),
-            Err(ManifestError::TooMany { .. })
-        ));
+        assert!(matches!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::TooMany { .. })));
 
         let mut raw = ready();
         raw.roots[1].kind = 42;
-        assert_eq!(
-            Manifest::decode(&bytes_of(&raw)),
-            Err(ManifestError::UnknownRootKind { index: 1, raw: 42 })
-        );
+        assert_eq!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::UnknownRootKind { index: 1, raw: 42 }));
 
         let mut raw = ready();
         raw.page_size = 3000;
-        assert_eq!(
-            Manifest::decode(&bytes_of(&raw)),
-            Err(ManifestError::BadPageSize(3000))
-        );
+        assert_eq!(Manifest::decode(&bytes_of(&raw)), Err(ManifestError::BadPageSize(3000)));
     }
 
     #[test]
@@ -733,37 +625,19 @@ mod tests {
             id: 3,
         };
         raw.shared_tail_count = 1;
-        raw.shared_tails[0] = RawSharedTail {
-            pa: 0x4100_0000,
-            zone: Zone::Movable as u32,
-            order: 9,
-            users: 4,
-        };
+        raw.shared_tails[0] = RawSharedTail { pa: 0x4100_0000, zone: Zone::Movable as u32, order: 9, users: 4 };
         let m = Manifest::decode(&bytes_of(&raw)).unwrap();
         let region = *m.regions.iter().next().unwrap();
-        assert_eq!(
-            (region.zone, region.layout, region.optimized),
-            (Zone::Movable, Layout::Unified, true)
-        );
-        assert_eq!(
-            region.heads().collect::<Vec<_>>(),
-            vec![0x48000, 0x48200, 0x48400, 0x48600]
-        );
-        assert_eq!(
-            m.shared_tails.find(Zone::Movable, 9).map(|t| t.users),
-            Some(4)
-        );
+        assert_eq!((region.zone, region.layout, region.optimized), (Zone::Movable, Layout::Unified, true));
+        assert_eq!(region.heads().collect::<Vec<_>>(), vec![0x48000, 0x48200, 0x48400, 0x48600]);
+        assert_eq!(m.shared_tails.find(Zone::Movable, 9).map(|t| t.users), Some(4));
         assert_eq!(m.counters.vmemmap_live(), 1024);
         assert_eq!(m.struct_page_va(0x40001), 0xffff_fdff_c000_0040);
 
         raw.regions[0].layout = 77;
         assert_eq!(
             Manifest::decode(&bytes_of(&raw)),
-            Err(ManifestError::BadRegion {
-                index: 0,
-                what: "layout",
-                raw: 77
-            })
+            Err(ManifestError::BadRegion { index: 0, what: "layout", raw: 77 })
         );
     }
 

@@ -30,13 +30,7 @@ const ORDER_SHIFT: u32 = 16;
 impl StructPage {
     /// A page memmap init has initialized and nothing has claimed.
     pub const fn free(zone: Zone) -> StructPage {
-        StructPage {
-            flags: zone as u64,
-            compound_head: 0,
-            refcount: 0,
-            marker: INITIALIZED,
-            reserved: [0; 4],
-        }
+        StructPage { flags: zone as u64, compound_head: 0, refcount: 0, marker: INITIALIZED, reserved: [0; 4] }
     }
 
     pub const fn head(zone: Zone, order: u32) -> StructPage {
@@ -69,16 +63,7 @@ impl StructPage {
 
     pub fn to_words(self) -> [u64; 8] {
         let r = self.reserved;
-        [
-            self.flags,
-            self.compound_head,
-            self.refcount,
-            self.marker,
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-        ]
+        [self.flags, self.compound_head, self.refcount, self.marker, r[0], r[1], r[2], r[3]]
     }
 
     pub fn from_le_bytes(b: &[u8; 64]) -> StructPage {
@@ -146,12 +131,7 @@ pub enum Layout {
 }
 
 impl Layout {
-    pub const ALL: [Layout; 4] = [
-        Layout::Unified,
-        Layout::LegacyHugetlb,
-        Layout::LegacyDax,
-        Layout::None,
-    ];
+    pub const ALL: [Layout; 4] = [Layout::Unified, Layout::LegacyHugetlb, Layout::LegacyDax, Layout::None];
 
     pub const fn from_raw(raw: u32) -> Option<Layout> {
         match raw {
@@ -266,11 +246,9 @@ mod tests {
 
     #[test]
     fn struct_pages_round_trip_through_bytes() {
-        for page in [
-            StructPage::free(Zone::Movable),
-            StructPage::head(Zone::Normal, 9),
-            StructPage::tail(Zone::Device, 18),
-        ] {
+        for page in
+            [StructPage::free(Zone::Movable), StructPage::head(Zone::Normal, 9), StructPage::tail(Zone::Device, 18)]
+        {
             let mut bytes = [0u8; 64];
             for (i, w) in page.to_words().iter().enumerate() {
                 bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
@@ -284,14 +262,8 @@ mod tests {
 
     #[test]
     fn tails_of_different_zone_or_order_differ() {
-        assert_ne!(
-            StructPage::tail(Zone::Normal, 9),
-            StructPage::tail(Zone::Movable, 9)
-        );
-        assert_ne!(
-            StructPage::tail(Zone::Normal, 9),
-            StructPage::tail(Zone::Normal, 18)
-        );
+        assert_ne!(StructPage::tail(Zone::Normal, 9), StructPage::tail(Zone::Movable, 9));
+        assert_ne!(StructPage::tail(Zone::Normal, 9), StructPage::tail(Zone::Normal, 18));
     }
 
     #[test]

@@ -92,17 +92,9 @@ pub enum RequestError<'a> {
     TooLong,
     BadSeq,
     UnknownVerb(&'a str),
-    MissingArgument {
-        verb: &'static str,
-        what: &'static str,
-    },
-    BadArgument {
-        verb: &'static str,
-        what: &'static str,
-    },
-    ExtraArgument {
-        verb: &'static str,
-    },
+    MissingArgument { verb: &'static str, what: &'static str },
+    BadArgument { verb: &'static str, what: &'static str },
+    ExtraArgument { verb: &'static str },
 }
 
 impl fmt::Display for RequestError<'_> {
@@ -125,15 +117,9 @@ fn valid_token(t: &str) -> bool {
 }
 
 /// A decimal argument of at most 32 bits.
-fn number<'a>(
-    word: Option<&str>,
-    verb: &'static str,
-    what: &'static str,
-) -> Result<u64, RequestError<'a>> {
+fn number<'a>(word: Option<&str>, verb: &'static str, what: &'static str) -> Result<u64, RequestError<'a>> {
     let word = word.ok_or(RequestError::MissingArgument { verb, what })?;
-    word.parse::<u32>()
-        .map(u64::from)
-        .map_err(|_| RequestError::BadArgument { verb, what })
+    word.parse::<u32>().map(u64::from).map_err(|_| RequestError::BadArgument { verb, what })
 }
 
 /// Parses one command line (without its newline). On error, the sequence number
@@ -146,97 +132,64 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
     let seq_word = words.next().ok_or((None, RequestError::Empty))?;
     let seq: u64 = seq_word.parse().map_err(|_| (None, RequestError::BadSeq))?;
     let fail = |e| (Some(seq), e);
-    let verb = words.next().ok_or(fail(RequestError::MissingArgument {
-        verb: "command",
-        what: "verb",
-    }))?;
-    let command =
-        match verb {
-            "ping" => {
-                let token = words.next();
-                if let Some(t) = token {
-                    if !valid_token(t) {
-                        return Err(fail(RequestError::BadArgument {
-                            verb: "ping",
-                            what: "token",
-                        }));
-                    }
-                }
-                Command::Ping { token }
-            }
-            "report" => Command::Report,
-            "exit" => {
-                let status = words.next().ok_or(fail(RequestError::MissingArgument {
-                    verb: "exit",
-                    what: "status",
-                }))?;
-                let status = status.parse::<u8>().map_err(|_| {
-                    fail(RequestError::BadArgument {
-                        verb: "exit",
-                        what: "status",
-                    })
-                })?;
-                Command::Exit { status }
-            }
-            "probe-write" => {
-                let va = words.next().ok_or(fail(RequestError::MissingArgument {
-                    verb: "probe-write",
-                    what: "address",
-                }))?;
-                let va = va
-                    .strip_prefix("0x")
-                    .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-                    .ok_or(fail(RequestError::BadArgument {
-                        verb: "probe-write",
-                        what: "address (0x...)",
-                    }))?;
-                Command::ProbeWrite { va }
-            }
-            "hugetlb-alloc" => {
-                let verb = "hugetlb-alloc";
-                let order = number(words.next(), verb, "order").map_err(fail)?;
-                let count = number(words.next(), verb, "count").map_err(fail)?;
-                let zone = words
-                    .next()
-                    .and_then(Zone::from_name)
-                    .ok_or(fail(RequestError::BadArgument { verb, what: "zone" }))?;
-                Command::HugetlbAlloc {
-                    order: order as u32,
-                    count,
-                    zone,
+    let verb = words.next().ok_or(fail(RequestError::MissingArgument { verb: "command", what: "verb" }))?;
+    let command = match verb {
+        "ping" => {
+            let token = words.next();
+            if let Some(t) = token {
+                if !valid_token(t) {
+                    return Err(fail(RequestError::BadArgument { verb: "ping", what: "token" }));
                 }
             }
-            "hugetlb-free" => Command::HugetlbFree {
-                region: number(words.next(), "hugetlb-free", "region").map_err(fail)? as u32,
-            },
-            "restore" => Command::Restore {
-                region: number(words.next(), "restore", "region").map_err(fail)? as u32,
-            },
-            "optimize" => {
-                let region = number(words.next(), "optimize", "region").map_err(fail)? as u32;
-                let layout = words.next().and_then(Layout::from_name).ok_or(fail(
-                    RequestError::BadArgument {
-                        verb: "optimize",
-                        what: "layout",
-                    },
-                ))?;
-                Command::Optimize { region, layout }
-            }
-            "knob" => {
-                let knob = words.next().and_then(Knob::from_name).ok_or(fail(
-                    RequestError::BadArgument {
-                        verb: "knob",
-                        what: "knob name",
-                    },
-                ))?;
-                Command::Knob { knob }
-            }
-            other => return Err(fail(RequestError::UnknownVerb(other))),
-        };
+            Command::Ping { token }
+        }
+        "report" => Command::Report,
+        "exit" => {
+            let status = words.next().ok_or(fail(RequestError::MissingArgument { verb: "exit", what: "status" }))?;
+            let status =
+                status.parse::<u8>().map_err(|_| fail(RequestError::BadArgument { verb: "exit", what: "status" }))?;
+            Command::Exit { status }
+        }
+        "probe-write" => {
+            let va =
+                words.next().ok_or(fail(RequestError::MissingArgument { verb: "probe-write", what: "address" }))?;
+            let va = va
+                .strip_prefix("0x")
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                .ok_or(fail(RequestError::BadArgument { verb: "probe-write", what: "address (0x...)" }))?;
+            Command::ProbeWrite { va }
+        }
+        "hugetlb-alloc" => {
+            let verb = "hugetlb-alloc";
+            let order = number(words.next(), verb, "order").map_err(fail)?;
+            let count = number(words.next(), verb, "count").map_err(fail)?;
+            let zone =
+                words.next().and_then(Zone::from_name).ok_or(fail(RequestError::BadArgument { verb, what: "zone" }))?;
+            Command::HugetlbAlloc { order: order as u32, count, zone }
+        }
+        "hugetlb-free" => {
+            Command::HugetlbFree { region: number(words.next(), "hugetlb-free", "region").map_err(fail)? as u32 }
+        }
+        "restore" => Command::Restore { region: number(words.next(), "restore", "region").map_err(fail)? as u32 },
+        "optimize" => {
+            let region = number(words.next(), "optimize", "region").map_err(fail)? as u32;
+            let layout = words
+                .next()
+                .and_then(Layout::from_name)
+                .ok_or(fail(RequestError::BadArgument { verb: "optimize", what: "layout" }))?;
+            Command::Optimize { region, layout }
+        }
+        "knob" => {
+            let knob = words
+                .next()
+                .and_then(Knob::from_name)
+                .ok_or(fail(RequestError::BadArgument { verb: "knob", what: "knob name" }))?;
+            Command::Knob { knob }
+        }
+        other => return Err(fail(RequestError::UnknownVerb(other))),
+    };
     if words.next().is_some() {
-        return Err(fail(RequestError::ExtraArgument {
-            verb: command.verb(),
-        }));
+        return Err(fail(RequestError::ExtraArgument { verb: command.verb() }));
     }
     Ok(Request { seq, command })
 }
@@ -290,14 +243,8 @@ pub fn parse_guest_line(line: &str) -> GuestLine<'_> {
     };
     let (status, payload) = tail.split_once(' ').unwrap_or((tail, ""));
     match status {
-        "ok" => GuestLine::Reply {
-            seq,
-            outcome: Ok(payload),
-        },
-        "err" => GuestLine::Reply {
-            seq,
-            outcome: Err(payload),
-        },
+        "ok" => GuestLine::Reply { seq, outcome: Ok(payload) },
+        "err" => GuestLine::Reply { seq, outcome: Err(payload) },
         _ => GuestLine::Text(line),
     }
 }
@@ -319,24 +266,10 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         for req in [
-            Request {
-                seq: 1,
-                command: Command::Ping { token: None },
-            },
-            Request {
-                seq: 2,
-                command: Command::Ping {
-                    token: Some("abc-1"),
-                },
-            },
-            Request {
-                seq: 3,
-                command: Command::Report,
-            },
-            Request {
-                seq: 4,
-                command: Command::Exit { status: 3 },
-            },
+            Request { seq: 1, command: Command::Ping { token: None } },
+            Request { seq: 2, command: Command::Ping { token: Some("abc-1") } },
+            Request { seq: 3, command: Command::Report },
+            Request { seq: 4, command: Command::Exit { status: 3 } },
         ] {
             let line = req.to_string();
             assert_eq!(parse_request(&line), Ok(req), "{line}");
@@ -347,72 +280,27 @@ mod tests {
     fn bad_requests_say_why_and_keep_the_seq() {
         assert_eq!(parse_request(""), Err((None, RequestError::Empty)));
         assert_eq!(parse_request("x ping"), Err((None, RequestError::BadSeq)));
-        assert_eq!(
-            parse_request("7 frobnicate"),
-            Err((Some(7), RequestError::UnknownVerb("frobnicate")))
-        );
-        assert!(matches!(
-            parse_request("8 exit"),
-            Err((Some(8), RequestError::MissingArgument { .. }))
-        ));
-        assert!(matches!(
-            parse_request("9 exit 300"),
-            Err((Some(9), RequestError::BadArgument { .. }))
-        ));
-        assert!(matches!(
-            parse_request("9 report now"),
-            Err((Some(9), RequestError::ExtraArgument { .. }))
-        ));
+        assert_eq!(parse_request("7 frobnicate"), Err((Some(7), RequestError::UnknownVerb("frobnicate"))));
+        assert!(matches!(parse_request("8 exit"), Err((Some(8), RequestError::MissingArgument { .. }))));
+        assert!(matches!(parse_request("9 exit 300"), Err((Some(9), RequestError::BadArgument { .. }))));
+        assert!(matches!(parse_request("9 report now"), Err((Some(9), RequestError::ExtraArgument { .. }))));
         let long = "1 ping ".to_string() + &"a".repeat(MAX_LINE);
         assert_eq!(parse_request(&long), Err((None, RequestError::TooLong)));
-        assert!(matches!(
-            parse_request("1 ping \u{7f}"),
-            Err((Some(1), RequestError::BadArgument { .. }))
-        ));
+        assert!(matches!(parse_request("1 ping \u{7f}"), Err((Some(1), RequestError::BadArgument { .. }))));
     }
 
     #[test]
     fn guest_lines_are_classified() {
-        assert_eq!(
-            parse_guest_line("@hvo ready abi=1 arch=ppc64le"),
-            GuestLine::Ready {
-                abi: 1,
-                arch: "ppc64le"
-            }
-        );
-        assert_eq!(
-            parse_guest_line("@hvo 12 ok pong t"),
-            GuestLine::Reply {
-                seq: Some(12),
-                outcome: Ok("pong t")
-            }
-        );
-        assert_eq!(
-            parse_guest_line("@hvo 3 ok"),
-            GuestLine::Reply {
-                seq: Some(3),
-                outcome: Ok("")
-            }
-        );
+        assert_eq!(parse_guest_line("@hvo ready abi=1 arch=ppc64le"), GuestLine::Ready { abi: 1, arch: "ppc64le" });
+        assert_eq!(parse_guest_line("@hvo 12 ok pong t"), GuestLine::Reply { seq: Some(12), outcome: Ok("pong t") });
+        assert_eq!(parse_guest_line("@hvo 3 ok"), GuestLine::Reply { seq: Some(3), outcome: Ok("") });
         assert_eq!(
             parse_guest_line("@hvo - err unknown command 'x'"),
-            GuestLine::Reply {
-                seq: None,
-                outcome: Err("unknown command 'x'")
-            }
+            GuestLine::Reply { seq: None, outcome: Err("unknown command 'x'") }
         );
-        assert_eq!(
-            parse_guest_line("@hvo crash: page fault at 0x10"),
-            GuestLine::Crash("page fault at 0x10")
-        );
-        assert_eq!(
-            parse_guest_line("rip=0x1000"),
-            GuestLine::Text("rip=0x1000")
-        );
-        assert_eq!(
-            parse_guest_line("@hvo zz ok"),
-            GuestLine::Text("@hvo zz ok")
-        );
+        assert_eq!(parse_guest_line("@hvo crash: page fault at 0x10"), GuestLine::Crash("page fault at 0x10"));
+        assert_eq!(parse_guest_line("rip=0x1000"), GuestLine::Text("rip=0x1000"));
+        assert_eq!(parse_guest_line("@hvo zz ok"), GuestLine::Text("@hvo zz ok"));
         assert_eq!(parse_guest_line("@hvoready"), GuestLine::Text("@hvoready"));
     }
 

@@ -20,46 +20,25 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                 Ok(req) => match req.command {
                     Command::Ping { token } => reply_ok(
                         req.seq,
-                        format_args!(
-                            "pong{}{}",
-                            if token.is_some() { " " } else { "" },
-                            token.unwrap_or("")
-                        ),
+                        format_args!("pong{}{}", if token.is_some() { " " } else { "" }, token.unwrap_or("")),
                     ),
                     Command::Report => {
                         let generation = manifest::publish(kernel);
                         reply_ok(req.seq, format_args!("generation={generation}"))
                     }
                     Command::HugetlbAlloc { order, count, zone } => {
-                        let done =
-                            kernel
-                                .vmemmap
-                                .hugetlb_alloc(&mut kernel.frames, order, count, zone);
+                        let done = kernel.vmemmap.hugetlb_alloc(&mut kernel.frames, order, count, zone);
                         changed(kernel, req.seq, done.map(|id| id as u64), "region")
                     }
                     Command::HugetlbFree { region } => {
                         let k = &mut *kernel;
-                        let done = k.vmemmap.hugetlb_free(
-                            &mut k.tables.kernel,
-                            &mut k.frames,
-                            region as usize,
-                        );
+                        let done = k.vmemmap.hugetlb_free(&mut k.tables.kernel, &mut k.frames, region as usize);
                         changed(kernel, req.seq, done.map(|()| u64::from(region)), "freed")
                     }
                     Command::Optimize { region, layout } => {
                         let k = &mut *kernel;
-                        let done = k.vmemmap.optimize(
-                            &mut k.tables.kernel,
-                            &mut k.frames,
-                            region as usize,
-                            layout,
-                        );
-                        changed(
-                            kernel,
-                            req.seq,
-                            done.map(|()| u64::from(region)),
-                            "optimized",
-                        )
+                        let done = k.vmemmap.optimize(&mut k.tables.kernel, &mut k.frames, region as usize, layout);
+                        changed(kernel, req.seq, done.map(|()| u64::from(region)), "optimized")
                     }
                     Command::Knob { knob } => {
                         kernel.vmemmap.knobs |= knob.bit();
@@ -70,22 +49,11 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                     }
                     Command::Restore { region } => {
                         let k = &mut *kernel;
-                        let done =
-                            k.vmemmap
-                                .restore(&mut k.tables.kernel, &mut k.frames, region as usize);
-                        changed(
-                            kernel,
-                            req.seq,
-                            done.map(|()| u64::from(region)),
-                            "restored",
-                        )
+                        let done = k.vmemmap.restore(&mut k.tables.kernel, &mut k.frames, region as usize);
+                        changed(kernel, req.seq, done.map(|()| u64::from(region)), "restored")
                     }
                     Command::ProbeWrite { va } => {
-                        let outcome = if arch::probe_write(VirtAddr(va)) {
-                            "faulted"
-                        } else {
-                            "written"
-                        };
+                        let outcome = if arch::probe_write(VirtAddr(va)) { "faulted" } else { "written" };
                         reply_ok(req.seq, format_args!("{outcome}"))
                     }
                     Command::Exit { status } => {

@@ -48,11 +48,7 @@ pub struct LineReader {
 
 impl LineReader {
     pub const fn new() -> LineReader {
-        LineReader {
-            buf: [0; MAX_LINE],
-            len: 0,
-            overflowed: false,
-        }
+        LineReader { buf: [0; MAX_LINE], len: 0, overflowed: false }
     }
 
     /// Feeds every byte the console has; returns a complete line when one ends.
@@ -70,9 +66,7 @@ impl LineReader {
                         continue;
                     }
                     let len = core::mem::replace(&mut self.len, 0);
-                    return Some(
-                        core::str::from_utf8(&self.buf[..len]).map_err(|_| LineError::NotText),
-                    );
+                    return Some(core::str::from_utf8(&self.buf[..len]).map_err(|_| LineError::NotText));
                 }
                 _ if self.len == MAX_LINE => self.overflowed = true,
                 _ => {

@@ -24,10 +24,7 @@ extern "C" {
 
 fn image_range() -> Range {
     // Only the addresses of the linker symbols are taken.
-    let (start, end) = (
-        core::ptr::addr_of!(__image_start) as u64,
-        core::ptr::addr_of!(__image_end) as u64,
-    );
+    let (start, end) = (core::ptr::addr_of!(__image_start) as u64, core::ptr::addr_of!(__image_end) as u64);
     Range { start, end }
 }
 
@@ -56,20 +53,9 @@ pub fn main(platform: arch::Platform) -> ! {
         panic!("populating the boot vmemmap failed: {e:?}");
     }
     vmemmap.memmap_init(&platform.ram);
-    let mut kernel = Kernel {
-        frames,
-        tables,
-        vmemmap,
-        ram: platform.ram,
-        image,
-    };
+    let mut kernel = Kernel { frames, tables, vmemmap, ram: platform.ram, image };
     manifest::publish(&kernel);
-    println!(
-        "{} ready abi={} arch={}",
-        hvo_abi::protocol::PREFIX,
-        hvo_abi::manifest::ABI_VERSION,
-        arch::ARCH
-    );
+    println!("{} ready abi={} arch={}", hvo_abi::protocol::PREFIX, hvo_abi::manifest::ABI_VERSION, arch::ARCH);
     commands::serve(&mut kernel)
 }
 

@@ -1,8 +1,7 @@
 //! The manifest the host reads from guest memory (layout in `hvo_abi::manifest`).
 
 use hvo_abi::manifest::{
-    Counters, GuestState, RawManifest, RawRange, RawRegion, RawRoot, RawSharedTail, RootKind,
-    MAX_RAM_RANGES, MAX_ROOTS,
+    Counters, GuestState, RawManifest, RawRange, RawRegion, RawRoot, RawSharedTail, RootKind, MAX_RAM_RANGES, MAX_ROOTS,
 };
 use hvo_abi::model::RegionKind;
 
@@ -17,10 +16,7 @@ use crate::{arch, Kernel};
 pub static mut HVO_MANIFEST: RawManifest = RawManifest::booting(arch::ARCH);
 
 fn raw_range(r: Range) -> RawRange {
-    RawRange {
-        start: r.start,
-        size: r.size(),
-    }
+    RawRange { start: r.start, size: r.size() }
 }
 
 /// Rewrites the manifest from the firmware's state, marks it ready and bumps
@@ -36,11 +32,7 @@ pub fn publish(kernel: &Kernel) -> u64 {
     let mut roots = [RawRoot::default(); MAX_ROOTS];
     let mut n = 0;
     let mut add = |kind: RootKind, pa: u64| {
-        roots[n] = RawRoot {
-            kind: kind as u32,
-            _reserved: 0,
-            pa,
-        };
+        roots[n] = RawRoot { kind: kind as u32, _reserved: 0, pa };
         n += 1;
     };
     add(RootKind::Kernel, tables.kernel.root().0);
@@ -89,12 +81,7 @@ pub fn publish(kernel: &Kernel) -> u64 {
     m.knobs = vm.knobs;
     let mut n = 0;
     for t in vm.shared_tails.iter().flatten() {
-        m.shared_tails[n] = RawSharedTail {
-            pa: t.pa.0,
-            zone: t.zone as u32,
-            order: t.order,
-            users: t.users,
-        };
+        m.shared_tails[n] = RawSharedTail { pa: t.pa.0, zone: t.zone as u32, order: t.order, users: t.users };
         n += 1;
     }
     m.shared_tail_count = n as u32;

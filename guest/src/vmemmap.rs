@@ -74,11 +74,7 @@ pub struct SharedTail {
 }
 
 /// A fresh vmemmap page holding only tail struct pages of (zone, order).
-fn tail_page(
-    frames: &mut FrameAllocator,
-    zone: Zone,
-    order: u32,
-) -> Result<PhysAddr, VmemmapError> {
+fn tail_page(frames: &mut FrameAllocator, zone: Zone, order: u32) -> Result<PhysAddr, VmemmapError> {
     let pa = frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?;
     let words = StructPage::tail(zone, order).to_words();
     let ptr = pa.as_mut_ptr::<u64>();
@@ -106,15 +102,9 @@ fn present_sections(ram: &RangeList) -> RangeList {
     let mut out = RangeList::new();
     let mut current: Option<Range> = None;
     for r in ram.iter() {
-        let s = Range {
-            start: align_down(r.start, section),
-            end: align_up(r.end, section),
-        };
+        let s = Range { start: align_down(r.start, section), end: align_up(r.end, section) };
         current = match current {
-            Some(c) if s.start <= c.end => Some(Range {
-                start: c.start,
-                end: c.end.max(s.end),
-            }),
+            Some(c) if s.start <= c.end => Some(Range { start: c.start, end: c.end.max(s.end) }),
             Some(c) => {
                 out.push(c);
                 Some(s)
@@ -131,9 +121,7 @@ fn present_sections(ram: &RangeList) -> RangeList {
 impl Vmemmap {
     pub fn new(ram: &RangeList) -> Vmemmap {
         let first = ram.iter().next().map(|r| r.start).unwrap_or(0);
-        let memstart = arch::MEMSTART_ALIGN
-            .map(|a| align_down(first, a))
-            .unwrap_or(0);
+        let memstart = arch::MEMSTART_ALIGN.map(|a| align_down(first, a)).unwrap_or(0);
         Vmemmap {
             memstart_pfn: memstart / PAGE,
             regions: [None; MAX_REGIONS],
@@ -187,9 +175,7 @@ impl Vmemmap {
                 };
                 let frame = frames.alloc(size, Purpose::Vmemmap)?;
                 // Empty entries are never cached: nothing to flush.
-                table
-                    .map(frames, VirtAddr(va), frame, size, Prot::RW)?
-                    .ignore();
+                table.map(frames, VirtAddr(va), frame, size, Prot::RW)?.ignore();
                 va += bytes;
             }
         }
@@ -222,11 +208,7 @@ impl Vmemmap {
         count: u64,
         zone: Zone,
     ) -> Result<usize, VmemmapError> {
-        let id = self
-            .regions
-            .iter()
-            .position(Option::is_none)
-            .ok_or(VmemmapError::TooManyRegions)?;
+        let id = self.regions.iter().position(Option::is_none).ok_or(VmemmapError::TooManyRegions)?;
         let folio = PAGE << order;
         let start = frames.alloc_data(folio * count, folio, Purpose::HugeTlb)?;
         let region = Region {
@@ -248,11 +230,7 @@ impl Vmemmap {
     }
 
     fn region(&self, id: usize) -> Result<Region, VmemmapError> {
-        self.regions
-            .get(id)
-            .copied()
-            .flatten()
-            .ok_or(VmemmapError::NoSuchRegion)
+        self.regions.get(id).copied().flatten().ok_or(VmemmapError::NoSuchRegion)
     }
 
     /// The shared tail page of (zone, order), created on first use.
@@ -264,33 +242,17 @@ impl Vmemmap {
     ) -> Result<PhysAddr, VmemmapError> {
         // Knob `cross-zone-tail`: the lookup forgets the zone.
         let any_zone = self.knob(Knob::CrossZoneTail);
-        if let Some(t) = self
-            .shared_tails
-            .iter_mut()
-            .flatten()
-            .find(|t| (any_zone || t.zone == zone) && t.order == order)
+        if let Some(t) =
+            self.shared_tails.iter_mut().flatten().find(|t| (any_zone || t.zone == zone) && t.order == order)
         {
             t.users += 1;
             return Ok(t.pa);
         }
-        let slot = self
-            .shared_tails
-            .iter()
-            .position(Option::is_none)
-            .ok_or(VmemmapError::TooManySharedTails)?;
+        let slot = self.shared_tails.iter().position(Option::is_none).ok_or(VmemmapError::TooManySharedTails)?;
         // Knob `stale-tail-contents`: the page is filled for the wrong order.
-        let filled_order = if self.knob(Knob::StaleTailContents) {
-            order + 1
-        } else {
-            order
-        };
+        let filled_order = if self.knob(Knob::StaleTailContents) { order + 1 } else { order };
         let pa = tail_page(frames, zone, filled_order)?;
-        self.shared_tails[slot] = Some(SharedTail {
-            pa,
-            zone,
-            order,
-            users: 1,
-        });
+        self.shared_tails[slot] = Some(SharedTail { pa, zone, order, users: 1 });
         Ok(pa)
     }
 
@@ -318,13 +280,7 @@ impl Vmemmap {
     ) -> Result<PhysAddr, VmemmapError> {
         let fresh = frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?;
         // SAFETY: `va` is mapped (readable) vmemmap; `fresh` is ours.
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                va.0 as *const u8,
-                fresh.as_mut_ptr::<u8>(),
-                PAGE as usize,
-            )
-        };
+        unsafe { core::ptr::copy_nonoverlapping(va.0 as *const u8, fresh.as_mut_ptr::<u8>(), PAGE as usize) };
         let (old, flush) = table.remap(va, fresh, Prot::RW)?;
         self.complete(flush);
         frames.free(old, PAGE, Purpose::Vmemmap);
@@ -372,25 +328,13 @@ impl Vmemmap {
                 Layout::Unified if self.knob(Knob::PerFolioTail) => {
                     (1, tail_page(frames, region.zone, region.order)?, Prot::RO)
                 }
-                Layout::Unified => (
-                    1,
-                    self.get_shared_tail(frames, region.zone, region.order)?,
-                    Prot::RO,
-                ),
+                Layout::Unified => (1, self.get_shared_tail(frames, region.zone, region.order)?, Prot::RO),
                 Layout::LegacyHugetlb => (1, head_frame, Prot::RO),
-                Layout::LegacyDax => (
-                    2,
-                    self.copy_to_fresh(table, frames, VirtAddr(base.0 + PAGE))?,
-                    Prot::RW,
-                ),
+                Layout::LegacyDax => (2, self.copy_to_fresh(table, frames, VirtAddr(base.0 + PAGE))?, Prot::RW),
                 Layout::None => unreachable!("refused above"),
             };
             // Knob `tails-writable`: the tails keep write permission.
-            let prot = if self.knob(Knob::TailsWritable) {
-                Prot::RW
-            } else {
-                prot
-            };
+            let prot = if self.knob(Knob::TailsWritable) { Prot::RW } else { prot };
             for i in first_shared..pages {
                 let va = VirtAddr(base.0 + i * PAGE);
                 // Like the kernel's remap walk, look at the tail page before
@@ -410,22 +354,13 @@ impl Vmemmap {
     }
 
     /// Gives every vmemmap page of a region's compound pages its own frame again.
-    pub fn restore(
-        &mut self,
-        table: &mut Table,
-        frames: &mut FrameAllocator,
-        id: usize,
-    ) -> Result<(), VmemmapError> {
+    pub fn restore(&mut self, table: &mut Table, frames: &mut FrameAllocator, id: usize) -> Result<(), VmemmapError> {
         let mut region = self.region(id)?;
         if !region.optimized {
             return Err(VmemmapError::NotOptimized);
         }
         let pages = region.vmemmap_pages();
-        let first_shared = if region.layout == Layout::LegacyDax {
-            2
-        } else {
-            1
-        };
+        let first_shared = if region.layout == Layout::LegacyDax { 2 } else { 1 };
         for head in region.heads() {
             let base = self.va(head);
             for i in first_shared..pages {
@@ -459,11 +394,7 @@ impl Vmemmap {
         for pfn in region.start_pfn..region.start_pfn + region.nr_pages {
             self.write_struct_page(pfn, StructPage::free(Zone::Normal));
         }
-        frames.free(
-            PhysAddr(region.start_pfn * PAGE),
-            region.nr_pages * PAGE,
-            Purpose::HugeTlb,
-        );
+        frames.free(PhysAddr(region.start_pfn * PAGE), region.nr_pages * PAGE, Purpose::HugeTlb);
         self.regions[id] = None;
         Ok(())
     }

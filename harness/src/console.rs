@@ -22,11 +22,7 @@ pub enum ConsoleError {
     #[error("the guest refused `{command}`: {message}")]
     Refused { command: String, message: String },
     #[error("the guest announced ABI {found} for {arch}, the host speaks ABI {expected}")]
-    AbiMismatch {
-        found: u32,
-        expected: u32,
-        arch: String,
-    },
+    AbiMismatch { found: u32, expected: u32, arch: String },
     #[error("writing to the console failed: {0}")]
     Write(String),
 }
@@ -34,14 +30,8 @@ pub enum ConsoleError {
 /// What the reader task passes on: protocol lines only.
 #[derive(Debug)]
 enum Event {
-    Ready {
-        abi: u32,
-        arch: String,
-    },
-    Reply {
-        seq: Option<u64>,
-        outcome: Result<String, String>,
-    },
+    Ready { abi: u32, arch: String },
+    Reply { seq: Option<u64>, outcome: Result<String, String> },
     Crash(String),
 }
 
@@ -53,27 +43,18 @@ pub struct ConsoleLog {
 
 impl ConsoleLog {
     fn push(&self, t: f64, line: String) {
-        self.lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((t, line));
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).push((t, line));
     }
 
     pub fn text(&self) -> String {
         let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        lines
-            .iter()
-            .map(|(t, l)| format!("[{t:9.4}] {l}\n"))
-            .collect()
+        lines.iter().map(|(t, l)| format!("[{t:9.4}] {l}\n")).collect()
     }
 
     /// The last `n` lines, for failure messages.
     pub fn tail(&self, n: usize) -> Vec<String> {
         let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        lines[lines.len().saturating_sub(n)..]
-            .iter()
-            .map(|(_, l)| l.clone())
-            .collect()
+        lines[lines.len().saturating_sub(n)..].iter().map(|(_, l)| l.clone()).collect()
     }
 
     /// Lines that follow the crash line (registers), for crash verdicts.
@@ -111,11 +92,7 @@ impl Console {
             let mut raw = Vec::new();
             loop {
                 raw.clear();
-                match (&mut reader)
-                    .take(MAX_KEPT_LINE as u64)
-                    .read_until(b'\n', &mut raw)
-                    .await
-                {
+                match (&mut reader).take(MAX_KEPT_LINE as u64).read_until(b'\n', &mut raw).await {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
@@ -123,14 +100,10 @@ impl Console {
                 let line = text.trim_end_matches(['\n', '\r']);
                 task_log.push(start.elapsed().as_secs_f64(), line.to_string());
                 let event = match parse_guest_line(line) {
-                    GuestLine::Ready { abi, arch } => Event::Ready {
-                        abi,
-                        arch: arch.to_string(),
-                    },
-                    GuestLine::Reply { seq, outcome } => Event::Reply {
-                        seq,
-                        outcome: outcome.map(str::to_string).map_err(str::to_string),
-                    },
+                    GuestLine::Ready { abi, arch } => Event::Ready { abi, arch: arch.to_string() },
+                    GuestLine::Reply { seq, outcome } => {
+                        Event::Reply { seq, outcome: outcome.map(str::to_string).map_err(str::to_string) }
+                    }
                     GuestLine::Crash(msg) => Event::Crash(msg.to_string()),
                     GuestLine::Text(_) => continue,
                 };
@@ -139,13 +112,7 @@ impl Console {
                 }
             }
         });
-        Console {
-            writer,
-            events,
-            log,
-            next_seq: 1,
-            crashed: None,
-        }
+        Console { writer, events, log, next_seq: 1, crashed: None }
     }
 
     pub fn log(&self) -> &ConsoleLog {
@@ -153,9 +120,7 @@ impl Console {
     }
 
     async fn next_event(&mut self, deadline: tokio::time::Instant) -> Result<Option<Event>, ()> {
-        tokio::time::timeout_at(deadline, self.events.recv())
-            .await
-            .map_err(|_| ())
+        tokio::time::timeout_at(deadline, self.events.recv()).await.map_err(|_| ())
     }
 
     /// Waits for the guest's `ready` line and checks it speaks our ABI.
@@ -163,22 +128,13 @@ impl Console {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match self.next_event(deadline).await {
-                Err(()) => {
-                    return Err(ConsoleError::Timeout {
-                        command: "boot".into(),
-                        timeout,
-                    })
-                }
+                Err(()) => return Err(ConsoleError::Timeout { command: "boot".into(), timeout }),
                 Ok(None) => return Err(self.closed()),
                 Ok(Some(Event::Crash(m))) => return Err(self.crash(m)),
                 Ok(Some(Event::Ready { abi, arch })) => {
                     let expected = hvo_abi::manifest::ABI_VERSION;
                     if abi != expected {
-                        return Err(ConsoleError::AbiMismatch {
-                            found: abi,
-                            expected,
-                            arch,
-                        });
+                        return Err(ConsoleError::AbiMismatch { found: abi, expected, arch });
                     }
                     return Ok(arch);
                 }
@@ -188,11 +144,7 @@ impl Console {
     }
 
     /// Sends one command and waits for its reply; returns the reply's payload.
-    pub async fn request(
-        &mut self,
-        command: Command<'_>,
-        timeout: Duration,
-    ) -> Result<String, ConsoleError> {
+    pub async fn request(&mut self, command: Command<'_>, timeout: Duration) -> Result<String, ConsoleError> {
         if let Some(m) = &self.crashed {
             return Err(ConsoleError::Crash(m.clone()));
         }
@@ -203,24 +155,13 @@ impl Console {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match self.next_event(deadline).await {
-                Err(()) => {
-                    return Err(ConsoleError::Timeout {
-                        command: line,
-                        timeout,
-                    })
-                }
+                Err(()) => return Err(ConsoleError::Timeout { command: line, timeout }),
                 Ok(None) => return Err(self.closed()),
                 Ok(Some(Event::Crash(m))) => return Err(self.crash(m)),
                 // Replies to other lines (stale ones, or `-` for lines the guest
                 // could not read at all) are not answers: ours always carry `seq`.
-                Ok(Some(Event::Reply {
-                    seq: Some(reply_seq),
-                    outcome,
-                })) if reply_seq == seq => {
-                    return outcome.map_err(|message| ConsoleError::Refused {
-                        command: line.clone(),
-                        message,
-                    });
+                Ok(Some(Event::Reply { seq: Some(reply_seq), outcome })) if reply_seq == seq => {
+                    return outcome.map_err(|message| ConsoleError::Refused { command: line.clone(), message });
                 }
                 Ok(Some(_)) => continue,
             }
@@ -229,10 +170,7 @@ impl Console {
 
     /// Writes bytes as they are (for tests that feed the guest garbage).
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ConsoleError> {
-        self.writer
-            .write_all(bytes)
-            .await
-            .map_err(|e| ConsoleError::Write(e.to_string()))
+        self.writer.write_all(bytes).await.map_err(|e| ConsoleError::Write(e.to_string()))
     }
 
     fn crash(&mut self, message: String) -> ConsoleError {

@@ -13,20 +13,13 @@ use crate::addr::PhysAddr;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("cannot read guest image {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("guest image {path} is not an ELF file we can read: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("guest image {path} has no symbol {symbol}")]
     NoSymbol { path: PathBuf, symbol: &'static str },
     #[error("guest image {path}: {symbol} at {vaddr:#x} is not inside a segment loaded at its own address")]
-    NotIdentityLinked {
-        path: PathBuf,
-        symbol: &'static str,
-        vaddr: u64,
-    },
+    NotIdentityLinked { path: PathBuf, symbol: &'static str, vaddr: u64 },
 }
 
 #[derive(Clone, Debug)]
@@ -38,42 +31,27 @@ pub struct GuestImage {
 
 impl GuestImage {
     pub fn load(path: &Path) -> Result<GuestImage, ImageError> {
-        let data = std::fs::read(path).map_err(|source| ImageError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let data = std::fs::read(path).map_err(|source| ImageError::Read { path: path.into(), source })?;
         GuestImage::parse(path, &data)
     }
 
     pub fn parse(path: &Path, data: &[u8]) -> Result<GuestImage, ImageError> {
         let symbol = hvo_abi::manifest::MANIFEST_SYMBOL;
-        let file = object::File::parse(data).map_err(|e| ImageError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
+        let file =
+            object::File::parse(data).map_err(|e| ImageError::Parse { path: path.into(), message: e.to_string() })?;
         let vaddr = file
             .symbols()
             .find(|s| s.name() == Ok(symbol))
             .map(|s| s.address())
-            .ok_or(ImageError::NoSymbol {
-                path: path.into(),
-                symbol,
-            })?;
+            .ok_or(ImageError::NoSymbol { path: path.into(), symbol })?;
         let loaded_at_own_address = file.segments().any(|seg| {
             let start = seg.address();
             vaddr >= start && vaddr + MANIFEST_SIZE as u64 <= start + seg.size()
         });
         if !loaded_at_own_address {
-            return Err(ImageError::NotIdentityLinked {
-                path: path.into(),
-                symbol,
-                vaddr,
-            });
+            return Err(ImageError::NotIdentityLinked { path: path.into(), symbol, vaddr });
         }
-        Ok(GuestImage {
-            path: path.into(),
-            manifest: PhysAddr(vaddr),
-        })
+        Ok(GuestImage { path: path.into(), manifest: PhysAddr(vaddr) })
     }
 }
 

@@ -51,10 +51,7 @@ impl SparseMemory {
     pub fn write(&mut self, pa: PhysAddr, bytes: &[u8]) {
         for (i, byte) in bytes.iter().enumerate() {
             let a = pa.0 + i as u64;
-            let page = self
-                .pages
-                .entry(a / PAGE)
-                .or_insert_with(|| Box::new([0; PAGE as usize]));
+            let page = self.pages.entry(a / PAGE).or_insert_with(|| Box::new([0; PAGE as usize]));
             page[(a % PAGE) as usize] = *byte;
         }
     }
@@ -112,38 +109,17 @@ impl MappedMemory {
 
     /// Maps `len` bytes of `file` (a `memory-backend-file,share=on`) from
     /// `offset` as the guest-physical range starting at `base`.
-    pub fn add_at_offset(
-        &mut self,
-        base: PhysAddr,
-        file: &File,
-        offset: u64,
-        len: usize,
-    ) -> std::io::Result<()> {
+    pub fn add_at_offset(&mut self, base: PhysAddr, file: &File, offset: u64, len: usize) -> std::io::Result<()> {
         use nix::sys::mman::{mmap, MapFlags, ProtFlags};
-        let size = NonZeroUsize::new(len).ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty mapping")
-        })?;
+        let size = NonZeroUsize::new(len)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty mapping"))?;
         // SAFETY: a fresh shared read-only mapping of a file we opened; Rust code
         // only ever reads it through copies (volatile-free reads of plain bytes).
-        let offset = i64::try_from(offset).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "offset too large")
-        })?;
-        let ptr = unsafe {
-            mmap(
-                None,
-                size,
-                ProtFlags::PROT_READ,
-                MapFlags::MAP_SHARED,
-                file,
-                offset,
-            )
-        }
-        .map_err(std::io::Error::from)?;
-        self.mappings.push(Mapping {
-            base,
-            len,
-            ptr: ptr.cast(),
-        });
+        let offset = i64::try_from(offset)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "offset too large"))?;
+        let ptr = unsafe { mmap(None, size, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, file, offset) }
+            .map_err(std::io::Error::from)?;
+        self.mappings.push(Mapping { base, len, ptr: ptr.cast() });
         Ok(())
     }
 }
@@ -162,9 +138,7 @@ impl GuestMemory for MappedMemory {
         }
         // SAFETY: offset..offset+len is inside the mapping (checked above). The
         // guest may be writing concurrently; we copy whatever bytes are there.
-        unsafe {
-            std::ptr::copy_nonoverlapping(m.ptr.as_ptr().add(offset), buf.as_mut_ptr(), buf.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(m.ptr.as_ptr().add(offset), buf.as_mut_ptr(), buf.len()) };
         Ok(())
     }
 }
@@ -180,13 +154,7 @@ mod tests {
         m.write_u64_be(PhysAddr(0x1ffc), 0x0102_0304_0506_0708); // straddles two pages
         assert_eq!(m.read_u64_be(PhysAddr(0x1ffc)), Ok(0x0102_0304_0506_0708));
         assert_eq!(m.read_u64_le(PhysAddr(0x1ffc)), Ok(0x0807_0605_0403_0201));
-        assert_eq!(
-            m.read_u64_le(PhysAddr(0x5000)),
-            Err(MemoryError::Unbacked {
-                pa: PhysAddr(0x5000),
-                len: 8
-            })
-        );
+        assert_eq!(m.read_u64_le(PhysAddr(0x5000)), Err(MemoryError::Unbacked { pa: PhysAddr(0x5000), len: 8 }));
     }
 
     #[test]
@@ -194,20 +162,13 @@ mod tests {
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&[0u8; 8192]).unwrap();
         let mut mem = MappedMemory::new();
-        mem.add_at_offset(PhysAddr(0x4000_0000), &file, 4096, 4096)
-            .unwrap();
+        mem.add_at_offset(PhysAddr(0x4000_0000), &file, 4096, 4096).unwrap();
 
         use std::io::{Seek, SeekFrom};
         file.seek(SeekFrom::Start(0x1008)).unwrap();
         file.write_all(&0xdead_beef_u64.to_le_bytes()).unwrap();
         assert_eq!(mem.read_u64_le(PhysAddr(0x4000_0008)), Ok(0xdead_beef));
-        assert!(
-            mem.read_u64_le(PhysAddr(0x4000_0ffc)).is_err(),
-            "crosses the end"
-        );
-        assert!(
-            mem.read_u64_le(PhysAddr(0x3fff_f000)).is_err(),
-            "below the range"
-        );
+        assert!(mem.read_u64_le(PhysAddr(0x4000_0ffc)).is_err(), "crosses the end");
+        assert!(mem.read_u64_le(PhysAddr(0x3fff_f000)).is_err(), "below the range");
     }
 }

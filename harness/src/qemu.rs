@@ -58,28 +58,16 @@ pub struct QemuCommand {
 const BOOT_RAM_ID: &str = "boot-ram";
 
 impl QemuCommand {
-    pub fn new(
-        profile: &Profile,
-        machine: &MachineSpec,
-        guest_elf: &Path,
-        paths: &RunPaths,
-    ) -> QemuCommand {
+    pub fn new(profile: &Profile, machine: &MachineSpec, guest_elf: &Path, paths: &RunPaths) -> QemuCommand {
         let mut args: Vec<String> = Vec::new();
         let mut push = |a: &[&str]| args.extend(a.iter().map(|s| s.to_string()));
         let mib = machine.boot_memory >> 20;
         let memory = if machine.slots > 0 {
-            format!(
-                "{mib}M,slots={},maxmem={}M",
-                machine.slots,
-                machine.max_memory >> 20
-            )
+            format!("{mib}M,slots={},maxmem={}M", machine.slots, machine.max_memory >> 20)
         } else {
             format!("{mib}M")
         };
-        push(&[
-            "-M",
-            &format!("{},memory-backend={BOOT_RAM_ID}", profile.machine),
-        ]);
+        push(&["-M", &format!("{},memory-backend={BOOT_RAM_ID}", profile.machine)]);
         push(&["-cpu", profile.cpu, "-m", &memory]);
         push(&[
             "-object",
@@ -90,61 +78,33 @@ impl QemuCommand {
             ),
         ]);
         // No default devices, no config files, no display: only what we name.
-        push(&[
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ]);
+        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
         // QEMU connects to sockets the harness already listens on, so no output
         // is lost and there is no start-up race.
-        push(&[
-            "-chardev",
-            &format!(
-                "socket,id=console,path={}",
-                paths.console_socket().display()
-            ),
-        ]);
+        push(&["-chardev", &format!("socket,id=console,path={}", paths.console_socket().display())]);
         push(&["-serial", "chardev:console"]);
-        push(&[
-            "-chardev",
-            &format!("socket,id=qmp,path={}", paths.qmp_socket().display()),
-        ]);
+        push(&["-chardev", &format!("socket,id=qmp,path={}", paths.qmp_socket().display())]);
         push(&["-mon", "chardev=qmp,mode=control"]);
         let elf = guest_elf.display().to_string();
         match profile.loader {
             Loader::Kernel { bios: Some(bios) } => push(&["-bios", bios, "-kernel", &elf]),
             Loader::Kernel { bios: None } => push(&["-kernel", &elf]),
-            Loader::StubFirmware { .. } => push(&[
-                "-bios",
-                &paths.firmware_stub().display().to_string(),
-                "-device",
-                &format!("loader,file={elf}"),
-            ]),
+            Loader::StubFirmware { .. } => {
+                push(&["-bios", &paths.firmware_stub().display().to_string(), "-device", &format!("loader,file={elf}")])
+            }
         }
         push(profile.extra_args);
-        QemuCommand {
-            program: profile.qemu_binary.to_string(),
-            args,
-        }
+        QemuCommand { program: profile.qemu_binary.to_string(), args }
     }
 
     /// The command as one line a user can paste into a shell.
     pub fn shell_line(&self) -> String {
-        std::iter::once(&self.program)
-            .chain(&self.args)
-            .map(|a| shell_quote(a))
-            .collect::<Vec<_>>()
-            .join(" ")
+        std::iter::once(&self.program).chain(&self.args).map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
     }
 }
 
 fn shell_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_=,./:+@%".contains(&b))
-    {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_=,./:+@%".contains(&b)) {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -156,10 +116,7 @@ pub enum QemuError {
     #[error("{binary} is not installed (Debian package {package})")]
     NotInstalled { binary: String, package: String },
     #[error("could not start {binary}: {source}")]
-    Spawn {
-        binary: String,
-        source: std::io::Error,
-    },
+    Spawn { binary: String, source: std::io::Error },
 }
 
 /// A running QEMU. Dropping it kills the whole process group.
@@ -182,27 +139,16 @@ impl QemuProcess {
             .kill_on_drop(true);
         // SAFETY: set_pdeathsig is async-signal-safe (a single prctl call).
         unsafe {
-            command.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-            });
+            command.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
         }
         let mut child = command.spawn().map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
-                QemuError::NotInstalled {
-                    binary: cmd.program.clone(),
-                    package: package.to_string(),
-                }
+                QemuError::NotInstalled { binary: cmd.program.clone(), package: package.to_string() }
             } else {
-                QemuError::Spawn {
-                    binary: cmd.program.clone(),
-                    source,
-                }
+                QemuError::Spawn { binary: cmd.program.clone(), source }
             }
         })?;
-        let pid = child
-            .id()
-            .map(|id| Pid::from_raw(id as i32))
-            .unwrap_or(Pid::from_raw(0));
+        let pid = child.id().map(|id| Pid::from_raw(id as i32)).unwrap_or(Pid::from_raw(0));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         if let Some(mut pipe) = child.stderr.take() {
             let sink = stderr.clone();
@@ -212,18 +158,11 @@ impl QemuProcess {
                     if n == 0 {
                         break;
                     }
-                    sink.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .extend_from_slice(&buf[..n]);
+                    sink.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&buf[..n]);
                 }
             });
         }
-        Ok(QemuProcess {
-            child,
-            pgid: pid,
-            stderr,
-            exit: None,
-        })
+        Ok(QemuProcess { child, pgid: pid, stderr, exit: None })
     }
 
     /// What QEMU printed on standard error so far.
@@ -284,14 +223,8 @@ mod tests {
     use hvo_images::{profile, Arch};
 
     fn command(arch: Arch) -> QemuCommand {
-        let machine = MachineSpec {
-            boot_memory: 512 << 20,
-            slots: 4,
-            max_memory: 8 << 30,
-        };
-        let paths = RunPaths {
-            dir: PathBuf::from("/run/x"),
-        };
+        let machine = MachineSpec { boot_memory: 512 << 20, slots: 4, max_memory: 8 << 30 };
+        let paths = RunPaths { dir: PathBuf::from("/run/x") };
         QemuCommand::new(profile(arch), &machine, Path::new("/g/hvo-guest"), &paths)
     }
 
@@ -306,11 +239,7 @@ mod tests {
         assert!(has_pair(&c, "-M", "q35,memory-backend=boot-ram"));
         assert!(has_pair(&c, "-bios", "/usr/share/qemu/qboot.rom"));
         assert!(has_pair(&c, "-kernel", "/g/hvo-guest"));
-        assert!(has_pair(
-            &c,
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=4"
-        ));
+        assert!(has_pair(&c, "-device", "isa-debug-exit,iobase=0xf4,iosize=4"));
         assert!(has_pair(&c, "-m", "512M,slots=4,maxmem=8192M"));
     }
 
@@ -319,15 +248,8 @@ mod tests {
         let c = command(Arch::Aarch64);
         assert!(has_pair(&c, "-bios", "/run/x/firmware-stub.bin"));
         assert!(has_pair(&c, "-device", "loader,file=/g/hvo-guest"));
-        assert!(
-            !c.args.iter().any(|a| a == "-kernel"),
-            "plain -kernel has no GED device"
-        );
-        assert!(has_pair(
-            &c,
-            "-semihosting-config",
-            "enable=on,target=native"
-        ));
+        assert!(!c.args.iter().any(|a| a == "-kernel"), "plain -kernel has no GED device");
+        assert!(has_pair(&c, "-semihosting-config", "enable=on,target=native"));
     }
 
     #[test]
@@ -343,16 +265,8 @@ mod tests {
     fn every_arch_gets_private_sockets_and_shared_boot_ram_and_no_defaults() {
         for arch in Arch::ALL {
             let c = command(arch);
-            assert!(has_pair(
-                &c,
-                "-chardev",
-                "socket,id=console,path=/run/x/console.sock"
-            ));
-            assert!(has_pair(
-                &c,
-                "-chardev",
-                "socket,id=qmp,path=/run/x/qmp.sock"
-            ));
+            assert!(has_pair(&c, "-chardev", "socket,id=console,path=/run/x/console.sock"));
+            assert!(has_pair(&c, "-chardev", "socket,id=qmp,path=/run/x/qmp.sock"));
             assert!(has_pair(
                 &c,
                 "-object",
@@ -364,24 +278,15 @@ mod tests {
 
     #[test]
     fn without_slots_there_is_no_hotplug_memory() {
-        let machine = MachineSpec {
-            boot_memory: 1 << 30,
-            slots: 0,
-            max_memory: 1 << 30,
-        };
-        let paths = RunPaths {
-            dir: PathBuf::from("/r"),
-        };
+        let machine = MachineSpec { boot_memory: 1 << 30, slots: 0, max_memory: 1 << 30 };
+        let paths = RunPaths { dir: PathBuf::from("/r") };
         let c = QemuCommand::new(profile(Arch::Ppc64le), &machine, Path::new("/g"), &paths);
         assert!(has_pair(&c, "-m", "1024M"));
     }
 
     #[test]
     fn shell_line_quotes_what_needs_it() {
-        let c = QemuCommand {
-            program: "qemu".into(),
-            args: vec!["-a".into(), "x y".into(), "it's".into()],
-        };
+        let c = QemuCommand { program: "qemu".into(), args: vec!["-a".into(), "x y".into(), "it's".into()] };
         assert_eq!(c.shell_line(), "qemu -a 'x y' 'it'\\''s'");
     }
 }

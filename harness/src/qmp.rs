@@ -25,25 +25,13 @@ pub enum QmpError {
     #[error("QMP handshake failed: {0}")]
     Handshake(String),
     #[error("QMP command {command} got no reply within {timeout:?}")]
-    Timeout {
-        command: &'static str,
-        timeout: Duration,
-    },
+    Timeout { command: &'static str, timeout: Duration },
     #[error("QMP command {command} failed: {message}")]
-    Command {
-        command: &'static str,
-        message: String,
-    },
+    Command { command: &'static str, message: String },
     #[error("QMP connection lost during {command}: {message}")]
-    Disconnected {
-        command: &'static str,
-        message: String,
-    },
+    Disconnected { command: &'static str, message: String },
     #[error("{command}: {message}")]
-    BadReply {
-        command: &'static str,
-        message: String,
-    },
+    BadReply { command: &'static str, message: String },
     #[error("reading the pmemsave output failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -66,10 +54,7 @@ pub struct Transcript {
 impl Transcript {
     fn push(&self, line: String) {
         let t = self.start.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0);
-        self.lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(format!("[{t:9.4}] {line}"));
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).push(format!("[{t:9.4}] {line}"));
     }
 
     pub fn text(&self) -> String {
@@ -88,28 +73,19 @@ pub struct Qmp {
 
 impl Qmp {
     /// Negotiates QMP on a connection QEMU made to us.
-    pub async fn handshake(
-        stream: UnixStream,
-        timeout: Duration,
-        start: Instant,
-    ) -> Result<Qmp, QmpError> {
+    pub async fn handshake(stream: UnixStream, timeout: Duration, start: Instant) -> Result<Qmp, QmpError> {
         let task = tokio::spawn(async move {
             let negotiation = QmpStreamTokio::open(stream).await?;
             negotiation.negotiate().await
         });
         let stream = match tokio::time::timeout(timeout, task).await {
             Err(_) => return Err(QmpError::HandshakeTimeout(timeout)),
-            Ok(Err(join)) => {
-                return Err(QmpError::Handshake(format!("QMP client panicked: {join}")))
-            }
+            Ok(Err(join)) => return Err(QmpError::Handshake(format!("QMP client panicked: {join}"))),
             Ok(Ok(Err(io))) => return Err(QmpError::Handshake(io.to_string())),
             Ok(Ok(Ok(stream))) => stream,
         };
         let (service, mut event_stream) = stream.into_parts();
-        let transcript = Transcript {
-            lines: Default::default(),
-            start: Some(start),
-        };
+        let transcript = Transcript { lines: Default::default(), start: Some(start) };
         let events: Arc<(Mutex<EventLog>, Notify)> = Default::default();
         {
             let events = events.clone();
@@ -119,12 +95,7 @@ impl Qmp {
                     match item {
                         Ok(event) => {
                             transcript.push(format!("<- event {event:?}"));
-                            events
-                                .0
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .events
-                                .push(event);
+                            events.0.lock().unwrap_or_else(|e| e.into_inner()).events.push(event);
                         }
                         Err(e) => {
                             transcript.push(format!("<- stream error: {e}"));
@@ -137,12 +108,7 @@ impl Qmp {
                 events.1.notify_waiters();
             });
         }
-        Ok(Qmp {
-            service,
-            events,
-            transcript,
-            timeout,
-        })
+        Ok(Qmp { service, events, transcript, timeout })
     }
 
     pub fn transcript(&self) -> &Transcript {
@@ -168,12 +134,8 @@ impl Qmp {
         let reply = tokio::time::timeout(timeout, self.service.execute(command)).await;
         match reply {
             Err(_) => {
-                self.transcript
-                    .push(format!("<- {name}: no reply within {timeout:?}"));
-                Err(QmpError::Timeout {
-                    command: name,
-                    timeout,
-                })
+                self.transcript.push(format!("<- {name}: no reply within {timeout:?}"));
+                Err(QmpError::Timeout { command: name, timeout })
             }
             Ok(Ok(ok)) => {
                 self.transcript.push(format!("<- {name}: {ok:?}"));
@@ -181,28 +143,18 @@ impl Qmp {
             }
             Ok(Err(qapi::ExecuteError::Qapi(e))) => {
                 self.transcript.push(format!("<- {name}: error {}", e.desc));
-                Err(QmpError::Command {
-                    command: name,
-                    message: e.desc,
-                })
+                Err(QmpError::Command { command: name, message: e.desc })
             }
             Ok(Err(e)) => {
                 self.transcript.push(format!("<- {name}: {e}"));
-                Err(QmpError::Disconnected {
-                    command: name,
-                    message: e.to_string(),
-                })
+                Err(QmpError::Disconnected { command: name, message: e.to_string() })
             }
         }
     }
 
     /// A human-monitor command (for what QMP has no command for, like gva2gpa).
     pub async fn hmp(&self, command_line: &str) -> Result<String, QmpError> {
-        self.execute(qmp::human_monitor_command {
-            command_line: command_line.to_string(),
-            cpu_index: None,
-        })
-        .await
+        self.execute(qmp::human_monitor_command { command_line: command_line.to_string(), cpu_index: None }).await
     }
 
     /// QEMU's own translation of a guest-virtual address through the current
@@ -216,26 +168,13 @@ impl Qmp {
         out.strip_prefix("gpa: ")
             .and_then(|hex| u64::from_str_radix(hex.trim_start_matches("0x"), 16).ok())
             .map(|pa| Some(PhysAddr(pa)))
-            .ok_or_else(|| QmpError::BadReply {
-                command: "gva2gpa",
-                message: format!("unexpected reply {out:?}"),
-            })
+            .ok_or_else(|| QmpError::BadReply { command: "gva2gpa", message: format!("unexpected reply {out:?}") })
     }
 
     /// Reads guest-physical memory through QEMU (`pmemsave` into `scratch`,
     /// then the file): works with any memory backend.
-    pub async fn pmemsave(
-        &self,
-        pa: PhysAddr,
-        len: usize,
-        scratch: &Path,
-    ) -> Result<Vec<u8>, QmpError> {
-        self.execute(qmp::pmemsave {
-            val: pa.0,
-            size: len as u64,
-            filename: scratch.display().to_string(),
-        })
-        .await?;
+    pub async fn pmemsave(&self, pa: PhysAddr, len: usize, scratch: &Path) -> Result<Vec<u8>, QmpError> {
+        self.execute(qmp::pmemsave { val: pa.0, size: len as u64, filename: scratch.display().to_string() }).await?;
         let bytes = tokio::fs::read(scratch).await?;
         let _ = tokio::fs::remove_file(scratch).await;
         if bytes.len() != len {
@@ -249,11 +188,7 @@ impl Qmp {
 
     /// Waits until an event matching `want` has arrived (at any time since the
     /// handshake) or the connection closes or `timeout` passes.
-    pub async fn wait_event(
-        &self,
-        want: impl Fn(&qmp::Event) -> bool,
-        timeout: Duration,
-    ) -> Option<qmp::Event> {
+    pub async fn wait_event(&self, want: impl Fn(&qmp::Event) -> bool, timeout: Duration) -> Option<qmp::Event> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.events.1.notified();

@@ -44,18 +44,10 @@ pub struct Check {
 
 impl Check {
     pub fn pass(name: &str, detail: impl Into<String>) -> Check {
-        Check {
-            name: name.into(),
-            status: CheckStatus::Pass,
-            detail: detail.into(),
-        }
+        Check { name: name.into(), status: CheckStatus::Pass, detail: detail.into() }
     }
     pub fn fail(name: &str, detail: impl Into<String>) -> Check {
-        Check {
-            name: name.into(),
-            status: CheckStatus::Fail,
-            detail: detail.into(),
-        }
+        Check { name: name.into(), status: CheckStatus::Fail, detail: detail.into() }
     }
 }
 
@@ -126,11 +118,7 @@ impl Totals {
 
     /// `N passed, N failed` (errors count as failed), `, N skipped` when any.
     pub fn summary_line(&self) -> String {
-        let mut line = format!(
-            "{} passed, {} failed",
-            self.passed,
-            self.failed + self.errors
-        );
+        let mut line = format!("{} passed, {} failed", self.passed, self.failed + self.errors);
         if self.skipped > 0 {
             line.push_str(&format!(", {} skipped", self.skipped));
         }
@@ -152,34 +140,15 @@ mod tests {
         results.push(r);
         let t = Totals::of(&results);
         assert_eq!(t.summary_line(), "1 passed, 1 failed, 1 skipped");
-        assert_eq!(
-            Totals {
-                passed: 3,
-                ..Default::default()
-            }
-            .summary_line(),
-            "3 passed, 0 failed"
-        );
+        assert_eq!(Totals { passed: 3, ..Default::default() }.summary_line(), "3 passed, 0 failed");
     }
 
     #[test]
     fn json_has_the_documented_fields() {
-        let mut r = ScenarioResult::skipped(
-            "boot",
-            "scenarios/boot.toml".into(),
-            "aarch64",
-            "not listed",
-        );
+        let mut r = ScenarioResult::skipped("boot", "scenarios/boot.toml".into(), "aarch64", "not listed");
         r.checks.push(Check::pass("manifest", "ok"));
         let v = serde_json::to_value(&r).unwrap();
-        for field in [
-            "scenario",
-            "arch",
-            "status",
-            "duration_ms",
-            "checks",
-            "metrics",
-        ] {
+        for field in ["scenario", "arch", "status", "duration_ms", "checks", "metrics"] {
             assert!(v.get(field).is_some(), "{field} missing from {v}");
         }
         assert_eq!(v["status"], "skip");

@@ -85,34 +85,20 @@ struct Run<'a> {
 }
 
 /// Runs `scenario` on `arch` with the guest image at `guest_elf`.
-pub async fn run_scenario(
-    scenario: &Scenario,
-    arch: Arch,
-    guest_elf: &Path,
-    config: &RunConfig,
-) -> ScenarioResult {
+pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, config: &RunConfig) -> ScenarioResult {
     let start = Instant::now();
-    let mut result =
-        ScenarioResult::skipped(&scenario.name, scenario.file.clone(), arch.name(), "");
+    let mut result = ScenarioResult::skipped(&scenario.name, scenario.file.clone(), arch.name(), "");
     result.message = None;
 
     let dir = match private_dir() {
         Ok(d) => d,
-        Err(e) => {
-            return errored(
-                result,
-                start,
-                format!("cannot create a temporary directory: {e}"),
-            )
-        }
+        Err(e) => return errored(result, start, format!("cannot create a temporary directory: {e}")),
     };
     let image = match GuestImage::load(guest_elf) {
         Ok(i) => i,
         Err(e) => return errored(result, start, e.to_string()),
     };
-    let paths = RunPaths {
-        dir: dir.path().to_path_buf(),
-    };
+    let paths = RunPaths { dir: dir.path().to_path_buf() };
     let p = profile(arch);
     let command = QemuCommand::new(p, &scenario.machine, guest_elf, &paths);
     let mut run = Run {
@@ -136,10 +122,7 @@ pub async fn run_scenario(
     let outcome = run.execute(config.inject).await;
     let shutdown_start = Instant::now();
     run.shutdown().await;
-    run.metrics.insert(
-        "shutdown_ms".into(),
-        json!(shutdown_start.elapsed().as_millis() as u64),
-    );
+    run.metrics.insert("shutdown_ms".into(), json!(shutdown_start.elapsed().as_millis() as u64));
 
     result.duration_ms = start.elapsed().as_millis() as u64;
     result.qemu_command = run.command.shell_line();
@@ -149,21 +132,14 @@ pub async fn run_scenario(
     result.status = status;
     result.message = message;
     if status != Status::Pass {
-        result.console_tail = run
-            .console
-            .as_ref()
-            .map(|c| c.log().tail(CONSOLE_TAIL))
-            .unwrap_or_default();
+        result.console_tail = run.console.as_ref().map(|c| c.log().tail(CONSOLE_TAIL)).unwrap_or_default();
     }
     if status != Status::Pass || config.keep_artifacts {
         let target = config.artifacts_root.join(arch.name()).join(&scenario.name);
         match run.write_artifacts(&target) {
             Ok(()) => result.artifacts = Some(target),
             Err(e) => {
-                let note = format!(
-                    "(artifacts could not be written to {}: {e})",
-                    target.display()
-                );
+                let note = format!("(artifacts could not be written to {}: {e})", target.display());
                 result.message = Some(match result.message.take() {
                     Some(m) => format!("{m} {note}"),
                     None => note,
@@ -199,49 +175,28 @@ fn private_dir() -> std::io::Result<tempfile::TempDir> {
 }
 
 /// The scenario's verdict from its checks, its expectation and how it ended.
-fn judge(
-    expect: &Expect,
-    checks: &[Check],
-    outcome: Result<(), Abort>,
-) -> (Status, Option<String>) {
-    let failed: Vec<&Check> = checks
-        .iter()
-        .filter(|c| c.status == CheckStatus::Fail)
-        .collect();
+fn judge(expect: &Expect, checks: &[Check], outcome: Result<(), Abort>) -> (Status, Option<String>) {
+    let failed: Vec<&Check> = checks.iter().filter(|c| c.status == CheckStatus::Fail).collect();
     match outcome {
         Err(Abort::Infra(m)) => return (Status::Error, Some(m)),
         Err(Abort::Guest(m)) => return (Status::Fail, Some(m)),
         Ok(()) => {}
     }
-    let describe = |cs: &[&Check]| {
-        cs.iter()
-            .map(|c| format!("{}: {}", c.name, c.detail))
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
+    let describe =
+        |cs: &[&Check]| cs.iter().map(|c| format!("{}: {}", c.name, c.detail)).collect::<Vec<_>>().join("; ");
     match expect {
         Expect::Pass if failed.is_empty() => (Status::Pass, None),
         Expect::Pass => (Status::Fail, Some(describe(&failed))),
         Expect::Fail { invariant, also } => {
             let caught = failed.iter().any(|c| &c.name == invariant);
-            let others: Vec<&Check> = failed
-                .iter()
-                .copied()
-                .filter(|c| &c.name != invariant && !also.contains(&c.name))
-                .collect();
+            let others: Vec<&Check> =
+                failed.iter().copied().filter(|c| &c.name != invariant && !also.contains(&c.name)).collect();
             match (caught, others.is_empty()) {
                 (true, true) => (Status::Pass, None),
-                (false, true) => (
-                    Status::Fail,
-                    Some(format!("expected `{invariant}` to fail, but it held")),
-                ),
-                (_, false) => (
-                    Status::Fail,
-                    Some(format!(
-                        "expected only `{invariant}` to fail, but: {}",
-                        describe(&others)
-                    )),
-                ),
+                (false, true) => (Status::Fail, Some(format!("expected `{invariant}` to fail, but it held"))),
+                (_, false) => {
+                    (Status::Fail, Some(format!("expected only `{invariant}` to fail, but: {}", describe(&others))))
+                }
             }
         }
     }
@@ -264,22 +219,11 @@ impl Run<'_> {
         let steps_start = Instant::now();
         for placed in &self.scenario.steps {
             self.step(&placed.step).await.map_err(|abort| match abort {
-                Abort::Guest(m) => Abort::Guest(format!(
-                    "step {} (line {}): {m}",
-                    placed.step.name(),
-                    placed.line
-                )),
-                Abort::Infra(m) => Abort::Infra(format!(
-                    "step {} (line {}): {m}",
-                    placed.step.name(),
-                    placed.line
-                )),
+                Abort::Guest(m) => Abort::Guest(format!("step {} (line {}): {m}", placed.step.name(), placed.line)),
+                Abort::Infra(m) => Abort::Infra(format!("step {} (line {}): {m}", placed.step.name(), placed.line)),
             })?;
         }
-        self.metrics.insert(
-            "steps_ms".into(),
-            json!(steps_start.elapsed().as_millis() as u64),
-        );
+        self.metrics.insert("steps_ms".into(), json!(steps_start.elapsed().as_millis() as u64));
         Ok(())
     }
 
@@ -291,8 +235,7 @@ impl Run<'_> {
                 .map_err(|e| Abort::Infra(format!("cannot write the firmware stub: {e}")))?;
         }
         let bind = |p: PathBuf| {
-            UnixListener::bind(&p)
-                .map_err(|e| Abort::Infra(format!("cannot listen on {}: {e}", p.display())))
+            UnixListener::bind(&p).map_err(|e| Abort::Infra(format!("cannot listen on {}: {e}", p.display())))
         };
         let console_listener = bind(self.paths.console_socket())?;
         let qmp_listener = bind(self.paths.qmp_socket())?;
@@ -322,33 +265,26 @@ impl Run<'_> {
             .await
             .map_err(|e| Abort::Infra(e.to_string()))?;
         self.qmp = Some(qmp);
-        self.metrics
-            .insert("qemu_start_ms".into(), json!(self.elapsed_ms()));
+        self.metrics.insert("qemu_start_ms".into(), json!(self.elapsed_ms()));
 
         let Some(console) = self.console.as_mut() else {
             return Err(Abort::Infra("no console".into()));
         };
         match console.wait_ready(boot_timeout).await {
             Ok(arch) if arch == self.arch.name() => {
-                self.checks
-                    .push(Check::pass("guest-ready", format!("{arch} guest ready")));
+                self.checks.push(Check::pass("guest-ready", format!("{arch} guest ready")));
             }
             Ok(other) => {
-                self.checks.push(Check::fail(
-                    "guest-ready",
-                    format!("guest says it is {other}, expected {}", self.arch),
-                ));
-                return Err(Abort::Guest(format!(
-                    "wrong guest image: it says it is {other}"
-                )));
+                self.checks
+                    .push(Check::fail("guest-ready", format!("guest says it is {other}, expected {}", self.arch)));
+                return Err(Abort::Guest(format!("wrong guest image: it says it is {other}")));
             }
             Err(e) => {
                 self.checks.push(Check::fail("guest-ready", e.to_string()));
                 return Err(self.console_abort(e).await);
             }
         }
-        self.metrics
-            .insert("boot_ms".into(), json!(self.elapsed_ms()));
+        self.metrics.insert("boot_ms".into(), json!(self.elapsed_ms()));
         self.map_boot_ram()?;
         for knob in &self.scenario.bug_knobs {
             self.request(Command::Knob { knob: *knob }).await?;
@@ -361,17 +297,9 @@ impl Run<'_> {
         let file = std::fs::File::open(self.paths.boot_ram())
             .map_err(|e| Abort::Infra(format!("cannot open the boot RAM backing file: {e}")))?;
         let mut memory = MappedMemory::new();
-        for piece in self
-            .profile
-            .boot_ram_pieces(self.scenario.machine.boot_memory)
-        {
+        for piece in self.profile.boot_ram_pieces(self.scenario.machine.boot_memory) {
             memory
-                .add_at_offset(
-                    PhysAddr(piece.gpa),
-                    &file,
-                    piece.file_offset,
-                    piece.len as usize,
-                )
+                .add_at_offset(PhysAddr(piece.gpa), &file, piece.file_offset, piece.len as usize)
                 .map_err(|e| Abort::Infra(format!("cannot map boot RAM: {e}")))?;
         }
         self.memory = memory;
@@ -397,23 +325,11 @@ impl Run<'_> {
                 let stderr = self.qemu.as_ref().map(|q| q.stderr()).unwrap_or_default();
                 match status {
                     Some(s)
-                        if s.code().is_some()
-                            && self
-                                .profile
-                                .exit
-                                .guest_status(s.code().unwrap_or(-1))
-                                .matches(1) =>
+                        if s.code().is_some() && self.profile.exit.guest_status(s.code().unwrap_or(-1)).matches(1) =>
                     {
-                        Abort::Guest(format!(
-                            "the guest exited unasked ({})",
-                            describe_exit(Some(s))
-                        ))
+                        Abort::Guest(format!("the guest exited unasked ({})", describe_exit(Some(s))))
                     }
-                    _ => Abort::Infra(format!(
-                        "QEMU died ({}){}",
-                        describe_exit(status),
-                        stderr_note(&stderr)
-                    )),
+                    _ => Abort::Infra(format!("QEMU died ({}){}", describe_exit(status), stderr_note(&stderr))),
                 }
             }
             ConsoleError::Timeout { .. } => Abort::Guest(format!("the guest hung: {error}")),
@@ -430,17 +346,13 @@ impl Run<'_> {
             }
             HarnessFault::FreezeGuest => {
                 if let Some(qmp) = self.qmp.as_ref() {
-                    qmp.execute(qapi::qmp::stop {})
-                        .await
-                        .map_err(|e| Abort::Infra(e.to_string()))?;
+                    qmp.execute(qapi::qmp::stop {}).await.map_err(|e| Abort::Infra(e.to_string()))?;
                 }
             }
             HarnessFault::ConsoleGarbage => {
                 if let Some(console) = self.console.as_mut() {
                     let mut garbage: Vec<u8> = (0u8..=255).cycle().take(2000).collect();
-                    garbage.extend_from_slice(
-                        b"\n\xff\xfe not a command\n99999999999999999999999 ping\n\n",
-                    );
+                    garbage.extend_from_slice(b"\n\xff\xfe not a command\n99999999999999999999999 ping\n\n");
                     if let Err(e) = console.send_raw(&garbage).await {
                         return Err(self.console_abort(e).await);
                     }
@@ -465,11 +377,7 @@ impl Run<'_> {
         match step {
             Step::Ping => {
                 let token = format!("t{}", self.elapsed_ms());
-                let reply = self
-                    .request(Command::Ping {
-                        token: Some(&token),
-                    })
-                    .await?;
+                let reply = self.request(Command::Ping { token: Some(&token) }).await?;
                 let expected = format!("pong {token}");
                 self.checks.push(if reply == expected {
                     Check::pass("ping", "the guest answered")
@@ -480,32 +388,16 @@ impl Run<'_> {
             }
             Step::VerifyManifest => self.verify_manifest().await,
             Step::Exit { status } => self.exit(*status).await,
-            Step::HugetlbAlloc {
-                region,
-                order,
-                count,
-                zone,
-            } => {
-                let reply = self
-                    .request(Command::HugetlbAlloc {
-                        order: *order,
-                        count: *count,
-                        zone: *zone,
-                    })
-                    .await?;
-                let id = reply_field(&reply, "region")
-                    .ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
+            Step::HugetlbAlloc { region, order, count, zone } => {
+                let reply = self.request(Command::HugetlbAlloc { order: *order, count: *count, zone: *zone }).await?;
+                let id =
+                    reply_field(&reply, "region").ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
                 self.regions.insert(region.clone(), id as u32);
                 Ok(())
             }
             Step::Optimize { region, layout } => {
                 let region = self.region_id(region)?;
-                self.request(Command::Optimize {
-                    region,
-                    layout: *layout,
-                })
-                .await
-                .map(drop)
+                self.request(Command::Optimize { region, layout: *layout }).await.map(drop)
             }
             Step::Restore { region } => {
                 let region = self.region_id(region)?;
@@ -534,8 +426,7 @@ impl Run<'_> {
         self.memory
             .read(self.image.manifest, &mut bytes)
             .map_err(|e| Abort::Infra(format!("reading the manifest: {e}")))?;
-        Manifest::decode(&bytes)
-            .map_err(|e| Abort::Guest(format!("the manifest is unreadable: {e}")))
+        Manifest::decode(&bytes).map_err(|e| Abort::Guest(format!("the manifest is unreadable: {e}")))
     }
 
     /// Every invariant: from the page tables, then on the live guest (write
@@ -545,19 +436,12 @@ impl Run<'_> {
         let manifest = self.read_manifest()?;
         let (checks, map) = verify::check(self.arch, &manifest, &self.memory)
             .map_err(|e| Abort::Guest(format!("the page tables cannot be walked: {e}")))?;
-        self.metrics.insert(
-            "verify_static_ms".into(),
-            json!(started.elapsed().as_millis() as u64),
-        );
-        self.metrics
-            .insert("vmemmap_ptes".into(), json!(map.ptes()));
+        self.metrics.insert("verify_static_ms".into(), json!(started.elapsed().as_millis() as u64));
+        self.metrics.insert("vmemmap_ptes".into(), json!(map.ptes()));
         self.checks.extend(checks);
         self.check_write_faults(&manifest).await?;
         self.check_vmemmap_translations(&manifest, &map).await?;
-        self.metrics.insert(
-            "verify_ms".into(),
-            json!(started.elapsed().as_millis() as u64),
-        );
+        self.metrics.insert("verify_ms".into(), json!(started.elapsed().as_millis() as u64));
         Ok(())
     }
 
@@ -573,13 +457,8 @@ impl Run<'_> {
             };
             let base = manifest.struct_page_va(head);
             let pages = ((1u64 << region.order) * 64 / verify::PAGE).max(1);
-            let read_only_tails = region.optimized
-                && matches!(region.layout, Layout::Unified | Layout::LegacyHugetlb);
-            let mut samples = vec![
-                (0, false),
-                (1, read_only_tails),
-                (pages - 1, read_only_tails),
-            ];
+            let read_only_tails = region.optimized && matches!(region.layout, Layout::Unified | Layout::LegacyHugetlb);
+            let mut samples = vec![(0, false), (1, read_only_tails), (pages - 1, read_only_tails)];
             samples.dedup();
             for (i, must_fault) in samples {
                 let va = base + i * verify::PAGE + 8;
@@ -597,10 +476,7 @@ impl Run<'_> {
             }
         }
         self.checks.push(if wrong.is_empty() {
-            Check::pass(
-                verify::WRITE_FAULTS,
-                format!("{probed} write probes behaved"),
-            )
+            Check::pass(verify::WRITE_FAULTS, format!("{probed} write probes behaved"))
         } else {
             Check::fail(verify::WRITE_FAULTS, wrong.join("; "))
         });
@@ -608,11 +484,7 @@ impl Run<'_> {
     }
 
     /// QEMU's MMU and the host walker agree on sampled vmemmap pages.
-    async fn check_vmemmap_translations(
-        &mut self,
-        manifest: &Manifest,
-        map: &VmemmapMap,
-    ) -> Result<(), Abort> {
+    async fn check_vmemmap_translations(&mut self, manifest: &Manifest, map: &VmemmapMap) -> Result<(), Abort> {
         let Some(qmp) = self.qmp.as_ref() else {
             return Err(Abort::Infra("no QMP".into()));
         };
@@ -625,26 +497,16 @@ impl Run<'_> {
         }
         let mut wrong = Vec::new();
         for va in &samples {
-            let by_qemu = qmp
-                .gva2gpa(VirtAddr(*va))
-                .await
-                .map_err(|e| Abort::Infra(e.to_string()))?;
+            let by_qemu = qmp.gva2gpa(VirtAddr(*va)).await.map_err(|e| Abort::Infra(e.to_string()))?;
             let by_host = map.lookup(*va).map(|(_, frame)| frame);
             if by_qemu != by_host {
-                wrong.push(format!(
-                    "vmemmap {va:#x}: host walker {}, QEMU {}",
-                    show(by_host),
-                    show(by_qemu)
-                ));
+                wrong.push(format!("vmemmap {va:#x}: host walker {}, QEMU {}", show(by_host), show(by_qemu)));
             }
         }
         self.checks.push(if wrong.is_empty() {
             Check::pass(
                 verify::TRANSLATION_AGREES,
-                format!(
-                    "host walker and QEMU agree on {} vmemmap pages",
-                    samples.len()
-                ),
+                format!("host walker and QEMU agree on {} vmemmap pages", samples.len()),
             )
         } else {
             Check::fail(verify::TRANSLATION_AGREES, wrong.join("; "))
@@ -665,17 +527,11 @@ impl Run<'_> {
         self.checks.push(match seen {
             Some(g) if g.matches(status) => Check::pass(
                 "exit-status",
-                format!(
-                    "QEMU exited with {} for guest status {status}",
-                    describe_exit(exit)
-                ),
+                format!("QEMU exited with {} for guest status {status}", describe_exit(exit)),
             ),
             _ => Check::fail(
                 "exit-status",
-                format!(
-                    "guest asked to exit with {status}, QEMU ended with {}",
-                    describe_exit(exit)
-                ),
+                format!("guest asked to exit with {status}, QEMU ended with {}", describe_exit(exit)),
             ),
         });
         Ok(())
@@ -687,40 +543,24 @@ impl Run<'_> {
         };
         let at = self.image.manifest;
         let scratch = self.paths.dir.join("pmemsave.bin");
-        let through_qmp = qmp
-            .pmemsave(at, MANIFEST_SIZE, &scratch)
-            .await
-            .map_err(|e| Abort::Infra(e.to_string()))?;
+        let through_qmp = qmp.pmemsave(at, MANIFEST_SIZE, &scratch).await.map_err(|e| Abort::Infra(e.to_string()))?;
         let mut through_map = vec![0u8; MANIFEST_SIZE];
         if let Err(e) = self.memory.read(at, &mut through_map) {
-            self.checks.push(Check::fail(
-                "manifest",
-                format!("manifest at {at} not in mapped boot RAM: {e}"),
-            ));
+            self.checks.push(Check::fail("manifest", format!("manifest at {at} not in mapped boot RAM: {e}")));
             return Ok(());
         }
         if through_qmp != through_map {
-            self.checks.push(Check::fail(
-                "manifest",
-                "pmemsave and the shared RAM mapping read different manifests",
-            ));
+            self.checks.push(Check::fail("manifest", "pmemsave and the shared RAM mapping read different manifests"));
             return Ok(());
         }
         let manifest = match Manifest::decode(&through_qmp) {
             Ok(m) => m,
             Err(e) => {
-                self.checks
-                    .push(Check::fail("manifest", format!("at {at}: {e}")));
+                self.checks.push(Check::fail("manifest", format!("at {at}: {e}")));
                 return Ok(());
             }
         };
-        let problems = manifest_problems(
-            &manifest,
-            self.arch,
-            self.profile,
-            self.scenario.machine.boot_memory,
-            at,
-        );
+        let problems = manifest_problems(&manifest, self.arch, self.profile, self.scenario.machine.boot_memory, at);
         self.checks.push(if problems.is_empty() {
             Check::pass(
                 "manifest",
@@ -756,16 +596,10 @@ impl Run<'_> {
         let mut compared = 0;
         for pa in &samples {
             for (what, va) in [
-                (
-                    "linear map",
-                    VirtAddr(manifest.linear_map_base.wrapping_add(pa.0)),
-                ),
+                ("linear map", VirtAddr(manifest.linear_map_base.wrapping_add(pa.0))),
                 ("identity map", VirtAddr(pa.0)),
             ] {
-                let by_qemu = qmp
-                    .gva2gpa(va)
-                    .await
-                    .map_err(|e| Abort::Infra(e.to_string()))?;
+                let by_qemu = qmp.gva2gpa(va).await.map_err(|e| Abort::Infra(e.to_string()))?;
                 let by_host = pgtable::walker_for(self.arch, &self.memory, manifest, va)
                     .and_then(|w| w.translate(&self.memory, va))
                     .map(|leaf| leaf.map(|l| l.translate(va)));
@@ -781,10 +615,7 @@ impl Run<'_> {
             }
         }
         self.checks.push(if wrong.is_empty() {
-            Check::pass(
-                verify::TRANSLATION_AGREES,
-                format!("host walker and QEMU's MMU agree on {compared} addresses"),
-            )
+            Check::pass(verify::TRANSLATION_AGREES, format!("host walker and QEMU's MMU agree on {compared} addresses"))
         } else {
             Check::fail(verify::TRANSLATION_AGREES, wrong.join("; "))
         });
@@ -795,9 +626,7 @@ impl Run<'_> {
     async fn shutdown(&mut self) {
         if !self.guest_exited && self.qemu.as_mut().is_some_and(|q| q.try_exit().is_none()) {
             if let Some(console) = self.console.as_mut() {
-                let _ = console
-                    .request(Command::Exit { status: 0 }, Duration::from_millis(500))
-                    .await;
+                let _ = console.request(Command::Exit { status: 0 }, Duration::from_millis(500)).await;
             }
             if let Some(q) = self.qemu.as_mut() {
                 q.wait_exit(EXIT_GRACE).await;
@@ -810,23 +639,12 @@ impl Run<'_> {
 
     fn write_artifacts(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
-        std::fs::write(
-            dir.join("qemu-command.txt"),
-            format!("{}\n", self.command.shell_line()),
-        )?;
-        let console = self
-            .console
-            .as_ref()
-            .map(|c| c.log().text())
-            .unwrap_or_default();
+        std::fs::write(dir.join("qemu-command.txt"), format!("{}\n", self.command.shell_line()))?;
+        let console = self.console.as_ref().map(|c| c.log().text()).unwrap_or_default();
         std::fs::write(dir.join("console.log"), console)?;
         let stderr = self.qemu.as_ref().map(|q| q.stderr()).unwrap_or_default();
         std::fs::write(dir.join("qemu-stderr.log"), stderr)?;
-        let transcript = self
-            .qmp
-            .as_ref()
-            .map(|q| q.transcript().text())
-            .unwrap_or_default();
+        let transcript = self.qmp.as_ref().map(|q| q.transcript().text()).unwrap_or_default();
         std::fs::write(dir.join("qmp-transcript.log"), transcript)?;
         Ok(())
     }
@@ -834,13 +652,7 @@ impl Run<'_> {
 
 /// What is wrong with a manifest, judged against the host's own knowledge of
 /// the architecture and of the machine it started.
-fn manifest_problems(
-    m: &Manifest,
-    arch: Arch,
-    profile: &Profile,
-    boot_memory: u64,
-    at: PhysAddr,
-) -> Vec<String> {
+fn manifest_problems(m: &Manifest, arch: Arch, profile: &Profile, boot_memory: u64, at: PhysAddr) -> Vec<String> {
     let mut problems = Vec::new();
     if m.state != GuestState::Ready {
         problems.push(format!("guest state is {:?}, not ready", m.state));
@@ -852,23 +664,13 @@ fn manifest_problems(
         problems.push(format!("page size {:#x}, expected 4 KiB", m.page_size));
     }
     if m.linear_map_base != profile.linear_map_base {
-        problems.push(format!(
-            "linear map at {:#x}, expected {:#x}",
-            m.linear_map_base, profile.linear_map_base
-        ));
+        problems.push(format!("linear map at {:#x}, expected {:#x}", m.linear_map_base, profile.linear_map_base));
     }
     if m.vmemmap_base != profile.vmemmap_base {
-        problems.push(format!(
-            "vmemmap at {:#x}, expected {:#x}",
-            m.vmemmap_base, profile.vmemmap_base
-        ));
+        problems.push(format!("vmemmap at {:#x}, expected {:#x}", m.vmemmap_base, profile.vmemmap_base));
     }
     let pieces = profile.boot_ram_pieces(boot_memory);
-    let in_boot_ram = |pa: u64, len: u64| {
-        pieces
-            .iter()
-            .any(|p| pa >= p.gpa && pa + len <= p.gpa + p.len)
-    };
+    let in_boot_ram = |pa: u64, len: u64| pieces.iter().any(|p| pa >= p.gpa && pa + len <= p.gpa + p.len);
     match m.root(RootKind::Kernel) {
         Some(root) if !in_boot_ram(root.pa, 4096) => {
             problems.push(format!("kernel root {:#x} is outside boot RAM", root.pa))
@@ -879,24 +681,16 @@ fn manifest_problems(
     let mut ram_total = 0;
     for r in m.ram() {
         if !in_boot_ram(r.start, r.size) {
-            problems.push(format!(
-                "RAM range {:#x}+{:#x} is outside the machine's boot RAM",
-                r.start, r.size
-            ));
+            problems.push(format!("RAM range {:#x}+{:#x} is outside the machine's boot RAM", r.start, r.size));
         }
         ram_total += r.size;
     }
     // Firmware keeps a little low memory for itself (x86's BIOS area below 1 MiB).
     if ram_total > boot_memory || ram_total + (2 << 20) < boot_memory {
-        problems.push(format!(
-            "guest sees {ram_total:#x} bytes of RAM, the machine has {boot_memory:#x}"
-        ));
+        problems.push(format!("guest sees {ram_total:#x} bytes of RAM, the machine has {boot_memory:#x}"));
     }
     if !(at.0 >= m.image.start && at.0 + MANIFEST_SIZE as u64 <= m.image.end()) {
-        problems.push(format!(
-            "manifest {at} lies outside the image range {:#x}+{:#x}",
-            m.image.start, m.image.size
-        ));
+        problems.push(format!("manifest {at} lies outside the image range {:#x}+{:#x}", m.image.start, m.image.size));
     }
     problems
 }
@@ -915,14 +709,11 @@ fn describe_exit(status: Option<ExitStatus>) -> String {
 
 /// `value` of `name=value` in a reply payload.
 fn reply_field(payload: &str, name: &str) -> Option<u64> {
-    payload
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+    payload.split_whitespace().find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
 }
 
 fn show(pa: Option<PhysAddr>) -> String {
-    pa.map(|p| p.to_string())
-        .unwrap_or_else(|| "unmapped".into())
+    pa.map(|p| p.to_string()).unwrap_or_else(|| "unmapped".into())
 }
 
 fn stderr_note(stderr: &str) -> String {
@@ -930,17 +721,7 @@ fn stderr_note(stderr: &str) -> String {
     if s.is_empty() {
         String::new()
     } else {
-        format!(
-            ": {}",
-            s.lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join(" | ")
-        )
+        format!(": {}", s.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | "))
     }
 }
 
@@ -950,24 +731,14 @@ mod tests {
 
     #[test]
     fn a_fail_scenario_passes_only_when_its_invariant_alone_fires() {
-        let expect = Expect::Fail {
-            invariant: "exit-status".into(),
-            also: vec!["contents".into()],
-        };
+        let expect = Expect::Fail { invariant: "exit-status".into(), also: vec!["contents".into()] };
         let fired = [Check::pass("ping", ""), Check::fail("exit-status", "x")];
         assert_eq!(judge(&expect, &fired, Ok(())).0, Status::Pass);
         let held = [Check::pass("exit-status", "")];
         assert_eq!(judge(&expect, &held, Ok(())).0, Status::Fail);
         let consequence = [Check::fail("exit-status", ""), Check::fail("contents", "x")];
-        assert_eq!(
-            judge(&expect, &consequence, Ok(())).0,
-            Status::Pass,
-            "`also` may fire too"
-        );
-        let other = [
-            Check::fail("exit-status", ""),
-            Check::fail("manifest", "bad"),
-        ];
+        assert_eq!(judge(&expect, &consequence, Ok(())).0, Status::Pass, "`also` may fire too");
+        let other = [Check::fail("exit-status", ""), Check::fail("manifest", "bad")];
         let (status, message) = judge(&expect, &other, Ok(()));
         assert_eq!(status, Status::Fail);
         assert!(message.unwrap().contains("manifest"));
@@ -975,18 +746,9 @@ mod tests {
 
     #[test]
     fn aborts_decide_over_checks() {
-        assert_eq!(
-            judge(&Expect::Pass, &[], Err(Abort::Infra("qemu".into()))).0,
-            Status::Error
-        );
-        assert_eq!(
-            judge(&Expect::Pass, &[], Err(Abort::Guest("hang".into()))).0,
-            Status::Fail
-        );
-        assert_eq!(
-            judge(&Expect::Pass, &[Check::pass("a", "")], Ok(())).0,
-            Status::Pass
-        );
+        assert_eq!(judge(&Expect::Pass, &[], Err(Abort::Infra("qemu".into()))).0, Status::Error);
+        assert_eq!(judge(&Expect::Pass, &[], Err(Abort::Guest("hang".into()))).0, Status::Fail);
+        assert_eq!(judge(&Expect::Pass, &[Check::pass("a", "")], Ok(())).0, Status::Pass);
     }
 
     #[test]
@@ -999,32 +761,9 @@ mod tests {
             page_size: 4096,
             linear_map_base: p.linear_map_base,
             vmemmap_base: p.vmemmap_base,
-            image: Range {
-                start: 0x4020_0000,
-                size: 0x10_0000,
-            },
-            roots: [
-                Some(Root {
-                    kind: RootKind::Kernel,
-                    pa: 0x4040_0000,
-                }),
-                None,
-                None,
-                None,
-            ],
-            ram: [
-                Some(Range {
-                    start: 0x4000_0000,
-                    size: 512 << 20,
-                }),
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            ],
+            image: Range { start: 0x4020_0000, size: 0x10_0000 },
+            roots: [Some(Root { kind: RootKind::Kernel, pa: 0x4040_0000 }), None, None, None],
+            ram: [Some(Range { start: 0x4000_0000, size: 512 << 20 }), None, None, None, None, None, None, None],
             generation: 0,
             section_size_bits: 27,
             memstart_pfn: 0x40000,
@@ -1036,10 +775,7 @@ mod tests {
         let at = PhysAddr(0x4020_1000);
         assert!(manifest_problems(&m, Arch::Aarch64, p, 512 << 20, at).is_empty());
         m.vmemmap_base = 0;
-        m.roots[0] = Some(Root {
-            kind: RootKind::Kernel,
-            pa: 0x1000,
-        });
+        m.roots[0] = Some(Root { kind: RootKind::Kernel, pa: 0x1000 });
         let problems = manifest_problems(&m, Arch::Aarch64, p, 512 << 20, at);
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].contains("vmemmap"));

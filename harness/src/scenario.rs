@@ -59,9 +59,7 @@ impl Size {
         let t = text.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (digits, unit) = t.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("`{text}` is not a size like \"512M\" or \"1G\""))?;
+        let n: u64 = digits.parse().map_err(|_| format!("`{text}` is not a size like \"512M\" or \"1G\""))?;
         let shift = match unit.trim() {
             "" | "B" => 0,
             "K" | "KiB" => 10,
@@ -70,19 +68,14 @@ impl Size {
             "T" | "TiB" => 40,
             other => return Err(format!("unknown size unit `{other}` (use K, M, G or T)")),
         };
-        n.checked_mul(1 << shift)
-            .map(Size)
-            .ok_or_else(|| format!("`{text}` is too large"))
+        n.checked_mul(1 << shift).map(Size).ok_or_else(|| format!("`{text}` is too large"))
     }
 }
 
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let units = [(40, "T"), (30, "G"), (20, "M"), (10, "K")];
-        match units
-            .iter()
-            .find(|(s, _)| self.0 >= 1 << s && self.0.is_multiple_of(1 << s))
-        {
+        match units.iter().find(|(s, _)| self.0 >= 1 << s && self.0.is_multiple_of(1 << s)) {
             Some((s, u)) => write!(f, "{}{u}", self.0 >> s),
             None => write!(f, "{}", self.0),
         }
@@ -97,11 +90,9 @@ impl<'de> Deserialize<'de> for Size {
             Bytes(u64),
             Text(String),
         }
-        match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom(
-                "expected a size: bytes as an integer, or a string like \"512M\"",
-            )
-        })? {
+        match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a size: bytes as an integer, or a string like \"512M\""))?
+        {
             Raw::Bytes(n) => Ok(Size(n)),
             Raw::Text(t) => Size::parse(&t).map_err(serde::de::Error::custom),
         }
@@ -138,16 +129,8 @@ struct RawStep {
     layout: Option<Spanned<String>>,
 }
 
-const ACTIONS: &[&str] = &[
-    "ping",
-    "verify-manifest",
-    "hugetlb-alloc",
-    "optimize",
-    "restore",
-    "hugetlb-free",
-    "verify",
-    "exit",
-];
+const ACTIONS: &[&str] =
+    &["ping", "verify-manifest", "hugetlb-alloc", "optimize", "restore", "hugetlb-free", "verify", "exit"];
 /// HugeTLB folio sizes the model allocates: 2 MiB to 1 GiB.
 const FOLIO_SIZES: std::ops::RangeInclusive<u64> = (2 << 20)..=(1 << 30);
 const MAX_FOLIOS: u64 = 65536;
@@ -158,11 +141,7 @@ impl RawStep {
         let action = self.action.get_ref().as_str();
         let action_span = self.action.span();
         let missing = |name: &str, what: &str| {
-            loc.error(
-                action_span.clone(),
-                Some(&field(name)),
-                format!("`{action}` needs {what}"),
-            )
+            loc.error(action_span.clone(), Some(&field(name)), format!("`{action}` needs {what}"))
         };
         // Parameters present, with their spans, for the "not a parameter" check.
         let given: Vec<(&str, Range<usize>)> = [
@@ -177,16 +156,9 @@ impl RawStep {
         .filter_map(|(n, s)| Some((n, s?)))
         .collect();
         let region = || -> Result<String, ScenarioError> {
-            let r = self
-                .region
-                .as_ref()
-                .ok_or_else(|| missing("region", "a `region` name"))?;
+            let r = self.region.as_ref().ok_or_else(|| missing("region", "a `region` name"))?;
             if !valid_name(r.get_ref()) {
-                return Err(loc.error(
-                    r.span(),
-                    Some(&field("region")),
-                    "use only a-z, 0-9, '-' and '_'",
-                ));
+                return Err(loc.error(r.span(), Some(&field("region")), "use only a-z, 0-9, '-' and '_'"));
             }
             Ok(r.get_ref().clone())
         };
@@ -194,33 +166,20 @@ impl RawStep {
             "ping" => (Step::Ping, &[]),
             "verify-manifest" => (Step::VerifyManifest, &[]),
             "verify" => (Step::Verify, &[]),
-            "exit" => (
-                Step::Exit {
-                    status: self.status.as_ref().map(|s| *s.get_ref()).unwrap_or(0),
-                },
-                &["status"],
-            ),
+            "exit" => (Step::Exit { status: self.status.as_ref().map(|s| *s.get_ref()).unwrap_or(0) }, &["status"]),
             "hugetlb-alloc" => {
-                let size = self
-                    .size
-                    .as_ref()
-                    .ok_or_else(|| missing("size", "a folio `size`, like \"2M\" or \"1G\""))?;
+                let size =
+                    self.size.as_ref().ok_or_else(|| missing("size", "a folio `size`, like \"2M\" or \"1G\""))?;
                 let bytes = size.get_ref().0;
                 if !bytes.is_power_of_two() || !FOLIO_SIZES.contains(&bytes) {
                     return Err(loc.error(
                         size.span(),
                         Some(&field("size")),
-                        format!(
-                            "{} is not a HugeTLB folio size: a power of two from 2M to 1G",
-                            size.get_ref()
-                        ),
+                        format!("{} is not a HugeTLB folio size: a power of two from 2M to 1G", size.get_ref()),
                     ));
                 }
-                let (count, count_span) = self
-                    .count
-                    .as_ref()
-                    .map(|c| (*c.get_ref(), c.span()))
-                    .unwrap_or((1, action_span.clone()));
+                let (count, count_span) =
+                    self.count.as_ref().map(|c| (*c.get_ref(), c.span())).unwrap_or((1, action_span.clone()));
                 if count == 0 || count > MAX_FOLIOS {
                     return Err(loc.error(
                         count_span,
@@ -234,23 +193,12 @@ impl RawStep {
                         loc.error(
                             z.span(),
                             Some(&field("zone")),
-                            format!(
-                                "unknown zone `{}` (known: normal, movable, device)",
-                                z.get_ref()
-                            ),
+                            format!("unknown zone `{}` (known: normal, movable, device)", z.get_ref()),
                         )
                     })?,
                 };
                 let order = bytes.trailing_zeros() - 12;
-                (
-                    Step::HugetlbAlloc {
-                        region: region()?,
-                        order,
-                        count,
-                        zone,
-                    },
-                    &["region", "size", "count", "zone"],
-                )
+                (Step::HugetlbAlloc { region: region()?, order, count, zone }, &["region", "size", "count", "zone"])
             }
             "optimize" => {
                 let layout = match &self.layout {
@@ -263,13 +211,7 @@ impl RawStep {
                         )
                     })?,
                 };
-                (
-                    Step::Optimize {
-                        region: region()?,
-                        layout,
-                    },
-                    &["region", "layout"],
-                )
+                (Step::Optimize { region: region()?, layout }, &["region", "layout"])
             }
             "restore" => (Step::Restore { region: region()? }, &["region"]),
             "hugetlb-free" => (Step::HugetlbFree { region: region()? }, &["region"]),
@@ -328,12 +270,7 @@ pub enum Step {
     /// Ask the guest to exit with `status` and check QEMU ends with it.
     Exit { status: u8 },
     /// Allocate `count` HugeTLB folios of `order` in `zone`, named `region`.
-    HugetlbAlloc {
-        region: String,
-        order: u32,
-        count: u64,
-        zone: Zone,
-    },
+    HugetlbAlloc { region: String, order: u32, count: u64, zone: Zone },
     /// Optimize a region's vmemmap under `layout`.
     Optimize { region: String, layout: Layout },
     /// Restore a region's vmemmap.
@@ -427,14 +364,8 @@ impl Locator<'_> {
     /// header above it (`[machine]`, or the n-th `[[step]]`).
     fn field_at(&self, offset: usize) -> String {
         let offset = offset.min(self.source.len());
-        let line_start = self.source[..offset]
-            .rfind('\n')
-            .map(|i| i + 1)
-            .unwrap_or(0);
-        let line_end = self.source[offset..]
-            .find('\n')
-            .map(|i| offset + i)
-            .unwrap_or(self.source.len());
+        let line_start = self.source[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let line_end = self.source[offset..].find('\n').map(|i| offset + i).unwrap_or(self.source.len());
         let line = self.source[line_start..line_end].trim();
         let header = |l: &str| -> Option<String> {
             let l = l.trim();
@@ -447,13 +378,7 @@ impl Locator<'_> {
         if let Some(h) = header(line).filter(|_| line.starts_with('[')) {
             return h;
         }
-        let key = line
-            .split('=')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .trim_matches('"')
-            .to_string();
+        let key = line.split('=').next().unwrap_or("").trim().trim_matches('"').to_string();
         // Find the table this line belongs to, counting array-of-table entries.
         let mut table = String::new();
         let mut index = None;
@@ -461,11 +386,7 @@ impl Locator<'_> {
             let t = l.trim();
             if t.starts_with("[[") {
                 let name = header(t).unwrap_or_default();
-                index = if name == table {
-                    index.map(|i: usize| i + 1)
-                } else {
-                    Some(1)
-                };
+                index = if name == table { index.map(|i: usize| i + 1) } else { Some(1) };
                 table = name;
             } else if t.starts_with('[') {
                 table = header(t).unwrap_or_default();
@@ -481,20 +402,13 @@ impl Locator<'_> {
         }
     }
 
-    fn error(
-        &self,
-        span: Range<usize>,
-        field: Option<&str>,
-        message: impl Into<String>,
-    ) -> ScenarioError {
+    fn error(&self, span: Range<usize>, field: Option<&str>, message: impl Into<String>) -> ScenarioError {
         let (line, column) = self.line_col(span.start);
         ScenarioError {
             file: self.file.to_path_buf(),
             line,
             column,
-            field: field
-                .map(str::to_string)
-                .unwrap_or_else(|| self.field_at(span.start)),
+            field: field.map(str::to_string).unwrap_or_else(|| self.field_at(span.start)),
             message: message.into(),
         }
     }
@@ -516,8 +430,7 @@ impl Scenario {
                 meta.len()
             )));
         }
-        let source =
-            std::fs::read_to_string(path).map_err(|e| whole_file(format!("cannot read: {e}")))?;
+        let source = std::fs::read_to_string(path).map_err(|e| whole_file(format!("cannot read: {e}")))?;
         Scenario::parse(path, &source)
     }
 
@@ -556,11 +469,7 @@ impl Scenario {
             None => Arch::ALL.to_vec(),
             Some(list) => {
                 if list.get_ref().is_empty() {
-                    return Err(loc.error(
-                        list.span(),
-                        Some("architectures"),
-                        "must name at least one architecture",
-                    ));
+                    return Err(loc.error(list.span(), Some("architectures"), "must name at least one architecture"));
                 }
                 let mut out = Vec::new();
                 for a in list.get_ref() {
@@ -568,18 +477,11 @@ impl Scenario {
                         loc.error(
                             a.span(),
                             Some("architectures"),
-                            format!(
-                                "unknown architecture `{}` (known: x86_64, aarch64, ppc64le)",
-                                a.get_ref()
-                            ),
+                            format!("unknown architecture `{}` (known: x86_64, aarch64, ppc64le)", a.get_ref()),
                         )
                     })?;
                     if out.contains(&arch) {
-                        return Err(loc.error(
-                            a.span(),
-                            Some("architectures"),
-                            format!("`{arch}` is listed twice"),
-                        ));
+                        return Err(loc.error(a.span(), Some("architectures"), format!("`{arch}` is listed twice")));
                     }
                     out.push(arch);
                 }
@@ -587,29 +489,17 @@ impl Scenario {
             }
         };
 
-        let timeout =
-            |v: &Option<Spanned<u64>>, field: &str, default: u64| -> Result<u64, ScenarioError> {
-                match v {
-                    None => Ok(default),
-                    Some(t) if *t.get_ref() == 0 || *t.get_ref() > MAX_TIMEOUT_MS => Err(loc
-                        .error(
-                            t.span(),
-                            Some(field),
-                            format!("{} ms is outside 1..={MAX_TIMEOUT_MS}", t.get_ref()),
-                        )),
-                    Some(t) => Ok(*t.get_ref()),
+        let timeout = |v: &Option<Spanned<u64>>, field: &str, default: u64| -> Result<u64, ScenarioError> {
+            match v {
+                None => Ok(default),
+                Some(t) if *t.get_ref() == 0 || *t.get_ref() > MAX_TIMEOUT_MS => {
+                    Err(loc.error(t.span(), Some(field), format!("{} ms is outside 1..={MAX_TIMEOUT_MS}", t.get_ref())))
                 }
-            };
-        let step_timeout_ms = timeout(
-            &raw.step_timeout_ms,
-            "step-timeout-ms",
-            DEFAULT_STEP_TIMEOUT_MS,
-        )?;
-        let boot_timeout_ms = timeout(
-            &raw.boot_timeout_ms,
-            "boot-timeout-ms",
-            DEFAULT_BOOT_TIMEOUT_MS,
-        )?;
+                Some(t) => Ok(*t.get_ref()),
+            }
+        };
+        let step_timeout_ms = timeout(&raw.step_timeout_ms, "step-timeout-ms", DEFAULT_STEP_TIMEOUT_MS)?;
+        let boot_timeout_ms = timeout(&raw.boot_timeout_ms, "boot-timeout-ms", DEFAULT_BOOT_TIMEOUT_MS)?;
 
         let machine = machine(&loc, &raw.machine, &architectures)?;
 
@@ -620,11 +510,7 @@ impl Scenario {
                 Err(loc.error(
                     c.span(),
                     Some(field),
-                    format!(
-                        "unknown invariant `{}` (known: {})",
-                        c.get_ref(),
-                        CHECK_NAMES.join(", ")
-                    ),
+                    format!("unknown invariant `{}` (known: {})", c.get_ref(), CHECK_NAMES.join(", ")),
                 ))
             }
         };
@@ -655,11 +541,7 @@ impl Scenario {
                 }
                 (Outcome::Fail, Some(i), also) => Expect::Fail {
                     invariant: known_check(i, "expect.invariant")?,
-                    also: also
-                        .iter()
-                        .flatten()
-                        .map(|a| known_check(a, "expect.also"))
-                        .collect::<Result<_, _>>()?,
+                    also: also.iter().flatten().map(|a| known_check(a, "expect.also")).collect::<Result<_, _>>()?,
                 },
             },
         };
@@ -671,11 +553,7 @@ impl Scenario {
                 loc.error(
                     k.span(),
                     Some("bug-knobs"),
-                    format!(
-                        "unknown bug knob `{}` (known: {})",
-                        k.get_ref(),
-                        known.join(", ")
-                    ),
+                    format!("unknown bug knob `{}` (known: {})", k.get_ref(), known.join(", ")),
                 )
             })?;
             bug_knobs.push(knob);
@@ -684,10 +562,7 @@ impl Scenario {
         let mut steps = Vec::with_capacity(raw.step.len());
         for (i, spanned) in raw.step.into_iter().enumerate() {
             let span = spanned.span();
-            if steps
-                .last()
-                .is_some_and(|s: &PlacedStep| matches!(s.step, Step::Exit { .. }))
-            {
+            if steps.last().is_some_and(|s: &PlacedStep| matches!(s.step, Step::Exit { .. })) {
                 return Err(loc.error(
                     span,
                     Some(&format!("step[{}]", i + 1)),
@@ -697,12 +572,12 @@ impl Scenario {
             let line = loc.line_col(span.start).0;
             let step = spanned.into_inner().into_step(&loc, i + 1)?;
             let allocated = |name: &str| {
-                steps.iter().any(|s: &PlacedStep| matches!(&s.step, Step::HugetlbAlloc { region, .. } if region == name))
+                steps
+                    .iter()
+                    .any(|s: &PlacedStep| matches!(&s.step, Step::HugetlbAlloc { region, .. } if region == name))
             };
             match &step {
-                Step::Optimize { region, .. }
-                | Step::Restore { region }
-                | Step::HugetlbFree { region }
+                Step::Optimize { region, .. } | Step::Restore { region } | Step::HugetlbFree { region }
                     if !allocated(region) =>
                 {
                     return Err(loc.error(
@@ -741,9 +616,7 @@ impl Scenario {
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 fn machine(loc: &Locator, raw: &RawMachine, arches: &[Arch]) -> Result<MachineSpec, ScenarioError> {
@@ -751,18 +624,13 @@ fn machine(loc: &Locator, raw: &RawMachine, arches: &[Arch]) -> Result<MachineSp
     let (boot_memory, boot_span) = boot.unwrap_or((512 * MIB, 0..0));
     let slots = raw.slots.as_ref().map(|s| *s.get_ref()).unwrap_or(4);
     let max = raw.max_memory.as_ref().map(|s| (s.get_ref().0, s.span()));
-    let (max_memory, max_span) =
-        max.unwrap_or((if slots > 0 { 8 << 30 } else { boot_memory }, 0..0));
+    let (max_memory, max_span) = max.unwrap_or((if slots > 0 { 8 << 30 } else { boot_memory }, 0..0));
 
     if boot_memory < MIN_BOOT_MEMORY {
         return Err(loc.error(
             boot_span,
             Some("machine.boot-memory"),
-            format!(
-                "{} is less than the {} the guest needs",
-                Size(boot_memory),
-                Size(MIN_BOOT_MEMORY)
-            ),
+            format!("{} is less than the {} the guest needs", Size(boot_memory), Size(MIN_BOOT_MEMORY)),
         ));
     }
     for &arch in arches {
@@ -771,11 +639,7 @@ fn machine(loc: &Locator, raw: &RawMachine, arches: &[Arch]) -> Result<MachineSp
             return Err(loc.error(
                 boot_span.clone(),
                 Some("machine.boot-memory"),
-                format!(
-                    "{} is not a multiple of {} as {arch} requires",
-                    Size(boot_memory),
-                    Size(granule)
-                ),
+                format!("{} is not a multiple of {} as {arch} requires", Size(boot_memory), Size(granule)),
             ));
         }
     }
@@ -792,10 +656,7 @@ fn machine(loc: &Locator, raw: &RawMachine, arches: &[Arch]) -> Result<MachineSp
         return Err(loc.error(
             max_span,
             Some("machine.max-memory"),
-            format!(
-                "{} is beyond every machine's physical address space",
-                Size(max_memory)
-            ),
+            format!("{} is beyond every machine's physical address space", Size(max_memory)),
         ));
     }
     if max_memory < boot_memory || (slots > 0 && max_memory == boot_memory) {
@@ -817,17 +678,9 @@ fn machine(loc: &Locator, raw: &RawMachine, arches: &[Arch]) -> Result<MachineSp
         ));
     }
     if !max_memory.is_multiple_of(MIB) {
-        return Err(loc.error(
-            max_span,
-            Some("machine.max-memory"),
-            "must be a whole number of MiB",
-        ));
+        return Err(loc.error(max_span, Some("machine.max-memory"), "must be a whole number of MiB"));
     }
-    Ok(MachineSpec {
-        boot_memory,
-        slots,
-        max_memory,
-    })
+    Ok(MachineSpec { boot_memory, slots, max_memory })
 }
 
 /// Every `.toml` file under `path` (or `path` itself), sorted.
@@ -888,14 +741,7 @@ status = 0
         let s = parse(GOOD).unwrap();
         assert_eq!(s.name, "boot");
         assert_eq!(s.architectures, vec![Arch::X86_64, Arch::Ppc64le]);
-        assert_eq!(
-            s.machine,
-            MachineSpec {
-                boot_memory: 1 << 30,
-                slots: 2,
-                max_memory: 4 << 30
-            }
-        );
+        assert_eq!(s.machine, MachineSpec { boot_memory: 1 << 30, slots: 2, max_memory: 4 << 30 });
         assert_eq!(
             s.steps.iter().map(|s| s.step.clone()).collect::<Vec<_>>(),
             vec![Step::Ping, Step::VerifyManifest, Step::Exit { status: 0 }]
@@ -918,15 +764,9 @@ status = 0
         let e = err("name = \"x\"\n[machine]\nboot-memory = \"1G\"\nbogus = 3\n");
         assert_eq!((e.line, e.field.as_str()), (4, "machine.bogus"), "{e}");
         assert!(e.message.contains("unknown field"), "{e}");
-        assert!(
-            e.to_string()
-                .starts_with("scenarios/t.toml:4:1: field `machine.bogus`"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("scenarios/t.toml:4:1: field `machine.bogus`"), "{e}");
 
-        let e = err(
-            "[[step]]\naction = \"ping\"\n[[step]]\naction = \"exit\"\nstatus = 0\ncolour = 1\n",
-        );
+        let e = err("[[step]]\naction = \"ping\"\n[[step]]\naction = \"exit\"\nstatus = 0\ncolour = 1\n");
         assert_eq!((e.line, e.field.as_str()), (6, "step[2].colour"), "{e}");
     }
 
@@ -947,11 +787,7 @@ status = 0
         assert_eq!((e.line, e.field.as_str()), (3, "step[1].status"), "{e}");
 
         let e = err("[machine]\nboot-memory = \"12Q\"\n");
-        assert_eq!(
-            (e.line, e.field.as_str()),
-            (2, "machine.boot-memory"),
-            "{e}"
-        );
+        assert_eq!((e.line, e.field.as_str()), (2, "machine.boot-memory"), "{e}");
         assert!(e.message.contains("unit"), "{e}");
     }
 
@@ -995,29 +831,15 @@ status = 0
         .unwrap();
         assert_eq!(
             s.steps[0].step,
-            Step::HugetlbAlloc {
-                region: "a".into(),
-                order: 18,
-                count: 2,
-                zone: Zone::Movable
-            }
+            Step::HugetlbAlloc { region: "a".into(), order: 18, count: 2, zone: Zone::Movable }
         );
-        assert_eq!(
-            s.steps[1].step,
-            Step::Optimize {
-                region: "a".into(),
-                layout: Layout::Unified
-            }
-        );
+        assert_eq!(s.steps[1].step, Step::Optimize { region: "a".into(), layout: Layout::Unified });
 
         let e = err("[[step]]\naction = \"hugetlb-alloc\"\nregion = \"a\"\nsize = \"3M\"\n");
         assert_eq!((e.line, e.field.as_str()), (4, "step[1].size"), "{e}");
-        let e =
-            err("[[step]]\naction = \"hugetlb-alloc\"\nregion = \"a\"\nsize = \"2M\"\ncount = 0\n");
+        let e = err("[[step]]\naction = \"hugetlb-alloc\"\nregion = \"a\"\nsize = \"2M\"\ncount = 0\n");
         assert_eq!(e.field, "step[1].count", "{e}");
-        let e = err(
-            "[[step]]\naction = \"hugetlb-alloc\"\nregion = \"a\"\nsize = \"2M\"\nzone = \"dma\"\n",
-        );
+        let e = err("[[step]]\naction = \"hugetlb-alloc\"\nregion = \"a\"\nsize = \"2M\"\nzone = \"dma\"\n");
         assert_eq!(e.field, "step[1].zone", "{e}");
         let e = err("[[step]]\naction = \"optimize\"\nregion = \"nope\"\n");
         assert!(e.message.contains("no earlier step allocates"), "{e}");
@@ -1034,29 +856,16 @@ status = 0
         let e = err("[expect]\noutcome = \"fail\"\ninvariant = \"made-up\"\n");
         assert!(e.message.contains("unknown invariant"), "{e}");
         let s = parse("[expect]\noutcome = \"fail\"\ninvariant = \"exit-status\"\n").unwrap();
-        assert_eq!(
-            s.expect,
-            Expect::Fail {
-                invariant: "exit-status".into(),
-                also: vec![]
-            }
-        );
+        assert_eq!(s.expect, Expect::Fail { invariant: "exit-status".into(), also: vec![] });
         let s = parse(
             "bug-knobs = [\"no-tlb-flush\"]\n[expect]\noutcome = \"fail\"\ninvariant = \"write-faults\"\nalso = [\"contents\"]\n",
         )
         .unwrap();
-        assert_eq!(
-            s.expect,
-            Expect::Fail {
-                invariant: "write-faults".into(),
-                also: vec!["contents".into()]
-            }
-        );
+        assert_eq!(s.expect, Expect::Fail { invariant: "write-faults".into(), also: vec!["contents".into()] });
         assert_eq!(s.bug_knobs, vec![Knob::NoTlbFlush]);
         let e = err("bug-knobs = [\"flip-bits\"]\n");
         assert_eq!((e.line, e.field.as_str()), (1, "bug-knobs"), "{e}");
-        let e =
-            err("[expect]\noutcome = \"fail\"\ninvariant = \"contents\"\nalso = [\"nonsense\"]\n");
+        let e = err("[expect]\noutcome = \"fail\"\ninvariant = \"contents\"\nalso = [\"nonsense\"]\n");
         assert_eq!((e.line, e.field.as_str()), (4, "expect.also"), "{e}");
     }
 

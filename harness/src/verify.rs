@@ -44,11 +44,7 @@ pub struct VmemmapMap {
 
 impl VmemmapMap {
     /// Walks the vmemmap of all RAM and of every region.
-    pub fn walk(
-        arch: Arch,
-        manifest: &Manifest,
-        mem: &dyn GuestMemory,
-    ) -> Result<VmemmapMap, WalkError> {
+    pub fn walk(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<VmemmapMap, WalkError> {
         let mut lo = u64::MAX;
         let mut hi = 0;
         for r in manifest.ram() {
@@ -65,18 +61,12 @@ impl VmemmapMap {
         let start = VirtAddr(manifest.struct_page_va(lo));
         let end = VirtAddr(manifest.struct_page_va(hi));
         let walker = pgtable::walker_for(arch, mem, manifest, start)?;
-        let mut map = VmemmapMap {
-            by_va: BTreeMap::new(),
-            by_frame: HashMap::new(),
-        };
+        let mut map = VmemmapMap { by_va: BTreeMap::new(), by_frame: HashMap::new() };
         for leaf in walker.leaves(mem, start, end)? {
             for i in 0..leaf.size() / PAGE {
                 let va = leaf.va.0 + i * PAGE;
                 map.by_va.insert(va, leaf);
-                map.by_frame
-                    .entry(leaf.pa.0 + i * PAGE)
-                    .or_default()
-                    .push(va);
+                map.by_frame.entry(leaf.pa.0 + i * PAGE).or_default().push(va);
             }
         }
         Ok(map)
@@ -84,16 +74,11 @@ impl VmemmapMap {
 
     /// The leaf and the 4 KiB frame mapping the vmemmap page at `va`.
     pub fn lookup(&self, va: u64) -> Option<(Leaf, PhysAddr)> {
-        self.by_va
-            .get(&va)
-            .map(|leaf| (*leaf, leaf.translate(VirtAddr(va))))
+        self.by_va.get(&va).map(|leaf| (*leaf, leaf.translate(VirtAddr(va))))
     }
 
     fn mappers(&self, frame: PhysAddr) -> &[u64] {
-        self.by_frame
-            .get(&frame.0)
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+        self.by_frame.get(&frame.0).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// Distinct 4 KiB frames the vmemmap maps.
@@ -116,9 +101,7 @@ impl CompoundView {
     fn new(manifest: &Manifest, map: &VmemmapMap, region: &Region, head_pfn: u64) -> CompoundView {
         let n = ((1u64 << region.order) * STRUCT_PAGE_SIZE / PAGE).max(1);
         let base = manifest.struct_page_va(head_pfn);
-        let pages = (0..n)
-            .map(|i| (base + i * PAGE, map.lookup(base + i * PAGE)))
-            .collect();
+        let pages = (0..n).map(|i| (base + i * PAGE, map.lookup(base + i * PAGE))).collect();
         CompoundView { head_pfn, pages }
     }
 
@@ -126,11 +109,8 @@ impl CompoundView {
     /// vmemmap page, the frame it maps and how.
     fn diagram(&self, shared: Option<PhysAddr>) -> String {
         let mut out = format!("\n  compound page at pfn {:#x}:", self.head_pfn);
-        let shown: Vec<usize> = if self.pages.len() <= 6 {
-            (0..self.pages.len()).collect()
-        } else {
-            vec![0, 1, 2, self.pages.len() - 1]
-        };
+        let shown: Vec<usize> =
+            if self.pages.len() <= 6 { (0..self.pages.len()).collect() } else { vec![0, 1, 2, self.pages.len() - 1] };
         for (k, &i) in shown.iter().enumerate() {
             if k > 0 && i != shown[k - 1] + 1 {
                 let _ = write!(out, "\n    ...");
@@ -142,16 +122,8 @@ impl CompoundView {
                     out,
                     "\n    vmemmap[{i}] {va:#x} -> {frame} {}{}{}",
                     if leaf.perms.write { "RW" } else { "RO" },
-                    if leaf.shift > 12 {
-                        format!(" in a {} KiB leaf", leaf.size() >> 10)
-                    } else {
-                        String::new()
-                    },
-                    if Some(*frame) == shared {
-                        " (shared tail)"
-                    } else {
-                        ""
-                    },
+                    if leaf.shift > 12 { format!(" in a {} KiB leaf", leaf.size() >> 10) } else { String::new() },
+                    if Some(*frame) == shared { " (shared tail)" } else { "" },
                 ),
             };
         }
@@ -162,12 +134,7 @@ impl CompoundView {
 fn read_page(mem: &dyn GuestMemory, frame: PhysAddr) -> Option<Vec<StructPage>> {
     let mut bytes = vec![0u8; PAGE as usize];
     mem.read(frame, &mut bytes).ok()?;
-    Some(
-        bytes
-            .chunks_exact(64)
-            .map(|c| StructPage::from_le_bytes(c.try_into().unwrap_or(&[0; 64])))
-            .collect(),
-    )
+    Some(bytes.chunks_exact(64).map(|c| StructPage::from_le_bytes(c.try_into().unwrap_or(&[0; 64]))).collect())
 }
 
 /// Collects failures per invariant; a passing invariant reports what it covered.
@@ -189,28 +156,17 @@ impl Findings {
             .iter()
             .map(|name| match self.failures.get(name) {
                 Some(f) => {
-                    let more = if f.len() > 3 {
-                        format!(" (and {} more)", f.len() - 3)
-                    } else {
-                        String::new()
-                    };
+                    let more = if f.len() > 3 { format!(" (and {} more)", f.len() - 3) } else { String::new() };
                     Check::fail(name, format!("{}{more}", f[..f.len().min(3)].join("; ")))
                 }
-                None => Check::pass(
-                    name,
-                    format!("{} checked", self.covered.get(name).copied().unwrap_or(0)),
-                ),
+                None => Check::pass(name, format!("{} checked", self.covered.get(name).copied().unwrap_or(0))),
             })
             .collect()
     }
 }
 
 /// Checks every static invariant (all but those needing the live guest).
-pub fn check(
-    arch: Arch,
-    manifest: &Manifest,
-    mem: &dyn GuestMemory,
-) -> Result<(Vec<Check>, VmemmapMap), VerifyError> {
+pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(Vec<Check>, VmemmapMap), VerifyError> {
     let map = VmemmapMap::walk(arch, manifest, mem)?;
     let mut f = Findings::default();
 
@@ -235,10 +191,7 @@ pub fn check(
     }
 
     for region in manifest.regions.iter() {
-        let shared = manifest
-            .shared_tails
-            .find(region.zone, region.order)
-            .map(|t| PhysAddr(t.pa));
+        let shared = manifest.shared_tails.find(region.zone, region.order).map(|t| PhysAddr(t.pa));
         let mut compound_pages = 0;
         for head in region.heads() {
             compound_pages += 1;
@@ -265,19 +218,15 @@ pub fn check(
         f.fail(
             ACCOUNTING,
             format!(
-            "the guest counts {counted} live vmemmap frames, the page tables map {} distinct ones",
-            map.frames()
-        ),
+                "the guest counts {counted} live vmemmap frames, the page tables map {} distinct ones",
+                map.frames()
+            ),
         );
     }
     let trees = pgtable::published_trees(arch, mem, manifest)?;
     let mut table_frames = 0;
     for t in &trees {
-        table_frames += t
-            .tables(mem)?
-            .iter()
-            .map(|(_, bytes)| bytes / PAGE)
-            .sum::<u64>();
+        table_frames += t.tables(mem)?.iter().map(|(_, bytes)| bytes / PAGE).sum::<u64>();
     }
     if manifest.counters.pagetable_live() != table_frames {
         f.fail(
@@ -316,15 +265,7 @@ pub fn check(
     }
 
     Ok((
-        f.into_checks(&[
-            HEAD_PRIVATE,
-            TAILS_SHARED,
-            TAILS_READONLY,
-            PTE_GRANULARITY,
-            CONTENTS,
-            ACCOUNTING,
-            NO_LEAK,
-        ]),
+        f.into_checks(&[HEAD_PRIVATE, TAILS_SHARED, TAILS_READONLY, PTE_GRANULARITY, CONTENTS, ACCOUNTING, NO_LEAK]),
         map,
     ))
 }
@@ -337,35 +278,21 @@ fn check_compound(
     view: &CompoundView,
     shared: Option<PhysAddr>,
 ) {
-    let where_ = |i: usize| {
-        format!(
-            "region {} compound page at pfn {:#x}, vmemmap[{i}]",
-            region.id, view.head_pfn
-        )
-    };
+    let where_ = |i: usize| format!("region {} compound page at pfn {:#x}, vmemmap[{i}]", region.id, view.head_pfn);
     let diagram = || view.diagram(shared);
     let Some((head_leaf, head_frame)) = view.pages[0].1 else {
-        f.fail(
-            HEAD_PRIVATE,
-            format!("{}: head vmemmap page unmapped{}", where_(0), diagram()),
-        );
+        f.fail(HEAD_PRIVATE, format!("{}: head vmemmap page unmapped{}", where_(0), diagram()));
         return;
     };
 
     // Contents of the head page: the head struct page then its tails.
     f.cover(CONTENTS, 1);
     match read_page(mem, head_frame) {
-        None => f.fail(
-            CONTENTS,
-            format!("{}: head page {head_frame} unreadable", where_(0)),
-        ),
+        None => f.fail(CONTENTS, format!("{}: head page {head_frame} unreadable", where_(0))),
         Some(pages) => {
             let expect_tail = StructPage::tail(region.zone, region.order);
             if pages[0] != StructPage::head(region.zone, region.order) {
-                f.fail(
-                    CONTENTS,
-                    format!("{}: head struct page is {:?}", where_(0), pages[0]),
-                );
+                f.fail(CONTENTS, format!("{}: head struct page is {:?}", where_(0), pages[0]));
             } else if let Some(k) = pages[1..].iter().position(|p| *p != expect_tail) {
                 f.fail(
                     CONTENTS,
@@ -396,10 +323,7 @@ fn check_compound(
                         diagram()
                     ),
                 ),
-                None => f.fail(
-                    HEAD_PRIVATE,
-                    format!("{}: unmapped{}", where_(i), diagram()),
-                ),
+                None => f.fail(HEAD_PRIVATE, format!("{}: unmapped{}", where_(i), diagram())),
             }
         }
         return;
@@ -412,12 +336,7 @@ fn check_compound(
             if leaf.shift != 12 {
                 f.fail(
                     PTE_GRANULARITY,
-                    format!(
-                        "{}: mapped by a {} KiB leaf, not a base page{}",
-                        where_(i),
-                        leaf.size() >> 10,
-                        diagram()
-                    ),
+                    format!("{}: mapped by a {} KiB leaf, not a base page{}", where_(i), leaf.size() >> 10, diagram()),
                 );
             }
         }
@@ -437,17 +356,9 @@ fn check_compound(
             format!(
                 "{}: head page {head_frame} is {} and mapped by {} vmemmap pages{}{}",
                 where_(0),
-                if head_leaf.perms.write {
-                    "writable"
-                } else {
-                    "read-only"
-                },
+                if head_leaf.perms.write { "writable" } else { "read-only" },
                 head_users.len(),
-                if Some(head_frame) == shared {
-                    ", and it is the shared tail page"
-                } else {
-                    ""
-                },
+                if Some(head_frame) == shared { ", and it is the shared tail page" } else { "" },
                 diagram()
             ),
         );
@@ -457,11 +368,7 @@ fn check_compound(
     let (first_tail, expected, writable) = match region.layout {
         Layout::Unified => (1, shared, false),
         Layout::LegacyHugetlb => (1, Some(head_frame), false),
-        Layout::LegacyDax => (
-            2,
-            view.pages.get(1).and_then(|p| p.1).map(|(_, fr)| fr),
-            true,
-        ),
+        Layout::LegacyDax => (2, view.pages.get(1).and_then(|p| p.1).map(|(_, fr)| fr), true),
         Layout::None => (view.pages.len(), None, true),
     };
     if region.layout == Layout::Unified && shared.is_none() {
@@ -479,10 +386,7 @@ fn check_compound(
         f.cover(TAILS_SHARED, 1);
         f.cover(TAILS_READONLY, 1);
         let Some((leaf, frame)) = m else {
-            f.fail(
-                TAILS_SHARED,
-                format!("{}: tail page unmapped{}", where_(i), diagram()),
-            );
+            f.fail(TAILS_SHARED, format!("{}: tail page unmapped{}", where_(i), diagram()));
             continue;
         };
         if Some(*frame) != expected {
@@ -491,9 +395,7 @@ fn check_compound(
                 format!(
                     "{}: tail maps {frame}, expected {} under {}{}",
                     where_(i),
-                    expected
-                        .map(|e| e.to_string())
-                        .unwrap_or_else(|| "a shared page".into()),
+                    expected.map(|e| e.to_string()).unwrap_or_else(|| "a shared page".into()),
                     region.layout.name(),
                     diagram()
                 ),
@@ -533,4 +435,64 @@ fn check_compound(
             None => f.fail(CONTENTS, format!("shared tail page {page} unreadable")),
         }
     }
+}
+
+/// What one region's vmemmap costs, measured from the page tables.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RegionCost {
+    /// `dax` for device-zone regions, `hugetlb` otherwise.
+    pub kind: &'static str,
+    pub zone: &'static str,
+    pub order: u32,
+    pub layout: &'static str,
+    pub optimized: bool,
+    pub compound_pages: u64,
+    /// Frames mapped only by one compound page's own vmemmap, per compound page.
+    pub private_vmemmap_bytes: u64,
+    /// Frames mapped across compound pages (the shared tail pages).
+    pub shared_tail_pages: u64,
+    /// What one compound page's vmemmap takes unoptimized.
+    pub unoptimized_vmemmap_bytes: u64,
+}
+
+/// Per region: private vmemmap bytes per compound page and shared pages,
+/// counted from which vmemmap pages map which frames (not from a formula).
+pub fn region_costs(manifest: &Manifest, map: &VmemmapMap) -> Vec<RegionCost> {
+    let mut out = Vec::new();
+    for region in manifest.regions.iter() {
+        let pages = ((1u64 << region.order) * STRUCT_PAGE_SIZE / PAGE).max(1);
+        let mut private_frames = 0;
+        let mut shared = std::collections::BTreeSet::new();
+        let mut compound_pages = 0;
+        for head in region.heads() {
+            compound_pages += 1;
+            let base = manifest.struct_page_va(head);
+            let own = base..base + pages * PAGE;
+            let mut frames = std::collections::BTreeSet::new();
+            for i in 0..pages {
+                if let Some((_, frame)) = map.lookup(base + i * PAGE) {
+                    frames.insert(frame.0);
+                }
+            }
+            for frame in frames {
+                if map.mappers(PhysAddr(frame)).iter().all(|va| own.contains(va)) {
+                    private_frames += 1;
+                } else {
+                    shared.insert(frame);
+                }
+            }
+        }
+        out.push(RegionCost {
+            kind: if region.zone == hvo_abi::model::Zone::Device { "dax" } else { "hugetlb" },
+            zone: region.zone.name(),
+            order: region.order,
+            layout: if region.optimized { region.layout.name() } else { Layout::None.name() },
+            optimized: region.optimized,
+            compound_pages,
+            private_vmemmap_bytes: if compound_pages > 0 { private_frames * PAGE / compound_pages } else { 0 },
+            shared_tail_pages: shared.len() as u64,
+            unoptimized_vmemmap_bytes: pages * PAGE,
+        });
+    }
+    out
 }

@@ -9,36 +9,20 @@ use hvo_harness::scenario::Scenario;
 use hvo_images::{build_guest, workspace_root, Arch};
 
 fn boot_scenario() -> Scenario {
-    Scenario::load(&workspace_root().join("scenarios/boot.toml"))
-        .expect("scenarios/boot.toml parses")
+    Scenario::load(&workspace_root().join("scenarios/boot.toml")).expect("scenarios/boot.toml parses")
 }
 
-async fn run(
-    arch: Arch,
-    scenario: &Scenario,
-    inject: Option<HarnessFault>,
-) -> (ScenarioResult, tempfile::TempDir) {
+async fn run(arch: Arch, scenario: &Scenario, inject: Option<HarnessFault>) -> (ScenarioResult, tempfile::TempDir) {
     let elf = build_guest(arch).expect("guest builds");
     let artifacts = tempfile::tempdir().unwrap();
-    let config = RunConfig {
-        artifacts_root: artifacts.path().to_path_buf(),
-        keep_artifacts: false,
-        inject,
-    };
+    let config = RunConfig { artifacts_root: artifacts.path().to_path_buf(), keep_artifacts: false, inject };
     (run_scenario(scenario, arch, &elf, &config).await, artifacts)
 }
 
 /// The private run directory named in the QEMU command line.
 fn run_dir(result: &ScenarioResult) -> PathBuf {
-    let at = result
-        .qemu_command
-        .find("path=")
-        .expect("command names a socket path")
-        + 5;
-    let socket: String = result.qemu_command[at..]
-        .chars()
-        .take_while(|c| !c.is_whitespace() && *c != ',')
-        .collect();
+    let at = result.qemu_command.find("path=").expect("command names a socket path") + 5;
+    let socket: String = result.qemu_command[at..].chars().take_while(|c| !c.is_whitespace() && *c != ',').collect();
     Path::new(&socket).parent().unwrap().to_path_buf()
 }
 
@@ -51,11 +35,7 @@ fn assert_nothing_left(result: &ScenarioResult) {
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            assert!(
-                !cmdline.contains(&needle),
-                "process {:?} still runs: {cmdline}",
-                entry.file_name()
-            );
+            assert!(!cmdline.contains(&needle), "process {:?} still runs: {cmdline}", entry.file_name());
         }
     }
 }
@@ -66,13 +46,7 @@ async fn boot_scenario_passes_on_every_architecture() {
     for arch in Arch::ALL {
         let (r, _artifacts) = run(arch, &scenario, None).await;
         assert_eq!(r.status, Status::Pass, "{arch}: {:?}\n{:#?}", r.message, r);
-        for name in [
-            "guest-ready",
-            "ping",
-            "manifest",
-            "translation-agrees",
-            "exit-status",
-        ] {
+        for name in ["guest-ready", "ping", "manifest", "translation-agrees", "exit-status"] {
             let check = r.checks.iter().find(|c| c.name == name);
             assert!(
                 check.is_some_and(|c| c.status == CheckStatus::Pass),
@@ -90,23 +64,11 @@ async fn qemu_killed_mid_scenario_is_an_error_with_console_tail_and_artifacts() 
     let (r, artifacts) = run(Arch::X86_64, &boot_scenario(), Some(HarnessFault::KillQemu)).await;
     assert_eq!(r.status, Status::Error, "{r:#?}");
     let message = r.message.clone().unwrap_or_default();
-    assert!(
-        message.contains("QEMU died") && message.contains("signal 9"),
-        "{message}"
-    );
-    assert!(
-        r.console_tail.iter().any(|l| l.starts_with("@hvo ready")),
-        "{:?}",
-        r.console_tail
-    );
+    assert!(message.contains("QEMU died") && message.contains("signal 9"), "{message}");
+    assert!(r.console_tail.iter().any(|l| l.starts_with("@hvo ready")), "{:?}", r.console_tail);
     let dir = r.artifacts.clone().expect("artifacts written");
     assert!(dir.starts_with(artifacts.path()));
-    for file in [
-        "console.log",
-        "qemu-stderr.log",
-        "qemu-command.txt",
-        "qmp-transcript.log",
-    ] {
+    for file in ["console.log", "qemu-stderr.log", "qemu-command.txt", "qmp-transcript.log"] {
         assert!(dir.join(file).is_file(), "{file} missing");
     }
     let command = std::fs::read_to_string(dir.join("qemu-command.txt")).unwrap();
@@ -121,10 +83,7 @@ async fn a_guest_that_never_answers_fails_within_the_step_timeout() {
     let (r, _artifacts) = run(Arch::Aarch64, &scenario, Some(HarnessFault::FreezeGuest)).await;
     assert_eq!(r.status, Status::Fail, "{r:#?}");
     let message = r.message.clone().unwrap_or_default();
-    assert!(
-        message.contains("hung") && message.contains("step ping (line"),
-        "{message}"
-    );
+    assert!(message.contains("hung") && message.contains("step ping (line"), "{message}");
     assert!(!r.console_tail.is_empty());
     assert!(r.artifacts.is_some());
     assert_nothing_left(&r);
@@ -132,12 +91,7 @@ async fn a_guest_that_never_answers_fails_within_the_step_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_on_the_console_is_refused_and_the_guest_goes_on() {
-    let (r, _artifacts) = run(
-        Arch::Ppc64le,
-        &boot_scenario(),
-        Some(HarnessFault::ConsoleGarbage),
-    )
-    .await;
+    let (r, _artifacts) = run(Arch::Ppc64le, &boot_scenario(), Some(HarnessFault::ConsoleGarbage)).await;
     assert_eq!(r.status, Status::Pass, "{r:#?}");
     assert_nothing_left(&r);
 }

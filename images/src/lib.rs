@@ -36,9 +36,7 @@ impl ExitDevice {
     /// The guest's exit status from QEMU's process exit code, where it can be told.
     pub fn guest_status(self, process_code: i32) -> GuestExit {
         match self {
-            ExitDevice::IsaDebugExit if process_code & 1 == 1 => {
-                GuestExit::Status((process_code >> 1) as u8)
-            }
+            ExitDevice::IsaDebugExit if process_code & 1 == 1 => GuestExit::Status((process_code >> 1) as u8),
             // isa-debug-exit can never produce an even code: QEMU itself exited.
             ExitDevice::IsaDebugExit => GuestExit::NotByGuest,
             ExitDevice::Semihosting => GuestExit::Status(process_code as u8),
@@ -131,9 +129,7 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             machine: "q35",
             cpu: "max",
             // qboot halves boot time against SeaBIOS; it boots PVH kernels.
-            loader: Loader::Kernel {
-                bios: Some("/usr/share/qemu/qboot.rom"),
-            },
+            loader: Loader::Kernel { bios: Some("/usr/share/qemu/qboot.rom") },
             exit: ExitDevice::IsaDebugExit,
             extra_args: &["-device", "isa-debug-exit,iobase=0xf4,iosize=4"],
             ram_base: 0,
@@ -176,8 +172,7 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             qemu_package: "qemu-system-ppc",
             // VOF boots in 0.18 s where SLOF takes 15-22 s; the spectre caps
             // are set to what TCG can provide so QEMU does not refuse to start.
-            machine:
-                "pseries,x-vof=on,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
+            machine: "pseries,x-vof=on,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
             cpu: "power9",
             loader: Loader::Kernel { bios: None },
             exit: ExitDevice::Rtas,
@@ -208,22 +203,10 @@ impl Profile {
         const GIB: u64 = 1 << 30;
         match self.ram_layout {
             RamLayout::PcSplit if size >= 0xb000_0000 => vec![
-                RamPiece {
-                    gpa: 0,
-                    file_offset: 0,
-                    len: 2 * GIB,
-                },
-                RamPiece {
-                    gpa: 4 * GIB,
-                    file_offset: 2 * GIB,
-                    len: size - 2 * GIB,
-                },
+                RamPiece { gpa: 0, file_offset: 0, len: 2 * GIB },
+                RamPiece { gpa: 4 * GIB, file_offset: 2 * GIB, len: size - 2 * GIB },
             ],
-            _ => vec![RamPiece {
-                gpa: self.ram_base,
-                file_offset: 0,
-                len: size,
-            }],
+            _ => vec![RamPiece { gpa: self.ram_base, file_offset: 0, len: size }],
         }
     }
 
@@ -233,10 +216,7 @@ impl Profile {
 
     /// Where [`build_guest`] leaves the guest ELF.
     pub fn guest_elf(&self) -> PathBuf {
-        workspace_root()
-            .join("target/guest")
-            .join(self.rust_target)
-            .join("release/hvo-guest")
+        workspace_root().join("target/guest").join(self.rust_target).join("release/hvo-guest")
     }
 
     /// The arm virt stub firmware: `ldr x0, #8; br x0; .quad entry`.
@@ -257,13 +237,7 @@ impl Profile {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace_root())
-            .args([
-                subcommand,
-                "--release",
-                "--manifest-path",
-                "guest/Cargo.toml",
-                "--target",
-            ])
+            .args([subcommand, "--release", "--manifest-path", "guest/Cargo.toml", "--target"])
             .arg(self.rust_target)
             .args(["--target-dir", "target/guest"]);
         let mut flags: Vec<String> = self.rustflags.iter().map(|s| s.to_string()).collect();
@@ -281,20 +255,13 @@ pub enum BuildError {
     #[error("could not run cargo to build the {arch} guest: {source}")]
     Spawn { arch: Arch, source: std::io::Error },
     #[error("building the {arch} guest failed ({status}):\n{stderr}")]
-    Failed {
-        arch: Arch,
-        status: std::process::ExitStatus,
-        stderr: String,
-    },
+    Failed { arch: Arch, status: std::process::ExitStatus, stderr: String },
 }
 
 /// Builds the guest for `arch` (a no-op when it is up to date) and returns the ELF.
 pub fn build_guest(arch: Arch) -> Result<PathBuf, BuildError> {
     let p = profile(arch);
-    let out = p
-        .guest_command("build")
-        .output()
-        .map_err(|source| BuildError::Spawn { arch, source })?;
+    let out = p.guest_command("build").output().map_err(|source| BuildError::Spawn { arch, source })?;
     if !out.status.success() {
         return Err(BuildError::Failed {
             arch,
@@ -321,53 +288,24 @@ mod tests {
     fn stub_firmware_jumps_to_the_entry() {
         let fw = profile(Arch::Aarch64).stub_firmware().unwrap();
         assert_eq!(fw.len(), 16);
-        assert_eq!(
-            u64::from_le_bytes(fw[8..16].try_into().unwrap()),
-            0x4020_0000
-        );
+        assert_eq!(u64::from_le_bytes(fw[8..16].try_into().unwrap()), 0x4020_0000);
         assert!(profile(Arch::X86_64).stub_firmware().is_none());
     }
 
     #[test]
     fn q35_moves_ram_above_the_pci_hole() {
         let x86 = profile(Arch::X86_64);
-        assert_eq!(
-            x86.boot_ram_pieces(512 << 20),
-            vec![RamPiece {
-                gpa: 0,
-                file_offset: 0,
-                len: 512 << 20
-            }]
-        );
+        assert_eq!(x86.boot_ram_pieces(512 << 20), vec![RamPiece { gpa: 0, file_offset: 0, len: 512 << 20 }]);
         let big = x86.boot_ram_pieces(4 << 30);
-        assert_eq!(
-            big[1],
-            RamPiece {
-                gpa: 4 << 30,
-                file_offset: 2 << 30,
-                len: 2 << 30
-            }
-        );
-        assert_eq!(
-            profile(Arch::Aarch64).boot_ram_pieces(1 << 30)[0].gpa,
-            0x4000_0000
-        );
+        assert_eq!(big[1], RamPiece { gpa: 4 << 30, file_offset: 2 << 30, len: 2 << 30 });
+        assert_eq!(profile(Arch::Aarch64).boot_ram_pieces(1 << 30)[0].gpa, 0x4000_0000);
     }
 
     #[test]
     fn exit_codes_are_read_per_device() {
-        assert_eq!(
-            ExitDevice::IsaDebugExit.guest_status(7),
-            GuestExit::Status(3)
-        );
-        assert_eq!(
-            ExitDevice::IsaDebugExit.guest_status(0),
-            GuestExit::NotByGuest
-        );
-        assert_eq!(
-            ExitDevice::Semihosting.guest_status(3),
-            GuestExit::Status(3)
-        );
+        assert_eq!(ExitDevice::IsaDebugExit.guest_status(7), GuestExit::Status(3));
+        assert_eq!(ExitDevice::IsaDebugExit.guest_status(0), GuestExit::NotByGuest);
+        assert_eq!(ExitDevice::Semihosting.guest_status(3), GuestExit::Status(3));
         assert!(ExitDevice::Rtas.guest_status(0).matches(0));
         assert!(ExitDevice::Rtas.guest_status(1).matches(5));
         assert!(!ExitDevice::Rtas.guest_status(1).matches(0));

@@ -10,10 +10,7 @@ use clap::{Parser, Subcommand};
 use hvo_images::{profile, workspace_root, Arch};
 
 #[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    about = "hvo-harness: test vmemmap optimization on real MMUs under QEMU"
-)]
+#[command(name = "cargo xtask", about = "hvo-harness: test vmemmap optimization on real MMUs under QEMU")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -46,15 +43,8 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Cmd::RunScenarios(args) => run::run_scenarios(args),
         Cmd::Test { no_lint } => test(no_lint),
-        Cmd::Setup { arch } => {
-            setup::ensure(&arch.unwrap_or(Arch::ALL.to_vec())).map(|()| ExitCode::SUCCESS)
-        }
-        Cmd::BuildGuest { arches } => build_guests(if arches.is_empty() {
-            &Arch::ALL
-        } else {
-            &arches
-        })
-        .map(|paths| {
+        Cmd::Setup { arch } => setup::ensure(&arch.unwrap_or(Arch::ALL.to_vec())).map(|()| ExitCode::SUCCESS),
+        Cmd::BuildGuest { arches } => build_guests(if arches.is_empty() { &Arch::ALL } else { &arches }).map(|paths| {
             for p in paths {
                 println!("{}", p.display());
             }
@@ -102,15 +92,7 @@ fn test(no_lint: bool) -> Result<ExitCode> {
     if !no_lint {
         cargo(&["fmt", "--all", "--check"])?;
         cargo(&["fmt", "--manifest-path", "guest/Cargo.toml", "--check"])?;
-        cargo(&[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--quiet",
-            "--",
-            "-D",
-            "warnings",
-        ])?;
+        cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
         for arch in Arch::ALL {
             let mut clippy = profile(arch).guest_command("clippy");
             clippy.args(["--quiet", "--", "-D", "warnings"]);

@@ -35,8 +35,7 @@ pub struct RunArgs {
 }
 
 pub fn parse_arch(s: &str) -> Result<Arch, String> {
-    Arch::from_name(s)
-        .ok_or_else(|| format!("unknown architecture `{s}` (known: x86_64, aarch64, ppc64le)"))
+    Arch::from_name(s).ok_or_else(|| format!("unknown architecture `{s}` (known: x86_64, aarch64, ppc64le)"))
 }
 
 /// One scenario on one architecture.
@@ -47,11 +46,7 @@ struct Job {
 
 pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
     let root = workspace_root();
-    let paths = if args.paths.is_empty() {
-        vec![root.join("scenarios")]
-    } else {
-        args.paths.clone()
-    };
+    let paths = if args.paths.is_empty() { vec![root.join("scenarios")] } else { args.paths.clone() };
     let mut files = Vec::new();
     for p in &paths {
         if !p.exists() {
@@ -81,12 +76,7 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
     let mut seen: HashMap<&str, &PathBuf> = HashMap::new();
     for s in &scenarios {
         if let Some(other) = seen.insert(&s.name, &s.file) {
-            bail!(
-                "{} and {} both name a scenario `{}`",
-                other.display(),
-                s.file.display(),
-                s.name
-            );
+            bail!("{} and {} both name a scenario `{}`", other.display(), s.file.display(), s.name);
         }
     }
     if let Some(f) = &args.filter {
@@ -102,10 +92,7 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
     for s in &scenarios {
         for &arch in &arches {
             if s.architectures.contains(&arch) {
-                jobs.push(Job {
-                    scenario: s.clone(),
-                    arch,
-                });
+                jobs.push(Job { scenario: s.clone(), arch });
             } else {
                 results.push(ScenarioResult::skipped(
                     &s.name,
@@ -116,25 +103,11 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
             }
         }
     }
-    let needed: Vec<Arch> = arches
-        .iter()
-        .copied()
-        .filter(|a| jobs.iter().any(|j| j.arch == *a))
-        .collect();
-    let images: HashMap<Arch, PathBuf> = needed
-        .iter()
-        .copied()
-        .zip(crate::build_guests(&needed)?)
-        .collect();
+    let needed: Vec<Arch> = arches.iter().copied().filter(|a| jobs.iter().any(|j| j.arch == *a)).collect();
+    let images: HashMap<Arch, PathBuf> = needed.iter().copied().zip(crate::build_guests(&needed)?).collect();
 
-    let parallel = args
-        .jobs
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
-        .max(1);
+    let parallel =
+        args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
     let config = RunConfig {
         artifacts_root: root.join("target/scenario-logs"),
         keep_artifacts: args.keep_artifacts,
@@ -157,17 +130,11 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
     results.extend(ran);
 
     if let Some(json) = &args.json {
-        let text =
-            serde_json::to_string_pretty(&results).context("cannot encode the JSON report")?;
-        std::fs::write(json, text + "\n")
-            .with_context(|| format!("cannot write {}", json.display()))?;
+        let text = serde_json::to_string_pretty(&results).context("cannot encode the JSON report")?;
+        std::fs::write(json, text + "\n").with_context(|| format!("cannot write {}", json.display()))?;
     }
     let totals = Totals::of(&results);
-    println!(
-        "ran {} scenario runs in {:.2}s",
-        results.len() - totals.skipped,
-        start.elapsed().as_secs_f64()
-    );
+    println!("ran {} scenario runs in {:.2}s", results.len() - totals.skipped, start.elapsed().as_secs_f64());
     println!("{}", totals.summary_line());
     Ok(if totals.errors > 0 {
         ExitCode::from(2)
@@ -220,13 +187,8 @@ async fn run_all(
 }
 
 fn print_result(r: &ScenarioResult) {
-    let mut line = format!(
-        "{:<5} {:<32} {:<8} {:>7.2}s",
-        r.status.label(),
-        r.scenario,
-        r.arch,
-        r.duration_ms as f64 / 1000.0
-    );
+    let mut line =
+        format!("{:<5} {:<32} {:<8} {:>7.2}s", r.status.label(), r.scenario, r.arch, r.duration_ms as f64 / 1000.0);
     if r.status != Status::Pass && r.status != Status::Skip {
         if let Some(m) = &r.message {
             line.push_str(&format!("\n      {m}"));

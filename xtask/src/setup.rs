@@ -33,32 +33,20 @@ fn run_visibly(cmd: &mut Command) -> Result<()> {
 /// Adds the guest targets of `arches` to the pinned toolchain if missing.
 fn ensure_targets(arches: &[Arch]) -> Result<()> {
     let root = workspace_root();
-    let installed = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .current_dir(root)
-        .output();
-    let installed = match installed {
-        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
-        _ => {
-            return Err(MissingPrerequisite(
-                "rustup is not available; install it from your distribution or rustup.rs, then run `cargo xtask setup`".into(),
+    let installed = Command::new("rustup").args(["target", "list", "--installed"]).current_dir(root).output();
+    let installed =
+        match installed {
+            Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+            _ => return Err(MissingPrerequisite(
+                "rustup is not available; install it from your distribution or rustup.rs, then run `cargo xtask setup`"
+                    .into(),
             )
-            .into())
-        }
-    };
-    let missing: Vec<&str> = arches
-        .iter()
-        .map(|&a| profile(a).rust_target)
-        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
-        .collect();
+            .into()),
+        };
+    let missing: Vec<&str> =
+        arches.iter().map(|&a| profile(a).rust_target).filter(|t| !installed.lines().any(|l| l.trim() == *t)).collect();
     if !missing.is_empty() {
-        run_visibly(
-            Command::new("rustup")
-                .arg("target")
-                .arg("add")
-                .args(&missing)
-                .current_dir(root),
-        )?;
+        run_visibly(Command::new("rustup").arg("target").arg("add").args(&missing).current_dir(root))?;
     }
     Ok(())
 }
@@ -81,11 +69,7 @@ fn nix_free_uid() -> Option<u32> {
 }
 
 fn passwordless_sudo() -> bool {
-    on_path("sudo")
-        && Command::new("sudo")
-            .args(["-n", "true"])
-            .status()
-            .is_ok_and(|s| s.success())
+    on_path("sudo") && Command::new("sudo").args(["-n", "true"]).status().is_ok_and(|s| s.success())
 }
 
 /// Installs the QEMU packages `arches` need when they are missing.
@@ -93,8 +77,7 @@ fn ensure_qemu(arches: &[Arch]) -> Result<()> {
     let mut packages: Vec<&str> = Vec::new();
     for &a in arches {
         let p = profile(a);
-        let firmware_missing =
-            matches!(p.loader, Loader::Kernel { bios: Some(f) } if !Path::new(f).is_file());
+        let firmware_missing = matches!(p.loader, Loader::Kernel { bios: Some(f) } if !Path::new(f).is_file());
         if (!on_path(p.qemu_binary) || firmware_missing) && !packages.contains(&p.qemu_package) {
             packages.push(p.qemu_package);
         }
@@ -106,9 +89,7 @@ fn ensure_qemu(arches: &[Arch]) -> Result<()> {
     // needed and can conflict with a newer qemu-utils from backports.
     let install = |prefix: &[&str]| -> Command {
         let mut c = Command::new(prefix.first().copied().unwrap_or("apt-get"));
-        c.args(&prefix[1..])
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&packages);
+        c.args(&prefix[1..]).args(["install", "-y", "--no-install-recommends"]).args(&packages);
         c.env("DEBIAN_FRONTEND", "noninteractive");
         c
     };

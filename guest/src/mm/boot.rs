@@ -40,22 +40,10 @@ fn map_range(
         // 1 GiB leaves are optional in some formats; fall back to smaller ones.
         match result {
             Err(MapError::SizeNotSupported) if size != PageSize::Size4K => {
-                let smaller = if size == PageSize::Size1G {
-                    PageSize::Size2M
-                } else {
-                    PageSize::Size4K
-                };
+                let smaller = if size == PageSize::Size1G { PageSize::Size2M } else { PageSize::Size4K };
                 let mut off = 0;
                 while off < size.bytes() {
-                    table
-                        .map(
-                            frames,
-                            VirtAddr(va + off),
-                            PhysAddr(pa + off),
-                            smaller,
-                            prot,
-                        )?
-                        .ignore();
+                    table.map(frames, VirtAddr(va + off), PhysAddr(pa + off), smaller, prot)?.ignore();
                     off += smaller.bytes();
                 }
             }
@@ -68,18 +56,10 @@ fn map_range(
 
 pub fn build(frames: &mut FrameAllocator, platform: &Platform) -> Result<Tables, MapError> {
     let mut kernel = Table::new(frames)?;
-    let mut identity = if arch::SEPARATE_IDENTITY_ROOT {
-        Some(Table::new(frames)?)
-    } else {
-        None
-    };
+    let mut identity = if arch::SEPARATE_IDENTITY_ROOT { Some(Table::new(frames)?) } else { None };
     // Where the identity range is the linear map (ppc64le), the firmware's code
     // runs from the linear map and needs execute permission there.
-    let linear_prot = if arch::IDENTITY_IS_LINEAR_MAP {
-        Prot::RWX
-    } else {
-        Prot::RW
-    };
+    let linear_prot = if arch::IDENTITY_IS_LINEAR_MAP { Prot::RWX } else { Prot::RW };
     for r in platform.ram.iter() {
         map_range(&mut kernel, frames, arch::LINEAR_MAP_BASE, r, linear_prot)?;
         if !arch::IDENTITY_IS_LINEAR_MAP {

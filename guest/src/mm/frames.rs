@@ -75,10 +75,7 @@ impl FrameAllocator {
             let mut start = align_up(r.start, FRAME);
             for res in reserved.iter().filter(|res| res.overlaps(&r)) {
                 if res.start > start {
-                    free.push(Range {
-                        start,
-                        end: align_down(res.start, FRAME),
-                    });
+                    free.push(Range { start, end: align_down(res.start, FRAME) });
                 }
                 start = start.max(align_up(res.end, FRAME));
             }
@@ -137,10 +134,7 @@ impl FrameAllocator {
     /// touching its pages.
     pub fn free(&mut self, pa: PhysAddr, bytes: u64, purpose: Purpose) {
         if bytes > FRAME {
-            self.free.push(Range {
-                start: pa.0,
-                end: pa.0 + bytes,
-            });
+            self.free.push(Range { start: pa.0, end: pa.0 + bytes });
             self.count_free(purpose, bytes);
             return;
         }
@@ -167,12 +161,7 @@ impl FrameAllocator {
 
     /// `bytes` of contiguous memory aligned to `align`, not zeroed: data pages
     /// (HugeTLB folios) whose contents the model never reads.
-    pub fn alloc_data(
-        &mut self,
-        bytes: u64,
-        align: u64,
-        purpose: Purpose,
-    ) -> Result<PhysAddr, AllocError> {
+    pub fn alloc_data(&mut self, bytes: u64, align: u64, purpose: Purpose) -> Result<PhysAddr, AllocError> {
         let pa = self.bump_aligned(bytes, align)?;
         self.counters.allocated[purpose.index()] += bytes / FRAME;
         Ok(pa)
@@ -191,14 +180,8 @@ impl FrameAllocator {
                 found = Some(PhysAddr(start));
                 // The alignment gap below `start` stays free: a 1 GiB folio
                 // would otherwise take everything below it too.
-                next.push(Range {
-                    start: r.start,
-                    end: start,
-                });
-                next.push(Range {
-                    start: start + bytes,
-                    end: r.end,
-                });
+                next.push(Range { start: r.start, end: start });
+                next.push(Range { start: start + bytes, end: r.end });
             } else {
                 next.push(r);
             }

@@ -82,10 +82,7 @@ pub struct Range {
 
 impl Range {
     pub const fn new(start: u64, size: u64) -> Range {
-        Range {
-            start,
-            end: start + size,
-        }
+        Range { start, end: start + size }
     }
     pub const fn size(&self) -> u64 {
         self.end - self.start
@@ -109,10 +106,7 @@ pub struct RangeList {
 
 impl RangeList {
     pub const fn new() -> RangeList {
-        RangeList {
-            ranges: [Range { start: 0, end: 0 }; MAX_RANGES],
-            len: 0,
-        }
+        RangeList { ranges: [Range { start: 0, end: 0 }; MAX_RANGES], len: 0 }
     }
 
     /// Adds a range, merged with any it overlaps or touches; more disjoint
@@ -126,19 +120,13 @@ impl RangeList {
         for i in 0..self.len {
             let r = self.ranges[i];
             if r.start <= merged.end && merged.start <= r.end {
-                merged = Range {
-                    start: r.start.min(merged.start),
-                    end: r.end.max(merged.end),
-                };
+                merged = Range { start: r.start.min(merged.start), end: r.end.max(merged.end) };
             } else {
                 self.ranges[kept] = r;
                 kept += 1;
             }
         }
-        assert!(
-            kept < MAX_RANGES,
-            "more than {MAX_RANGES} disjoint memory ranges"
-        );
+        assert!(kept < MAX_RANGES, "more than {MAX_RANGES} disjoint memory ranges");
         self.ranges[kept] = merged;
         self.len = kept + 1;
         self.ranges[..self.len].sort_unstable_by_key(|r| r.start);

@@ -20,26 +20,10 @@ pub struct Prot {
 }
 
 impl Prot {
-    pub const RW: Prot = Prot {
-        write: true,
-        exec: false,
-        device: false,
-    };
-    pub const RO: Prot = Prot {
-        write: false,
-        exec: false,
-        device: false,
-    };
-    pub const RWX: Prot = Prot {
-        write: true,
-        exec: true,
-        device: false,
-    };
-    pub const MMIO: Prot = Prot {
-        write: true,
-        exec: false,
-        device: true,
-    };
+    pub const RW: Prot = Prot { write: true, exec: false, device: false };
+    pub const RO: Prot = Prot { write: false, exec: false, device: false };
+    pub const RWX: Prot = Prot { write: true, exec: true, device: false };
+    pub const MMIO: Prot = Prot { write: true, exec: false, device: true };
 }
 
 /// A decoded entry.
@@ -122,9 +106,7 @@ pub struct Translation {
 }
 
 fn level_size<F: Format>(level: usize) -> Option<PageSize> {
-    PageSize::DESCENDING
-        .into_iter()
-        .find(|s| s.shift() == F::SHIFTS[level])
+    PageSize::DESCENDING.into_iter().find(|s| s.shift() == F::SHIFTS[level])
 }
 
 /// One page-table tree.
@@ -140,10 +122,7 @@ fn leaf_level<F: Format>(size: PageSize) -> Option<usize> {
 impl<F: Format> PageTable<F> {
     pub fn new(frames: &mut FrameAllocator) -> Result<Self, AllocError> {
         let root = frames.alloc_bytes(F::table_bytes(0), Purpose::PageTable)?;
-        Ok(PageTable {
-            root,
-            _format: PhantomData,
-        })
+        Ok(PageTable { root, _format: PhantomData })
     }
 
     pub fn root(&self) -> PhysAddr {
@@ -156,12 +135,7 @@ impl<F: Format> PageTable<F> {
     }
 
     /// The slot at `level` for `va`, allocating intermediate tables on the way.
-    fn walk_create(
-        &mut self,
-        frames: &mut FrameAllocator,
-        va: VirtAddr,
-        level: usize,
-    ) -> Result<*mut u64, MapError> {
+    fn walk_create(&mut self, frames: &mut FrameAllocator, va: VirtAddr, level: usize) -> Result<*mut u64, MapError> {
         let mut table = self.root;
         for l in 0..level {
             let slot = Self::slot(table, l, va);
@@ -218,21 +192,12 @@ impl<F: Format> PageTable<F> {
             return None;
         };
         let size = level_size::<F>(level)?;
-        Some(Translation {
-            pa: pa.add(va.0 & (size.bytes() - 1)),
-            size,
-            prot,
-        })
+        Some(Translation { pa: pa.add(va.0 & (size.bytes() - 1)), size, prot })
     }
 
     /// Points the 4 KiB leaf mapping `va` at `pa` with `prot`; returns the frame
     /// it mapped before.
-    pub fn remap(
-        &mut self,
-        va: VirtAddr,
-        pa: PhysAddr,
-        prot: Prot,
-    ) -> Result<(PhysAddr, Flush), MapError> {
+    pub fn remap(&mut self, va: VirtAddr, pa: PhysAddr, prot: Prot) -> Result<(PhysAddr, Flush), MapError> {
         let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
         let Entry::Leaf { pa: old, .. } = F::decode(F::load(slot), level) else {
             return Err(MapError::NotMapped);
@@ -247,11 +212,7 @@ impl<F: Format> PageTable<F> {
     /// Replaces the 2 MiB leaf covering `va` with a table of 512 base pages
     /// mapping the same frames with the same protection. A no-op when `va` is
     /// already mapped by base pages.
-    pub fn split(
-        &mut self,
-        frames: &mut FrameAllocator,
-        va: VirtAddr,
-    ) -> Result<Option<Flush>, MapError> {
+    pub fn split(&mut self, frames: &mut FrameAllocator, va: VirtAddr) -> Result<Option<Flush>, MapError> {
         let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
         let Entry::Leaf { pa, prot } = F::decode(F::load(slot), level) else {
             return Err(MapError::NotMapped);
@@ -264,10 +225,7 @@ impl<F: Format> PageTable<F> {
         let table = frames.alloc_bytes(F::table_bytes(level + 1), Purpose::PageTable)?;
         let step = PageSize::Size4K.bytes();
         for i in 0..PageSize::Size2M.bytes() / step {
-            F::store(
-                table.add(i * 8).as_mut_ptr(),
-                F::encode_leaf(pa.add(i * step), level + 1, prot),
-            );
+            F::store(table.add(i * 8).as_mut_ptr(), F::encode_leaf(pa.add(i * step), level + 1, prot));
         }
         F::store(slot, F::encode_table(table, level));
         let base = VirtAddr(va.0 & !(PageSize::Size2M.bytes() - 1));

@@ -40,10 +40,7 @@ impl Format for Aarch64 {
             (0..=2, true) => Decoded::Table {
                 pa: PhysAddr(raw & OUTPUT_ADDRESS),
                 index_bits: 9,
-                allows: Perms {
-                    write: raw & AP_TABLE_NO_WRITE == 0,
-                    exec: raw & PXN_TABLE == 0,
-                },
+                allows: Perms { write: raw & AP_TABLE_NO_WRITE == 0, exec: raw & PXN_TABLE == 0 },
             },
             // A level 0 block needs 52-bit addresses; a level 3 "block" is reserved.
             (0, false) | (3, false) => Decoded::Invalid,
@@ -51,10 +48,7 @@ impl Format for Aarch64 {
                 let size_mask = (1u64 << self.shift(level)) - 1;
                 Decoded::Leaf {
                     pa: PhysAddr(raw & OUTPUT_ADDRESS & !size_mask),
-                    perms: Perms {
-                        write: raw & AP_READ_ONLY == 0,
-                        exec: raw & PXN == 0,
-                    },
+                    perms: Perms { write: raw & AP_READ_ONLY == 0, exec: raw & PXN == 0 },
                 }
             }
         }

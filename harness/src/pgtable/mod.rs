@@ -31,10 +31,7 @@ pub struct Perms {
 impl Perms {
     /// What both allow: permissions narrow from the root down to the leaf.
     fn and(self, other: Perms) -> Perms {
-        Perms {
-            write: self.write && other.write,
-            exec: self.exec && other.exec,
-        }
+        Perms { write: self.write && other.write, exec: self.exec && other.exec }
     }
 }
 
@@ -45,11 +42,7 @@ pub enum Decoded {
     Invalid,
     /// A next-level table of `2^index_bits` entries, and what this level
     /// allows everything below it.
-    Table {
-        pa: PhysAddr,
-        index_bits: u32,
-        allows: Perms,
-    },
+    Table { pa: PhysAddr, index_bits: u32, allows: Perms },
     /// A leaf mapping `2^shift` bytes.
     Leaf { pa: PhysAddr, perms: Perms },
 }
@@ -125,26 +118,14 @@ impl fmt::Debug for Walker<'_> {
     }
 }
 
-const ALL: Perms = Perms {
-    write: true,
-    exec: true,
-};
+const ALL: Perms = Perms { write: true, exec: true };
 
 impl<'a> Walker<'a> {
     pub fn new(format: &'a dyn Format, root: PhysAddr) -> Walker<'a> {
-        Walker {
-            format,
-            root,
-            root_index_bits: format.root_index_bits(),
-        }
+        Walker { format, root, root_index_bits: format.root_index_bits() }
     }
 
-    fn read_table(
-        &self,
-        mem: &dyn GuestMemory,
-        pa: PhysAddr,
-        entries: usize,
-    ) -> Result<Vec<u64>, MemoryError> {
+    fn read_table(&self, mem: &dyn GuestMemory, pa: PhysAddr, entries: usize) -> Result<Vec<u64>, MemoryError> {
         let mut bytes = vec![0u8; entries * 8];
         mem.read(pa, &mut bytes)?;
         let big = self.format.big_endian();
@@ -166,11 +147,7 @@ impl<'a> Walker<'a> {
     }
 
     /// Translates one address; `None` when it is not mapped.
-    pub fn translate(
-        &self,
-        mem: &dyn GuestMemory,
-        va: VirtAddr,
-    ) -> Result<Option<Leaf>, WalkError> {
+    pub fn translate(&self, mem: &dyn GuestMemory, va: VirtAddr) -> Result<Option<Leaf>, WalkError> {
         let mut table = self.root;
         let mut index_bits = self.root_index_bits;
         let mut allows = ALL;
@@ -180,11 +157,7 @@ impl<'a> Walker<'a> {
             let raw = self.read_table(mem, entry_pa, 1)?[0];
             match self.format.decode(raw, level) {
                 Decoded::Invalid => return Ok(None),
-                Decoded::Table {
-                    pa,
-                    index_bits: next,
-                    allows: here,
-                } => {
+                Decoded::Table { pa, index_bits: next, allows: here } => {
                     table = pa;
                     index_bits = next;
                     allows = allows.and(here);
@@ -192,15 +165,7 @@ impl<'a> Walker<'a> {
                 Decoded::Leaf { pa, perms } => {
                     let shift = self.format.shift(level);
                     let base = VirtAddr(va.0 & !((1u64 << shift) - 1));
-                    return Ok(Some(Leaf {
-                        va: base,
-                        pa,
-                        shift,
-                        perms: allows.and(perms),
-                        level,
-                        entry_pa,
-                        raw,
-                    }));
+                    return Ok(Some(Leaf { va: base, pa, shift, perms: allows.and(perms), level, entry_pa, raw }));
                 }
             }
         }
@@ -209,31 +174,12 @@ impl<'a> Walker<'a> {
 
     /// Every leaf mapping part of `[start, end)`, in address order, reading
     /// each table once.
-    pub fn leaves(
-        &self,
-        mem: &dyn GuestMemory,
-        start: VirtAddr,
-        end: VirtAddr,
-    ) -> Result<Vec<Leaf>, WalkError> {
+    pub fn leaves(&self, mem: &dyn GuestMemory, start: VirtAddr, end: VirtAddr) -> Result<Vec<Leaf>, WalkError> {
         let mut out = Vec::new();
-        let va_mask = if self.format.va_bits() >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << self.format.va_bits()) - 1
-        };
+        let va_mask = if self.format.va_bits() >= 64 { u64::MAX } else { (1u64 << self.format.va_bits()) - 1 };
         // The bits above the translated ones are carried into every leaf's VA.
         let high = start.0 & !va_mask;
-        self.collect(
-            mem,
-            self.root,
-            self.root_index_bits,
-            0,
-            high,
-            start,
-            end,
-            ALL,
-            &mut out,
-        )?;
+        self.collect(mem, self.root, self.root_index_bits, 0, high, start, end, ALL, &mut out)?;
         Ok(out)
     }
 
@@ -254,12 +200,7 @@ impl<'a> Walker<'a> {
     ) -> Result<(), WalkError> {
         out.push((table, 8 << index_bits));
         for raw in self.read_table(mem, table, 1 << index_bits)? {
-            if let Decoded::Table {
-                pa,
-                index_bits: next,
-                ..
-            } = self.format.decode(raw, level)
-            {
+            if let Decoded::Table { pa, index_bits: next, .. } = self.format.decode(raw, level) {
                 self.collect_tables(mem, pa, next, level + 1, out)?;
             }
         }
@@ -291,23 +232,13 @@ impl<'a> Walker<'a> {
             let entry_pa = PhysAddr(table.0 + i as u64 * 8);
             match self.format.decode(raw, level) {
                 Decoded::Invalid => {}
-                Decoded::Table {
-                    pa,
-                    index_bits: next,
-                    allows: here,
-                } => {
+                Decoded::Table { pa, index_bits: next, allows: here } => {
                     let allows = allows.and(here);
                     self.collect(mem, pa, next, level + 1, va, start, end, allows, out)?;
                 }
-                Decoded::Leaf { pa, perms } => out.push(Leaf {
-                    va: VirtAddr(va),
-                    pa,
-                    shift,
-                    perms: allows.and(perms),
-                    level,
-                    entry_pa,
-                    raw,
-                }),
+                Decoded::Leaf { pa, perms } => {
+                    out.push(Leaf { va: VirtAddr(va), pa, shift, perms: allows.and(perms), level, entry_pa, raw })
+                }
             }
         }
         Ok(())
@@ -330,12 +261,7 @@ pub fn published_trees<'a>(
     mem: &dyn GuestMemory,
     manifest: &Manifest,
 ) -> Result<Vec<Walker<'a>>, WalkError> {
-    let mut trees = vec![walker_for(
-        arch,
-        mem,
-        manifest,
-        VirtAddr(manifest.vmemmap_base),
-    )?];
+    let mut trees = vec![walker_for(arch, mem, manifest, VirtAddr(manifest.vmemmap_base))?];
     if let Some(identity) = manifest.root(RootKind::Identity) {
         trees.push(Walker::new(format(arch), PhysAddr(identity.pa)));
     }
@@ -352,20 +278,11 @@ pub fn walker_for<'a>(
     manifest: &Manifest,
     va: VirtAddr,
 ) -> Result<Walker<'a>, WalkError> {
-    let root = |kind| {
-        manifest
-            .root(kind)
-            .map(|r| PhysAddr(r.pa))
-            .ok_or(WalkError::NoRoot(kind))
-    };
+    let root = |kind| manifest.root(kind).map(|r| PhysAddr(r.pa)).ok_or(WalkError::NoRoot(kind));
     match arch {
         Arch::X86_64 => Ok(Walker::new(&X86_64, root(RootKind::Kernel)?)),
         Arch::Aarch64 => {
-            let kind = if va.0 >> 63 == 1 {
-                RootKind::Kernel
-            } else {
-                RootKind::Identity
-            };
+            let kind = if va.0 >> 63 == 1 { RootKind::Kernel } else { RootKind::Identity };
             Ok(Walker::new(&Aarch64, root(kind)?))
         }
         Arch::Ppc64le => {

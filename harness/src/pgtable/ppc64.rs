@@ -13,16 +13,11 @@ pub struct Radix {
 
 impl Radix {
     /// The tree for 4 KiB pages: 13/9/9/9 index bits.
-    pub const FOUR_K: Radix = Radix {
-        shifts: [39, 30, 21, 12],
-    };
+    pub const FOUR_K: Radix = Radix { shifts: [39, 30, 21, 12] };
 
     /// The root of process-table entry 0 (PID 0: the kernel's, and with PIDR 0
     /// also quadrant 0's) and its index bits.
-    pub fn from_process_table(
-        mem: &dyn GuestMemory,
-        table: PhysAddr,
-    ) -> Result<(PhysAddr, u32), WalkError> {
+    pub fn from_process_table(mem: &dyn GuestMemory, table: PhysAddr) -> Result<(PhysAddr, u32), WalkError> {
         let dw0 = mem.read_u64_be(table)?;
         // RTS = RTS1 (bits 62:61) || RTS2 (bits 7:5): the tree covers 2^(RTS+31) bytes.
         let rts = ((dw0 >> 61) & 3) << 3 | ((dw0 >> 5) & 7);
@@ -35,9 +30,7 @@ impl Radix {
             )));
         }
         if root_bits != 13 {
-            return Err(WalkError::BadRoot(format!(
-                "process table entry 0 has a {root_bits}-bit root, expected 13"
-            )));
+            return Err(WalkError::BadRoot(format!("process table entry 0 has a {root_bits}-bit root, expected 13")));
         }
         Ok((root, root_bits))
     }
@@ -78,10 +71,7 @@ impl Format for Radix {
             let size_mask = (1u64 << self.shift(level)) - 1;
             return Decoded::Leaf {
                 pa: PhysAddr(raw & REAL_PAGE & !size_mask),
-                perms: Perms {
-                    write: raw & READ_WRITE != 0,
-                    exec: raw & EXECUTE != 0,
-                },
+                perms: Perms { write: raw & READ_WRITE != 0, exec: raw & EXECUTE != 0 },
             };
         }
         if level == 3 {
@@ -92,10 +82,7 @@ impl Format for Radix {
         Decoded::Table {
             pa: PhysAddr(raw & NEXT_LEVEL_BASE),
             index_bits: (raw & NEXT_LEVEL_SIZE) as u32,
-            allows: Perms {
-                write: true,
-                exec: true,
-            },
+            allows: Perms { write: true, exec: true },
         }
     }
 }

@@ -16,14 +16,8 @@ fn idx(va: u64, shift: u32, bits: u32) -> u64 {
     (va >> shift) & ((1 << bits) - 1)
 }
 
-const RW: Perms = Perms {
-    write: true,
-    exec: false,
-};
-const RO: Perms = Perms {
-    write: false,
-    exec: false,
-};
+const RW: Perms = Perms { write: true, exec: false };
+const RO: Perms = Perms { write: false, exec: false };
 
 #[test]
 fn x86_64_walks_4k_2m_and_1g_leaves_and_ands_permissions() {
@@ -47,64 +41,24 @@ fn x86_64_walks_4k_2m_and_1g_leaves_and_ands_permissions() {
     let linear = 0xffff_8880_0000_0000u64;
     let pdpt2 = 0x7000;
     put(&mut mem, pml4, idx(linear, 39, 9), pdpt2 | 0x1, false);
-    put(
-        &mut mem,
-        pdpt2,
-        idx(linear, 30, 9),
-        0x4000_0000 | 0x83,
-        false,
-    );
+    put(&mut mem, pdpt2, idx(linear, 30, 9), 0x4000_0000 | 0x83, false);
 
     let w = Walker::new(&X86_64, PhysAddr(pml4));
-    let leaf = w
-        .translate(&mem, VirtAddr(vmemmap + 0x10))
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (leaf.pa, leaf.shift, leaf.perms, leaf.level),
-        (PhysAddr(0x5000), 12, RO, 3)
-    );
+    let leaf = w.translate(&mem, VirtAddr(vmemmap + 0x10)).unwrap().unwrap();
+    assert_eq!((leaf.pa, leaf.shift, leaf.perms, leaf.level), (PhysAddr(0x5000), 12, RO, 3));
     assert_eq!(leaf.translate(VirtAddr(vmemmap + 0x10)), PhysAddr(0x5010));
     assert_eq!(leaf.entry_pa, PhysAddr(pt));
-    let big = w
-        .translate(&mem, VirtAddr(vmemmap + 0x20_0000 + 5))
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (big.pa, big.shift, big.perms.write),
-        (PhysAddr(0x20_0000), 21, true)
-    );
-    let giant = w
-        .translate(&mem, VirtAddr(linear + 0x1234))
-        .unwrap()
-        .unwrap();
+    let big = w.translate(&mem, VirtAddr(vmemmap + 0x20_0000 + 5)).unwrap().unwrap();
+    assert_eq!((big.pa, big.shift, big.perms.write), (PhysAddr(0x20_0000), 21, true));
+    let giant = w.translate(&mem, VirtAddr(linear + 0x1234)).unwrap().unwrap();
     assert_eq!((giant.pa, giant.shift), (PhysAddr(0x4000_0000), 30));
-    assert_eq!(
-        giant.perms,
-        Perms {
-            write: false,
-            exec: true
-        },
-        "the PDPT entry forbids writes"
-    );
-    assert_eq!(
-        w.translate(&mem, VirtAddr(vmemmap + 0x40_0000)).unwrap(),
-        None
-    );
+    assert_eq!(giant.perms, Perms { write: false, exec: true }, "the PDPT entry forbids writes");
+    assert_eq!(w.translate(&mem, VirtAddr(vmemmap + 0x40_0000)).unwrap(), None);
     assert_eq!(w.translate(&mem, VirtAddr(0x1234)).unwrap(), None);
 
-    let leaves = w
-        .leaves(&mem, VirtAddr(vmemmap), VirtAddr(vmemmap + 0x40_0000))
-        .unwrap();
+    let leaves = w.leaves(&mem, VirtAddr(vmemmap), VirtAddr(vmemmap + 0x40_0000)).unwrap();
     let got: Vec<(u64, u64, u32)> = leaves.iter().map(|l| (l.va.0, l.pa.0, l.shift)).collect();
-    assert_eq!(
-        got,
-        vec![
-            (vmemmap, 0x5000, 12),
-            (vmemmap + 0x1000, 0x6000, 12),
-            (vmemmap + 0x20_0000, 0x20_0000, 21)
-        ]
-    );
+    assert_eq!(got, vec![(vmemmap, 0x5000, 12), (vmemmap + 0x1000, 0x6000, 12), (vmemmap + 0x20_0000, 0x20_0000, 21)]);
     assert_eq!(leaves[1].perms, RW);
 }
 
@@ -122,13 +76,7 @@ fn aarch64_honours_block_page_encodings_and_table_permissions() {
     put(&mut mem, l2, 0, table(l3), false);
     let normal_af = 0x1 << 2 | 0x3 << 8 | 1 << 10;
     // Page: read-only (AP[2]), PXN and UXN.
-    put(
-        &mut mem,
-        l3,
-        0,
-        0x4010_0000 | 0x3 | normal_af | 1 << 7 | 3 << 53,
-        false,
-    );
+    put(&mut mem, l3, 0, 0x4010_0000 | 0x3 | normal_af | 1 << 7 | 3 << 53, false);
     // Level 3 with bit 1 clear is reserved: a fault, not a mapping.
     put(&mut mem, l3, 1, 0x4010_1000 | 0x1 | normal_af, false);
     // 2 MiB block, writable and executable, under an APTable no-write table.
@@ -138,32 +86,14 @@ fn aarch64_honours_block_page_encodings_and_table_permissions() {
 
     let w = Walker::new(&Aarch64, PhysAddr(l0));
     let page = w.translate(&mem, VirtAddr(va + 8)).unwrap().unwrap();
-    assert_eq!(
-        (page.pa, page.shift, page.perms),
-        (PhysAddr(0x4010_0000), 12, RO)
-    );
+    assert_eq!((page.pa, page.shift, page.perms), (PhysAddr(0x4010_0000), 12, RO));
     assert_eq!(w.translate(&mem, VirtAddr(va + 0x1000)).unwrap(), None);
-    let block = w
-        .translate(&mem, VirtAddr(va + (1 << 30) + 0x123))
-        .unwrap()
-        .unwrap();
+    let block = w.translate(&mem, VirtAddr(va + (1 << 30) + 0x123)).unwrap().unwrap();
     assert_eq!((block.pa, block.shift), (PhysAddr(0x4020_0000), 21));
-    assert_eq!(
-        block.perms,
-        Perms {
-            write: false,
-            exec: true
-        },
-        "APTable[1] removes write"
-    );
+    assert_eq!(block.perms, Perms { write: false, exec: true }, "APTable[1] removes write");
 
-    let leaves = w
-        .leaves(&mem, VirtAddr(va), VirtAddr(va + (2 << 30)))
-        .unwrap();
-    assert_eq!(
-        leaves.iter().map(|l| l.va.0).collect::<Vec<_>>(),
-        vec![va, va + (1 << 30)]
-    );
+    let leaves = w.leaves(&mem, VirtAddr(va), VirtAddr(va + (2 << 30))).unwrap();
+    assert_eq!(leaves.iter().map(|l| l.va.0).collect::<Vec<_>>(), vec![va, va + (1 << 30)]);
 }
 
 #[test]
@@ -196,48 +126,25 @@ fn ppc64_radix_reads_big_endian_entries_through_the_process_table() {
     assert_eq!((tree, bits), (PhysAddr(root), 13));
     let w = Walker::new(&Radix::FOUR_K, tree);
     let page = w.translate(&mem, VirtAddr(va + 0x10)).unwrap().unwrap();
-    assert_eq!(
-        (page.pa, page.shift, page.perms),
-        (PhysAddr(0x5000), 12, RO)
-    );
+    assert_eq!((page.pa, page.shift, page.perms), (PhysAddr(0x5000), 12, RO));
     assert_eq!(w.translate(&mem, VirtAddr(va + 0x2000)).unwrap(), None);
     for linear in [0xc000_0000_0000_1000u64, 0x1000] {
         let l = w.translate(&mem, VirtAddr(linear)).unwrap().unwrap();
-        assert_eq!(
-            (l.pa, l.shift, l.perms),
-            (
-                PhysAddr(0),
-                30,
-                Perms {
-                    write: true,
-                    exec: true
-                }
-            ),
-            "{linear:#x}"
-        );
+        assert_eq!((l.pa, l.shift, l.perms), (PhysAddr(0), 30, Perms { write: true, exec: true }), "{linear:#x}");
     }
     let leaves = w.leaves(&mem, VirtAddr(va), VirtAddr(va + 0x4000)).unwrap();
     assert_eq!(
-        leaves
-            .iter()
-            .map(|l| (l.va.0, l.pa.0, l.perms.write))
-            .collect::<Vec<_>>(),
+        leaves.iter().map(|l| (l.va.0, l.pa.0, l.perms.write)).collect::<Vec<_>>(),
         vec![(va, 0x5000, false), (va + 0x1000, 0x6000, true)]
     );
 
     mem.write_u64_be(PhysAddr(prtb), 2 << 61 | root | 5 << 5 | 9);
-    assert!(matches!(
-        Radix::from_process_table(&mem, PhysAddr(prtb)),
-        Err(WalkError::BadRoot(_))
-    ));
+    assert!(matches!(Radix::from_process_table(&mem, PhysAddr(prtb)), Err(WalkError::BadRoot(_))));
 }
 
 #[test]
 fn unreadable_tables_are_errors_not_unmapped() {
     let mem = SparseMemory::new();
     let w = Walker::new(&X86_64, PhysAddr(0x1000));
-    assert!(matches!(
-        w.translate(&mem, VirtAddr(0)),
-        Err(WalkError::Memory(_))
-    ));
+    assert!(matches!(w.translate(&mem, VirtAddr(0)), Err(WalkError::Memory(_))));
 }

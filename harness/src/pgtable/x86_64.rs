@@ -30,26 +30,16 @@ impl Format for X86_64 {
         if raw & PRESENT == 0 {
             return Decoded::Invalid;
         }
-        let perms = Perms {
-            write: raw & READ_WRITE != 0,
-            exec: raw & EXECUTE_DISABLE == 0,
-        };
+        let perms = Perms { write: raw & READ_WRITE != 0, exec: raw & EXECUTE_DISABLE == 0 };
         // PS makes a PDPTE a 1 GiB page and a PDE a 2 MiB page; in the PML4E it
         // is reserved, and a PTE is always a leaf.
         let leaf = level == 3 || (matches!(level, 1 | 2) && raw & PAGE_SIZE != 0);
         if leaf {
             // In large pages bit 12 is PAT and the frame is aligned to the size.
             let size_mask = (1u64 << self.shift(level)) - 1;
-            Decoded::Leaf {
-                pa: PhysAddr(raw & ADDRESS & !size_mask),
-                perms,
-            }
+            Decoded::Leaf { pa: PhysAddr(raw & ADDRESS & !size_mask), perms }
         } else {
-            Decoded::Table {
-                pa: PhysAddr(raw & ADDRESS),
-                index_bits: 9,
-                allows: perms,
-            }
+            Decoded::Table { pa: PhysAddr(raw & ADDRESS), index_bits: 9, allows: perms }
         }
     }
 }

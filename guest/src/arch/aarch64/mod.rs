@@ -103,27 +103,16 @@ impl PageTableFormat for Vmsav8Descriptors {
 const MAIR: u64 = 0xff << 8;
 
 pub fn enable_mmu(tables: &Tables) {
-    let identity = tables
-        .identity
-        .as_ref()
-        .map(|t| t.root())
-        .unwrap_or(tables.kernel.root());
+    let identity = tables.identity.as_ref().map(|t| t.root()).unwrap_or(tables.kernel.root());
     let pa_range: u64;
     // SAFETY: reading an ID register.
-    unsafe {
-        core::arch::asm!("mrs {}, id_aa64mmfr0_el1", out(reg) pa_range, options(nomem, nostack))
-    };
+    unsafe { core::arch::asm!("mrs {}, id_aa64mmfr0_el1", out(reg) pa_range, options(nomem, nostack)) };
     const T0SZ_48: u64 = 16;
     const T1SZ_48: u64 = 16 << 16;
     const WALKS_CACHED_SHARED_0: u64 = (1 << 8) | (1 << 10) | (3 << 12); // IRGN0, ORGN0 WB; SH0 inner
     const WALKS_CACHED_SHARED_1: u64 = (1 << 24) | (1 << 26) | (3 << 28);
     const TG1_4K: u64 = 2 << 30; // TG0 = 0 is 4 KiB already
-    let tcr = T0SZ_48
-        | T1SZ_48
-        | WALKS_CACHED_SHARED_0
-        | WALKS_CACHED_SHARED_1
-        | TG1_4K
-        | ((pa_range & 7) << 32);
+    let tcr = T0SZ_48 | T1SZ_48 | WALKS_CACHED_SHARED_0 | WALKS_CACHED_SHARED_1 | TG1_4K | ((pa_range & 7) << 32);
     const MMU_ON: u64 = 1 << 0;
     const DATA_CACHE: u64 = 1 << 2;
     const INSTRUCTION_CACHE: u64 = 1 << 12;
@@ -161,9 +150,7 @@ pub fn flush_tlb_va(va: VirtAddr) {
     // TLBI VAAE1IS takes VA[55:12]; all ASIDs, inner shareable.
     let operand = (va.0 >> 12) & ((1 << 44) - 1);
     // SAFETY: invalidating a translation has no other effect.
-    unsafe {
-        core::arch::asm!("dsb ishst", "tlbi vaae1is, {}", "dsb ish", "isb", in(reg) operand, options(nostack))
-    };
+    unsafe { core::arch::asm!("dsb ishst", "tlbi vaae1is, {}", "dsb ish", "isb", in(reg) operand, options(nostack)) };
 }
 
 pub fn process_table() -> Option<PhysAddr> {
@@ -177,9 +164,5 @@ extern "C" fn aarch64_entry() -> ! {
     reserved.push(device_tree);
     let mut mmio = RangeList::new();
     mmio.push(platform::DEVICES);
-    crate::main(crate::arch::Platform {
-        ram,
-        reserved,
-        mmio,
-    })
+    crate::main(crate::arch::Platform { ram, reserved, mmio })
 }

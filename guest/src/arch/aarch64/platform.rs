@@ -11,10 +11,7 @@ const RX_EMPTY: u32 = 1 << 4;
 
 /// The virt machine's device window (GIC, UART, RTC, fw_cfg, GED, memory
 /// hotplug registers): identity-mapped as device memory.
-pub const DEVICES: Range = Range {
-    start: 0x0800_0000,
-    end: 0x1000_0000,
-};
+pub const DEVICES: Range = Range { start: 0x0800_0000, end: 0x1000_0000 };
 
 fn read32(addr: usize) -> u32 {
     // SAFETY: a register of a device QEMU's virt machine has at this address.
@@ -42,9 +39,7 @@ pub fn exit(status: u8) -> ! {
     let block = [APPLICATION_EXIT, status as u64];
     loop {
         // SAFETY: the semihosting call ends the VM; `block` outlives it.
-        unsafe {
-            core::arch::asm!("hlt #0xf000", in("x0") SYS_EXIT, in("x1") block.as_ptr(), options(nostack))
-        };
+        unsafe { core::arch::asm!("hlt #0xf000", in("x0") SYS_EXIT, in("x1") block.as_ptr(), options(nostack)) };
     }
 }
 
@@ -62,11 +57,7 @@ fn be32(bytes: &[u8], at: usize) -> u32 {
 }
 
 fn cstr(bytes: &[u8], at: usize) -> &[u8] {
-    let end = bytes[at..]
-        .iter()
-        .position(|&b| b == 0)
-        .map(|n| at + n)
-        .unwrap_or(bytes.len());
+    let end = bytes[at..].iter().position(|&b| b == 0).map(|n| at + n).unwrap_or(bytes.len());
     &bytes[at..end]
 }
 
@@ -75,10 +66,7 @@ fn cstr(bytes: &[u8], at: usize) -> &[u8] {
 pub fn ram_from_device_tree() -> (RangeList, Range) {
     // SAFETY: QEMU put a flattened device tree here; its header gives its size.
     let header = unsafe { core::slice::from_raw_parts(FDT_ADDRESS as *const u8, 40) };
-    assert!(
-        be32(header, 0) == FDT_MAGIC,
-        "no device tree at {FDT_ADDRESS:#x}"
-    );
+    assert!(be32(header, 0) == FDT_MAGIC, "no device tree at {FDT_ADDRESS:#x}");
     let total = be32(header, 4) as usize;
     // SAFETY: as above, now with the size from the header.
     let fdt = unsafe { core::slice::from_raw_parts(FDT_ADDRESS as *const u8, total) };
@@ -114,9 +102,8 @@ pub fn ram_from_device_tree() -> (RangeList, Range) {
                     (1, b"#size-cells") => size_cells = be32(value, 0) as usize,
                     (2, b"reg") if in_memory_node => {
                         let cell = |i: usize| be32(value, i * 4) as u64;
-                        let number = |first: usize, count: usize| {
-                            (0..count).fold(0u64, |n, i| (n << 32) | cell(first + i))
-                        };
+                        let number =
+                            |first: usize, count: usize| (0..count).fold(0u64, |n, i| (n << 32) | cell(first + i));
                         let entry = address_cells + size_cells;
                         for e in 0..len / 4 / entry {
                             let start = number(e * entry, address_cells);

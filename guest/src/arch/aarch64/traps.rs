@@ -116,12 +116,8 @@ const SYNC_CURRENT_EL: u64 = 4;
 const EC_DATA_ABORT_SAME_EL: u64 = 0x25;
 
 const VECTOR_NAMES: [&str; 4] = ["synchronous", "IRQ", "FIQ", "SError"];
-const VECTOR_ORIGINS: [&str; 4] = [
-    "current EL, SP_EL0",
-    "current EL, SP_ELx",
-    "lower EL, AArch64",
-    "lower EL, AArch32",
-];
+const VECTOR_ORIGINS: [&str; 4] =
+    ["current EL, SP_EL0", "current EL, SP_ELx", "lower EL, AArch64", "lower EL, AArch32"];
 
 pub fn probe_write(va: VirtAddr) -> bool {
     // SAFETY: the probe reads the byte and writes the same value back; a fault
@@ -150,23 +146,14 @@ extern "C" fn aarch64_exception(frame: &mut ExceptionFrame, kind: u64) {
     }
     let name = VECTOR_NAMES[(kind % 4) as usize];
     let origin = VECTOR_ORIGINS[(kind / 4 % 4) as usize];
-    crate::crash(
-        format_args!(
-            "{name} exception from {origin}: ESR {esr:#x} (class {class:#x}) FAR {far:#x}"
-        ),
-        &|c| {
-            let _ = writeln!(
-                c,
-                "elr={:#018x} spsr={:#x} esr={esr:#x} far={far:#x}",
-                frame.elr, frame.spsr
-            );
-            for (i, pair) in frame.x.chunks(4).enumerate() {
-                let _ = write!(c, "x{:<2}", i * 4);
-                for v in pair {
-                    let _ = write!(c, " {v:#018x}");
-                }
-                let _ = writeln!(c);
+    crate::crash(format_args!("{name} exception from {origin}: ESR {esr:#x} (class {class:#x}) FAR {far:#x}"), &|c| {
+        let _ = writeln!(c, "elr={:#018x} spsr={:#x} esr={esr:#x} far={far:#x}", frame.elr, frame.spsr);
+        for (i, pair) in frame.x.chunks(4).enumerate() {
+            let _ = write!(c, "x{:<2}", i * 4);
+            for v in pair {
+                let _ = write!(c, " {v:#018x}");
             }
-        },
-    )
+            let _ = writeln!(c);
+        }
+    })
 }

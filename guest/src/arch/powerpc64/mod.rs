@@ -66,11 +66,7 @@ impl PageTableFormat for RadixTree {
         let size_mask = (1u64 << Self::SHIFTS[level]) - 1;
         Entry::Leaf {
             pa: PhysAddr(raw & REAL_PAGE & !size_mask),
-            prot: Prot {
-                write: raw & READ_WRITE != 0,
-                exec: raw & EXECUTE != 0,
-                device: raw & NON_IDEMPOTENT_IO != 0,
-            },
+            prot: Prot { write: raw & READ_WRITE != 0, exec: raw & EXECUTE != 0, device: raw & NON_IDEMPOTENT_IO != 0 },
         }
     }
 
@@ -143,10 +139,7 @@ pub fn enable_mmu(tables: &Tables) {
     // Flags: new table, radix, guest translation shootdown enabled.
     const REGISTER_RADIX_GTSE: u64 = 0x18 | 0x04 | 0x01;
     let table = core::ptr::addr_of!(PROCESS_TABLE) as u64;
-    let [status, ..] = platform::hcall(
-        platform::H_REGISTER_PROC_TBL,
-        [REGISTER_RADIX_GTSE, table, 0, 0],
-    );
+    let [status, ..] = platform::hcall(platform::H_REGISTER_PROC_TBL, [REGISTER_RADIX_GTSE, table, 0, 0]);
     assert!(status == 0, "H_REGISTER_PROC_TBL failed: {status}");
     const TRANSLATION_ON: u64 = (1 << 5) | (1 << 4); // MSR[IR] | MSR[DR]
                                                      // SAFETY: the tree maps all RAM at quadrant 0 too, where the firmware runs.
@@ -172,13 +165,6 @@ extern "C" fn ppc64_entry() -> ! {
     let ram = platform::ram_from_firmware();
     traps::install();
     let mut reserved = RangeList::new();
-    reserved.push(Range {
-        start: 0,
-        end: FIRMWARE_AREA_END,
-    });
-    crate::main(crate::arch::Platform {
-        ram,
-        reserved,
-        mmio: RangeList::new(),
-    })
+    reserved.push(Range { start: 0, end: FIRMWARE_AREA_END });
+    crate::main(crate::arch::Platform { ram, reserved, mmio: RangeList::new() })
 }

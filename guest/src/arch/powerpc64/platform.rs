@@ -84,22 +84,10 @@ pub fn exit(status: u8) -> ! {
     let mut args = if status == 0 {
         RtasArgs([POWER_OFF.to_be(), 2u32.to_be(), 1u32.to_be(), 0, 0, 0, 0, 0])
     } else {
-        RtasArgs([
-            OS_TERM.to_be(),
-            1u32.to_be(),
-            1u32.to_be(),
-            (REASON.as_ptr() as u32).to_be(),
-            0,
-            0,
-            0,
-            0,
-        ])
+        RtasArgs([OS_TERM.to_be(), 1u32.to_be(), 1u32.to_be(), (REASON.as_ptr() as u32).to_be(), 0, 0, 0, 0])
     };
     loop {
-        hcall(
-            KVMPPC_H_RTAS,
-            [core::ptr::addr_of_mut!(args) as u64, 0, 0, 0],
-        );
+        hcall(KVMPPC_H_RTAS, [core::ptr::addr_of_mut!(args) as u64, 0, 0, 0]);
     }
 }
 
@@ -128,10 +116,7 @@ fn client_call(service: &'static core::ffi::CStr, args: &[u32], nret: usize) -> 
     for (cell, a) in call.cells.iter_mut().zip(args) {
         *cell = a.to_be();
     }
-    let [status, ..] = hcall(
-        KVMPPC_H_VOF_CLIENT,
-        [core::ptr::addr_of_mut!(call) as u64, 0, 0, 0],
-    );
+    let [status, ..] = hcall(KVMPPC_H_VOF_CLIENT, [core::ptr::addr_of_mut!(call) as u64, 0, 0, 0]);
     assert!(status == 0, "VOF client call failed: {status}");
     u32::from_be(call.cells[args.len()])
 }
@@ -144,17 +129,9 @@ pub fn ram_from_firmware() -> RangeList {
     let mut node = client_call(c"child", &[root], 1);
     let mut buf = [0u8; 128];
     while node != 0 && node != u32::MAX {
-        let len = client_call(
-            c"getprop",
-            &[node, cell(c"device_type"), buf.as_mut_ptr() as u32, 16],
-            1,
-        );
+        let len = client_call(c"getprop", &[node, cell(c"device_type"), buf.as_mut_ptr() as u32, 16], 1);
         if len != u32::MAX && buf[..(len as usize).min(16)].starts_with(b"memory") {
-            let len = client_call(
-                c"getprop",
-                &[node, cell(c"reg"), buf.as_mut_ptr() as u32, 128],
-                1,
-            );
+            let len = client_call(c"getprop", &[node, cell(c"reg"), buf.as_mut_ptr() as u32, 128], 1);
             // pseries: #address-cells = #size-cells = 2 at the root.
             for entry in buf[..(len as usize).min(128)].chunks_exact(16) {
                 let start = u64::from_be_bytes(entry[..8].try_into().unwrap_or_default());

@@ -137,10 +137,7 @@ const BRANCH_ABSOLUTE: u32 = 0x4800_0002;
 pub fn install() {
     let common = hvo_trap_common as *const () as usize as u32;
     // An absolute branch reaches the first 32 MiB; the image is linked there.
-    assert!(
-        common < 1 << 25,
-        "trap handler at {common:#x} is out of reach of an absolute branch"
-    );
+    assert!(common < 1 << 25, "trap handler at {common:#x} is out of reach of an absolute branch");
     for vector in (VECTORS_START..VECTORS_END).step_by(STUB_SPACING) {
         let stub = [SAVE_R3, LOAD_R3 | vector as u32, BRANCH_ABSOLUTE | common];
         // SAFETY: 0x100..0x1000 is firmware memory no one uses any more.
@@ -148,9 +145,7 @@ pub fn install() {
     }
     for line in (VECTORS_START..VECTORS_END).step_by(CACHE_LINE) {
         // SAFETY: make the copied instructions visible to instruction fetch.
-        unsafe {
-            core::arch::asm!("dcbst 0, {0}", "sync", "icbi 0, {0}", in(reg) line, options(nostack))
-        };
+        unsafe { core::arch::asm!("dcbst 0, {0}", "sync", "icbi 0, {0}", in(reg) line, options(nostack)) };
     }
     // SAFETY: a context-synchronizing instruction.
     unsafe { core::arch::asm!("sync", "isync", options(nostack)) };
@@ -178,21 +173,15 @@ extern "C" fn ppc64_trap(frame: &mut TrapFrame) {
         _ => "interrupt",
     };
     crate::crash(
-        format_args!(
-            "{what} at vector {:#x}: DAR {:#x} DSISR {:#x}",
-            frame.vector, frame.dar, frame.dsisr
-        ),
+        format_args!("{what} at vector {:#x}: DAR {:#x} DSISR {:#x}", frame.vector, frame.dar, frame.dsisr),
         &|c| {
             let _ = writeln!(
                 c,
                 "srr0={:#018x} srr1={:#018x} lr={:#018x} ctr={:#x}",
                 frame.srr0, frame.srr1, frame.lr, frame.ctr
             );
-            let _ = writeln!(
-                c,
-                "dar={:#018x} dsisr={:#x} cr={:#x} xer={:#x}",
-                frame.dar, frame.dsisr, frame.cr, frame.xer
-            );
+            let _ =
+                writeln!(c, "dar={:#018x} dsisr={:#x} cr={:#x} xer={:#x}", frame.dar, frame.dsisr, frame.cr, frame.xer);
             for (i, regs) in frame.gpr.chunks(4).enumerate() {
                 let _ = write!(c, "r{:<2}", i * 4);
                 for v in regs {

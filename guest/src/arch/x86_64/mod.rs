@@ -59,11 +59,7 @@ impl PageTableFormat for X86PageTables {
         let size_mask = (1u64 << Self::SHIFTS[level]) - 1;
         Entry::Leaf {
             pa: PhysAddr(raw & ADDRESS & !size_mask),
-            prot: Prot {
-                write: raw & WRITABLE != 0,
-                exec: raw & NO_EXECUTE == 0,
-                device: raw & CACHE_DISABLE != 0,
-            },
+            prot: Prot { write: raw & WRITABLE != 0, exec: raw & NO_EXECUTE == 0, device: raw & CACHE_DISABLE != 0 },
         }
     }
 
@@ -115,9 +111,5 @@ extern "C" fn x86_64_entry(start_info: u32) -> ! {
     platform::serial_init();
     traps::install();
     let ram = platform::ram_from_start_info(start_info);
-    crate::main(crate::arch::Platform {
-        ram,
-        reserved: RangeList::new(),
-        mmio: RangeList::new(),
-    })
+    crate::main(crate::arch::Platform { ram, reserved: RangeList::new(), mmio: RangeList::new() })
 }

@@ -11,17 +11,13 @@ const DEBUG_EXIT_PORT: u16 = 0xf4;
 
 fn outb(port: u16, value: u8) {
     // SAFETY: port I/O to the devices named above has no memory effects.
-    unsafe {
-        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
 }
 
 fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as for `outb`.
-    unsafe {
-        core::arch::asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { core::arch::asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags)) }
     value
 }
 
@@ -89,21 +85,11 @@ struct MemmapEntry {
 pub fn ram_from_start_info(start_info: u32) -> RangeList {
     // SAFETY: the boot loader handed us this address; paging is identity.
     let info = unsafe { &*(start_info as usize as *const StartInfo) };
-    assert!(
-        info.magic == PVH_MAGIC,
-        "bad PVH start info magic {:#x}",
-        info.magic
-    );
-    assert!(
-        info.version >= 1 && info.memmap_entries > 0,
-        "PVH start info carries no memory map"
-    );
+    assert!(info.magic == PVH_MAGIC, "bad PVH start info magic {:#x}", info.magic);
+    assert!(info.version >= 1 && info.memmap_entries > 0, "PVH start info carries no memory map");
     // SAFETY: memmap_entries entries at memmap_paddr, as the protocol says.
     let entries = unsafe {
-        core::slice::from_raw_parts(
-            info.memmap_paddr as usize as *const MemmapEntry,
-            info.memmap_entries as usize,
-        )
+        core::slice::from_raw_parts(info.memmap_paddr as usize as *const MemmapEntry, info.memmap_entries as usize)
     };
     let mut ram = RangeList::new();
     for e in entries.iter().filter(|e| e.kind == E820_RAM) {

@@ -166,15 +166,9 @@ struct IdtPointer {
     base: u64,
 }
 
-static mut IDT: [IdtEntry; VECTORS] = [IdtEntry {
-    offset_low: 0,
-    selector: 0,
-    ist: 0,
-    type_attr: 0,
-    offset_mid: 0,
-    offset_high: 0,
-    reserved: 0,
-}; VECTORS];
+static mut IDT: [IdtEntry; VECTORS] =
+    [IdtEntry { offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
+        VECTORS];
 
 pub fn install() {
     // SAFETY: single-threaded boot; the IDT is static and outlives its use.
@@ -191,10 +185,7 @@ pub fn install() {
                 reserved: 0,
             };
         }
-        let pointer = IdtPointer {
-            limit: (size_of::<[IdtEntry; VECTORS]>() - 1) as u16,
-            base: idt.as_ptr() as u64,
-        };
+        let pointer = IdtPointer { limit: (size_of::<[IdtEntry; VECTORS]>() - 1) as u16, base: idt.as_ptr() as u64 };
         core::arch::asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags));
     }
 }
@@ -208,18 +199,13 @@ pub fn probe_write(va: VirtAddr) -> bool {
 fn read_cr2() -> u64 {
     let cr2: u64;
     // SAFETY: reading a control register has no side effects.
-    unsafe {
-        core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
     cr2
 }
 
 #[no_mangle]
 extern "C" fn x86_64_trap(frame: &mut TrapFrame) {
-    let (store, resume) = (
-        core::ptr::addr_of!(hvo_probe_store) as u64,
-        core::ptr::addr_of!(hvo_probe_resume) as u64,
-    );
+    let (store, resume) = (core::ptr::addr_of!(hvo_probe_store) as u64, core::ptr::addr_of!(hvo_probe_resume) as u64);
     if frame.vector == PAGE_FAULT && frame.rip == store {
         frame.rip = resume;
         frame.rax = 1;
@@ -247,23 +233,13 @@ extern "C" fn x86_64_trap(frame: &mut TrapFrame) {
             "r9 ={:#018x} r10={:#018x} r11={:#018x} r12={:#018x}",
             frame.r9, frame.r10, frame.r11, frame.r12
         );
-        let _ = writeln!(
-            c,
-            "r13={:#018x} r14={:#018x} r15={:#018x} ss={:#x}",
-            frame.r13, frame.r14, frame.r15, frame.ss
-        );
+        let _ =
+            writeln!(c, "r13={:#018x} r14={:#018x} r15={:#018x} ss={:#x}", frame.r13, frame.r14, frame.r15, frame.ss);
     };
     match frame.vector {
-        PAGE_FAULT => crate::crash(
-            format_args!(
-                "page fault at {cr2:#x} (error code {:#x})",
-                frame.error_code
-            ),
-            &registers,
-        ),
-        v => crate::crash(
-            format_args!("exception vector {v} (error code {:#x})", frame.error_code),
-            &registers,
-        ),
+        PAGE_FAULT => {
+            crate::crash(format_args!("page fault at {cr2:#x} (error code {:#x})", frame.error_code), &registers)
+        }
+        v => crate::crash(format_args!("exception vector {v} (error code {:#x})", frame.error_code), &registers),
     }
 }
