@@ -438,6 +438,7 @@ impl Run<'_> {
             .map_err(|e| Abort::Guest(format!("the page tables cannot be walked: {e}")))?;
         self.metrics.insert("verify_static_ms".into(), json!(started.elapsed().as_millis() as u64));
         self.metrics.insert("vmemmap_ptes".into(), json!(map.ptes()));
+        self.metrics.insert("regions".into(), json!(verify::region_costs(&manifest, &map)));
         self.checks.extend(checks);
         self.check_write_faults(&manifest).await?;
         self.check_vmemmap_translations(&manifest, &map).await?;

@@ -447,9 +447,9 @@ pub struct RegionCost {
     pub layout: &'static str,
     pub optimized: bool,
     pub compound_pages: u64,
-    /// Frames mapped only by one compound page's own vmemmap, per compound page.
+    /// Writable frames mapped only by one compound page's own vmemmap, per compound page.
     pub private_vmemmap_bytes: u64,
-    /// Frames mapped across compound pages (the shared tail pages).
+    /// Read-only or cross-compound-page frames (the shared tail pages).
     pub shared_tail_pages: u64,
     /// What one compound page's vmemmap takes unoptimized.
     pub unoptimized_vmemmap_bytes: u64,
@@ -475,7 +475,13 @@ pub fn region_costs(manifest: &Manifest, map: &VmemmapMap) -> Vec<RegionCost> {
                 }
             }
             for frame in frames {
-                if map.mappers(PhysAddr(frame)).iter().all(|va| own.contains(va)) {
+                let mappers = map.mappers(PhysAddr(frame));
+                // Private: this compound page's alone, and writable (legacy
+                // layouts map tails onto a private page). A frame mapped only
+                // read-only is a shared tail page, even with one user so far.
+                let exclusive = mappers.iter().all(|va| own.contains(va));
+                let writable = mappers.iter().any(|va| map.lookup(*va).is_some_and(|(leaf, _)| leaf.perms.write));
+                if exclusive && writable {
                     private_frames += 1;
                 } else {
                     shared.insert(frame);
@@ -489,7 +495,7 @@ pub fn region_costs(manifest: &Manifest, map: &VmemmapMap) -> Vec<RegionCost> {
             layout: if region.optimized { region.layout.name() } else { Layout::None.name() },
             optimized: region.optimized,
             compound_pages,
-            private_vmemmap_bytes: if compound_pages > 0 { private_frames * PAGE / compound_pages } else { 0 },
+            private_vmemmap_bytes: (private_frames * PAGE).checked_div(compound_pages).unwrap_or(0),
             shared_tail_pages: shared.len() as u64,
             unoptimized_vmemmap_bytes: pages * PAGE,
         });

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the hvo-harness command line.
 
 mod run;
+mod savings;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -26,6 +27,8 @@ enum Cmd {
         #[arg(long)]
         no_lint: bool,
     },
+    /// Private vmemmap bytes per compound page under each layout, measured.
+    Savings(savings::SavingsArgs),
     /// Install what is missing: the guest targets and QEMU.
     Setup {
         #[arg(long, value_delimiter = ',', value_parser = run::parse_arch)]
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Cmd::RunScenarios(args) => run::run_scenarios(args),
         Cmd::Test { no_lint } => test(no_lint),
+        Cmd::Savings(args) => savings::savings(args),
         Cmd::Setup { arch } => setup::ensure(&arch.unwrap_or(Arch::ALL.to_vec())).map(|()| ExitCode::SUCCESS),
         Cmd::BuildGuest { arches } => build_guests(if arches.is_empty() { &Arch::ALL } else { &arches }).map(|paths| {
             for p in paths {
