@@ -142,11 +142,23 @@ fn read_page(mem: &dyn GuestMemory, frame: PhysAddr) -> Option<Vec<StructPage>> 
 struct Findings {
     failures: BTreeMap<&'static str, Vec<String>>,
     covered: BTreeMap<&'static str, u64>,
+    /// (invariant, head pfn) already reported with its diagram.
+    pictured: std::collections::HashSet<(&'static str, u64)>,
 }
 
 impl Findings {
     fn fail(&mut self, invariant: &'static str, what: String) {
         self.failures.entry(invariant).or_default().push(what);
+    }
+
+    /// A failure inside one compound page: the first for this invariant
+    /// carries the page's diagram; later ones only say where.
+    fn fail_in(&mut self, invariant: &'static str, view: &CompoundView, shared: Option<PhysAddr>, what: String) {
+        if self.pictured.insert((invariant, view.head_pfn)) {
+            self.fail(invariant, format!("{what}{}", view.diagram(shared)));
+        } else {
+            self.fail(invariant, what);
+        }
     }
     fn cover(&mut self, invariant: &'static str, n: u64) {
         *self.covered.entry(invariant).or_default() += n;
@@ -279,9 +291,8 @@ fn check_compound(
     shared: Option<PhysAddr>,
 ) {
     let where_ = |i: usize| format!("region {} compound page at pfn {:#x}, vmemmap[{i}]", region.id, view.head_pfn);
-    let diagram = || view.diagram(shared);
     let Some((head_leaf, head_frame)) = view.pages[0].1 else {
-        f.fail(HEAD_PRIVATE, format!("{}: head vmemmap page unmapped{}", where_(0), diagram()));
+        f.fail_in(HEAD_PRIVATE, view, shared, format!("{}: head vmemmap page unmapped", where_(0)));
         return;
     };
 
@@ -313,17 +324,18 @@ fn check_compound(
             f.cover(HEAD_PRIVATE, 1);
             match m {
                 Some((leaf, frame)) if leaf.perms.write && map.mappers(*frame).len() == 1 => {}
-                Some((leaf, frame)) => f.fail(
+                Some((leaf, frame)) => f.fail_in(
                     HEAD_PRIVATE,
+                    view,
+                    shared,
                     format!(
-                        "{}: not optimized, yet it maps {frame} {} shared by {} vmemmap pages{}",
+                        "{}: not optimized, yet it maps {frame} {} shared by {} vmemmap pages",
                         where_(i),
                         if leaf.perms.write { "RW" } else { "RO" },
-                        map.mappers(*frame).len(),
-                        diagram()
+                        map.mappers(*frame).len()
                     ),
                 ),
-                None => f.fail(HEAD_PRIVATE, format!("{}: unmapped{}", where_(i), diagram())),
+                None => f.fail_in(HEAD_PRIVATE, view, shared, format!("{}: unmapped", where_(i))),
             }
         }
         return;
@@ -334,9 +346,11 @@ fn check_compound(
         f.cover(PTE_GRANULARITY, 1);
         if let Some((leaf, _)) = m {
             if leaf.shift != 12 {
-                f.fail(
+                f.fail_in(
                     PTE_GRANULARITY,
-                    format!("{}: mapped by a {} KiB leaf, not a base page{}", where_(i), leaf.size() >> 10, diagram()),
+                    view,
+                    shared,
+                    format!("{}: mapped by a {} KiB leaf, not a base page", where_(i), leaf.size() >> 10),
                 );
             }
         }
@@ -351,15 +365,16 @@ fn check_compound(
         _ => head_users.len() == 1,
     };
     if !head_leaf.perms.write || !private_ok || Some(head_frame) == shared {
-        f.fail(
+        f.fail_in(
             HEAD_PRIVATE,
+            view,
+            shared,
             format!(
-                "{}: head page {head_frame} is {} and mapped by {} vmemmap pages{}{}",
+                "{}: head page {head_frame} is {} and mapped by {} vmemmap pages{}",
                 where_(0),
                 if head_leaf.perms.write { "writable" } else { "read-only" },
                 head_users.len(),
-                if Some(head_frame) == shared { ", and it is the shared tail page" } else { "" },
-                diagram()
+                if Some(head_frame) == shared { ", and it is the shared tail page" } else { "" }
             ),
         );
     }
@@ -386,30 +401,32 @@ fn check_compound(
         f.cover(TAILS_SHARED, 1);
         f.cover(TAILS_READONLY, 1);
         let Some((leaf, frame)) = m else {
-            f.fail(TAILS_SHARED, format!("{}: tail page unmapped{}", where_(i), diagram()));
+            f.fail_in(TAILS_SHARED, view, shared, format!("{}: tail page unmapped", where_(i)));
             continue;
         };
         if Some(*frame) != expected {
-            f.fail(
+            f.fail_in(
                 TAILS_SHARED,
+                view,
+                shared,
                 format!(
-                    "{}: tail maps {frame}, expected {} under {}{}",
+                    "{}: tail maps {frame}, expected {} under {}",
                     where_(i),
                     expected.map(|e| e.to_string()).unwrap_or_else(|| "a shared page".into()),
-                    region.layout.name(),
-                    diagram()
+                    region.layout.name()
                 ),
             );
         }
         if !writable && (leaf.perms.write || leaf.perms.exec) {
-            f.fail(
+            f.fail_in(
                 TAILS_READONLY,
+                view,
+                shared,
                 format!(
-                    "{}: tail is {}{} through the page tables{}",
+                    "{}: tail is {}{} through the page tables",
                     where_(i),
                     if leaf.perms.write { "writable" } else { "" },
-                    if leaf.perms.exec { " executable" } else { "" },
-                    diagram()
+                    if leaf.perms.exec { " executable" } else { "" }
                 ),
             );
         }
