@@ -187,10 +187,13 @@ pub enum Knob {
     SharedTailLeak = 6,
     /// The shared tail page filled with struct pages of the wrong order.
     StaleTailContents = 7,
+    /// A new top-level vmemmap entry written into the kernel root only, not
+    /// copied into the process root.
+    UnsyncedRoot = 8,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 8] = [
+    pub const ALL: [Knob; 9] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -199,6 +202,7 @@ impl Knob {
         Knob::NoTlbFlush,
         Knob::SharedTailLeak,
         Knob::StaleTailContents,
+        Knob::UnsyncedRoot,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -211,6 +215,7 @@ impl Knob {
             Knob::NoTlbFlush => "no-tlb-flush",
             Knob::SharedTailLeak => "shared-tail-leak",
             Knob::StaleTailContents => "stale-tail-contents",
+            Knob::UnsyncedRoot => "unsynced-root",
         }
     }
 

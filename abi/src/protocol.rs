@@ -43,6 +43,11 @@ pub enum Command<'a> {
     Restore { region: u32 },
     /// Turn a bug knob on.
     Knob { knob: Knob },
+    /// Before `boot-memmap`: reserve `count` gigantic folios of `order` in
+    /// `zone`, to be populated already optimized; answered `ok region=<id>`.
+    ReserveGigantic { order: u32, count: u64, zone: Zone },
+    /// Populate the boot vmemmap and run memmap init (once).
+    BootMemmap,
 }
 
 impl Command<'_> {
@@ -57,6 +62,8 @@ impl Command<'_> {
             Command::Optimize { .. } => "optimize",
             Command::Restore { .. } => "restore",
             Command::Knob { .. } => "knob",
+            Command::ReserveGigantic { .. } => "reserve-gigantic",
+            Command::BootMemmap => "boot-memmap",
         }
     }
 }
@@ -81,6 +88,8 @@ impl fmt::Display for Request<'_> {
             Command::HugetlbFree { region } | Command::Restore { region } => write!(f, " {region}"),
             Command::Optimize { region, layout } => write!(f, " {region} {}", layout.name()),
             Command::Knob { knob } => write!(f, " {}", knob.name()),
+            Command::ReserveGigantic { order, count, zone } => write!(f, " {order} {count} {}", zone.name()),
+            Command::BootMemmap => Ok(()),
         }
     }
 }
@@ -179,6 +188,15 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
                 .ok_or(fail(RequestError::BadArgument { verb: "optimize", what: "layout" }))?;
             Command::Optimize { region, layout }
         }
+        "reserve-gigantic" => {
+            let verb = "reserve-gigantic";
+            let order = number(words.next(), verb, "order").map_err(fail)?;
+            let count = number(words.next(), verb, "count").map_err(fail)?;
+            let zone =
+                words.next().and_then(Zone::from_name).ok_or(fail(RequestError::BadArgument { verb, what: "zone" }))?;
+            Command::ReserveGigantic { order: order as u32, count, zone }
+        }
+        "boot-memmap" => Command::BootMemmap,
         "knob" => {
             let knob = words
                 .next()
@@ -270,6 +288,14 @@ mod tests {
             Request { seq: 2, command: Command::Ping { token: Some("abc-1") } },
             Request { seq: 3, command: Command::Report },
             Request { seq: 4, command: Command::Exit { status: 3 } },
+            Request { seq: 5, command: Command::ProbeWrite { va: 0xffff_ea00_0000_1000 } },
+            Request { seq: 6, command: Command::HugetlbAlloc { order: 9, count: 8, zone: Zone::Movable } },
+            Request { seq: 7, command: Command::HugetlbFree { region: 2 } },
+            Request { seq: 8, command: Command::Optimize { region: 0, layout: Layout::LegacyDax } },
+            Request { seq: 9, command: Command::Restore { region: 1 } },
+            Request { seq: 10, command: Command::Knob { knob: Knob::NoTlbFlush } },
+            Request { seq: 11, command: Command::ReserveGigantic { order: 18, count: 2, zone: Zone::Normal } },
+            Request { seq: 12, command: Command::BootMemmap },
         ] {
             let line = req.to_string();
             assert_eq!(parse_request(&line), Ok(req), "{line}");
@@ -284,6 +310,19 @@ mod tests {
         assert!(matches!(parse_request("8 exit"), Err((Some(8), RequestError::MissingArgument { .. }))));
         assert!(matches!(parse_request("9 exit 300"), Err((Some(9), RequestError::BadArgument { .. }))));
         assert!(matches!(parse_request("9 report now"), Err((Some(9), RequestError::ExtraArgument { .. }))));
+        for (line, seq) in [
+            ("2 probe-write 4096", 2),
+            ("3 optimize 0 sideways", 3),
+            ("4 hugetlb-alloc 9 99999999999 normal", 4),
+            ("5 hugetlb-alloc 9 1 dma", 5),
+            ("6 knob flip-bits", 6),
+            ("7 reserve-gigantic 18 x normal", 7),
+        ] {
+            assert!(
+                matches!(parse_request(line), Err((Some(s), RequestError::BadArgument { .. })) if s == seq),
+                "{line}"
+            );
+        }
         let long = "1 ping ".to_string() + &"a".repeat(MAX_LINE);
         assert_eq!(parse_request(&long), Err((None, RequestError::TooLong)));
         assert!(matches!(parse_request("1 ping \u{7f}"), Err((Some(1), RequestError::BadArgument { .. }))));
