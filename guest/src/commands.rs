@@ -40,6 +40,14 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                         let done = k.vmemmap.optimize(&mut k.tables.kernel, &mut k.frames, region as usize, layout);
                         changed(kernel, req.seq, done.map(|()| u64::from(region)), "optimized")
                     }
+                    Command::ReserveGigantic { order, count, zone } => {
+                        let done = kernel.vmemmap.reserve_gigantic(&mut kernel.frames, order, count, zone);
+                        changed(kernel, req.seq, done.map(|id| id as u64), "region")
+                    }
+                    Command::BootMemmap => {
+                        let done = boot_memmap(kernel);
+                        changed(kernel, req.seq, done.map(|()| kernel.vmemmap.struct_pages_initialized), "initialized")
+                    }
                     Command::Knob { knob } => {
                         kernel.vmemmap.knobs |= knob.bit();
                         if knob == hvo_abi::model::Knob::CounterNotDecremented {
@@ -64,6 +72,19 @@ pub fn serve(kernel: &mut Kernel) -> ! {
             },
         }
     }
+}
+
+/// Populates the boot vmemmap, runs memmap init, and copies the new
+/// top-level vmemmap entries into the process root (sync_global_pgds).
+fn boot_memmap(kernel: &mut Kernel) -> Result<(), VmemmapError> {
+    kernel.vmemmap.populate_boot(&mut kernel.tables.kernel, &mut kernel.frames, &kernel.ram)?;
+    kernel.vmemmap.memmap_init(&kernel.ram);
+    // Knob `unsynced-root`: the new entries stay in the kernel root only.
+    if kernel.vmemmap.knobs & hvo_abi::model::Knob::UnsyncedRoot.bit() == 0 {
+        let (start, end) = kernel.vmemmap.range(&kernel.ram);
+        kernel.process.copy_top_level(&kernel.tables.kernel, start, end);
+    }
+    Ok(())
 }
 
 /// Republishes the manifest after a change (also after a failed one, whose

@@ -11,7 +11,7 @@ mod manifest;
 mod mm;
 mod vmemmap;
 
-use mm::boot::Tables;
+use mm::boot::{Table, Tables};
 use mm::frames::FrameAllocator;
 use mm::{Range, RangeList};
 use vmemmap::Vmemmap;
@@ -32,6 +32,8 @@ fn image_range() -> Range {
 pub struct Kernel {
     pub frames: FrameAllocator,
     pub tables: Tables,
+    /// A second root, as a process has, that must carry the kernel's entries.
+    pub process: Table,
     pub vmemmap: Vmemmap,
     pub ram: RangeList,
     pub image: Range,
@@ -43,17 +45,20 @@ pub fn main(platform: arch::Platform) -> ! {
     let mut reserved = platform.reserved;
     reserved.push(image);
     let mut frames = FrameAllocator::new(&platform.ram, &reserved);
-    let mut tables = match mm::boot::build(&mut frames, &platform) {
+    let tables = match mm::boot::build(&mut frames, &platform) {
         Ok(t) => t,
         Err(e) => panic!("building the boot page tables failed: {e:?}"),
     };
     arch::enable_mmu(&tables);
-    let mut vmemmap = Vmemmap::new(&platform.ram);
-    if let Err(e) = vmemmap.populate_boot(&mut tables.kernel, &mut frames, &platform.ram) {
-        panic!("populating the boot vmemmap failed: {e:?}");
-    }
-    vmemmap.memmap_init(&platform.ram);
-    let mut kernel = Kernel { frames, tables, vmemmap, ram: platform.ram, image };
+    // The process root starts as a copy of the kernel's top level; entries
+    // the kernel adds later must be copied into it too.
+    let mut process = match Table::new(&mut frames) {
+        Ok(t) => t,
+        Err(e) => panic!("allocating the process root failed: {e:?}"),
+    };
+    process.copy_top_level(&tables.kernel, mm::VirtAddr(0), mm::VirtAddr(u64::MAX));
+    let vmemmap = Vmemmap::new(&platform.ram);
+    let mut kernel = Kernel { frames, tables, process, vmemmap, ram: platform.ram, image };
     manifest::publish(&kernel);
     println!("{} ready abi={} arch={}", hvo_abi::protocol::PREFIX, hvo_abi::manifest::ABI_VERSION, arch::ARCH);
     commands::serve(&mut kernel)

@@ -36,6 +36,7 @@ pub fn publish(kernel: &Kernel) -> u64 {
         n += 1;
     };
     add(RootKind::Kernel, tables.kernel.root().0);
+    add(RootKind::Process, kernel.process.root().0);
     if let Some(id) = &tables.identity {
         add(RootKind::Identity, id.root().0);
     }

@@ -26,6 +26,8 @@ pub enum VmemmapError {
     TooSmallToOptimize,
     AlreadyOptimized,
     NotOptimized,
+    /// Gigantic pages are reserved, and the vmemmap populated, once, at boot.
+    TooLate,
 }
 
 impl From<MapError> for VmemmapError {
@@ -49,6 +51,14 @@ pub struct Region {
     pub order: u32,
     pub layout: Layout,
     pub optimized: bool,
+}
+
+/// Where boot is: gigantic pages can be reserved only before the vmemmap is
+/// populated (they are populated already optimized).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BootState {
+    Early,
+    Populated,
 }
 
 impl Region {
@@ -94,6 +104,7 @@ pub struct Vmemmap {
     pub struct_pages_initialized: u64,
     /// Bug knobs in force, one bit per `Knob`.
     pub knobs: u64,
+    state: BootState,
 }
 
 /// The sections holding any of `ram`, merged into ranges.
@@ -128,6 +139,7 @@ impl Vmemmap {
             shared_tails: [None; MAX_SHARED_TAILS],
             struct_pages_initialized: 0,
             knobs: 0,
+            state: BootState::Early,
         }
     }
 
@@ -154,32 +166,121 @@ impl Vmemmap {
         VirtAddr(arch::VMEMMAP_BASE + (pfn - self.memstart_pfn) * STRUCT_PAGE_SIZE)
     }
 
-    /// Maps the vmemmap of every present section: 2 MiB leaves where a whole
-    /// 2 MiB of vmemmap is covered, base pages otherwise (vmemmap_populate).
+    /// Reserves gigantic folios before memmap init (as boot-time HugeTLB does):
+    /// `populate_boot` maps their vmemmap already optimized.
+    pub fn reserve_gigantic(
+        &mut self,
+        frames: &mut FrameAllocator,
+        order: u32,
+        count: u64,
+        zone: Zone,
+    ) -> Result<usize, VmemmapError> {
+        if self.state != BootState::Early {
+            return Err(VmemmapError::TooLate);
+        }
+        if (1u64 << order) / STRUCT_PAGES_PER_PAGE < 2 {
+            return Err(VmemmapError::TooSmallToOptimize);
+        }
+        let id = self.regions.iter().position(Option::is_none).ok_or(VmemmapError::TooManyRegions)?;
+        let folio = PAGE << order;
+        let start = frames.alloc_data(folio * count, folio, Purpose::HugeTlb)?;
+        self.regions[id] = Some(Region {
+            start_pfn: start.0 / PAGE,
+            nr_pages: count << order,
+            zone,
+            order,
+            layout: Layout::Unified,
+            optimized: true,
+        });
+        Ok(id)
+    }
+
+    /// Which reserved compound page's vmemmap page `va` is, if any: (zone,
+    /// order, index of the page in that compound page's vmemmap). Only
+    /// regions optimized before the vmemmap existed are reserved ones.
+    fn boot_gigantic_page(&self, va: u64) -> Option<(Zone, u32, u64)> {
+        self.regions.iter().flatten().filter(|r| r.optimized).find_map(|r| {
+            let first = self.va(r.start_pfn).0;
+            let last = self.va(r.start_pfn + r.nr_pages).0;
+            if va < first || va >= last {
+                return None;
+            }
+            let per_folio = r.vmemmap_pages() * PAGE;
+            Some((r.zone, r.order, (va - first) % per_folio / PAGE))
+        })
+    }
+
+    /// Whether any reserved compound page's vmemmap lies in `[start, end)`.
+    fn overlaps_boot_gigantic(&self, start: u64, end: u64) -> bool {
+        self.regions.iter().flatten().filter(|r| r.optimized).any(|r| {
+            let first = self.va(r.start_pfn).0;
+            let last = self.va(r.start_pfn + r.nr_pages).0;
+            first < end && start < last
+        })
+    }
+
+    /// Maps the vmemmap of every present section (vmemmap_populate): 2 MiB
+    /// leaves where a whole 2 MiB of vmemmap is covered, base pages otherwise.
+    /// Reserved gigantic pages get their head page only; their tails map the
+    /// shared tail page straight away, read-only.
     pub fn populate_boot(
         &mut self,
         table: &mut Table,
         frames: &mut FrameAllocator,
         ram: &RangeList,
     ) -> Result<(), VmemmapError> {
+        if self.state != BootState::Early {
+            return Err(VmemmapError::TooLate);
+        }
         let big = PageSize::Size2M.bytes();
         for sections in present_sections(ram).iter() {
             let start = self.va(sections.start / PAGE).0;
             let end = self.va(sections.end / PAGE).0;
             let mut va = start;
             while va < end {
-                let (size, bytes) = if va.is_multiple_of(big) && va + big <= end {
-                    (PageSize::Size2M, big)
-                } else {
-                    (PageSize::Size4K, PAGE)
+                if va.is_multiple_of(big) && va + big <= end && !self.overlaps_boot_gigantic(va, va + big) {
+                    let frame = frames.alloc(PageSize::Size2M, Purpose::Vmemmap)?;
+                    // Empty entries are never cached: nothing to flush.
+                    table.map(frames, VirtAddr(va), frame, PageSize::Size2M, Prot::RW)?.ignore();
+                    va += big;
+                    continue;
+                }
+                let (frame, prot) = match self.boot_gigantic_page(va) {
+                    Some((zone, order, index)) if index > 0 => {
+                        // One user per compound page, counted at its first tail page.
+                        let shared = if index == 1 {
+                            self.get_shared_tail(frames, zone, order)?
+                        } else {
+                            self.shared_tail_pa(zone, order)?
+                        };
+                        (shared, Prot::RO)
+                    }
+                    _ => (frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?, Prot::RW),
                 };
-                let frame = frames.alloc(size, Purpose::Vmemmap)?;
-                // Empty entries are never cached: nothing to flush.
-                table.map(frames, VirtAddr(va), frame, size, Prot::RW)?.ignore();
-                va += bytes;
+                table.map(frames, VirtAddr(va), frame, PageSize::Size4K, prot)?.ignore();
+                va += PAGE;
             }
         }
+        self.state = BootState::Populated;
         Ok(())
+    }
+
+    /// The vmemmap of all boot RAM, section aligned.
+    pub fn range(&self, ram: &RangeList) -> (VirtAddr, VirtAddr) {
+        let sections = present_sections(ram);
+        let first = sections.iter().next().map(|r| r.start).unwrap_or(0);
+        let last = sections.iter().last().map(|r| r.end).unwrap_or(0);
+        (self.va(first / PAGE), self.va(last / PAGE))
+    }
+
+    fn shared_tail_pa(&self, zone: Zone, order: u32) -> Result<PhysAddr, VmemmapError> {
+        let any_zone = self.knob(Knob::CrossZoneTail);
+        self.shared_tails
+            .iter()
+            .flatten()
+            .find(|t| (any_zone || t.zone == zone) && t.order == order)
+            .map(|t| t.pa)
+            .ok_or(VmemmapError::TooManySharedTails)
     }
 
     fn write_struct_page(&self, pfn: u64, page: StructPage) {
@@ -190,12 +291,38 @@ impl Vmemmap {
         }
     }
 
-    /// memmap_init: every RAM page's struct page, free in the normal zone.
+    /// memmap_init: every RAM page's struct page. A reserved gigantic page's
+    /// head and the tails in its head vmemmap page are written; its other
+    /// tails live in the shared tail page and are skipped, not counted.
     pub fn memmap_init(&mut self, ram: &RangeList) {
         for r in ram.iter() {
-            for pfn in r.start / PAGE..r.end / PAGE {
-                self.write_struct_page(pfn, StructPage::free(Zone::Normal));
+            let mut pfn = r.start / PAGE;
+            while pfn < r.end / PAGE {
+                let gigantic = self
+                    .regions
+                    .iter()
+                    .flatten()
+                    .find(|g| g.optimized && pfn >= g.start_pfn && pfn < g.start_pfn + g.nr_pages)
+                    .copied();
+                let page = match gigantic {
+                    None => StructPage::free(Zone::Normal),
+                    Some(g) => {
+                        let position = (pfn - g.start_pfn) % (1 << g.order);
+                        if position >= STRUCT_PAGES_PER_PAGE {
+                            // The rest of this compound page is in the shared page.
+                            pfn += (1 << g.order) - position;
+                            continue;
+                        }
+                        if position == 0 {
+                            StructPage::head(g.zone, g.order)
+                        } else {
+                            StructPage::tail(g.zone, g.order)
+                        }
+                    }
+                };
+                self.write_struct_page(pfn, page);
                 self.struct_pages_initialized += 1;
+                pfn += 1;
             }
         }
     }

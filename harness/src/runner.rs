@@ -289,6 +289,15 @@ impl Run<'_> {
         for knob in &self.scenario.bug_knobs {
             self.request(Command::Knob { knob: *knob }).await?;
         }
+        for g in &self.scenario.boot_gigantic {
+            let reply = self.request(Command::ReserveGigantic { order: g.order, count: g.count, zone: g.zone }).await?;
+            let id = reply_field(&reply, "region").ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
+            self.regions.insert(g.region.clone(), id as u32);
+        }
+        let reply = self.request(Command::BootMemmap).await?;
+        if let Some(n) = reply_field(&reply, "initialized") {
+            self.metrics.insert("struct_pages_initialized".into(), json!(n));
+        }
         Ok(())
     }
 

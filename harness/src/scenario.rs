@@ -110,6 +110,8 @@ struct RawScenario {
     #[serde(default)]
     machine: RawMachine,
     bug_knobs: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    boot_gigantic: Vec<Spanned<RawBootGigantic>>,
     expect: Option<RawExpect>,
     #[serde(default)]
     step: Vec<Spanned<RawStep>>,
@@ -234,6 +236,25 @@ impl RawStep {
     }
 }
 
+/// Gigantic pages reserved at boot, before memmap init: populated already optimized.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawBootGigantic {
+    region: Spanned<String>,
+    size: Spanned<Size>,
+    count: Option<Spanned<u64>>,
+    zone: Option<Spanned<String>>,
+}
+
+/// A boot-time gigantic page reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootGigantic {
+    pub region: String,
+    pub order: u32,
+    pub count: u64,
+    pub zone: Zone,
+}
+
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawMachine {
@@ -322,6 +343,7 @@ pub const CHECK_NAMES: &[&str] = &[
     verify::NO_LEAK,
     verify::TRANSLATION_AGREES,
     verify::WRITE_FAULTS,
+    verify::ROOTS_IN_SYNC,
 ];
 
 #[derive(Debug, Clone)]
@@ -343,6 +365,8 @@ pub struct Scenario {
     pub expect: Expect,
     /// Bugs the guest reintroduces on purpose, turned on right after boot.
     pub bug_knobs: Vec<Knob>,
+    /// Gigantic pages reserved before memmap init.
+    pub boot_gigantic: Vec<BootGigantic>,
     pub steps: Vec<PlacedStep>,
 }
 
@@ -559,6 +583,44 @@ impl Scenario {
             bug_knobs.push(knob);
         }
 
+        let mut boot_gigantic: Vec<BootGigantic> = Vec::new();
+        for (i, g) in raw.boot_gigantic.iter().enumerate() {
+            let field = |name: &str| format!("boot-gigantic[{}].{name}", i + 1);
+            let g = g.get_ref();
+            let name = g.region.get_ref();
+            if !valid_name(name) || boot_gigantic.iter().any(|b| &b.region == name) {
+                return Err(loc.error(
+                    g.region.span(),
+                    Some(&field("region")),
+                    format!("`{name}` must be a new name of a-z, 0-9, '-' and '_'"),
+                ));
+            }
+            let bytes = g.size.get_ref().0;
+            if !bytes.is_power_of_two() || !FOLIO_SIZES.contains(&bytes) {
+                return Err(loc.error(
+                    g.size.span(),
+                    Some(&field("size")),
+                    format!("{} is not a HugeTLB folio size: a power of two from 2M to 1G", g.size.get_ref()),
+                ));
+            }
+            let count = g.count.as_ref().map(|c| *c.get_ref()).unwrap_or(1);
+            if count == 0 || count > MAX_FOLIOS {
+                let span = g.count.as_ref().map(|c| c.span()).unwrap_or(g.size.span());
+                return Err(loc.error(
+                    span,
+                    Some(&field("count")),
+                    format!("{count} folios is outside 1..={MAX_FOLIOS}"),
+                ));
+            }
+            let zone = match &g.zone {
+                None => Zone::Normal,
+                Some(z) => Zone::from_name(z.get_ref()).ok_or_else(|| {
+                    loc.error(z.span(), Some(&field("zone")), format!("unknown zone `{}`", z.get_ref()))
+                })?,
+            };
+            boot_gigantic.push(BootGigantic { region: name.clone(), order: bytes.trailing_zeros() - 12, count, zone });
+        }
+
         let mut steps = Vec::with_capacity(raw.step.len());
         for (i, spanned) in raw.step.into_iter().enumerate() {
             let span = spanned.span();
@@ -572,9 +634,10 @@ impl Scenario {
             let line = loc.line_col(span.start).0;
             let step = spanned.into_inner().into_step(&loc, i + 1)?;
             let allocated = |name: &str| {
-                steps
-                    .iter()
-                    .any(|s: &PlacedStep| matches!(&s.step, Step::HugetlbAlloc { region, .. } if region == name))
+                boot_gigantic.iter().any(|g| g.region == name)
+                    || steps
+                        .iter()
+                        .any(|s: &PlacedStep| matches!(&s.step, Step::HugetlbAlloc { region, .. } if region == name))
             };
             match &step {
                 Step::Optimize { region, .. } | Step::Restore { region } | Step::HugetlbFree { region }
@@ -608,6 +671,7 @@ impl Scenario {
             boot_timeout_ms,
             expect,
             bug_knobs,
+            boot_gigantic,
             steps,
         })
     }

@@ -27,6 +27,7 @@ pub const ACCOUNTING: &str = "accounting";
 pub const NO_LEAK: &str = "no-leak";
 pub const TRANSLATION_AGREES: &str = "translation-agrees";
 pub const WRITE_FAULTS: &str = "write-faults";
+pub const ROOTS_IN_SYNC: &str = "roots-in-sync";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -36,6 +37,9 @@ pub enum VerifyError {
 
 /// The vmemmap as the page tables map it: every 4 KiB of it.
 pub struct VmemmapMap {
+    /// The vmemmap range walked.
+    pub start: VirtAddr,
+    pub end: VirtAddr,
     /// Vmemmap VA (4 KiB aligned) -> the leaf mapping it.
     by_va: BTreeMap<u64, Leaf>,
     /// Frame (4 KiB) -> the vmemmap VAs mapping it.
@@ -61,7 +65,7 @@ impl VmemmapMap {
         let start = VirtAddr(manifest.struct_page_va(lo));
         let end = VirtAddr(manifest.struct_page_va(hi));
         let walker = pgtable::walker_for(arch, mem, manifest, start)?;
-        let mut map = VmemmapMap { by_va: BTreeMap::new(), by_frame: HashMap::new() };
+        let mut map = VmemmapMap { start, end, by_va: BTreeMap::new(), by_frame: HashMap::new() };
         for leaf in walker.leaves(mem, start, end)? {
             for i in 0..leaf.size() / PAGE {
                 let va = leaf.va.0 + i * PAGE;
@@ -235,11 +239,13 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
             ),
         );
     }
+    // Roots share their lower tables: count each table once.
     let trees = pgtable::published_trees(arch, mem, manifest)?;
-    let mut table_frames = 0;
+    let mut tables = HashMap::new();
     for t in &trees {
-        table_frames += t.tables(mem)?.iter().map(|(_, bytes)| bytes / PAGE).sum::<u64>();
+        tables.extend(t.tables(mem)?);
     }
+    let table_frames: u64 = tables.values().map(|bytes| bytes / PAGE).sum();
     if manifest.counters.pagetable_live() != table_frames {
         f.fail(
             ACCOUNTING,
@@ -276,8 +282,33 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
         }
     }
 
+    // Every root carries the kernel's entries over the vmemmap.
+    if let Some(process) = manifest.root(hvo_abi::manifest::RootKind::Process) {
+        let kernel = pgtable::walker_for(arch, mem, manifest, map.start)?;
+        let other = pgtable::Walker::like(&kernel, PhysAddr(process.pa));
+        let theirs = other.root_entries(mem, map.start, map.end)?;
+        for ((index, ours), (_, raw)) in kernel.root_entries(mem, map.start, map.end)?.into_iter().zip(theirs) {
+            f.cover(ROOTS_IN_SYNC, 1);
+            if kernel.decode_root_entry(ours) != other.decode_root_entry(raw) {
+                f.fail(ROOTS_IN_SYNC, format!(
+                    "top-level entry {index} over the vmemmap is {ours:#x} in the kernel root but {raw:#x} in the process root at {:#x}",
+                    process.pa
+                ));
+            }
+        }
+    }
+
     Ok((
-        f.into_checks(&[HEAD_PRIVATE, TAILS_SHARED, TAILS_READONLY, PTE_GRANULARITY, CONTENTS, ACCOUNTING, NO_LEAK]),
+        f.into_checks(&[
+            HEAD_PRIVATE,
+            TAILS_SHARED,
+            TAILS_READONLY,
+            PTE_GRANULARITY,
+            CONTENTS,
+            ACCOUNTING,
+            NO_LEAK,
+            ROOTS_IN_SYNC,
+        ]),
         map,
     ))
 }

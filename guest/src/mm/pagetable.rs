@@ -231,4 +231,22 @@ impl<F: Format> PageTable<F> {
         let base = VirtAddr(va.0 & !(PageSize::Size2M.bytes() - 1));
         Ok(Some(Flush(base)))
     }
+
+    /// Copies the root entries of `from` that cover `[start, end)` and that
+    /// this root lacks: what sync_global_pgds does for a second root.
+    pub fn copy_top_level(&mut self, from: &Self, start: VirtAddr, end: VirtAddr) {
+        let span = 1u64 << F::SHIFTS[0];
+        let mut va = start.0 & !(span - 1);
+        while va < end.0 {
+            let src = Self::slot(from.root, 0, VirtAddr(va));
+            let dst = Self::slot(self.root, 0, VirtAddr(va));
+            if F::decode(F::load(dst), 0) == Entry::Empty {
+                F::store(dst, F::load(src));
+            }
+            va = match va.checked_add(span) {
+                Some(next) => next,
+                None => break,
+            };
+        }
+    }
 }

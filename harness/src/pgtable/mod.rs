@@ -125,6 +125,17 @@ impl<'a> Walker<'a> {
         Walker { format, root, root_index_bits: format.root_index_bits() }
     }
 
+    /// What a root entry means, ignoring bits the MMU itself sets (accessed,
+    /// referenced, changed) so two copies of one entry compare equal.
+    pub fn decode_root_entry(&self, raw: u64) -> Decoded {
+        self.format.decode(raw, 0)
+    }
+
+    /// A walker of another root of the same shape.
+    pub fn like(other: &Walker<'a>, root: PhysAddr) -> Walker<'a> {
+        Walker { format: other.format, root, root_index_bits: other.root_index_bits }
+    }
+
     fn read_table(&self, mem: &dyn GuestMemory, pa: PhysAddr, entries: usize) -> Result<Vec<u64>, MemoryError> {
         let mut bytes = vec![0u8; entries * 8];
         mem.read(pa, &mut bytes)?;
@@ -181,6 +192,19 @@ impl<'a> Walker<'a> {
         let high = start.0 & !va_mask;
         self.collect(mem, self.root, self.root_index_bits, 0, high, start, end, ALL, &mut out)?;
         Ok(out)
+    }
+
+    /// The raw root entries whose span meets `[start, end)`, by index.
+    pub fn root_entries(
+        &self,
+        mem: &dyn GuestMemory,
+        start: VirtAddr,
+        end: VirtAddr,
+    ) -> Result<Vec<(u64, u64)>, WalkError> {
+        let entries = self.read_table(mem, self.root, 1 << self.root_index_bits)?;
+        let first = self.index(start, 0, self.root_index_bits);
+        let last = self.index(VirtAddr(end.0.saturating_sub(1)), 0, self.root_index_bits);
+        Ok((first..=last).map(|i| (i, entries[i as usize])).collect())
     }
 
     /// Every table of the tree (the root included): its address and size in bytes.
@@ -262,8 +286,12 @@ pub fn published_trees<'a>(
     manifest: &Manifest,
 ) -> Result<Vec<Walker<'a>>, WalkError> {
     let mut trees = vec![walker_for(arch, mem, manifest, VirtAddr(manifest.vmemmap_base))?];
-    if let Some(identity) = manifest.root(RootKind::Identity) {
-        trees.push(Walker::new(format(arch), PhysAddr(identity.pa)));
+    for kind in [RootKind::Identity, RootKind::Process] {
+        if let Some(root) = manifest.root(kind) {
+            let mut w = Walker::new(format(arch), PhysAddr(root.pa));
+            w.root_index_bits = trees[0].root_index_bits;
+            trees.push(w);
+        }
     }
     Ok(trees)
 }
