@@ -190,10 +190,13 @@ pub enum Knob {
     /// A new top-level vmemmap entry written into the kernel root only, not
     /// copied into the process root.
     UnsyncedRoot = 8,
+    /// A compound page whose vmemmap lies under a 2 MiB leaf is marked
+    /// optimized without splitting the leaf or remapping anything.
+    SkipSplit = 9,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 9] = [
+    pub const ALL: [Knob; 10] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -203,6 +206,7 @@ impl Knob {
         Knob::SharedTailLeak,
         Knob::StaleTailContents,
         Knob::UnsyncedRoot,
+        Knob::SkipSplit,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -216,6 +220,7 @@ impl Knob {
             Knob::SharedTailLeak => "shared-tail-leak",
             Knob::StaleTailContents => "stale-tail-contents",
             Knob::UnsyncedRoot => "unsynced-root",
+            Knob::SkipSplit => "skip-split",
         }
     }
 

@@ -432,6 +432,10 @@ impl Vmemmap {
         }
         for head in region.heads() {
             let base = self.va(head);
+            // Knob `skip-split`: a vmemmap under a 2 MiB leaf is left as it is.
+            if self.knob(Knob::SkipSplit) && table.translate(base).is_some_and(|t| t.size != PageSize::Size4K) {
+                continue;
+            }
             // HVO needs base-page PTEs: split any 2 MiB leaf over this vmemmap.
             let mut va = base.0;
             while va < base.0 + pages * PAGE {
