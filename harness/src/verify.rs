@@ -44,6 +44,15 @@ pub struct VmemmapMap {
     by_va: BTreeMap<u64, Leaf>,
     /// Frame (4 KiB) -> the vmemmap VAs mapping it.
     by_frame: HashMap<u64, Vec<u64>>,
+    /// Frame -> its lowest and highest mapping VA and whether any maps it writable.
+    frame_summary: HashMap<u64, FrameSummary>,
+}
+
+#[derive(Clone, Copy)]
+struct FrameSummary {
+    lowest_va: u64,
+    highest_va: u64,
+    writable: bool,
 }
 
 impl VmemmapMap {
@@ -65,12 +74,22 @@ impl VmemmapMap {
         let start = VirtAddr(manifest.struct_page_va(lo));
         let end = VirtAddr(manifest.struct_page_va(hi));
         let walker = pgtable::walker_for(arch, mem, manifest, start)?;
-        let mut map = VmemmapMap { start, end, by_va: BTreeMap::new(), by_frame: HashMap::new() };
+        let mut map =
+            VmemmapMap { start, end, by_va: BTreeMap::new(), by_frame: HashMap::new(), frame_summary: HashMap::new() };
         for leaf in walker.leaves(mem, start, end)? {
             for i in 0..leaf.size() / PAGE {
                 let va = leaf.va.0 + i * PAGE;
+                let frame = leaf.pa.0 + i * PAGE;
                 map.by_va.insert(va, leaf);
-                map.by_frame.entry(leaf.pa.0 + i * PAGE).or_default().push(va);
+                map.by_frame.entry(frame).or_default().push(va);
+                let s = map.frame_summary.entry(frame).or_insert(FrameSummary {
+                    lowest_va: va,
+                    highest_va: va,
+                    writable: false,
+                });
+                s.lowest_va = s.lowest_va.min(va);
+                s.highest_va = s.highest_va.max(va);
+                s.writable |= leaf.perms.write;
             }
         }
         Ok(map)
@@ -523,13 +542,12 @@ pub fn region_costs(manifest: &Manifest, map: &VmemmapMap) -> Vec<RegionCost> {
                 }
             }
             for frame in frames {
-                let mappers = map.mappers(PhysAddr(frame));
                 // Private: this compound page's alone, and writable (legacy
                 // layouts map tails onto a private page). A frame mapped only
                 // read-only is a shared tail page, even with one user so far.
-                let exclusive = mappers.iter().all(|va| own.contains(va));
-                let writable = mappers.iter().any(|va| map.lookup(*va).is_some_and(|(leaf, _)| leaf.perms.write));
-                if exclusive && writable {
+                let Some(summary) = map.frame_summary.get(&frame) else { continue };
+                let exclusive = own.contains(&summary.lowest_va) && own.contains(&summary.highest_va);
+                if exclusive && summary.writable {
                     private_frames += 1;
                 } else {
                     shared.insert(frame);
