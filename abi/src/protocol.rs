@@ -48,6 +48,8 @@ pub enum Command<'a> {
     ReserveGigantic { order: u32, count: u64, zone: Zone },
     /// Populate the boot vmemmap and run memmap init (once).
     BootMemmap,
+    /// Fault injection: the `nth` frame allocation from now fails, once.
+    FailAlloc { nth: u64 },
 }
 
 impl Command<'_> {
@@ -64,6 +66,7 @@ impl Command<'_> {
             Command::Knob { .. } => "knob",
             Command::ReserveGigantic { .. } => "reserve-gigantic",
             Command::BootMemmap => "boot-memmap",
+            Command::FailAlloc { .. } => "fail-alloc",
         }
     }
 }
@@ -90,6 +93,7 @@ impl fmt::Display for Request<'_> {
             Command::Knob { knob } => write!(f, " {}", knob.name()),
             Command::ReserveGigantic { order, count, zone } => write!(f, " {order} {count} {}", zone.name()),
             Command::BootMemmap => Ok(()),
+            Command::FailAlloc { nth } => write!(f, " {nth}"),
         }
     }
 }
@@ -197,6 +201,7 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
             Command::ReserveGigantic { order: order as u32, count, zone }
         }
         "boot-memmap" => Command::BootMemmap,
+        "fail-alloc" => Command::FailAlloc { nth: number(words.next(), "fail-alloc", "nth").map_err(fail)? },
         "knob" => {
             let knob = words
                 .next()
@@ -296,6 +301,7 @@ mod tests {
             Request { seq: 10, command: Command::Knob { knob: Knob::NoTlbFlush } },
             Request { seq: 11, command: Command::ReserveGigantic { order: 18, count: 2, zone: Zone::Normal } },
             Request { seq: 12, command: Command::BootMemmap },
+            Request { seq: 13, command: Command::FailAlloc { nth: 3 } },
         ] {
             let line = req.to_string();
             assert_eq!(parse_request(&line), Ok(req), "{line}");

@@ -48,6 +48,10 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                         let done = boot_memmap(kernel);
                         changed(kernel, req.seq, done.map(|()| kernel.vmemmap.struct_pages_initialized), "initialized")
                     }
+                    Command::FailAlloc { nth } => {
+                        kernel.frames.fail_nth(nth);
+                        reply_ok(req.seq, format_args!("armed={nth}"))
+                    }
                     Command::Knob { knob } => {
                         kernel.vmemmap.knobs |= knob.bit();
                         if knob == hvo_abi::model::Knob::CounterNotDecremented {

@@ -414,7 +414,9 @@ impl Vmemmap {
         Ok(fresh)
     }
 
-    /// Optimizes every compound page of a region under `layout`.
+    /// Optimizes every compound page of a region under `layout`. If an
+    /// allocation fails, the compound pages already optimized are restored:
+    /// the region ends as it began, with every frame accounted for.
     pub fn optimize(
         &mut self,
         table: &mut Table,
@@ -426,87 +428,174 @@ impl Vmemmap {
         if region.optimized {
             return Err(VmemmapError::AlreadyOptimized);
         }
-        let pages = region.vmemmap_pages();
-        if pages < 2 || layout == Layout::None {
+        if region.vmemmap_pages() < 2 || layout == Layout::None {
             return Err(VmemmapError::TooSmallToOptimize);
         }
-        for head in region.heads() {
-            let base = self.va(head);
-            // Knob `skip-split`: a vmemmap under a 2 MiB leaf is left as it is.
-            if self.knob(Knob::SkipSplit) && table.translate(base).is_some_and(|t| t.size != PageSize::Size4K) {
-                continue;
-            }
-            // HVO needs base-page PTEs: split any 2 MiB leaf over this vmemmap.
-            let mut va = base.0;
-            while va < base.0 + pages * PAGE {
-                if let Some(flush) = table.split(frames, VirtAddr(va))? {
-                    self.complete(flush);
+        region.layout = layout;
+        for (done, head) in region.heads().enumerate() {
+            if let Err(e) = self.optimize_folio(table, frames, &region, head) {
+                // The failing compound page was left unoptimized; undo the others.
+                for earlier in region.heads().take(done) {
+                    self.restore_folio(table, frames, &region, earlier)?;
                 }
-                va = align_down(va, PageSize::Size2M.bytes()) + PageSize::Size2M.bytes();
-            }
-            let head_frame = if self.knob(Knob::HeadShared) {
-                // Knob `head-shared`: the head page goes to the shared tail page too.
-                let shared = self.get_shared_tail(frames, region.zone, region.order)?;
-                let (old, flush) = table.remap(base, shared, Prot::RO)?;
-                self.complete(flush);
-                frames.free(old, PAGE, Purpose::Vmemmap);
-                shared
-            } else {
-                self.copy_to_fresh(table, frames, base)?
-            };
-            let (first_shared, target, prot) = match layout {
-                // Knob `per-folio-tail`: every folio gets a tail page of its own.
-                Layout::Unified if self.knob(Knob::PerFolioTail) => {
-                    (1, tail_page(frames, region.zone, region.order)?, Prot::RO)
-                }
-                Layout::Unified => (1, self.get_shared_tail(frames, region.zone, region.order)?, Prot::RO),
-                Layout::LegacyHugetlb => (1, head_frame, Prot::RO),
-                Layout::LegacyDax => (2, self.copy_to_fresh(table, frames, VirtAddr(base.0 + PAGE))?, Prot::RW),
-                Layout::None => unreachable!("refused above"),
-            };
-            // Knob `tails-writable`: the tails keep write permission.
-            let prot = if self.knob(Knob::TailsWritable) { Prot::RW } else { prot };
-            for i in first_shared..pages {
-                let va = VirtAddr(base.0 + i * PAGE);
-                // Like the kernel's remap walk, look at the tail page before
-                // remapping it: its old translation is live in the TLB, which
-                // is what the flush after the remap must kill.
-                // SAFETY: mapped, readable vmemmap.
-                let _ = unsafe { (va.0 as *const u64).read_volatile() };
-                let (old, flush) = table.remap(va, target, prot)?;
-                self.complete(flush);
-                frames.free(old, PAGE, Purpose::Vmemmap);
+                return Err(e);
             }
         }
-        region.layout = layout;
         region.optimized = true;
         self.regions[id] = Some(region);
         Ok(())
     }
 
-    /// Gives every vmemmap page of a region's compound pages its own frame again.
+    /// One compound page. Every allocation comes before the first tail is
+    /// remapped, so a failure leaves it unoptimized (all pages private).
+    fn optimize_folio(
+        &mut self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        region: &Region,
+        head: u64,
+    ) -> Result<(), VmemmapError> {
+        let pages = region.vmemmap_pages();
+        let base = self.va(head);
+        // Knob `skip-split`: a vmemmap under a 2 MiB leaf is left as it is.
+        if self.knob(Knob::SkipSplit) && table.translate(base).is_some_and(|t| t.size != PageSize::Size4K) {
+            return Ok(());
+        }
+        // HVO needs base-page PTEs: split any 2 MiB leaf over this vmemmap.
+        let mut va = base.0;
+        while va < base.0 + pages * PAGE {
+            if let Some(flush) = table.split(frames, VirtAddr(va))? {
+                self.complete(flush);
+            }
+            va = align_down(va, PageSize::Size2M.bytes()) + PageSize::Size2M.bytes();
+        }
+        let head_frame = if self.knob(Knob::HeadShared) {
+            // Knob `head-shared`: the head page goes to the shared tail page too.
+            let shared = self.get_shared_tail(frames, region.zone, region.order)?;
+            let (old, flush) = table.remap(base, shared, Prot::RO)?;
+            self.complete(flush);
+            frames.free(old, PAGE, Purpose::Vmemmap);
+            shared
+        } else {
+            self.copy_to_fresh(table, frames, base)?
+        };
+        let (first_shared, target, prot) = match region.layout {
+            // Knob `per-folio-tail`: every folio gets a tail page of its own.
+            Layout::Unified if self.knob(Knob::PerFolioTail) => {
+                (1, tail_page(frames, region.zone, region.order)?, Prot::RO)
+            }
+            Layout::Unified => (1, self.get_shared_tail(frames, region.zone, region.order)?, Prot::RO),
+            Layout::LegacyHugetlb => (1, head_frame, Prot::RO),
+            Layout::LegacyDax => (2, self.copy_to_fresh(table, frames, VirtAddr(base.0 + PAGE))?, Prot::RW),
+            Layout::None => return Err(VmemmapError::TooSmallToOptimize),
+        };
+        // Knob `tails-writable`: the tails keep write permission.
+        let prot = if self.knob(Knob::TailsWritable) { Prot::RW } else { prot };
+        for i in first_shared..pages {
+            let va = VirtAddr(base.0 + i * PAGE);
+            // Like the kernel's remap walk, look at the tail page before
+            // remapping it: its old translation is live in the TLB, which
+            // is what the flush after the remap must kill.
+            // SAFETY: mapped, readable vmemmap.
+            let _ = unsafe { (va.0 as *const u64).read_volatile() };
+            let (old, flush) = table.remap(va, target, prot)?;
+            self.complete(flush);
+            frames.free(old, PAGE, Purpose::Vmemmap);
+        }
+        Ok(())
+    }
+
+    /// The first tail page a layout shares, and what the tails map and how.
+    fn sharing(&self, table: &Table, region: &Region, base: VirtAddr) -> Result<(u64, PhysAddr, Prot), VmemmapError> {
+        let first_shared = if region.layout == Layout::LegacyDax { 2 } else { 1 };
+        let tail =
+            table.translate(VirtAddr(base.0 + first_shared * PAGE)).ok_or(VmemmapError::Map(MapError::NotMapped))?;
+        Ok((first_shared, tail.pa, tail.prot))
+    }
+
+    /// Gives every vmemmap page of a region's compound pages its own frame
+    /// again. If an allocation fails, the compound pages already restored are
+    /// optimized again: the region stays optimized, every frame accounted for.
     pub fn restore(&mut self, table: &mut Table, frames: &mut FrameAllocator, id: usize) -> Result<(), VmemmapError> {
         let mut region = self.region(id)?;
         if !region.optimized {
             return Err(VmemmapError::NotOptimized);
         }
-        let pages = region.vmemmap_pages();
-        let first_shared = if region.layout == Layout::LegacyDax { 2 } else { 1 };
-        for head in region.heads() {
-            let base = self.va(head);
-            for i in first_shared..pages {
-                let fresh = tail_page(frames, region.zone, region.order)?;
-                // The old frame is shared (or the head's): it stays.
-                let (_shared, flush) = table.remap(VirtAddr(base.0 + i * PAGE), fresh, Prot::RW)?;
-                self.complete(flush);
-            }
-            if region.layout == Layout::Unified {
-                self.put_shared_tail(frames, region.zone, region.order);
+        for (done, head) in region.heads().enumerate() {
+            if let Err(e) = self.restore_folio(table, frames, &region, head) {
+                for earlier in region.heads().take(done) {
+                    self.reoptimize_folio(table, frames, &region, earlier)?;
+                }
+                return Err(e);
             }
         }
         region.optimized = false;
         region.layout = Layout::None;
         self.regions[id] = Some(region);
+        Ok(())
+    }
+
+    /// One compound page; on a failed allocation its tails go back where they were.
+    fn restore_folio(
+        &mut self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        region: &Region,
+        head: u64,
+    ) -> Result<(), VmemmapError> {
+        let pages = region.vmemmap_pages();
+        let base = self.va(head);
+        let (first_shared, target, prot) = self.sharing(table, region, base)?;
+        for i in first_shared..pages {
+            let fresh = match tail_page(frames, region.zone, region.order) {
+                Ok(f) => f,
+                Err(e) => {
+                    for j in first_shared..i {
+                        let (fresh, flush) = table.remap(VirtAddr(base.0 + j * PAGE), target, prot)?;
+                        self.complete(flush);
+                        frames.free(fresh, PAGE, Purpose::Vmemmap);
+                    }
+                    return Err(e);
+                }
+            };
+            // The old frame is shared (or the head's): it stays.
+            let (_shared, flush) = table.remap(VirtAddr(base.0 + i * PAGE), fresh, Prot::RW)?;
+            self.complete(flush);
+        }
+        if region.layout == Layout::Unified {
+            self.put_shared_tail(frames, region.zone, region.order);
+        }
+        Ok(())
+    }
+
+    /// Maps a restored compound page's tails back onto its layout's page,
+    /// without allocating (the rollback of a failed restore).
+    fn reoptimize_folio(
+        &mut self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        region: &Region,
+        head: u64,
+    ) -> Result<(), VmemmapError> {
+        let base = self.va(head);
+        let (first_shared, target, prot) = match region.layout {
+            // The region's other compound pages still hold the shared page.
+            Layout::Unified => (1, self.get_shared_tail(frames, region.zone, region.order)?, Prot::RO),
+            Layout::LegacyHugetlb => {
+                (1, table.translate(base).ok_or(VmemmapError::Map(MapError::NotMapped))?.pa, Prot::RO)
+            }
+            Layout::LegacyDax => (
+                2,
+                table.translate(VirtAddr(base.0 + PAGE)).ok_or(VmemmapError::Map(MapError::NotMapped))?.pa,
+                Prot::RW,
+            ),
+            Layout::None => return Err(VmemmapError::NotOptimized),
+        };
+        for i in first_shared..region.vmemmap_pages() {
+            let (fresh, flush) = table.remap(VirtAddr(base.0 + i * PAGE), target, prot)?;
+            self.complete(flush);
+            frames.free(fresh, PAGE, Purpose::Vmemmap);
+        }
         Ok(())
     }
 

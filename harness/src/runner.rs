@@ -82,6 +82,8 @@ struct Run<'a> {
     guest_exited: bool,
     /// Scenario region names -> the guest's region ids.
     regions: HashMap<String, u32>,
+    /// The current step must be refused (an allocation was set to fail).
+    expect_refusal: bool,
 }
 
 /// Runs `scenario` on `arch` with the guest image at `guest_elf`.
@@ -117,6 +119,7 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
         metrics: Default::default(),
         guest_exited: false,
         regions: HashMap::new(),
+        expect_refusal: false,
     };
 
     let outcome = run.execute(config.inject).await;
@@ -218,6 +221,7 @@ impl Run<'_> {
         }
         let steps_start = Instant::now();
         for placed in &self.scenario.steps {
+            self.expect_refusal = placed.expect_failure;
             self.step(&placed.step).await.map_err(|abort| match abort {
                 Abort::Guest(m) => Abort::Guest(format!("step {} (line {}): {m}", placed.step.name(), placed.line)),
                 Abort::Infra(m) => Abort::Infra(format!("step {} (line {}): {m}", placed.step.name(), placed.line)),
@@ -376,7 +380,14 @@ impl Run<'_> {
         let Some(console) = self.console.as_mut() else {
             return Err(Abort::Infra("no console".into()));
         };
+        let verb = command.verb();
+        let must_refuse = self.expect_refusal && matches!(verb, "hugetlb-alloc" | "optimize" | "restore");
         match console.request(command, timeout).await {
+            Ok(_) if must_refuse => Err(Abort::Guest(format!(
+                "`{verb}` was expected to fail on the injected allocation failure, but it succeeded"
+            ))),
+            // The refusal expected: the guest must have rolled back, which `verify` checks.
+            Err(ConsoleError::Refused { .. }) if must_refuse => Ok(String::new()),
             Ok(payload) => Ok(payload),
             Err(e) => Err(self.console_abort(e).await),
         }
@@ -399,6 +410,9 @@ impl Run<'_> {
             Step::Exit { status } => self.exit(*status).await,
             Step::HugetlbAlloc { region, order, count, zone } => {
                 let reply = self.request(Command::HugetlbAlloc { order: *order, count: *count, zone: *zone }).await?;
+                if self.expect_refusal {
+                    return Ok(());
+                }
                 let id =
                     reply_field(&reply, "region").ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
                 self.regions.insert(region.clone(), id as u32);
@@ -419,6 +433,7 @@ impl Run<'_> {
                 Ok(())
             }
             Step::Verify => self.verify().await,
+            Step::FailAllocation { nth } => self.request(Command::FailAlloc { nth: *nth }).await.map(drop),
         }
     }
 

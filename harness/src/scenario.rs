@@ -129,16 +129,28 @@ struct RawStep {
     count: Option<Spanned<u64>>,
     zone: Option<Spanned<String>>,
     layout: Option<Spanned<String>>,
+    nth: Option<Spanned<u64>>,
+    expect_failure: Option<Spanned<bool>>,
 }
 
-const ACTIONS: &[&str] =
-    &["ping", "verify-manifest", "hugetlb-alloc", "optimize", "restore", "hugetlb-free", "verify", "exit"];
+const ACTIONS: &[&str] = &[
+    "ping",
+    "verify-manifest",
+    "hugetlb-alloc",
+    "optimize",
+    "restore",
+    "hugetlb-free",
+    "verify",
+    "fail-allocation",
+    "exit",
+];
 /// HugeTLB folio sizes the model allocates: 2 MiB to 1 GiB.
 const FOLIO_SIZES: std::ops::RangeInclusive<u64> = (2 << 20)..=(1 << 30);
 const MAX_FOLIOS: u64 = 65536;
 
 impl RawStep {
-    fn into_step(self, loc: &Locator, index: usize) -> Result<Step, ScenarioError> {
+    /// The step, and whether the guest must refuse it.
+    fn into_step(self, loc: &Locator, index: usize) -> Result<(Step, bool), ScenarioError> {
         let field = |name: &str| format!("step[{index}].{name}");
         let action = self.action.get_ref().as_str();
         let action_span = self.action.span();
@@ -153,6 +165,8 @@ impl RawStep {
             ("count", self.count.as_ref().map(|s| s.span())),
             ("zone", self.zone.as_ref().map(|s| s.span())),
             ("layout", self.layout.as_ref().map(|s| s.span())),
+            ("nth", self.nth.as_ref().map(|s| s.span())),
+            ("expect-failure", self.expect_failure.as_ref().map(|s| s.span())),
         ]
         .into_iter()
         .filter_map(|(n, s)| Some((n, s?)))
@@ -200,7 +214,10 @@ impl RawStep {
                     })?,
                 };
                 let order = bytes.trailing_zeros() - 12;
-                (Step::HugetlbAlloc { region: region()?, order, count, zone }, &["region", "size", "count", "zone"])
+                (
+                    Step::HugetlbAlloc { region: region()?, order, count, zone },
+                    &["region", "size", "count", "zone", "expect-failure"],
+                )
             }
             "optimize" => {
                 let layout = match &self.layout {
@@ -213,9 +230,16 @@ impl RawStep {
                         )
                     })?,
                 };
-                (Step::Optimize { region: region()?, layout }, &["region", "layout"])
+                (Step::Optimize { region: region()?, layout }, &["region", "layout", "expect-failure"])
             }
-            "restore" => (Step::Restore { region: region()? }, &["region"]),
+            "restore" => (Step::Restore { region: region()? }, &["region", "expect-failure"]),
+            "fail-allocation" => {
+                let nth = self.nth.as_ref().ok_or_else(|| missing("nth", "`nth`: which allocation from now fails"))?;
+                if *nth.get_ref() == 0 || *nth.get_ref() > u32::MAX as u64 {
+                    return Err(loc.error(nth.span(), Some(&field("nth")), "must be from 1 (the next allocation) up"));
+                }
+                (Step::FailAllocation { nth: *nth.get_ref() }, &["nth"])
+            }
             "hugetlb-free" => (Step::HugetlbFree { region: region()? }, &["region"]),
             other => {
                 return Err(loc.error(
@@ -232,7 +256,7 @@ impl RawStep {
                 format!("`{name}` is not a parameter of `{action}`"),
             ));
         }
-        Ok(step)
+        Ok((step, self.expect_failure.as_ref().is_some_and(|e| *e.get_ref())))
     }
 }
 
@@ -300,6 +324,8 @@ pub enum Step {
     HugetlbFree { region: String },
     /// Check every invariant of the vmemmap as it is now.
     Verify,
+    /// Fault injection: the `nth` frame allocation from now fails, once.
+    FailAllocation { nth: u64 },
 }
 
 impl Step {
@@ -313,6 +339,7 @@ impl Step {
             Step::Restore { .. } => "restore",
             Step::HugetlbFree { .. } => "hugetlb-free",
             Step::Verify => "verify",
+            Step::FailAllocation { .. } => "fail-allocation",
         }
     }
 }
@@ -349,6 +376,8 @@ pub const CHECK_NAMES: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct PlacedStep {
     pub step: Step,
+    /// The guest must refuse this step (an injected allocation failure).
+    pub expect_failure: bool,
     /// 1-based line of the step in its file.
     pub line: usize,
 }
@@ -632,7 +661,7 @@ impl Scenario {
                 ));
             }
             let line = loc.line_col(span.start).0;
-            let step = spanned.into_inner().into_step(&loc, i + 1)?;
+            let (step, expect_failure) = spanned.into_inner().into_step(&loc, i + 1)?;
             let allocated = |name: &str| {
                 boot_gigantic.iter().any(|g| g.region == name)
                     || steps
@@ -658,7 +687,7 @@ impl Scenario {
                 }
                 _ => {}
             }
-            steps.push(PlacedStep { step, line });
+            steps.push(PlacedStep { step, expect_failure, line });
         }
 
         Ok(Scenario {

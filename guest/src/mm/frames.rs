@@ -22,6 +22,8 @@ impl Purpose {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum AllocError {
     OutOfMemory,
+    /// The allocation fault injection was told to fail.
+    Injected,
 }
 
 /// Frame counts in units of 4 KiB, per purpose.
@@ -60,6 +62,8 @@ pub struct FrameAllocator {
     pub counters: Counters,
     /// Bug knob `counter-not-decremented`: freed vmemmap frames are not counted.
     pub forget_vmemmap_frees: bool,
+    /// Fault injection: the allocation this many allocations from now fails.
+    fail_in: Option<u64>,
 }
 
 const FRAME: u64 = PageSize::Size4K.bytes();
@@ -91,6 +95,7 @@ impl FrameAllocator {
             overflow: None,
             counters: Counters::default(),
             forget_vmemmap_frees: false,
+            fail_in: None,
         };
         // The stack's own storage: the allocator's, counted for nothing.
         allocator.recycled = match allocator.bump(RECYCLE_BYTES) {
@@ -98,6 +103,26 @@ impl FrameAllocator {
             Err(_) => panic!("no memory for the frame allocator"),
         };
         allocator
+    }
+
+    /// Makes the `nth` allocation from now (1: the next one) fail, once.
+    pub fn fail_nth(&mut self, nth: u64) {
+        self.fail_in = Some(nth);
+    }
+
+    /// Counts down an armed fault injection; `Err` when this allocation is the one.
+    fn injected_failure(&mut self) -> Result<(), AllocError> {
+        match self.fail_in {
+            Some(1) => {
+                self.fail_in = None;
+                Err(AllocError::Injected)
+            }
+            Some(n) => {
+                self.fail_in = Some(n - 1);
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// One zeroed frame of `size`, aligned to its size.
@@ -109,6 +134,7 @@ impl FrameAllocator {
     /// size: page-table roots larger than a page (ppc64le radix) come from here.
     pub fn alloc_bytes(&mut self, bytes: u64, purpose: Purpose) -> Result<PhysAddr, AllocError> {
         debug_assert!(bytes.is_power_of_two() && bytes >= FRAME);
+        self.injected_failure()?;
         let pa = match (bytes, self.overflow) {
             (FRAME, Some(head)) => {
                 // SAFETY: an overflowed frame is ours and identity-mapped; its
@@ -162,6 +188,7 @@ impl FrameAllocator {
     /// `bytes` of contiguous memory aligned to `align`, not zeroed: data pages
     /// (HugeTLB folios) whose contents the model never reads.
     pub fn alloc_data(&mut self, bytes: u64, align: u64, purpose: Purpose) -> Result<PhysAddr, AllocError> {
+        self.injected_failure()?;
         let pa = self.bump_aligned(bytes, align)?;
         self.counters.allocated[purpose.index()] += bytes / FRAME;
         Ok(pa)
