@@ -97,6 +97,9 @@ fn tail_page(frames: &mut FrameAllocator, zone: Zone, order: u32) -> Result<Phys
     Ok(pa)
 }
 
+/// A change to one compound page of a region (optimize, restore, and their undos).
+type FolioOp = fn(&mut Vmemmap, &mut Table, &mut FrameAllocator, &Region, u64) -> Result<(), VmemmapError>;
+
 pub struct Vmemmap {
     memstart_pfn: u64,
     pub regions: [Option<Region>; MAX_REGIONS],
@@ -432,17 +435,31 @@ impl Vmemmap {
             return Err(VmemmapError::TooSmallToOptimize);
         }
         region.layout = layout;
+        // A failing compound page is left unoptimized; the others are restored.
+        self.each_folio(table, frames, &region, Self::optimize_folio, Self::restore_folio)?;
+        region.optimized = true;
+        self.regions[id] = Some(region);
+        Ok(())
+    }
+
+    /// Applies `op` to every compound page of `region`; if it fails on one,
+    /// `undo` is applied to those done, so the region ends as it began.
+    fn each_folio(
+        &mut self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        region: &Region,
+        op: FolioOp,
+        undo: FolioOp,
+    ) -> Result<(), VmemmapError> {
         for (done, head) in region.heads().enumerate() {
-            if let Err(e) = self.optimize_folio(table, frames, &region, head) {
-                // The failing compound page was left unoptimized; undo the others.
+            if let Err(e) = op(self, table, frames, region, head) {
                 for earlier in region.heads().take(done) {
-                    self.restore_folio(table, frames, &region, earlier)?;
+                    undo(self, table, frames, region, earlier)?;
                 }
                 return Err(e);
             }
         }
-        region.optimized = true;
-        self.regions[id] = Some(region);
         Ok(())
     }
 
@@ -521,14 +538,8 @@ impl Vmemmap {
         if !region.optimized {
             return Err(VmemmapError::NotOptimized);
         }
-        for (done, head) in region.heads().enumerate() {
-            if let Err(e) = self.restore_folio(table, frames, &region, head) {
-                for earlier in region.heads().take(done) {
-                    self.reoptimize_folio(table, frames, &region, earlier)?;
-                }
-                return Err(e);
-            }
-        }
+        // A failing compound page stays optimized; the others are optimized again.
+        self.each_folio(table, frames, &region, Self::restore_folio, Self::reoptimize_folio)?;
         region.optimized = false;
         region.layout = Layout::None;
         self.regions[id] = Some(region);
