@@ -239,12 +239,15 @@ impl Knob {
 pub enum RegionKind {
     /// HugeTLB folios allocated from boot memory.
     HugeTlb = 1,
+    /// A hotplugged device-DAX range of compound pages.
+    Dax = 2,
 }
 
 impl RegionKind {
     pub const fn from_raw(raw: u32) -> Option<RegionKind> {
         match raw {
             1 => Some(RegionKind::HugeTlb),
+            2 => Some(RegionKind::Dax),
             _ => None,
         }
     }

@@ -50,6 +50,10 @@ pub enum Command<'a> {
     BootMemmap,
     /// Fault injection: the `nth` frame allocation from now fails, once.
     FailAlloc { nth: u64 },
+    /// Hotplugged memory at `start` (`size` bytes) becomes a device-DAX
+    /// range of compound pages of `order` in `zone`, its vmemmap populated
+    /// under `layout`; answered `ok region=<id>`.
+    HotAdd { start: u64, size: u64, order: u32, zone: Zone, layout: Layout },
 }
 
 impl Command<'_> {
@@ -67,6 +71,7 @@ impl Command<'_> {
             Command::ReserveGigantic { .. } => "reserve-gigantic",
             Command::BootMemmap => "boot-memmap",
             Command::FailAlloc { .. } => "fail-alloc",
+            Command::HotAdd { .. } => "hot-add",
         }
     }
 }
@@ -94,6 +99,9 @@ impl fmt::Display for Request<'_> {
             Command::ReserveGigantic { order, count, zone } => write!(f, " {order} {count} {}", zone.name()),
             Command::BootMemmap => Ok(()),
             Command::FailAlloc { nth } => write!(f, " {nth}"),
+            Command::HotAdd { start, size, order, zone, layout } => {
+                write!(f, " {start:#x} {size:#x} {order} {} {}", zone.name(), layout.name())
+            }
         }
     }
 }
@@ -135,6 +143,14 @@ fn number<'a>(word: Option<&str>, verb: &'static str, what: &'static str) -> Res
     word.parse::<u32>().map(u64::from).map_err(|_| RequestError::BadArgument { verb, what })
 }
 
+/// A `0x`-prefixed hexadecimal argument.
+fn hex<'a>(word: Option<&str>, verb: &'static str, what: &'static str) -> Result<u64, RequestError<'a>> {
+    let word = word.ok_or(RequestError::MissingArgument { verb, what })?;
+    word.strip_prefix("0x")
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .ok_or(RequestError::BadArgument { verb, what })
+}
+
 /// Parses one command line (without its newline). On error, the sequence number
 /// is returned too when it could be read, so the reply can carry it.
 pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestError<'_>)> {
@@ -163,15 +179,7 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
                 status.parse::<u8>().map_err(|_| fail(RequestError::BadArgument { verb: "exit", what: "status" }))?;
             Command::Exit { status }
         }
-        "probe-write" => {
-            let va =
-                words.next().ok_or(fail(RequestError::MissingArgument { verb: "probe-write", what: "address" }))?;
-            let va = va
-                .strip_prefix("0x")
-                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-                .ok_or(fail(RequestError::BadArgument { verb: "probe-write", what: "address (0x...)" }))?;
-            Command::ProbeWrite { va }
-        }
+        "probe-write" => Command::ProbeWrite { va: hex(words.next(), "probe-write", "address (0x...)").map_err(fail)? },
         "hugetlb-alloc" => {
             let verb = "hugetlb-alloc";
             let order = number(words.next(), verb, "order").map_err(fail)?;
@@ -201,6 +209,19 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
             Command::ReserveGigantic { order: order as u32, count, zone }
         }
         "boot-memmap" => Command::BootMemmap,
+        "hot-add" => {
+            let verb = "hot-add";
+            let start = hex(words.next(), verb, "start").map_err(fail)?;
+            let size = hex(words.next(), verb, "size").map_err(fail)?;
+            let order = number(words.next(), verb, "order").map_err(fail)? as u32;
+            let zone =
+                words.next().and_then(Zone::from_name).ok_or(fail(RequestError::BadArgument { verb, what: "zone" }))?;
+            let layout = words
+                .next()
+                .and_then(Layout::from_name)
+                .ok_or(fail(RequestError::BadArgument { verb, what: "layout" }))?;
+            Command::HotAdd { start, size, order, zone, layout }
+        }
         "fail-alloc" => Command::FailAlloc { nth: number(words.next(), "fail-alloc", "nth").map_err(fail)? },
         "knob" => {
             let knob = words
@@ -302,6 +323,16 @@ mod tests {
             Request { seq: 11, command: Command::ReserveGigantic { order: 18, count: 2, zone: Zone::Normal } },
             Request { seq: 12, command: Command::BootMemmap },
             Request { seq: 13, command: Command::FailAlloc { nth: 3 } },
+            Request {
+                seq: 14,
+                command: Command::HotAdd {
+                    start: 0x1_0000_0000,
+                    size: 0x100_0000_0000,
+                    order: 18,
+                    zone: Zone::Device,
+                    layout: Layout::Unified,
+                },
+            },
         ] {
             let line = req.to_string();
             assert_eq!(parse_request(&line), Ok(req), "{line}");

@@ -3,7 +3,7 @@
 use hvo_abi::protocol::{parse_request, write_reply_head, Command};
 
 use crate::console::{Console, LineError, LineReader};
-use crate::mm::VirtAddr;
+use crate::mm::{PhysAddr, VirtAddr};
 use crate::vmemmap::VmemmapError;
 use crate::{arch, manifest, Kernel};
 
@@ -47,6 +47,26 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                     Command::BootMemmap => {
                         let done = boot_memmap(kernel);
                         changed(kernel, req.seq, done.map(|()| kernel.vmemmap.struct_pages_initialized), "initialized")
+                    }
+                    Command::HotAdd { start, size, order, zone, layout } => {
+                        let k = &mut *kernel;
+                        let done = k.vmemmap.hot_add(
+                            &mut k.tables.kernel,
+                            &mut k.frames,
+                            PhysAddr(start),
+                            size,
+                            order,
+                            zone,
+                            layout,
+                        );
+                        // A new top-level vmemmap entry must reach every root
+                        // (knob `unsynced-root`: it does not).
+                        if done.is_ok() && k.vmemmap.knobs & hvo_abi::model::Knob::UnsyncedRoot.bit() == 0 {
+                            let first = k.vmemmap.va(start / 4096);
+                            let end = k.vmemmap.va((start + size) / 4096);
+                            k.process.copy_top_level(&k.tables.kernel, first, end);
+                        }
+                        changed(kernel, req.seq, done.map(|id| id as u64), "region")
                     }
                     Command::FailAlloc { nth } => {
                         kernel.frames.fail_nth(nth);

@@ -3,7 +3,6 @@
 use hvo_abi::manifest::{
     Counters, GuestState, RawManifest, RawRange, RawRegion, RawRoot, RawSharedTail, RootKind, MAX_RAM_RANGES, MAX_ROOTS,
 };
-use hvo_abi::model::RegionKind;
 
 use crate::mm::frames::Purpose;
 use crate::mm::{PageSize, Range};
@@ -68,7 +67,7 @@ pub fn publish(kernel: &Kernel) -> u64 {
             m.regions[n] = RawRegion {
                 start_pfn: r.start_pfn,
                 nr_pages: r.nr_pages,
-                kind: RegionKind::HugeTlb as u32,
+                kind: r.kind as u32,
                 zone: r.zone as u32,
                 order: r.order,
                 layout: r.layout as u32,

@@ -2,7 +2,7 @@
 //! HugeTLB vmemmap optimization and restore under each layout, as Linux's
 //! mm/sparse-vmemmap.c and mm/hugetlb_vmemmap.c do it, in miniature.
 
-use hvo_abi::model::{Knob, Layout, StructPage, Zone, STRUCT_PAGE_SIZE};
+use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone, STRUCT_PAGE_SIZE};
 
 use crate::arch;
 use crate::mm::boot::Table;
@@ -45,6 +45,7 @@ impl From<AllocError> for VmemmapError {
 /// A run of compound pages allocated together.
 #[derive(Clone, Copy, Debug)]
 pub struct Region {
+    pub kind: RegionKind,
     pub start_pfn: u64,
     pub nr_pages: u64,
     pub zone: Zone,
@@ -188,6 +189,7 @@ impl Vmemmap {
         let folio = PAGE << order;
         let start = frames.alloc_data(folio * count, folio, Purpose::HugeTlb)?;
         self.regions[id] = Some(Region {
+            kind: RegionKind::HugeTlb,
             start_pfn: start.0 / PAGE,
             nr_pages: count << order,
             zone,
@@ -342,6 +344,7 @@ impl Vmemmap {
         let folio = PAGE << order;
         let start = frames.alloc_data(folio * count, folio, Purpose::HugeTlb)?;
         let region = Region {
+            kind: RegionKind::HugeTlb,
             start_pfn: start.0 / PAGE,
             nr_pages: count << order,
             zone,
@@ -608,6 +611,71 @@ impl Vmemmap {
             frames.free(fresh, PAGE, Purpose::Vmemmap);
         }
         Ok(())
+    }
+
+    /// A hotplugged range becomes device DAX with compound pages of `order`
+    /// (vmemmap_populate_compound_pages): every compound page's vmemmap is
+    /// populated straight into its layout, head page (and, under legacy-dax,
+    /// the first tail page) private, the rest on the shared page; unoptimized
+    /// (`none`, or too small to share) every page gets its own frame.
+    #[allow(clippy::too_many_arguments)]
+    pub fn hot_add(
+        &mut self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        start: PhysAddr,
+        size: u64,
+        order: u32,
+        zone: Zone,
+        layout: Layout,
+    ) -> Result<usize, VmemmapError> {
+        let id = self.regions.iter().position(Option::is_none).ok_or(VmemmapError::TooManyRegions)?;
+        let optimized = layout != Layout::None && (1u64 << order) / STRUCT_PAGES_PER_PAGE >= 2;
+        let region = Region {
+            kind: RegionKind::Dax,
+            start_pfn: start.0 / PAGE,
+            nr_pages: size / PAGE,
+            zone,
+            order,
+            layout: if optimized { layout } else { Layout::None },
+            optimized,
+        };
+        let pages = region.vmemmap_pages().max(1);
+        let private = match (optimized, layout) {
+            (false, _) => pages,
+            (true, Layout::LegacyDax) => 2,
+            (true, _) => 1,
+        };
+        for head in region.heads() {
+            let base = self.va(head);
+            let mut first_tail_page = PhysAddr(0);
+            for i in 0..private {
+                let frame = frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?;
+                table.map(frames, VirtAddr(base.0 + i * PAGE), frame, PageSize::Size4K, Prot::RW)?.ignore();
+                if i == 1 {
+                    first_tail_page = frame;
+                }
+            }
+            if private < pages {
+                let (target, prot) = match layout {
+                    Layout::LegacyDax => (first_tail_page, Prot::RW),
+                    _ => (self.get_shared_tail(frames, zone, order)?, Prot::RO),
+                };
+                for i in private..pages {
+                    table.map(frames, VirtAddr(base.0 + i * PAGE), target, PageSize::Size4K, prot)?.ignore();
+                }
+            }
+            // Struct pages in private vmemmap pages are written; those in the
+            // shared page are right already (skipped, as at boot).
+            let written = (private * STRUCT_PAGES_PER_PAGE).min(1 << order);
+            for pfn in head..head + written {
+                let page = if pfn == head { StructPage::head(zone, order) } else { StructPage::tail(zone, order) };
+                self.write_struct_page(pfn, page);
+            }
+            self.struct_pages_initialized += written;
+        }
+        self.regions[id] = Some(region);
+        Ok(id)
     }
 
     /// Returns a region's folios: restored first if optimized, struct pages

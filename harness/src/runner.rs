@@ -82,6 +82,8 @@ struct Run<'a> {
     guest_exited: bool,
     /// Scenario region names -> the guest's region ids.
     regions: HashMap<String, u32>,
+    /// DIMMs plugged so far (they name their memory backends).
+    dimms: u32,
     /// The current step must be refused (an allocation was set to fail).
     expect_refusal: bool,
 }
@@ -120,6 +122,7 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
         guest_exited: false,
         regions: HashMap::new(),
         expect_refusal: false,
+        dimms: 0,
     };
 
     let outcome = run.execute(config.inject).await;
@@ -433,8 +436,57 @@ impl Run<'_> {
                 Ok(())
             }
             Step::Verify => self.verify().await,
+            Step::HotAdd { region, size, order, zone, layout } => {
+                let start = self.plug_dimm(*size).await?;
+                let reply = self
+                    .request(Command::HotAdd {
+                        start: start.0,
+                        size: *size,
+                        order: *order,
+                        zone: *zone,
+                        layout: *layout,
+                    })
+                    .await?;
+                let id =
+                    reply_field(&reply, "region").ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
+                self.regions.insert(region.clone(), id as u32);
+                Ok(())
+            }
             Step::FailAllocation { nth } => self.request(Command::FailAlloc { nth: *nth }).await.map(drop),
         }
+    }
+
+    /// Plugs a DIMM of `size` bytes and returns where it landed. The vCPUs are
+    /// stopped around `device_add`: QEMU 7.2 can wait forever there for an
+    /// RCU grace period a spinning vCPU never ends.
+    async fn plug_dimm(&mut self, size: u64) -> Result<PhysAddr, Abort> {
+        let n = self.dimms;
+        self.dimms += 1;
+        let Some(qmp) = self.qmp.as_ref() else { return Err(Abort::Infra("no QMP".into())) };
+        let infra = |e: crate::qmp::QmpError| Abort::Infra(e.to_string());
+        qmp.execute(qapi::qmp::stop {}).await.map_err(infra)?;
+        let mut plugged = Ok(());
+        for command in [
+            format!("object_add memory-backend-ram,id=hvo-mem{n},size={size},reserve=off"),
+            format!("device_add pc-dimm,id=hvo-dimm{n},memdev=hvo-mem{n}"),
+        ] {
+            match qmp.hmp(&command).await {
+                Ok(out) if out.trim().is_empty() => {}
+                Ok(out) => {
+                    plugged = Err(Abort::Infra(format!("`{command}`: {}", out.trim())));
+                    break;
+                }
+                Err(e) => {
+                    plugged = Err(infra(e));
+                    break;
+                }
+            }
+        }
+        qmp.execute(qapi::qmp::cont {}).await.map_err(infra)?;
+        plugged?;
+        let listing = qmp.hmp("info memory-devices").await.map_err(infra)?;
+        dimm_address(&listing, &format!("hvo-dimm{n}"))
+            .ok_or_else(|| Abort::Infra(format!("QEMU does not list hvo-dimm{n}: {}", listing.trim())))
     }
 
     fn region_id(&self, name: &str) -> Result<u32, Abort> {
@@ -730,6 +782,15 @@ fn describe_exit(status: Option<ExitStatus>) -> String {
             _ => "unknown status".into(),
         },
     }
+}
+
+/// The address of DIMM `id` in HMP's `info memory-devices`.
+fn dimm_address(listing: &str, id: &str) -> Option<PhysAddr> {
+    let quoted = format!("\"{id}\"");
+    let mut lines = listing.lines().skip_while(|l| !l.contains(&quoted));
+    lines.next()?;
+    let addr = lines.map(str::trim).find_map(|l| l.strip_prefix("addr: "))?;
+    u64::from_str_radix(addr.trim().trim_start_matches("0x"), 16).ok().map(PhysAddr)
 }
 
 /// `value` of `name=value` in a reply payload.

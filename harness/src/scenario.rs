@@ -131,6 +131,7 @@ struct RawStep {
     layout: Option<Spanned<String>>,
     nth: Option<Spanned<u64>>,
     expect_failure: Option<Spanned<bool>>,
+    compound: Option<Spanned<Size>>,
 }
 
 const ACTIONS: &[&str] = &[
@@ -142,6 +143,7 @@ const ACTIONS: &[&str] = &[
     "hugetlb-free",
     "verify",
     "fail-allocation",
+    "hot-add",
     "exit",
 ];
 /// HugeTLB folio sizes the model allocates: 2 MiB to 1 GiB.
@@ -167,6 +169,7 @@ impl RawStep {
             ("layout", self.layout.as_ref().map(|s| s.span())),
             ("nth", self.nth.as_ref().map(|s| s.span())),
             ("expect-failure", self.expect_failure.as_ref().map(|s| s.span())),
+            ("compound", self.compound.as_ref().map(|s| s.span())),
         ]
         .into_iter()
         .filter_map(|(n, s)| Some((n, s?)))
@@ -233,6 +236,51 @@ impl RawStep {
                 (Step::Optimize { region: region()?, layout }, &["region", "layout", "expect-failure"])
             }
             "restore" => (Step::Restore { region: region()? }, &["region", "expect-failure"]),
+            "hot-add" => {
+                let size = self.size.as_ref().ok_or_else(|| missing("size", "the hotplugged memory's `size`"))?;
+                let compound =
+                    self.compound.as_ref().map(|c| (c.get_ref().0, c.span())).unwrap_or((2 << 20, size.span()));
+                if !compound.0.is_power_of_two() || !FOLIO_SIZES.contains(&compound.0) {
+                    return Err(loc.error(
+                        compound.1,
+                        Some(&field("compound")),
+                        format!("{} is not a compound page size: a power of two from 2M to 1G", Size(compound.0)),
+                    ));
+                }
+                if size.get_ref().0 == 0 || !size.get_ref().0.is_multiple_of(compound.0) {
+                    return Err(loc.error(
+                        size.span(),
+                        Some(&field("size")),
+                        format!("{} is not a whole number of {} compound pages", size.get_ref(), Size(compound.0)),
+                    ));
+                }
+                let zone = match &self.zone {
+                    None => Zone::Device,
+                    Some(z) => Zone::from_name(z.get_ref()).ok_or_else(|| {
+                        loc.error(z.span(), Some(&field("zone")), format!("unknown zone `{}`", z.get_ref()))
+                    })?,
+                };
+                let layout = match &self.layout {
+                    None => Layout::Unified,
+                    Some(l) => Layout::from_name(l.get_ref()).ok_or_else(|| {
+                        loc.error(
+                            l.span(),
+                            Some(&field("layout")),
+                            format!("unknown layout `{}` (known: unified, legacy-dax, none)", l.get_ref()),
+                        )
+                    })?,
+                };
+                (
+                    Step::HotAdd {
+                        region: region()?,
+                        size: size.get_ref().0,
+                        order: compound.0.trailing_zeros() - 12,
+                        zone,
+                        layout,
+                    },
+                    &["region", "size", "compound", "zone", "layout"],
+                )
+            }
             "fail-allocation" => {
                 let nth = self.nth.as_ref().ok_or_else(|| missing("nth", "`nth`: which allocation from now fails"))?;
                 if *nth.get_ref() == 0 || *nth.get_ref() > u32::MAX as u64 {
@@ -326,6 +374,9 @@ pub enum Step {
     Verify,
     /// Fault injection: the `nth` frame allocation from now fails, once.
     FailAllocation { nth: u64 },
+    /// Hotplug `size` bytes of memory (a DIMM) and make it device DAX with
+    /// compound pages of `order`, its vmemmap under `layout`.
+    HotAdd { region: String, size: u64, order: u32, zone: Zone, layout: Layout },
 }
 
 impl Step {
@@ -340,6 +391,7 @@ impl Step {
             Step::HugetlbFree { .. } => "hugetlb-free",
             Step::Verify => "verify",
             Step::FailAllocation { .. } => "fail-allocation",
+            Step::HotAdd { .. } => "hot-add",
         }
     }
 }
@@ -664,9 +716,9 @@ impl Scenario {
             let (step, expect_failure) = spanned.into_inner().into_step(&loc, i + 1)?;
             let allocated = |name: &str| {
                 boot_gigantic.iter().any(|g| g.region == name)
-                    || steps
-                        .iter()
-                        .any(|s: &PlacedStep| matches!(&s.step, Step::HugetlbAlloc { region, .. } if region == name))
+                    || steps.iter().any(|s: &PlacedStep| {
+                        matches!(&s.step, Step::HugetlbAlloc { region, .. } | Step::HotAdd { region, .. } if region == name)
+                    })
             };
             match &step {
                 Step::Optimize { region, .. } | Step::Restore { region } | Step::HugetlbFree { region }
@@ -678,7 +730,7 @@ impl Scenario {
                         format!("no earlier step allocates region `{region}`"),
                     ));
                 }
-                Step::HugetlbAlloc { region, .. } if allocated(region) => {
+                Step::HugetlbAlloc { region, .. } | Step::HotAdd { region, .. } if allocated(region) => {
                     return Err(loc.error(
                         span,
                         Some(&format!("step[{}].region", i + 1)),
@@ -688,6 +740,44 @@ impl Scenario {
                 _ => {}
             }
             steps.push(PlacedStep { step, expect_failure, line });
+        }
+
+        let hot_adds: Vec<(usize, u64)> = steps
+            .iter()
+            .filter_map(|p| match p.step {
+                Step::HotAdd { size, .. } => Some((p.line, size)),
+                _ => None,
+            })
+            .collect();
+        let plugged: u64 = hot_adds.iter().map(|(_, size)| size).sum();
+        let granule = architectures.iter().map(|a| profile(*a).dimm_granule).max().unwrap_or(1);
+        if let Some((line, size)) = hot_adds.iter().find(|(_, size)| !size.is_multiple_of(granule)) {
+            return Err(ScenarioError {
+                file: file.to_path_buf(),
+                line: *line,
+                column: 1,
+                field: "size".into(),
+                message: format!(
+                    "{} is not a multiple of {} as a listed architecture's hotplug requires",
+                    Size(*size),
+                    Size(granule)
+                ),
+            });
+        }
+        if hot_adds.len() > machine.slots as usize || machine.boot_memory + plugged > machine.max_memory {
+            return Err(ScenarioError {
+                file: file.to_path_buf(),
+                line: hot_adds.last().map(|(l, _)| *l).unwrap_or(0),
+                column: 1,
+                field: "size".into(),
+                message: format!(
+                    "{} hot-adds of {} in all do not fit {} slots and max-memory {}",
+                    hot_adds.len(),
+                    Size(plugged),
+                    machine.slots,
+                    Size(machine.max_memory)
+                ),
+            });
         }
 
         Ok(Scenario {
