@@ -65,9 +65,9 @@ pub fn savings(args: SavingsArgs) -> Result<ExitCode> {
             r["kind"].as_str().unwrap_or(""),
             human(4096 << order),
             r["layout"].as_str().unwrap_or(""),
-            r["compound_pages"],
+            r["compound_pages"].as_u64().unwrap_or(0),
             bytes(&r["private_vmemmap_bytes"]),
-            r["shared_tail_pages"],
+            r["shared_tail_pages"].as_u64().unwrap_or(0),
             bytes(&r["unoptimized_vmemmap_bytes"]),
         );
     }
