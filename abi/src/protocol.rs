@@ -54,6 +54,8 @@ pub enum Command<'a> {
     /// range of compound pages of `order` in `zone`, its vmemmap populated
     /// under `layout`; answered `ok region=<id>`.
     HotAdd { start: u64, size: u64, order: u32, zone: Zone, layout: Layout },
+    /// Tear down a hot-added range's vmemmap, then eject its memory slot.
+    HotRemove { region: u32, slot: u32 },
 }
 
 impl Command<'_> {
@@ -72,6 +74,7 @@ impl Command<'_> {
             Command::BootMemmap => "boot-memmap",
             Command::FailAlloc { .. } => "fail-alloc",
             Command::HotAdd { .. } => "hot-add",
+            Command::HotRemove { .. } => "hot-remove",
         }
     }
 }
@@ -99,6 +102,7 @@ impl fmt::Display for Request<'_> {
             Command::ReserveGigantic { order, count, zone } => write!(f, " {order} {count} {}", zone.name()),
             Command::BootMemmap => Ok(()),
             Command::FailAlloc { nth } => write!(f, " {nth}"),
+            Command::HotRemove { region, slot } => write!(f, " {region} {slot}"),
             Command::HotAdd { start, size, order, zone, layout } => {
                 write!(f, " {start:#x} {size:#x} {order} {} {}", zone.name(), layout.name())
             }
@@ -222,6 +226,10 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
                 .ok_or(fail(RequestError::BadArgument { verb, what: "layout" }))?;
             Command::HotAdd { start, size, order, zone, layout }
         }
+        "hot-remove" => Command::HotRemove {
+            region: number(words.next(), "hot-remove", "region").map_err(fail)? as u32,
+            slot: number(words.next(), "hot-remove", "slot").map_err(fail)? as u32,
+        },
         "fail-alloc" => Command::FailAlloc { nth: number(words.next(), "fail-alloc", "nth").map_err(fail)? },
         "knob" => {
             let knob = words
@@ -323,6 +331,7 @@ mod tests {
             Request { seq: 11, command: Command::ReserveGigantic { order: 18, count: 2, zone: Zone::Normal } },
             Request { seq: 12, command: Command::BootMemmap },
             Request { seq: 13, command: Command::FailAlloc { nth: 3 } },
+            Request { seq: 15, command: Command::HotRemove { region: 2, slot: 1 } },
             Request {
                 seq: 14,
                 command: Command::HotAdd {

@@ -68,6 +68,14 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                         }
                         changed(kernel, req.seq, done.map(|id| id as u64), "region")
                     }
+                    Command::HotRemove { region, slot } => {
+                        let k = &mut *kernel;
+                        let done = k.vmemmap.hot_remove(&mut k.tables.kernel, &mut k.frames, region as usize);
+                        if done.is_ok() {
+                            arch::eject_memory_slot(slot);
+                        }
+                        changed(kernel, req.seq, done.map(|()| u64::from(region)), "removed")
+                    }
                     Command::FailAlloc { nth } => {
                         kernel.frames.fail_nth(nth);
                         reply_ok(req.seq, format_args!("armed={nth}"))

@@ -678,6 +678,44 @@ impl Vmemmap {
         Ok(id)
     }
 
+    /// Tears down a hot-added range's vmemmap (vmemmap_free): every PTE
+    /// unmapped and flushed, private frames freed, the shared tail page's
+    /// references dropped, and page-table pages freed when empty.
+    pub fn hot_remove(
+        &mut self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        id: usize,
+    ) -> Result<(), VmemmapError> {
+        let region = self.region(id)?;
+        if region.kind != RegionKind::Dax {
+            return Err(VmemmapError::NoSuchRegion);
+        }
+        let pages = region.vmemmap_pages().max(1);
+        let private = match (region.optimized, region.layout) {
+            (false, _) => pages,
+            (true, Layout::LegacyDax) => 2,
+            (true, _) => 1,
+        };
+        for head in region.heads() {
+            let base = self.va(head);
+            for i in 0..pages {
+                let (frame, _, flush) = table.unmap(VirtAddr(base.0 + i * PAGE))?;
+                self.complete(flush);
+                if i < private {
+                    frames.free(frame, PAGE, Purpose::Vmemmap);
+                }
+            }
+            if region.optimized && region.layout == Layout::Unified {
+                self.put_shared_tail(frames, region.zone, region.order);
+            }
+        }
+        let end = self.va(region.start_pfn + region.nr_pages);
+        table.free_empty_tables(frames, self.va(region.start_pfn), end);
+        self.regions[id] = None;
+        Ok(())
+    }
+
     /// Returns a region's folios: restored first if optimized, struct pages
     /// back to free, data pages back to the allocator.
     pub fn hugetlb_free(

@@ -84,6 +84,8 @@ struct Run<'a> {
     regions: HashMap<String, u32>,
     /// DIMMs plugged so far (they name their memory backends).
     dimms: u32,
+    /// Region name -> its DIMM's number and memory slot.
+    dimm_of: HashMap<String, (u32, u32)>,
     /// The current step must be refused (an allocation was set to fail).
     expect_refusal: bool,
 }
@@ -123,6 +125,7 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
         regions: HashMap::new(),
         expect_refusal: false,
         dimms: 0,
+        dimm_of: HashMap::new(),
     };
 
     let outcome = run.execute(config.inject).await;
@@ -437,7 +440,8 @@ impl Run<'_> {
             }
             Step::Verify => self.verify().await,
             Step::HotAdd { region, size, order, zone, layout } => {
-                let start = self.plug_dimm(*size).await?;
+                let (start, dimm, slot) = self.plug_dimm(*size).await?;
+                self.dimm_of.insert(region.clone(), (dimm, slot));
                 let reply = self
                     .request(Command::HotAdd {
                         start: start.0,
@@ -452,6 +456,18 @@ impl Run<'_> {
                 self.regions.insert(region.clone(), id as u32);
                 Ok(())
             }
+            Step::HotRemove { region: name } => {
+                let region = self.region_id(name)?;
+                let (dimm, slot) = self
+                    .dimm_of
+                    .remove(name)
+                    .ok_or_else(|| Abort::Guest(format!("region `{name}` was not hot-added")))?;
+                self.request_unplug(dimm).await?;
+                self.request(Command::HotRemove { region, slot }).await?;
+                self.finish_unplug(dimm).await?;
+                self.regions.remove(name);
+                Ok(())
+            }
             Step::FailAllocation { nth } => self.request(Command::FailAlloc { nth: *nth }).await.map(drop),
         }
     }
@@ -459,7 +475,7 @@ impl Run<'_> {
     /// Plugs a DIMM of `size` bytes and returns where it landed. The vCPUs are
     /// stopped around `device_add`: QEMU 7.2 can wait forever there for an
     /// RCU grace period a spinning vCPU never ends.
-    async fn plug_dimm(&mut self, size: u64) -> Result<PhysAddr, Abort> {
+    async fn plug_dimm(&mut self, size: u64) -> Result<(PhysAddr, u32, u32), Abort> {
         let n = self.dimms;
         self.dimms += 1;
         let Some(qmp) = self.qmp.as_ref() else { return Err(Abort::Infra("no QMP".into())) };
@@ -485,8 +501,45 @@ impl Run<'_> {
         qmp.execute(qapi::qmp::cont {}).await.map_err(infra)?;
         plugged?;
         let listing = qmp.hmp("info memory-devices").await.map_err(infra)?;
-        dimm_address(&listing, &format!("hvo-dimm{n}"))
-            .ok_or_else(|| Abort::Infra(format!("QEMU does not list hvo-dimm{n}: {}", listing.trim())))
+        let id = format!("hvo-dimm{n}");
+        match (dimm_field(&listing, &id, "addr"), dimm_field(&listing, &id, "slot")) {
+            (Some(addr), Some(slot)) => Ok((PhysAddr(addr), n, slot as u32)),
+            _ => Err(Abort::Infra(format!("QEMU does not list {id} with its address and slot: {}", listing.trim()))),
+        }
+    }
+
+    /// Asks the platform to remove DIMM `n` (`device_del`): the guest must
+    /// then tear the range down and complete the removal.
+    async fn request_unplug(&mut self, n: u32) -> Result<(), Abort> {
+        let Some(qmp) = self.qmp.as_ref() else { return Err(Abort::Infra("no QMP".into())) };
+        let out = qmp.hmp(&format!("device_del hvo-dimm{n}")).await.map_err(|e| Abort::Infra(e.to_string()))?;
+        if !out.trim().is_empty() {
+            return Err(Abort::Infra(format!("`device_del hvo-dimm{n}`: {}", out.trim())));
+        }
+        Ok(())
+    }
+
+    /// Waits for QEMU to report DIMM `n` deleted, then deletes its backend.
+    async fn finish_unplug(&mut self, n: u32) -> Result<(), Abort> {
+        let id = format!("hvo-dimm{n}");
+        let timeout = self.step_timeout();
+        let Some(qmp) = self.qmp.as_ref() else { return Err(Abort::Infra("no QMP".into())) };
+        let deleted = qmp
+            .wait_event(
+                |e| matches!(e, qapi::qmp::Event::DEVICE_DELETED { data, .. } if data.device.as_deref() == Some(id.as_str())),
+                timeout,
+            )
+            .await;
+        if deleted.is_none() {
+            return Err(Abort::Guest(format!(
+                "{id} was not deleted within {timeout:?}: the guest did not complete the unplug"
+            )));
+        }
+        let out = qmp.hmp(&format!("object_del hvo-mem{n}")).await.map_err(|e| Abort::Infra(e.to_string()))?;
+        if !out.trim().is_empty() {
+            return Err(Abort::Infra(format!("`object_del hvo-mem{n}`: {}", out.trim())));
+        }
+        Ok(())
     }
 
     fn region_id(&self, name: &str) -> Result<u32, Abort> {
@@ -784,13 +837,21 @@ fn describe_exit(status: Option<ExitStatus>) -> String {
     }
 }
 
-/// The address of DIMM `id` in HMP's `info memory-devices`.
-fn dimm_address(listing: &str, id: &str) -> Option<PhysAddr> {
+/// A field (`addr: 0x...`, `slot: 3`) of DIMM `id` in HMP's `info memory-devices`.
+fn dimm_field(listing: &str, id: &str, field: &str) -> Option<u64> {
     let quoted = format!("\"{id}\"");
     let mut lines = listing.lines().skip_while(|l| !l.contains(&quoted));
     lines.next()?;
-    let addr = lines.map(str::trim).find_map(|l| l.strip_prefix("addr: "))?;
-    u64::from_str_radix(addr.trim().trim_start_matches("0x"), 16).ok().map(PhysAddr)
+    let prefix = format!("{field}: ");
+    let value = lines
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Memory device"))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))?;
+    let value = value.trim();
+    match value.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => value.parse().ok(),
+    }
 }
 
 /// `value` of `name=value` in a reply payload.

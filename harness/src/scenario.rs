@@ -144,6 +144,7 @@ const ACTIONS: &[&str] = &[
     "verify",
     "fail-allocation",
     "hot-add",
+    "hot-remove",
     "exit",
 ];
 /// HugeTLB folio sizes the model allocates: 2 MiB to 1 GiB.
@@ -281,6 +282,7 @@ impl RawStep {
                     &["region", "size", "compound", "zone", "layout"],
                 )
             }
+            "hot-remove" => (Step::HotRemove { region: region()? }, &["region"]),
             "fail-allocation" => {
                 let nth = self.nth.as_ref().ok_or_else(|| missing("nth", "`nth`: which allocation from now fails"))?;
                 if *nth.get_ref() == 0 || *nth.get_ref() > u32::MAX as u64 {
@@ -377,6 +379,9 @@ pub enum Step {
     /// Hotplug `size` bytes of memory (a DIMM) and make it device DAX with
     /// compound pages of `order`, its vmemmap under `layout`.
     HotAdd { region: String, size: u64, order: u32, zone: Zone, layout: Layout },
+    /// Unplug a hot-added region: the guest tears its vmemmap down and the
+    /// platform completes the removal.
+    HotRemove { region: String },
 }
 
 impl Step {
@@ -392,6 +397,7 @@ impl Step {
             Step::Verify => "verify",
             Step::FailAllocation { .. } => "fail-allocation",
             Step::HotAdd { .. } => "hot-add",
+            Step::HotRemove { .. } => "hot-remove",
         }
     }
 }
@@ -721,7 +727,10 @@ impl Scenario {
                     })
             };
             match &step {
-                Step::Optimize { region, .. } | Step::Restore { region } | Step::HugetlbFree { region }
+                Step::Optimize { region, .. }
+                | Step::Restore { region }
+                | Step::HugetlbFree { region }
+                | Step::HotRemove { region }
                     if !allocated(region) =>
                 {
                     return Err(loc.error(

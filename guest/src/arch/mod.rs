@@ -15,6 +15,7 @@
 //!   (the identity range stays mapped, so execution carries on).
 //! - `flush_tlb_va(VirtAddr)`: invalidate one page's translation everywhere.
 //! - `process_table() -> Option<PhysAddr>`: ppc64le's registered process table.
+//! - `eject_memory_slot(slot)`: complete the platform's removal of a DIMM.
 //! - `probe_write(VirtAddr) -> bool`: read the byte there and write it back;
 //!   true when the write faulted (the trap handler recovers that one store).
 //! - the entry point, which sets up a stack, traps and the platform, then calls

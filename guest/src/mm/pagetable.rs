@@ -249,4 +249,66 @@ impl<F: Format> PageTable<F> {
             };
         }
     }
+
+    /// Removes the leaf mapping `va`; returns the frame it mapped and its size.
+    pub fn unmap(&mut self, va: VirtAddr) -> Result<(PhysAddr, PageSize, Flush), MapError> {
+        let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
+        let Entry::Leaf { pa, .. } = F::decode(F::load(slot), level) else { return Err(MapError::NotMapped) };
+        let size = level_size::<F>(level).ok_or(MapError::SizeNotSupported)?;
+        F::store(slot, 0);
+        Ok((pa, size, Flush(VirtAddr(va.0 & !(size.bytes() - 1)))))
+    }
+
+    /// Frees the tables below the root's children over `[start, end)` that
+    /// map nothing any more. Root entries stay: other roots point at the
+    /// same next-level tables, as Linux keeps its top-level vmemmap entries.
+    pub fn free_empty_tables(&mut self, frames: &mut FrameAllocator, start: VirtAddr, end: VirtAddr) {
+        let mut va = start.0;
+        while va < end.0 {
+            let span = 1u64 << F::SHIFTS[0];
+            if let Entry::Table(child) = F::decode(F::load(Self::slot(self.root, 0, VirtAddr(va))), 0) {
+                Self::prune(frames, child, 1, VirtAddr(va), start, end);
+            }
+            va = match (va & !(span - 1)).checked_add(span) {
+                Some(next) => next,
+                None => break,
+            };
+        }
+    }
+
+    /// Frees every empty table below `table` (at `level`) within the range;
+    /// returns whether `table` itself is now empty.
+    fn prune(
+        frames: &mut FrameAllocator,
+        table: PhysAddr,
+        level: usize,
+        base: VirtAddr,
+        start: VirtAddr,
+        end: VirtAddr,
+    ) -> bool {
+        let entries = 1u64 << F::INDEX_BITS[level];
+        let span = 1u64 << F::SHIFTS[level];
+        let table_base = base.0 & !((span << F::INDEX_BITS[level]) - 1);
+        let mut empty = true;
+        for i in 0..entries {
+            let slot = table.add(i * 8).as_mut_ptr::<u64>();
+            let va = table_base.wrapping_add(i * span);
+            let inside = va.wrapping_add(span) > start.0 && va < end.0;
+            match F::decode(F::load(slot), level) {
+                Entry::Empty => {}
+                Entry::Table(child) if inside && level + 1 < F::LEVELS => {
+                    if Self::prune(frames, child, level + 1, VirtAddr(va), start, end) {
+                        F::store(slot, 0);
+                        // Walk caches may still hold the cleared entry.
+                        crate::arch::flush_tlb_va(VirtAddr(va));
+                        frames.free(child, F::table_bytes(level + 1), Purpose::PageTable);
+                    } else {
+                        empty = false;
+                    }
+                }
+                _ => empty = false,
+            }
+        }
+        empty
+    }
 }

@@ -18,6 +18,21 @@ fn read32(addr: usize) -> u32 {
     unsafe { (addr as *const u32).read_volatile() }
 }
 
+/// The ACPI memory-hotplug register block, over MMIO on virt.
+const MEMORY_HOTPLUG: usize = 0x0907_0000;
+const CLEAR_REMOVE: u8 = 1 << 2;
+const EJECT: u8 = 1 << 3;
+
+/// Acknowledges the removal request of memory slot `slot` and ejects it.
+pub fn eject_memory_slot(slot: u32) {
+    // SAFETY: registers of the virt machine's memory-hotplug block, mapped as device memory.
+    unsafe {
+        (MEMORY_HOTPLUG as *mut u32).write_volatile(slot);
+        ((MEMORY_HOTPLUG + 0x14) as *mut u8).write_volatile(CLEAR_REMOVE);
+        ((MEMORY_HOTPLUG + 0x14) as *mut u8).write_volatile(EJECT);
+    }
+}
+
 pub fn console_write(bytes: &[u8]) {
     for &b in bytes {
         while read32(UART_FLAGS) & TX_FULL != 0 {

@@ -9,7 +9,7 @@ mod traps;
 use crate::mm::pagetable::{Entry, Format as PageTableFormat, Prot};
 use crate::mm::{boot::Tables, PhysAddr, Range, RangeList, VirtAddr};
 
-pub use platform::{console_read, console_write, exit};
+pub use platform::{console_read, console_write, eject_memory_slot, exit};
 pub use traps::probe_write;
 
 pub const ARCH: hvo_abi::Arch = hvo_abi::Arch::Ppc64le;

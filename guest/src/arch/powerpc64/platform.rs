@@ -40,6 +40,10 @@ pub fn little_endian_interrupts() {
     assert!(status == 0, "H_SET_MODE(LE) failed: {status}");
 }
 
+/// pseries completes a DIMM's removal without the guest when the guest never
+/// negotiated dynamic reconfiguration with the platform, as this one does not.
+pub fn eject_memory_slot(_slot: u32) {}
+
 pub fn console_write(bytes: &[u8]) {
     for chunk in bytes.chunks(16) {
         let mut packed = [0u8; 16];

@@ -31,6 +31,25 @@ pub fn serial_init() {
     outb(COM1 + 4, 0x03);
 }
 
+/// The ACPI memory-hotplug register block (docs/specs/acpi_mem_hotplug.rst).
+const MEMORY_HOTPLUG: u16 = 0xa00;
+const SLOT_SELECTOR: u16 = MEMORY_HOTPLUG;
+const SLOT_CONTROL: u16 = MEMORY_HOTPLUG + 0x14;
+const CLEAR_REMOVE: u8 = 1 << 2;
+const EJECT: u8 = 1 << 3;
+
+fn outl(port: u16, value: u32) {
+    // SAFETY: port I/O to the memory-hotplug block has no memory effects.
+    unsafe { core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Acknowledges the removal request of memory slot `slot` and ejects it.
+pub fn eject_memory_slot(slot: u32) {
+    outl(SLOT_SELECTOR, slot);
+    outb(SLOT_CONTROL, CLEAR_REMOVE);
+    outb(SLOT_CONTROL, EJECT);
+}
+
 pub fn console_write(bytes: &[u8]) {
     for &b in bytes {
         while inb(LINE_STATUS) & TX_EMPTY == 0 {
