@@ -17,12 +17,12 @@ pub const ARCH: hvo_abi::Arch = hvo_abi::Arch::Ppc64le;
 pub const LINEAR_MAP_BASE: u64 = 0xc000_0000_0000_0000;
 /// Linux's radix vmemmap base.
 pub const VMEMMAP_BASE: u64 = 0xc00c_0000_0000_0000;
-/// With PIDR 0, quadrants 0 and 3 walk the same tree: the linear map is also
-/// the identity map the firmware runs in.
 /// Linux's SECTION_SIZE_BITS.
 pub const SECTION_SIZE_BITS: u32 = 24;
 /// The vmemmap is indexed by pfn from 0.
 pub const MEMSTART_ALIGN: Option<u64> = None;
+/// With PIDR 0, quadrants 0 and 3 walk the same tree: the linear map is also
+/// the identity map the firmware runs in.
 pub const IDENTITY_IS_LINEAR_MAP: bool = true;
 pub const SEPARATE_IDENTITY_ROOT: bool = false;
 
@@ -141,8 +141,9 @@ pub fn enable_mmu(tables: &Tables) {
     let table = core::ptr::addr_of!(PROCESS_TABLE) as u64;
     let [status, ..] = platform::hcall(platform::H_REGISTER_PROC_TBL, [REGISTER_RADIX_GTSE, table, 0, 0]);
     assert!(status == 0, "H_REGISTER_PROC_TBL failed: {status}");
-    const TRANSLATION_ON: u64 = (1 << 5) | (1 << 4); // MSR[IR] | MSR[DR]
-                                                     // SAFETY: the tree maps all RAM at quadrant 0 too, where the firmware runs.
+    // MSR[IR] | MSR[DR].
+    const TRANSLATION_ON: u64 = (1 << 5) | (1 << 4);
+    // SAFETY: the tree maps all RAM at quadrant 0 too, where the firmware runs.
     unsafe {
         core::arch::asm!(
             "mfmsr {msr}",
