@@ -193,10 +193,16 @@ pub enum Knob {
     /// A compound page whose vmemmap lies under a 2 MiB leaf is marked
     /// optimized without splitting the leaf or remapping anything.
     SkipSplit = 9,
+    /// A failed hot-add's rollback subtracts the vmemmap of the whole range,
+    /// not just what it populated (v8 1/6: the memmap counter underflows).
+    HotAddRollbackOvercount = 10,
+    /// DAX with compound pages counts the unoptimized vmemmap size instead
+    /// of the frames it allocated (v8 4/6).
+    DaxCountedUnoptimized = 11,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 10] = [
+    pub const ALL: [Knob; 12] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -207,6 +213,8 @@ impl Knob {
         Knob::StaleTailContents,
         Knob::UnsyncedRoot,
         Knob::SkipSplit,
+        Knob::HotAddRollbackOvercount,
+        Knob::DaxCountedUnoptimized,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -221,6 +229,8 @@ impl Knob {
             Knob::StaleTailContents => "stale-tail-contents",
             Knob::UnsyncedRoot => "unsynced-root",
             Knob::SkipSplit => "skip-split",
+            Knob::HotAddRollbackOvercount => "hot-add-rollback-overcount",
+            Knob::DaxCountedUnoptimized => "dax-counted-unoptimized",
         }
     }
 

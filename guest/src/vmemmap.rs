@@ -617,7 +617,8 @@ impl Vmemmap {
     /// (vmemmap_populate_compound_pages): every compound page's vmemmap is
     /// populated straight into its layout, head page (and, under legacy-dax,
     /// the first tail page) private, the rest on the shared page; unoptimized
-    /// (`none`, or too small to share) every page gets its own frame.
+    /// (`none`, or too small to share) every page gets its own frame. If an
+    /// allocation fails, everything populated so far is torn down again.
     #[allow(clippy::too_many_arguments)]
     pub fn hot_add(
         &mut self,
@@ -640,42 +641,116 @@ impl Vmemmap {
             layout: if optimized { layout } else { Layout::None },
             optimized,
         };
-        let pages = region.vmemmap_pages().max(1);
-        let private = match (optimized, layout) {
-            (false, _) => pages,
-            (true, Layout::LegacyDax) => 2,
-            (true, _) => 1,
-        };
-        for head in region.heads() {
-            let base = self.va(head);
-            let mut first_tail_page = PhysAddr(0);
-            for i in 0..private {
-                let frame = frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?;
-                table.map(frames, VirtAddr(base.0 + i * PAGE), frame, PageSize::Size4K, Prot::RW)?.ignore();
-                if i == 1 {
-                    first_tail_page = frame;
+        for (done, head) in region.heads().enumerate() {
+            if let Err(e) = self.populate_compound(table, frames, &region, head) {
+                for earlier in region.heads().take(done + 1) {
+                    self.depopulate_compound(table, frames, &region, earlier);
                 }
-            }
-            if private < pages {
-                let (target, prot) = match layout {
-                    Layout::LegacyDax => (first_tail_page, Prot::RW),
-                    _ => (self.get_shared_tail(frames, zone, order)?, Prot::RO),
-                };
-                for i in private..pages {
-                    table.map(frames, VirtAddr(base.0 + i * PAGE), target, PageSize::Size4K, prot)?.ignore();
+                self.free_vmemmap_tables(table, frames, &region);
+                if self.knob(Knob::HotAddRollbackOvercount) {
+                    // The bug: the whole range's vmemmap is subtracted.
+                    let never = (region.heads().count() - done) as u64 * Self::private_pages(&region);
+                    frames.miscount_vmemmap(0, never);
                 }
+                return Err(e);
             }
-            // Struct pages in private vmemmap pages are written; those in the
-            // shared page are right already (skipped, as at boot).
-            let written = (private * STRUCT_PAGES_PER_PAGE).min(1 << order);
-            for pfn in head..head + written {
-                let page = if pfn == head { StructPage::head(zone, order) } else { StructPage::tail(zone, order) };
-                self.write_struct_page(pfn, page);
-            }
-            self.struct_pages_initialized += written;
+        }
+        if self.knob(Knob::DaxCountedUnoptimized) {
+            // The bug: every compound page counted at its unoptimized size.
+            let pages = region.vmemmap_pages().max(1);
+            frames.miscount_vmemmap(region.heads().count() as u64 * (pages - Self::private_pages(&region)), 0);
         }
         self.regions[id] = Some(region);
         Ok(id)
+    }
+
+    /// Vmemmap pages a DAX compound page keeps private under its layout.
+    fn private_pages(region: &Region) -> u64 {
+        match (region.optimized, region.layout) {
+            (false, _) => region.vmemmap_pages().max(1),
+            (true, Layout::LegacyDax) => 2,
+            (true, _) => 1,
+        }
+    }
+
+    /// Maps one DAX compound page's vmemmap and writes its private struct pages.
+    fn populate_compound(
+        &mut self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        region: &Region,
+        head: u64,
+    ) -> Result<(), VmemmapError> {
+        let (zone, order) = (region.zone, region.order);
+        let pages = region.vmemmap_pages().max(1);
+        let private = Self::private_pages(region);
+        let base = self.va(head);
+        let mut first_tail_page = PhysAddr(0);
+        for i in 0..private {
+            let frame = frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?;
+            if let Err(e) = table.map(frames, VirtAddr(base.0 + i * PAGE), frame, PageSize::Size4K, Prot::RW) {
+                frames.free(frame, PAGE, Purpose::Vmemmap);
+                return Err(e.into());
+            }
+            if i == 1 {
+                first_tail_page = frame;
+            }
+        }
+        if private < pages {
+            let (target, prot) = match region.layout {
+                Layout::LegacyDax => (first_tail_page, Prot::RW),
+                // Knob `per-folio-tail`: every compound page gets a tail page of its own.
+                _ if self.knob(Knob::PerFolioTail) => (tail_page(frames, zone, order)?, Prot::RO),
+                _ => (self.get_shared_tail(frames, zone, order)?, Prot::RO),
+            };
+            // Knob `tails-writable`: the tails keep write permission.
+            let prot = if self.knob(Knob::TailsWritable) { Prot::RW } else { prot };
+            for i in private..pages {
+                if let Err(e) = table.map(frames, VirtAddr(base.0 + i * PAGE), target, PageSize::Size4K, prot) {
+                    // With no tail mapped, the undo cannot see the reference taken.
+                    if i == private && region.layout == Layout::Unified {
+                        self.put_shared_tail(frames, zone, order);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        // Struct pages in private vmemmap pages are written; those in the
+        // shared page are right already (skipped, as at boot).
+        let written = (private * STRUCT_PAGES_PER_PAGE).min(1 << order);
+        for pfn in head..head + written {
+            let page = if pfn == head { StructPage::head(zone, order) } else { StructPage::tail(zone, order) };
+            self.write_struct_page(pfn, page);
+        }
+        self.struct_pages_initialized += written;
+        Ok(())
+    }
+
+    /// Unmaps whatever of one DAX compound page's vmemmap is mapped, frees
+    /// its private frames and drops its reference on the shared page.
+    fn depopulate_compound(&mut self, table: &mut Table, frames: &mut FrameAllocator, region: &Region, head: u64) {
+        let pages = region.vmemmap_pages().max(1);
+        let private = Self::private_pages(region);
+        let base = self.va(head);
+        let mut held_shared = false;
+        for i in 0..pages {
+            if let Ok((frame, _, flush)) = table.unmap(VirtAddr(base.0 + i * PAGE)) {
+                self.complete(flush);
+                if i < private {
+                    frames.free(frame, PAGE, Purpose::Vmemmap);
+                } else {
+                    held_shared = true;
+                }
+            }
+        }
+        if held_shared && region.optimized && region.layout == Layout::Unified {
+            self.put_shared_tail(frames, region.zone, region.order);
+        }
+    }
+
+    fn free_vmemmap_tables(&self, table: &mut Table, frames: &mut FrameAllocator, region: &Region) {
+        let end = self.va(region.start_pfn + region.nr_pages);
+        table.free_empty_tables(frames, self.va(region.start_pfn), end);
     }
 
     /// Tears down a hot-added range's vmemmap (vmemmap_free): every PTE
@@ -691,27 +766,10 @@ impl Vmemmap {
         if region.kind != RegionKind::Dax {
             return Err(VmemmapError::NoSuchRegion);
         }
-        let pages = region.vmemmap_pages().max(1);
-        let private = match (region.optimized, region.layout) {
-            (false, _) => pages,
-            (true, Layout::LegacyDax) => 2,
-            (true, _) => 1,
-        };
         for head in region.heads() {
-            let base = self.va(head);
-            for i in 0..pages {
-                let (frame, _, flush) = table.unmap(VirtAddr(base.0 + i * PAGE))?;
-                self.complete(flush);
-                if i < private {
-                    frames.free(frame, PAGE, Purpose::Vmemmap);
-                }
-            }
-            if region.optimized && region.layout == Layout::Unified {
-                self.put_shared_tail(frames, region.zone, region.order);
-            }
+            self.depopulate_compound(table, frames, &region, head);
         }
-        let end = self.va(region.start_pfn + region.nr_pages);
-        table.free_empty_tables(frames, self.va(region.start_pfn), end);
+        self.free_vmemmap_tables(table, frames, &region);
         self.regions[id] = None;
         Ok(())
     }

@@ -387,7 +387,7 @@ impl Run<'_> {
             return Err(Abort::Infra("no console".into()));
         };
         let verb = command.verb();
-        let must_refuse = self.expect_refusal && matches!(verb, "hugetlb-alloc" | "optimize" | "restore");
+        let must_refuse = self.expect_refusal && matches!(verb, "hugetlb-alloc" | "optimize" | "restore" | "hot-add");
         match console.request(command, timeout).await {
             Ok(_) if must_refuse => Err(Abort::Guest(format!(
                 "`{verb}` was expected to fail on the injected allocation failure, but it succeeded"
@@ -451,6 +451,10 @@ impl Run<'_> {
                         layout: *layout,
                     })
                     .await?;
+                if self.expect_refusal {
+                    // The guest rolled back; the DIMM stays plugged but unused.
+                    return Ok(());
+                }
                 let id =
                     reply_field(&reply, "region").ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
                 self.regions.insert(region.clone(), id as u32);

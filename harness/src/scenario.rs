@@ -279,7 +279,7 @@ impl RawStep {
                         zone,
                         layout,
                     },
-                    &["region", "size", "compound", "zone", "layout"],
+                    &["region", "size", "compound", "zone", "layout", "expect-failure"],
                 )
             }
             "hot-remove" => (Step::HotRemove { region: region()? }, &["region"]),
