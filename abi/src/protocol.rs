@@ -48,7 +48,8 @@ pub enum Command<'a> {
     ReserveGigantic { order: u32, count: u64, zone: Zone },
     /// Populate the boot vmemmap and run memmap init (once).
     BootMemmap,
-    /// Fault injection: the `nth` frame allocation from now fails, once.
+    /// Fault injection: the `nth` frame allocation from now fails, once
+    /// (0 disarms it).
     FailAlloc { nth: u64 },
     /// Hotplugged memory at `start` (`size` bytes) becomes a device-DAX
     /// range of compound pages of `order` in `zone`, its vmemmap populated

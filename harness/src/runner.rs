@@ -228,10 +228,11 @@ impl Run<'_> {
         let steps_start = Instant::now();
         for placed in &self.scenario.steps {
             self.expect_refusal = placed.expect_failure;
-            self.step(&placed.step).await.map_err(|abort| match abort {
-                Abort::Guest(m) => Abort::Guest(format!("step {} (line {}): {m}", placed.step.name(), placed.line)),
-                Abort::Infra(m) => Abort::Infra(format!("step {} (line {}): {m}", placed.step.name(), placed.line)),
-            })?;
+            (if placed.sweep_failures { self.sweep(&placed.step).await } else { self.step(&placed.step).await })
+                .map_err(|abort| match abort {
+                    Abort::Guest(m) => Abort::Guest(format!("step {} (line {}): {m}", placed.step.name(), placed.line)),
+                    Abort::Infra(m) => Abort::Infra(format!("step {} (line {}): {m}", placed.step.name(), placed.line)),
+                })?;
         }
         self.metrics.insert("steps_ms".into(), json!(steps_start.elapsed().as_millis() as u64));
         Ok(())
@@ -544,6 +545,67 @@ impl Run<'_> {
             return Err(Abort::Infra(format!("`object_del hvo-mem{n}`: {}", out.trim())));
         }
         Ok(())
+    }
+
+    /// Runs `step` with its 1st, 2nd, ... frame allocation failing. Each
+    /// refusal must have rolled back cleanly, which every invariant checks;
+    /// the sweep ends when the step succeeds, having made fewer allocations.
+    async fn sweep(&mut self, step: &Step) -> Result<(), Abort> {
+        const MAX_SWEEP: u64 = 10_000;
+        let mut hot_add_start = None;
+        if let Step::HotAdd { region, size, .. } = step {
+            // One DIMM for every attempt: a refused hot-add leaves it unused.
+            let (start, dimm, slot) = self.plug_dimm(*size).await?;
+            self.dimm_of.insert(region.clone(), (dimm, slot));
+            hot_add_start = Some(start);
+        }
+        for nth in 1..=MAX_SWEEP {
+            self.request(Command::FailAlloc { nth }).await?;
+            let command = match step {
+                Step::HugetlbAlloc { order, count, zone, .. } => {
+                    Command::HugetlbAlloc { order: *order, count: *count, zone: *zone }
+                }
+                Step::Optimize { region, layout } => {
+                    Command::Optimize { region: self.region_id(region)?, layout: *layout }
+                }
+                Step::Restore { region } => Command::Restore { region: self.region_id(region)? },
+                Step::HotAdd { size, order, zone, layout, .. } => Command::HotAdd {
+                    start: hot_add_start.map(|s| s.0).unwrap_or(0),
+                    size: *size,
+                    order: *order,
+                    zone: *zone,
+                    layout: *layout,
+                },
+                other => return Err(Abort::Guest(format!("`{}` makes no allocations to sweep", other.name()))),
+            };
+            match self.try_request(command).await? {
+                None => self.verify().await?,
+                Some(reply) => {
+                    // This allocation was never reached: disarm it.
+                    self.request(Command::FailAlloc { nth: 0 }).await?;
+                    if let Step::HugetlbAlloc { region, .. } | Step::HotAdd { region, .. } = step {
+                        let id = reply_field(&reply, "region")
+                            .ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
+                        self.regions.insert(region.clone(), id as u32);
+                    }
+                    let swept = self.metrics.get("allocation_failures_swept").and_then(|v| v.as_u64()).unwrap_or(0);
+                    self.metrics.insert("allocation_failures_swept".into(), json!(swept + nth - 1));
+                    return Ok(());
+                }
+            }
+        }
+        Err(Abort::Guest(format!("`{}` still fails after {MAX_SWEEP} swept allocation failures", step.name())))
+    }
+
+    /// A request the guest may refuse: `None` when it did.
+    async fn try_request(&mut self, command: Command<'_>) -> Result<Option<String>, Abort> {
+        let timeout = self.step_timeout();
+        let Some(console) = self.console.as_mut() else { return Err(Abort::Infra("no console".into())) };
+        match console.request(command, timeout).await {
+            Ok(payload) => Ok(Some(payload)),
+            Err(ConsoleError::Refused { .. }) => Ok(None),
+            Err(e) => Err(self.console_abort(e).await),
+        }
     }
 
     fn region_id(&self, name: &str) -> Result<u32, Abort> {

@@ -132,6 +132,7 @@ struct RawStep {
     nth: Option<Spanned<u64>>,
     expect_failure: Option<Spanned<bool>>,
     compound: Option<Spanned<Size>>,
+    sweep_failures: Option<Spanned<bool>>,
 }
 
 const ACTIONS: &[&str] = &[
@@ -152,8 +153,8 @@ const FOLIO_SIZES: std::ops::RangeInclusive<u64> = (2 << 20)..=(1 << 30);
 const MAX_FOLIOS: u64 = 65536;
 
 impl RawStep {
-    /// The step, and whether the guest must refuse it.
-    fn into_step(self, loc: &Locator, index: usize) -> Result<(Step, bool), ScenarioError> {
+    /// The step, whether the guest must refuse it, and whether to sweep failures.
+    fn into_step(self, loc: &Locator, index: usize) -> Result<(Step, bool, bool), ScenarioError> {
         let field = |name: &str| format!("step[{index}].{name}");
         let action = self.action.get_ref().as_str();
         let action_span = self.action.span();
@@ -171,6 +172,7 @@ impl RawStep {
             ("nth", self.nth.as_ref().map(|s| s.span())),
             ("expect-failure", self.expect_failure.as_ref().map(|s| s.span())),
             ("compound", self.compound.as_ref().map(|s| s.span())),
+            ("sweep-failures", self.sweep_failures.as_ref().map(|s| s.span())),
         ]
         .into_iter()
         .filter_map(|(n, s)| Some((n, s?)))
@@ -220,7 +222,7 @@ impl RawStep {
                 let order = bytes.trailing_zeros() - 12;
                 (
                     Step::HugetlbAlloc { region: region()?, order, count, zone },
-                    &["region", "size", "count", "zone", "expect-failure"],
+                    &["region", "size", "count", "zone", "expect-failure", "sweep-failures"],
                 )
             }
             "optimize" => {
@@ -234,9 +236,12 @@ impl RawStep {
                         )
                     })?,
                 };
-                (Step::Optimize { region: region()?, layout }, &["region", "layout", "expect-failure"])
+                (
+                    Step::Optimize { region: region()?, layout },
+                    &["region", "layout", "expect-failure", "sweep-failures"],
+                )
             }
-            "restore" => (Step::Restore { region: region()? }, &["region", "expect-failure"]),
+            "restore" => (Step::Restore { region: region()? }, &["region", "expect-failure", "sweep-failures"]),
             "hot-add" => {
                 let size = self.size.as_ref().ok_or_else(|| missing("size", "the hotplugged memory's `size`"))?;
                 let compound =
@@ -279,7 +284,7 @@ impl RawStep {
                         zone,
                         layout,
                     },
-                    &["region", "size", "compound", "zone", "layout", "expect-failure"],
+                    &["region", "size", "compound", "zone", "layout", "expect-failure", "sweep-failures"],
                 )
             }
             "hot-remove" => (Step::HotRemove { region: region()? }, &["region"]),
@@ -306,7 +311,16 @@ impl RawStep {
                 format!("`{name}` is not a parameter of `{action}`"),
             ));
         }
-        Ok((step, self.expect_failure.as_ref().is_some_and(|e| *e.get_ref())))
+        let sweep = self.sweep_failures.as_ref().is_some_and(|e| *e.get_ref());
+        if sweep && self.expect_failure.as_ref().is_some_and(|e| *e.get_ref()) {
+            let span = self.sweep_failures.as_ref().map(|s| s.span()).unwrap_or(action_span);
+            return Err(loc.error(
+                span,
+                Some(&field("sweep-failures")),
+                "a swept step fails and then succeeds: drop `expect-failure`",
+            ));
+        }
+        Ok((step, self.expect_failure.as_ref().is_some_and(|e| *e.get_ref()), sweep))
     }
 }
 
@@ -436,6 +450,9 @@ pub struct PlacedStep {
     pub step: Step,
     /// The guest must refuse this step (an injected allocation failure).
     pub expect_failure: bool,
+    /// Run the step with its 1st, 2nd, ... allocation failing, checking the
+    /// rollback each time, until it no longer reaches the failing allocation.
+    pub sweep_failures: bool,
     /// 1-based line of the step in its file.
     pub line: usize,
 }
@@ -719,7 +736,7 @@ impl Scenario {
                 ));
             }
             let line = loc.line_col(span.start).0;
-            let (step, expect_failure) = spanned.into_inner().into_step(&loc, i + 1)?;
+            let (step, expect_failure, sweep_failures) = spanned.into_inner().into_step(&loc, i + 1)?;
             let allocated = |name: &str| {
                 boot_gigantic.iter().any(|g| g.region == name)
                     || steps.iter().any(|s: &PlacedStep| {
@@ -748,7 +765,7 @@ impl Scenario {
                 }
                 _ => {}
             }
-            steps.push(PlacedStep { step, expect_failure, line });
+            steps.push(PlacedStep { step, expect_failure, sweep_failures, line });
         }
 
         let hot_adds: Vec<(usize, u64)> = steps

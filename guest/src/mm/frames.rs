@@ -112,9 +112,10 @@ impl FrameAllocator {
         self.counters.freed[Purpose::Vmemmap.index()] += freed;
     }
 
-    /// Makes the `nth` allocation from now (1: the next one) fail, once.
+    /// Makes the `nth` allocation from now (1: the next one) fail, once;
+    /// 0 disarms.
     pub fn fail_nth(&mut self, nth: u64) {
-        self.fail_in = Some(nth);
+        self.fail_in = (nth > 0).then_some(nth);
     }
 
     /// Counts down an armed fault injection; `Err` when this allocation is the one.
