@@ -251,6 +251,8 @@ pub enum RegionKind {
     HugeTlb = 1,
     /// A hotplugged device-DAX range of compound pages.
     Dax = 2,
+    /// Hotplugged memory onlined as ordinary memory, for HugeTLB folios.
+    Memory = 3,
 }
 
 impl RegionKind {
@@ -258,6 +260,7 @@ impl RegionKind {
         match raw {
             1 => Some(RegionKind::HugeTlb),
             2 => Some(RegionKind::Dax),
+            3 => Some(RegionKind::Memory),
             _ => None,
         }
     }

@@ -32,9 +32,10 @@ pub enum Command<'a> {
     /// The guest reads the byte at `va` and writes it back; it answers
     /// `ok faulted` if the write faulted and `ok written` if it did not.
     ProbeWrite { va: u64 },
-    /// Allocate `count` HugeTLB folios of `order` in `zone` as one region;
+    /// Allocate `count` HugeTLB folios of `order` in `zone` as one region,
+    /// from boot memory or from the hot-added memory region `from`;
     /// answered with `ok region=<id>`.
-    HugetlbAlloc { order: u32, count: u64, zone: Zone },
+    HugetlbAlloc { order: u32, count: u64, zone: Zone, from: Option<u32> },
     /// Restore (if needed) and free a region's folios.
     HugetlbFree { region: u32 },
     /// Optimize a region's vmemmap under `layout`.
@@ -55,6 +56,9 @@ pub enum Command<'a> {
     /// range of compound pages of `order` in `zone`, its vmemmap populated
     /// under `layout`; answered `ok region=<id>`.
     HotAdd { start: u64, size: u64, order: u32, zone: Zone, layout: Layout },
+    /// Hotplugged memory at `start` becomes ordinary memory in `zone`: its
+    /// vmemmap populated and its struct pages initialized; `ok region=<id>`.
+    HotAddMemory { start: u64, size: u64, zone: Zone },
     /// Tear down a hot-added range's vmemmap, then eject its memory slot.
     HotRemove { region: u32, slot: u32 },
 }
@@ -75,6 +79,7 @@ impl Command<'_> {
             Command::BootMemmap => "boot-memmap",
             Command::FailAlloc { .. } => "fail-alloc",
             Command::HotAdd { .. } => "hot-add",
+            Command::HotAddMemory { .. } => "hot-add-memory",
             Command::HotRemove { .. } => "hot-remove",
         }
     }
@@ -94,8 +99,12 @@ impl fmt::Display for Request<'_> {
             Command::Ping { token: None } | Command::Report => Ok(()),
             Command::Exit { status } => write!(f, " {status}"),
             Command::ProbeWrite { va } => write!(f, " {va:#x}"),
-            Command::HugetlbAlloc { order, count, zone } => {
-                write!(f, " {order} {count} {}", zone.name())
+            Command::HugetlbAlloc { order, count, zone, from } => {
+                write!(f, " {order} {count} {}", zone.name())?;
+                match from {
+                    Some(region) => write!(f, " {region}"),
+                    None => Ok(()),
+                }
             }
             Command::HugetlbFree { region } | Command::Restore { region } => write!(f, " {region}"),
             Command::Optimize { region, layout } => write!(f, " {region} {}", layout.name()),
@@ -104,6 +113,7 @@ impl fmt::Display for Request<'_> {
             Command::BootMemmap => Ok(()),
             Command::FailAlloc { nth } => write!(f, " {nth}"),
             Command::HotRemove { region, slot } => write!(f, " {region} {slot}"),
+            Command::HotAddMemory { start, size, zone } => write!(f, " {start:#x} {size:#x} {}", zone.name()),
             Command::HotAdd { start, size, order, zone, layout } => {
                 write!(f, " {start:#x} {size:#x} {order} {} {}", zone.name(), layout.name())
             }
@@ -191,7 +201,11 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
             let count = number(words.next(), verb, "count").map_err(fail)?;
             let zone =
                 words.next().and_then(Zone::from_name).ok_or(fail(RequestError::BadArgument { verb, what: "zone" }))?;
-            Command::HugetlbAlloc { order: order as u32, count, zone }
+            let from = match words.next() {
+                None => None,
+                Some(w) => Some(w.parse().map_err(|_| fail(RequestError::BadArgument { verb, what: "from region" }))?),
+            };
+            Command::HugetlbAlloc { order: order as u32, count, zone, from }
         }
         "hugetlb-free" => {
             Command::HugetlbFree { region: number(words.next(), "hugetlb-free", "region").map_err(fail)? as u32 }
@@ -226,6 +240,14 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
                 .and_then(Layout::from_name)
                 .ok_or(fail(RequestError::BadArgument { verb, what: "layout" }))?;
             Command::HotAdd { start, size, order, zone, layout }
+        }
+        "hot-add-memory" => {
+            let verb = "hot-add-memory";
+            let start = hex(words.next(), verb, "start").map_err(fail)?;
+            let size = hex(words.next(), verb, "size").map_err(fail)?;
+            let zone =
+                words.next().and_then(Zone::from_name).ok_or(fail(RequestError::BadArgument { verb, what: "zone" }))?;
+            Command::HotAddMemory { start, size, zone }
         }
         "hot-remove" => Command::HotRemove {
             region: number(words.next(), "hot-remove", "region").map_err(fail)? as u32,
@@ -324,7 +346,7 @@ mod tests {
             Request { seq: 3, command: Command::Report },
             Request { seq: 4, command: Command::Exit { status: 3 } },
             Request { seq: 5, command: Command::ProbeWrite { va: 0xffff_ea00_0000_1000 } },
-            Request { seq: 6, command: Command::HugetlbAlloc { order: 9, count: 8, zone: Zone::Movable } },
+            Request { seq: 6, command: Command::HugetlbAlloc { order: 9, count: 8, zone: Zone::Movable, from: None } },
             Request { seq: 7, command: Command::HugetlbFree { region: 2 } },
             Request { seq: 8, command: Command::Optimize { region: 0, layout: Layout::LegacyDax } },
             Request { seq: 9, command: Command::Restore { region: 1 } },
@@ -333,6 +355,14 @@ mod tests {
             Request { seq: 12, command: Command::BootMemmap },
             Request { seq: 13, command: Command::FailAlloc { nth: 3 } },
             Request { seq: 15, command: Command::HotRemove { region: 2, slot: 1 } },
+            Request {
+                seq: 16,
+                command: Command::HugetlbAlloc { order: 18, count: 1, zone: Zone::Movable, from: Some(3) },
+            },
+            Request {
+                seq: 17,
+                command: Command::HotAddMemory { start: 0x1_0000_0000, size: 0x4000_0000, zone: Zone::Movable },
+            },
             Request {
                 seq: 14,
                 command: Command::HotAdd {

@@ -26,8 +26,9 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                         let generation = manifest::publish(kernel);
                         reply_ok(req.seq, format_args!("generation={generation}"))
                     }
-                    Command::HugetlbAlloc { order, count, zone } => {
-                        let done = kernel.vmemmap.hugetlb_alloc(&mut kernel.frames, order, count, zone);
+                    Command::HugetlbAlloc { order, count, zone, from } => {
+                        let from = from.map(|r| r as usize);
+                        let done = kernel.vmemmap.hugetlb_alloc(&mut kernel.frames, order, count, zone, from);
                         changed(kernel, req.seq, done.map(|id| id as u64), "region")
                     }
                     Command::HugetlbFree { region } => {
@@ -61,6 +62,17 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                         );
                         // A new top-level vmemmap entry must reach every root
                         // (knob `unsynced-root`: it does not).
+                        if done.is_ok() && k.vmemmap.knobs & hvo_abi::model::Knob::UnsyncedRoot.bit() == 0 {
+                            let first = k.vmemmap.va(start / 4096);
+                            let end = k.vmemmap.va((start + size) / 4096);
+                            k.process.copy_top_level(&k.tables.kernel, first, end);
+                        }
+                        changed(kernel, req.seq, done.map(|id| id as u64), "region")
+                    }
+                    Command::HotAddMemory { start, size, zone } => {
+                        let k = &mut *kernel;
+                        let done =
+                            k.vmemmap.hot_add_memory(&mut k.tables.kernel, &mut k.frames, PhysAddr(start), size, zone);
                         if done.is_ok() && k.vmemmap.knobs & hvo_abi::model::Knob::UnsyncedRoot.bit() == 0 {
                             let first = k.vmemmap.va(start / 4096);
                             let end = k.vmemmap.va((start + size) / 4096);

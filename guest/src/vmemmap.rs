@@ -28,6 +28,8 @@ pub enum VmemmapError {
     NotOptimized,
     /// Gigantic pages are reserved, and the vmemmap populated, once, at boot.
     TooLate,
+    /// The region is still in use.
+    Busy,
 }
 
 impl From<MapError> for VmemmapError {
@@ -109,6 +111,10 @@ pub struct Vmemmap {
     /// Bug knobs in force, one bit per `Knob`.
     pub knobs: u64,
     state: BootState,
+    /// For a HugeTLB region carved from hot-added memory: that memory region.
+    origin: [Option<usize>; MAX_REGIONS],
+    /// For a hot-added memory region: how many of its pages are handed out.
+    used: [u64; MAX_REGIONS],
 }
 
 /// The sections holding any of `ram`, merged into ranges.
@@ -144,6 +150,8 @@ impl Vmemmap {
             struct_pages_initialized: 0,
             knobs: 0,
             state: BootState::Early,
+            origin: [None; MAX_REGIONS],
+            used: [0; MAX_REGIONS],
         }
     }
 
@@ -339,10 +347,28 @@ impl Vmemmap {
         order: u32,
         count: u64,
         zone: Zone,
+        from: Option<usize>,
     ) -> Result<usize, VmemmapError> {
         let id = self.regions.iter().position(Option::is_none).ok_or(VmemmapError::TooManyRegions)?;
         let folio = PAGE << order;
-        let start = frames.alloc_data(folio * count, folio, Purpose::HugeTlb)?;
+        let start = match from {
+            None => frames.alloc_data(folio * count, folio, Purpose::HugeTlb)?,
+            Some(memory) => {
+                // Carved from hot-added memory, which stays that region's.
+                let m = self.region(memory)?;
+                if m.kind != RegionKind::Memory {
+                    return Err(VmemmapError::NoSuchRegion);
+                }
+                let start = align_up((m.start_pfn + self.used[memory]) * PAGE, folio);
+                let end = start + folio * count;
+                if end > (m.start_pfn + m.nr_pages) * PAGE {
+                    return Err(VmemmapError::Map(MapError::Alloc(AllocError::OutOfMemory)));
+                }
+                self.used[memory] = end / PAGE - m.start_pfn;
+                self.origin[id] = Some(memory);
+                PhysAddr(start)
+            }
+        };
         let region = Region {
             kind: RegionKind::HugeTlb,
             start_pfn: start.0 / PAGE,
@@ -753,6 +779,72 @@ impl Vmemmap {
         table.free_empty_tables(frames, self.va(region.start_pfn), end);
     }
 
+    /// Hotplugged memory onlined as ordinary memory in `zone`: its vmemmap
+    /// populated as at boot (2 MiB leaves where a whole 2 MiB is covered) and
+    /// its struct pages initialized, ready for HugeTLB folios.
+    pub fn hot_add_memory(
+        &mut self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        start: PhysAddr,
+        size: u64,
+        zone: Zone,
+    ) -> Result<usize, VmemmapError> {
+        let id = self.regions.iter().position(Option::is_none).ok_or(VmemmapError::TooManyRegions)?;
+        let region = Region {
+            kind: RegionKind::Memory,
+            start_pfn: start.0 / PAGE,
+            nr_pages: size / PAGE,
+            zone,
+            order: 0,
+            layout: Layout::None,
+            optimized: false,
+        };
+        let big = PageSize::Size2M.bytes();
+        let (first, end) = (self.va(region.start_pfn).0, self.va(region.start_pfn + region.nr_pages).0);
+        let mut va = first;
+        while va < end {
+            let size = if va.is_multiple_of(big) && va + big <= end { PageSize::Size2M } else { PageSize::Size4K };
+            let frame = match frames.alloc(size, Purpose::Vmemmap) {
+                Ok(f) => f,
+                Err(e) => {
+                    self.depopulate_memory(table, frames, first, va);
+                    return Err(e.into());
+                }
+            };
+            if let Err(e) = table.map(frames, VirtAddr(va), frame, size, Prot::RW) {
+                frames.free(frame, size.bytes(), Purpose::Vmemmap);
+                self.depopulate_memory(table, frames, first, va);
+                return Err(e.into());
+            }
+            va += size.bytes();
+        }
+        for pfn in region.start_pfn..region.start_pfn + region.nr_pages {
+            self.write_struct_page(pfn, StructPage::free(zone));
+        }
+        self.struct_pages_initialized += region.nr_pages;
+        self.regions[id] = Some(region);
+        self.used[id] = 0;
+        Ok(id)
+    }
+
+    /// Unmaps and frees the vmemmap of a hot-added memory range mapped from
+    /// `first` up to `end`, then the page tables left empty.
+    fn depopulate_memory(&mut self, table: &mut Table, frames: &mut FrameAllocator, first: u64, end: u64) {
+        let mut va = first;
+        while va < end {
+            match table.unmap(VirtAddr(va)) {
+                Ok((frame, size, flush)) => {
+                    self.complete(flush);
+                    frames.free(frame, size.bytes(), Purpose::Vmemmap);
+                    va += size.bytes();
+                }
+                Err(_) => va += PAGE,
+            }
+        }
+        table.free_empty_tables(frames, VirtAddr(first), VirtAddr(end));
+    }
+
     /// Tears down a hot-added range's vmemmap (vmemmap_free): every PTE
     /// unmapped and flushed, private frames freed, the shared tail page's
     /// references dropped, and page-table pages freed when empty.
@@ -763,6 +855,16 @@ impl Vmemmap {
         id: usize,
     ) -> Result<(), VmemmapError> {
         let region = self.region(id)?;
+        if region.kind == RegionKind::Memory {
+            // Memory still lending HugeTLB folios cannot go.
+            if self.origin.contains(&Some(id)) {
+                return Err(VmemmapError::Busy);
+            }
+            let (first, end) = (self.va(region.start_pfn).0, self.va(region.start_pfn + region.nr_pages).0);
+            self.depopulate_memory(table, frames, first, end);
+            self.regions[id] = None;
+            return Ok(());
+        }
         if region.kind != RegionKind::Dax {
             return Err(VmemmapError::NoSuchRegion);
         }
@@ -789,7 +891,10 @@ impl Vmemmap {
         for pfn in region.start_pfn..region.start_pfn + region.nr_pages {
             self.write_struct_page(pfn, StructPage::free(Zone::Normal));
         }
-        frames.free(PhysAddr(region.start_pfn * PAGE), region.nr_pages * PAGE, Purpose::HugeTlb);
+        // Folios of hot-added memory go back to it, not to the boot allocator.
+        if self.origin[id].take().is_none() {
+            frames.free(PhysAddr(region.start_pfn * PAGE), region.nr_pages * PAGE, Purpose::HugeTlb);
+        }
         self.regions[id] = None;
         Ok(())
     }

@@ -388,7 +388,8 @@ impl Run<'_> {
             return Err(Abort::Infra("no console".into()));
         };
         let verb = command.verb();
-        let must_refuse = self.expect_refusal && matches!(verb, "hugetlb-alloc" | "optimize" | "restore" | "hot-add");
+        let must_refuse = self.expect_refusal
+            && matches!(verb, "hugetlb-alloc" | "optimize" | "restore" | "hot-add" | "hot-add-memory");
         match console.request(command, timeout).await {
             Ok(_) if must_refuse => Err(Abort::Guest(format!(
                 "`{verb}` was expected to fail on the injected allocation failure, but it succeeded"
@@ -415,8 +416,10 @@ impl Run<'_> {
             }
             Step::VerifyManifest => self.verify_manifest().await,
             Step::Exit { status } => self.exit(*status).await,
-            Step::HugetlbAlloc { region, order, count, zone } => {
-                let reply = self.request(Command::HugetlbAlloc { order: *order, count: *count, zone: *zone }).await?;
+            Step::HugetlbAlloc { region, order, count, zone, from } => {
+                let from = from.as_deref().map(|f| self.region_id(f)).transpose()?;
+                let reply =
+                    self.request(Command::HugetlbAlloc { order: *order, count: *count, zone: *zone, from }).await?;
                 if self.expect_refusal {
                     return Ok(());
                 }
@@ -454,6 +457,18 @@ impl Run<'_> {
                     .await?;
                 if self.expect_refusal {
                     // The guest rolled back; the DIMM stays plugged but unused.
+                    return Ok(());
+                }
+                let id =
+                    reply_field(&reply, "region").ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
+                self.regions.insert(region.clone(), id as u32);
+                Ok(())
+            }
+            Step::HotAddMemory { region, size, zone } => {
+                let (start, dimm, slot) = self.plug_dimm(*size).await?;
+                self.dimm_of.insert(region.clone(), (dimm, slot));
+                let reply = self.request(Command::HotAddMemory { start: start.0, size: *size, zone: *zone }).await?;
+                if self.expect_refusal {
                     return Ok(());
                 }
                 let id =
@@ -562,9 +577,12 @@ impl Run<'_> {
         for nth in 1..=MAX_SWEEP {
             self.request(Command::FailAlloc { nth }).await?;
             let command = match step {
-                Step::HugetlbAlloc { order, count, zone, .. } => {
-                    Command::HugetlbAlloc { order: *order, count: *count, zone: *zone }
-                }
+                Step::HugetlbAlloc { order, count, zone, from, .. } => Command::HugetlbAlloc {
+                    order: *order,
+                    count: *count,
+                    zone: *zone,
+                    from: from.as_deref().map(|f| self.region_id(f)).transpose()?,
+                },
                 Step::Optimize { region, layout } => {
                     Command::Optimize { region: self.region_id(region)?, layout: *layout }
                 }
@@ -647,7 +665,7 @@ impl Run<'_> {
     async fn check_write_faults(&mut self, manifest: &Manifest) -> Result<(), Abort> {
         let mut wrong = Vec::new();
         let mut probed = 0;
-        for region in manifest.regions.iter() {
+        for region in manifest.regions.iter().filter(|r| r.kind != hvo_abi::model::RegionKind::Memory) {
             let Some(head) = region.heads().next() else {
                 continue;
             };
@@ -685,7 +703,7 @@ impl Run<'_> {
             return Err(Abort::Infra("no QMP".into()));
         };
         let mut samples = Vec::new();
-        for region in manifest.regions.iter() {
+        for region in manifest.regions.iter().filter(|r| r.kind != hvo_abi::model::RegionKind::Memory) {
             if let Some(head) = region.heads().next() {
                 let base = manifest.struct_page_va(head);
                 samples.extend([base, base + verify::PAGE]);

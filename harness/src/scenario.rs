@@ -133,6 +133,8 @@ struct RawStep {
     expect_failure: Option<Spanned<bool>>,
     compound: Option<Spanned<Size>>,
     sweep_failures: Option<Spanned<bool>>,
+    kind: Option<Spanned<String>>,
+    from: Option<Spanned<String>>,
 }
 
 const ACTIONS: &[&str] = &[
@@ -173,6 +175,8 @@ impl RawStep {
             ("expect-failure", self.expect_failure.as_ref().map(|s| s.span())),
             ("compound", self.compound.as_ref().map(|s| s.span())),
             ("sweep-failures", self.sweep_failures.as_ref().map(|s| s.span())),
+            ("kind", self.kind.as_ref().map(|s| s.span())),
+            ("from", self.from.as_ref().map(|s| s.span())),
         ]
         .into_iter()
         .filter_map(|(n, s)| Some((n, s?)))
@@ -220,9 +224,10 @@ impl RawStep {
                     })?,
                 };
                 let order = bytes.trailing_zeros() - 12;
+                let from = self.from.as_ref().map(|f| f.get_ref().clone());
                 (
-                    Step::HugetlbAlloc { region: region()?, order, count, zone },
-                    &["region", "size", "count", "zone", "expect-failure", "sweep-failures"],
+                    Step::HugetlbAlloc { region: region()?, order, count, zone, from },
+                    &["region", "size", "count", "zone", "from", "expect-failure", "sweep-failures"],
                 )
             }
             "optimize" => {
@@ -242,7 +247,31 @@ impl RawStep {
                 )
             }
             "restore" => (Step::Restore { region: region()? }, &["region", "expect-failure", "sweep-failures"]),
+            "hot-add" if self.kind.as_ref().is_some_and(|k| k.get_ref() == "memory") => {
+                let size = self.size.as_ref().ok_or_else(|| missing("size", "the hotplugged memory's `size`"))?;
+                let zone = match &self.zone {
+                    None => Zone::Movable,
+                    Some(z) => Zone::from_name(z.get_ref()).filter(|z| *z != Zone::Device).ok_or_else(|| {
+                        loc.error(
+                            z.span(),
+                            Some(&field("zone")),
+                            format!("memory goes to the normal or movable zone, not `{}`", z.get_ref()),
+                        )
+                    })?,
+                };
+                (
+                    Step::HotAddMemory { region: region()?, size: size.get_ref().0, zone },
+                    &["region", "size", "zone", "kind", "expect-failure", "sweep-failures"],
+                )
+            }
             "hot-add" => {
+                if let Some(k) = self.kind.as_ref().filter(|k| k.get_ref() != "dax") {
+                    return Err(loc.error(
+                        k.span(),
+                        Some(&field("kind")),
+                        format!("unknown kind `{}` (known: dax, memory)", k.get_ref()),
+                    ));
+                }
                 let size = self.size.as_ref().ok_or_else(|| missing("size", "the hotplugged memory's `size`"))?;
                 let compound =
                     self.compound.as_ref().map(|c| (c.get_ref().0, c.span())).unwrap_or((2 << 20, size.span()));
@@ -284,7 +313,7 @@ impl RawStep {
                         zone,
                         layout,
                     },
-                    &["region", "size", "compound", "zone", "layout", "expect-failure", "sweep-failures"],
+                    &["region", "size", "compound", "zone", "layout", "kind", "expect-failure", "sweep-failures"],
                 )
             }
             "hot-remove" => (Step::HotRemove { region: region()? }, &["region"]),
@@ -378,8 +407,9 @@ pub enum Step {
     VerifyManifest,
     /// Ask the guest to exit with `status` and check QEMU ends with it.
     Exit { status: u8 },
-    /// Allocate `count` HugeTLB folios of `order` in `zone`, named `region`.
-    HugetlbAlloc { region: String, order: u32, count: u64, zone: Zone },
+    /// Allocate `count` HugeTLB folios of `order` in `zone`, named `region`,
+    /// from boot memory or from the hot-added memory region `from`.
+    HugetlbAlloc { region: String, order: u32, count: u64, zone: Zone, from: Option<String> },
     /// Optimize a region's vmemmap under `layout`.
     Optimize { region: String, layout: Layout },
     /// Restore a region's vmemmap.
@@ -393,6 +423,8 @@ pub enum Step {
     /// Hotplug `size` bytes of memory (a DIMM) and make it device DAX with
     /// compound pages of `order`, its vmemmap under `layout`.
     HotAdd { region: String, size: u64, order: u32, zone: Zone, layout: Layout },
+    /// Hotplug `size` bytes and online them as ordinary memory in `zone`.
+    HotAddMemory { region: String, size: u64, zone: Zone },
     /// Unplug a hot-added region: the guest tears its vmemmap down and the
     /// platform completes the removal.
     HotRemove { region: String },
@@ -412,6 +444,7 @@ impl Step {
             Step::FailAllocation { .. } => "fail-allocation",
             Step::HotAdd { .. } => "hot-add",
             Step::HotRemove { .. } => "hot-remove",
+            Step::HotAddMemory { .. } => "hot-add",
         }
     }
 }
@@ -740,7 +773,7 @@ impl Scenario {
             let allocated = |name: &str| {
                 boot_gigantic.iter().any(|g| g.region == name)
                     || steps.iter().any(|s: &PlacedStep| {
-                        matches!(&s.step, Step::HugetlbAlloc { region, .. } | Step::HotAdd { region, .. } if region == name)
+                        matches!(&s.step, Step::HugetlbAlloc { region, .. } | Step::HotAdd { region, .. } | Step::HotAddMemory { region, .. } if region == name)
                     })
             };
             match &step {
@@ -756,7 +789,9 @@ impl Scenario {
                         format!("no earlier step allocates region `{region}`"),
                     ));
                 }
-                Step::HugetlbAlloc { region, .. } | Step::HotAdd { region, .. } if allocated(region) => {
+                Step::HugetlbAlloc { region, .. } | Step::HotAdd { region, .. } | Step::HotAddMemory { region, .. }
+                    if allocated(region) =>
+                {
                     return Err(loc.error(
                         span,
                         Some(&format!("step[{}].region", i + 1)),
@@ -765,13 +800,25 @@ impl Scenario {
                 }
                 _ => {}
             }
+            if let Step::HugetlbAlloc { from: Some(from), .. } = &step {
+                let hot_memory = steps
+                    .iter()
+                    .any(|s: &PlacedStep| matches!(&s.step, Step::HotAddMemory { region, .. } if region == from));
+                if !hot_memory {
+                    return Err(loc.error(
+                        span,
+                        Some(&format!("step[{}].from", i + 1)),
+                        format!("no earlier hot-add of kind \"memory\" names `{from}`"),
+                    ));
+                }
+            }
             steps.push(PlacedStep { step, expect_failure, sweep_failures, line });
         }
 
         let hot_adds: Vec<(usize, u64)> = steps
             .iter()
             .filter_map(|p| match p.step {
-                Step::HotAdd { size, .. } => Some((p.line, size)),
+                Step::HotAdd { size, .. } | Step::HotAddMemory { size, .. } => Some((p.line, size)),
                 _ => None,
             })
             .collect();
@@ -1040,7 +1087,7 @@ status = 0
         .unwrap();
         assert_eq!(
             s.steps[0].step,
-            Step::HugetlbAlloc { region: "a".into(), order: 18, count: 2, zone: Zone::Movable }
+            Step::HugetlbAlloc { region: "a".into(), order: 18, count: 2, zone: Zone::Movable, from: None }
         );
         assert_eq!(s.steps[1].step, Step::Optimize { region: "a".into(), layout: Layout::Unified });
 

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use hvo_abi::manifest::{Manifest, Region};
-use hvo_abi::model::{Layout, StructPage, STRUCT_PAGE_SIZE};
+use hvo_abi::model::{Layout, RegionKind, StructPage, STRUCT_PAGE_SIZE};
 use hvo_images::Arch;
 
 use crate::addr::{PhysAddr, VirtAddr};
@@ -225,7 +225,9 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
         }
     }
 
-    for region in manifest.regions.iter() {
+    // Hot-added memory holds plain pages, no compound pages: its vmemmap is
+    // covered by accounting and no-leak.
+    for region in manifest.regions.iter().filter(|r| r.kind != RegionKind::Memory) {
         let shared = manifest.shared_tails.find(region.zone, region.order).map(|t| PhysAddr(t.pa));
         let mut compound_pages = 0;
         for head in region.heads() {
@@ -526,7 +528,7 @@ pub struct RegionCost {
 /// counted from which vmemmap pages map which frames (not from a formula).
 pub fn region_costs(manifest: &Manifest, map: &VmemmapMap) -> Vec<RegionCost> {
     let mut out = Vec::new();
-    for region in manifest.regions.iter() {
+    for region in manifest.regions.iter().filter(|r| r.kind != RegionKind::Memory) {
         let pages = ((1u64 << region.order) * STRUCT_PAGE_SIZE / PAGE).max(1);
         let mut private_frames = 0;
         let mut shared = std::collections::BTreeSet::new();
