@@ -420,13 +420,7 @@ impl Run<'_> {
                 let from = from.as_deref().map(|f| self.region_id(f)).transpose()?;
                 let reply =
                     self.request(Command::HugetlbAlloc { order: *order, count: *count, zone: *zone, from }).await?;
-                if self.expect_refusal {
-                    return Ok(());
-                }
-                let id =
-                    reply_field(&reply, "region").ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
-                self.regions.insert(region.clone(), id as u32);
-                Ok(())
+                self.record_region(region, &reply)
             }
             Step::Optimize { region, layout } => {
                 let region = self.region_id(region)?;
@@ -455,26 +449,13 @@ impl Run<'_> {
                         layout: *layout,
                     })
                     .await?;
-                if self.expect_refusal {
-                    // The guest rolled back; the DIMM stays plugged but unused.
-                    return Ok(());
-                }
-                let id =
-                    reply_field(&reply, "region").ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
-                self.regions.insert(region.clone(), id as u32);
-                Ok(())
+                self.record_region(region, &reply)
             }
             Step::HotAddMemory { region, size, zone } => {
                 let (start, dimm, slot) = self.plug_dimm(*size).await?;
                 self.dimm_of.insert(region.clone(), (dimm, slot));
                 let reply = self.request(Command::HotAddMemory { start: start.0, size: *size, zone: *zone }).await?;
-                if self.expect_refusal {
-                    return Ok(());
-                }
-                let id =
-                    reply_field(&reply, "region").ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
-                self.regions.insert(region.clone(), id as u32);
-                Ok(())
+                self.record_region(region, &reply)
             }
             Step::HotRemove { region: name } => {
                 let region = self.region_id(name)?;
@@ -602,9 +583,7 @@ impl Run<'_> {
                     // This allocation was never reached: disarm it.
                     self.request(Command::FailAlloc { nth: 0 }).await?;
                     if let Step::HugetlbAlloc { region, .. } | Step::HotAdd { region, .. } = step {
-                        let id = reply_field(&reply, "region")
-                            .ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
-                        self.regions.insert(region.clone(), id as u32);
+                        self.record_region(region, &reply)?;
                     }
                     let swept = self.metrics.get("allocation_failures_swept").and_then(|v| v.as_u64()).unwrap_or(0);
                     self.metrics.insert("allocation_failures_swept".into(), json!(swept + nth - 1));
@@ -624,6 +603,17 @@ impl Run<'_> {
             Err(ConsoleError::Refused { .. }) => Ok(None),
             Err(e) => Err(self.console_abort(e).await),
         }
+    }
+
+    /// Names the region a step created after the guest's `region=<id>` reply;
+    /// a step the guest refused as expected created none.
+    fn record_region(&mut self, name: &str, reply: &str) -> Result<(), Abort> {
+        if self.expect_refusal {
+            return Ok(());
+        }
+        let id = reply_field(reply, "region").ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
+        self.regions.insert(name.to_string(), id as u32);
+        Ok(())
     }
 
     fn region_id(&self, name: &str) -> Result<u32, Abort> {
