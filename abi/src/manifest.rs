@@ -15,7 +15,7 @@ pub const MANIFEST_SYMBOL: &str = "HVO_MANIFEST";
 /// `b"HVOMANIF"` read as a little-endian u64.
 pub const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"HVOMANIF");
 /// Bumped whenever the layout below changes.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 pub const MAX_ROOTS: usize = 4;
 pub const MAX_RAM_RANGES: usize = 8;
@@ -113,6 +113,9 @@ pub struct RawRegion {
     pub optimized: u32,
     /// The id commands name the region by.
     pub id: u32,
+    /// DAX: guest-physical address of the region's pageblock migratetype tags,
+    /// one byte per 2 MiB pageblock (0: none kept).
+    pub pageblock_tags: u64,
 }
 
 /// A shared tail page: one per (zone, order).
@@ -204,6 +207,7 @@ impl RawManifest {
                 layout: 0,
                 optimized: 0,
                 id: 0,
+                pageblock_tags: 0,
             }; MAX_REGIONS],
             shared_tails: [RawSharedTail { pa: 0, zone: 0, order: 0, users: 0 }; MAX_SHARED_TAILS],
         }
@@ -235,6 +239,8 @@ impl Range {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Region {
     pub id: u32,
+    /// Where the pageblock migratetype tags are (0: none kept).
+    pub pageblock_tags: u64,
     pub kind: RegionKind,
     pub start_pfn: u64,
     pub nr_pages: u64,
@@ -485,6 +491,7 @@ impl Manifest {
             let layout_raw = field(offset_of!(RawRegion, layout));
             *slot = Some(Region {
                 id: field(offset_of!(RawRegion, id)),
+                pageblock_tags: u64_at(at + offset_of!(RawRegion, pageblock_tags)),
                 kind: RegionKind::from_raw(kind_raw).ok_or(bad("kind", kind_raw))?,
                 start_pfn: u64_at(at + offset_of!(RawRegion, start_pfn)),
                 nr_pages: u64_at(at + offset_of!(RawRegion, nr_pages)),
@@ -623,6 +630,7 @@ mod tests {
             layout: Layout::Unified as u32,
             optimized: 1,
             id: 3,
+            pageblock_tags: 0,
         };
         raw.shared_tail_count = 1;
         raw.shared_tails[0] = RawSharedTail { pa: 0x4100_0000, zone: Zone::Movable as u32, order: 9, users: 4 };

@@ -2,6 +2,11 @@
 //! and region kinds. Defined once so the host decodes exactly what the guest
 //! writes; how pages are mapped is not here (the host works that out itself).
 
+/// Pageblocks are 2 MiB (pageblock_order 9 with 4 KiB pages).
+pub const PAGEBLOCK_PAGES: u64 = 512;
+/// The migratetype memmap init gives device memory's pageblocks.
+pub const MIGRATE_MOVABLE: u8 = 1;
+
 /// Every architecture's `struct page` is 64 bytes.
 pub const STRUCT_PAGE_SIZE: u64 = 64;
 
@@ -199,10 +204,13 @@ pub enum Knob {
     /// DAX with compound pages counts the unoptimized vmemmap size instead
     /// of the frames it allocated (v8 4/6).
     DaxCountedUnoptimized = 11,
+    /// A 1 GiB device compound page gets only its first pageblock's
+    /// migratetype set (v8 5/6, patch 06).
+    FirstPageblockOnly = 12,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 12] = [
+    pub const ALL: [Knob; 13] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -215,6 +223,7 @@ impl Knob {
         Knob::SkipSplit,
         Knob::HotAddRollbackOvercount,
         Knob::DaxCountedUnoptimized,
+        Knob::FirstPageblockOnly,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -231,6 +240,7 @@ impl Knob {
             Knob::SkipSplit => "skip-split",
             Knob::HotAddRollbackOvercount => "hot-add-rollback-overcount",
             Knob::DaxCountedUnoptimized => "dax-counted-unoptimized",
+            Knob::FirstPageblockOnly => "first-pageblock-only",
         }
     }
 

@@ -73,6 +73,7 @@ pub fn publish(kernel: &Kernel) -> u64 {
                 layout: r.layout as u32,
                 optimized: r.optimized as u32,
                 id: id as u32,
+                pageblock_tags: vm.pageblock_tags[id].map(|(pa, _)| pa.0).unwrap_or(0),
             };
             n += 1;
         }

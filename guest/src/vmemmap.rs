@@ -2,7 +2,7 @@
 //! HugeTLB vmemmap optimization and restore under each layout, as Linux's
 //! mm/sparse-vmemmap.c and mm/hugetlb_vmemmap.c do it, in miniature.
 
-use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone, STRUCT_PAGE_SIZE};
+use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone, MIGRATE_MOVABLE, PAGEBLOCK_PAGES, STRUCT_PAGE_SIZE};
 
 use crate::arch;
 use crate::mm::boot::Table;
@@ -115,6 +115,9 @@ pub struct Vmemmap {
     origin: [Option<usize>; MAX_REGIONS],
     /// For a hot-added memory region: how many of its pages are handed out.
     used: [u64; MAX_REGIONS],
+    /// For a DAX region: its pageblock migratetype tags, one byte per
+    /// pageblock (where, and the bytes allocated).
+    pub pageblock_tags: [Option<(PhysAddr, u64)>; MAX_REGIONS],
 }
 
 /// The sections holding any of `ram`, merged into ranges.
@@ -152,6 +155,7 @@ impl Vmemmap {
             state: BootState::Early,
             origin: [None; MAX_REGIONS],
             used: [0; MAX_REGIONS],
+            pageblock_tags: [None; MAX_REGIONS],
         }
     }
 
@@ -681,6 +685,16 @@ impl Vmemmap {
                 return Err(e);
             }
         }
+        match self.tag_pageblocks(frames, &region) {
+            Ok(tags) => self.pageblock_tags[id] = Some(tags),
+            Err(e) => {
+                for head in region.heads() {
+                    self.depopulate_compound(table, frames, &region, head);
+                }
+                self.free_vmemmap_tables(table, frames, &region);
+                return Err(e);
+            }
+        }
         if self.knob(Knob::DaxCountedUnoptimized) {
             // The bug: every compound page counted at its unoptimized size.
             let pages = region.vmemmap_pages().max(1);
@@ -688,6 +702,23 @@ impl Vmemmap {
         }
         self.regions[id] = Some(region);
         Ok(id)
+    }
+
+    /// Sets every pageblock of a device range to movable (as memmap init of
+    /// ZONE_DEVICE does), in a tag array of its own; returns where it is.
+    fn tag_pageblocks(&self, frames: &mut FrameAllocator, region: &Region) -> Result<(PhysAddr, u64), VmemmapError> {
+        let count = region.nr_pages.div_ceil(PAGEBLOCK_PAGES);
+        let bytes = count.div_ceil(PAGE) * PAGE;
+        let tags = frames.alloc_data(bytes, PAGE, Purpose::Usemap)?;
+        let per_compound = ((1u64 << region.order) / PAGEBLOCK_PAGES).max(1);
+        for i in 0..count {
+            // Knob `first-pageblock-only`: a compound page's later pageblocks are skipped.
+            let skipped = self.knob(Knob::FirstPageblockOnly) && i % per_compound != 0;
+            let tag = if skipped { 0 } else { MIGRATE_MOVABLE };
+            // SAFETY: the tag array is ours, identity-mapped.
+            unsafe { tags.add(i).as_mut_ptr::<u8>().write_volatile(tag) };
+        }
+        Ok((tags, bytes))
     }
 
     /// Vmemmap pages a DAX compound page keeps private under its layout.
@@ -872,6 +903,9 @@ impl Vmemmap {
             self.depopulate_compound(table, frames, &region, head);
         }
         self.free_vmemmap_tables(table, frames, &region);
+        if let Some((tags, bytes)) = self.pageblock_tags[id].take() {
+            frames.free(tags, bytes, Purpose::Usemap);
+        }
         self.regions[id] = None;
         Ok(())
     }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use hvo_abi::manifest::{Manifest, Region};
-use hvo_abi::model::{Layout, RegionKind, StructPage, STRUCT_PAGE_SIZE};
+use hvo_abi::model::{Layout, RegionKind, StructPage, MIGRATE_MOVABLE, PAGEBLOCK_PAGES, STRUCT_PAGE_SIZE};
 use hvo_images::Arch;
 
 use crate::addr::{PhysAddr, VirtAddr};
@@ -245,6 +245,30 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
                     region.zone.name(), region.order, t.users, region.id
                 ));
             }
+        }
+    }
+
+    // Device ranges: every pageblock tagged movable, 1 GiB compound pages too.
+    for region in manifest.regions.iter().filter(|r| r.kind == RegionKind::Dax && r.pageblock_tags != 0) {
+        let count = region.nr_pages.div_ceil(PAGEBLOCK_PAGES) as usize;
+        let mut tags = vec![0u8; count];
+        f.cover(CONTENTS, count as u64);
+        if mem.read(PhysAddr(region.pageblock_tags), &mut tags).is_err() {
+            f.fail(
+                CONTENTS,
+                format!("region {}: pageblock tags at {:#x} unreadable", region.id, region.pageblock_tags),
+            );
+            continue;
+        }
+        let wrong: Vec<usize> = (0..count).filter(|&i| tags[i] != MIGRATE_MOVABLE).collect();
+        if let Some(&first) = wrong.first() {
+            f.fail(CONTENTS, format!(
+                "region {}: {} of {count} pageblocks are not movable, the first pageblock {first} (pfn {:#x}) has migratetype {}",
+                region.id,
+                wrong.len(),
+                region.start_pfn + first as u64 * PAGEBLOCK_PAGES,
+                tags[first]
+            ));
         }
     }
 

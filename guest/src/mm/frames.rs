@@ -10,10 +10,12 @@ pub enum Purpose {
     Vmemmap,
     /// HugeTLB folios: data pages, not counted as overhead.
     HugeTlb,
+    /// Pageblock migratetype tags (the section usemap).
+    Usemap,
 }
 
 impl Purpose {
-    const COUNT: usize = 3;
+    const COUNT: usize = 4;
     const fn index(self) -> usize {
         self as usize
     }
