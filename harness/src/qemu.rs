@@ -24,6 +24,8 @@ pub struct MachineSpec {
     pub slots: u32,
     /// Upper bound on boot plus hotplugged memory, in bytes.
     pub max_memory: u64,
+    /// NVDIMMs will be hotplugged: the machine needs `nvdimm=on`.
+    pub nvdimm: bool,
 }
 
 /// The files of one run, all inside its private temporary directory.
@@ -67,7 +69,8 @@ impl QemuCommand {
         } else {
             format!("{mib}M")
         };
-        push(&["-M", &format!("{},memory-backend={BOOT_RAM_ID}", profile.machine)]);
+        let nvdimm = if machine.nvdimm { ",nvdimm=on" } else { "" };
+        push(&["-M", &format!("{},memory-backend={BOOT_RAM_ID}{nvdimm}", profile.machine)]);
         push(&["-cpu", profile.cpu, "-m", &memory]);
         push(&[
             "-object",
@@ -223,7 +226,7 @@ mod tests {
     use hvo_images::{profile, Arch};
 
     fn command(arch: Arch) -> QemuCommand {
-        let machine = MachineSpec { boot_memory: 512 << 20, slots: 4, max_memory: 8 << 30 };
+        let machine = MachineSpec { boot_memory: 512 << 20, slots: 4, max_memory: 8 << 30, nvdimm: false };
         let paths = RunPaths { dir: PathBuf::from("/run/x") };
         QemuCommand::new(profile(arch), &machine, Path::new("/g/hvo-guest"), &paths)
     }
@@ -278,10 +281,11 @@ mod tests {
 
     #[test]
     fn without_slots_there_is_no_hotplug_memory() {
-        let machine = MachineSpec { boot_memory: 1 << 30, slots: 0, max_memory: 1 << 30 };
+        let machine = MachineSpec { boot_memory: 1 << 30, slots: 0, max_memory: 1 << 30, nvdimm: true };
         let paths = RunPaths { dir: PathBuf::from("/r") };
         let c = QemuCommand::new(profile(Arch::Ppc64le), &machine, Path::new("/g"), &paths);
         assert!(has_pair(&c, "-m", "1024M"));
+        assert!(c.args.iter().any(|a| a.ends_with("memory-backend=boot-ram,nvdimm=on")), "{:?}", c.args);
     }
 
     #[test]

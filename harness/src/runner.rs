@@ -437,8 +437,8 @@ impl Run<'_> {
                 Ok(())
             }
             Step::Verify => self.verify().await,
-            Step::HotAdd { region, size, order, zone, layout } => {
-                let (start, dimm, slot) = self.plug_dimm(*size).await?;
+            Step::HotAdd { region, size, order, zone, layout, nvdimm } => {
+                let (start, dimm, slot) = self.plug_dimm(*size, *nvdimm).await?;
                 self.dimm_of.insert(region.clone(), (dimm, slot));
                 let reply = self
                     .request(Command::HotAdd {
@@ -452,7 +452,7 @@ impl Run<'_> {
                 self.record_region(region, &reply)
             }
             Step::HotAddMemory { region, size, zone } => {
-                let (start, dimm, slot) = self.plug_dimm(*size).await?;
+                let (start, dimm, slot) = self.plug_dimm(*size, false).await?;
                 self.dimm_of.insert(region.clone(), (dimm, slot));
                 let reply = self.request(Command::HotAddMemory { start: start.0, size: *size, zone: *zone }).await?;
                 self.record_region(region, &reply)
@@ -476,7 +476,7 @@ impl Run<'_> {
     /// Plugs a DIMM of `size` bytes and returns where it landed. The vCPUs are
     /// stopped around `device_add`: QEMU 7.2 can wait forever there for an
     /// RCU grace period a spinning vCPU never ends.
-    async fn plug_dimm(&mut self, size: u64) -> Result<(PhysAddr, u32, u32), Abort> {
+    async fn plug_dimm(&mut self, size: u64, nvdimm: bool) -> Result<(PhysAddr, u32, u32), Abort> {
         let n = self.dimms;
         self.dimms += 1;
         let Some(qmp) = self.qmp.as_ref() else { return Err(Abort::Infra("no QMP".into())) };
@@ -485,7 +485,7 @@ impl Run<'_> {
         let mut plugged = Ok(());
         for command in [
             format!("object_add memory-backend-ram,id=hvo-mem{n},size={size},reserve=off"),
-            format!("device_add pc-dimm,id=hvo-dimm{n},memdev=hvo-mem{n}"),
+            format!("device_add {},id=hvo-dimm{n},memdev=hvo-mem{n}", if nvdimm { "nvdimm" } else { "pc-dimm" }),
         ] {
             match qmp.hmp(&command).await {
                 Ok(out) if out.trim().is_empty() => {}
@@ -549,9 +549,9 @@ impl Run<'_> {
     async fn sweep(&mut self, step: &Step) -> Result<(), Abort> {
         const MAX_SWEEP: u64 = 10_000;
         let mut hot_add_start = None;
-        if let Step::HotAdd { region, size, .. } = step {
+        if let Step::HotAdd { region, size, nvdimm, .. } = step {
             // One DIMM for every attempt: a refused hot-add leaves it unused.
-            let (start, dimm, slot) = self.plug_dimm(*size).await?;
+            let (start, dimm, slot) = self.plug_dimm(*size, *nvdimm).await?;
             self.dimm_of.insert(region.clone(), (dimm, slot));
             hot_add_start = Some(start);
         }

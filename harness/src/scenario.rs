@@ -135,6 +135,7 @@ struct RawStep {
     sweep_failures: Option<Spanned<bool>>,
     kind: Option<Spanned<String>>,
     from: Option<Spanned<String>>,
+    device: Option<Spanned<String>>,
 }
 
 const ACTIONS: &[&str] = &[
@@ -177,6 +178,7 @@ impl RawStep {
             ("sweep-failures", self.sweep_failures.as_ref().map(|s| s.span())),
             ("kind", self.kind.as_ref().map(|s| s.span())),
             ("from", self.from.as_ref().map(|s| s.span())),
+            ("device", self.device.as_ref().map(|s| s.span())),
         ]
         .into_iter()
         .filter_map(|(n, s)| Some((n, s?)))
@@ -273,6 +275,18 @@ impl RawStep {
                     ));
                 }
                 let size = self.size.as_ref().ok_or_else(|| missing("size", "the hotplugged memory's `size`"))?;
+                let nvdimm = match &self.device {
+                    None => false,
+                    Some(d) if d.get_ref() == "dimm" => false,
+                    Some(d) if d.get_ref() == "nvdimm" => true,
+                    Some(d) => {
+                        return Err(loc.error(
+                            d.span(),
+                            Some(&field("device")),
+                            format!("unknown device `{}` (known: dimm, nvdimm)", d.get_ref()),
+                        ))
+                    }
+                };
                 let compound =
                     self.compound.as_ref().map(|c| (c.get_ref().0, c.span())).unwrap_or((2 << 20, size.span()));
                 if !compound.0.is_power_of_two() || !FOLIO_SIZES.contains(&compound.0) {
@@ -312,8 +326,19 @@ impl RawStep {
                         order: compound.0.trailing_zeros() - 12,
                         zone,
                         layout,
+                        nvdimm,
                     },
-                    &["region", "size", "compound", "zone", "layout", "kind", "expect-failure", "sweep-failures"],
+                    &[
+                        "region",
+                        "size",
+                        "compound",
+                        "zone",
+                        "layout",
+                        "kind",
+                        "device",
+                        "expect-failure",
+                        "sweep-failures",
+                    ],
                 )
             }
             "hot-remove" => (Step::HotRemove { region: region()? }, &["region"]),
@@ -422,7 +447,7 @@ pub enum Step {
     FailAllocation { nth: u64 },
     /// Hotplug `size` bytes of memory (a DIMM) and make it device DAX with
     /// compound pages of `order`, its vmemmap under `layout`.
-    HotAdd { region: String, size: u64, order: u32, zone: Zone, layout: Layout },
+    HotAdd { region: String, size: u64, order: u32, zone: Zone, layout: Layout, nvdimm: bool },
     /// Hotplug `size` bytes and online them as ordinary memory in `zone`.
     HotAddMemory { region: String, size: u64, zone: Zone },
     /// Unplug a hot-added region: the guest tears its vmemmap down and the
@@ -837,6 +862,42 @@ impl Scenario {
                 ),
             });
         }
+        let nvdimms: Vec<&PlacedStep> =
+            steps.iter().filter(|p| matches!(p.step, Step::HotAdd { nvdimm: true, .. })).collect();
+        if let Some(first) = nvdimms.first() {
+            if let Some(arch) = architectures.iter().find(|a| !profile(**a).nvdimm_hotplug) {
+                return Err(ScenarioError {
+                    file: file.to_path_buf(),
+                    line: first.line,
+                    column: 1,
+                    field: "device".into(),
+                    message: format!(
+                        "{arch} cannot hotplug an nvdimm: list only x86_64 and aarch64 in `architectures`"
+                    ),
+                });
+            }
+        }
+        let nvdimm_regions: Vec<&str> = nvdimms
+            .iter()
+            .filter_map(|p| match &p.step {
+                Step::HotAdd { region, .. } => Some(region.as_str()),
+                _ => None,
+            })
+            .collect();
+        if let Some(p) = steps
+            .iter()
+            .find(|p| matches!(&p.step, Step::HotRemove { region } if nvdimm_regions.contains(&region.as_str())))
+        {
+            return Err(ScenarioError {
+                file: file.to_path_buf(),
+                line: p.line,
+                column: 1,
+                field: "region".into(),
+                message: "QEMU cannot unplug an nvdimm".into(),
+            });
+        }
+        let mut machine = machine;
+        machine.nvdimm = !nvdimms.is_empty();
         if hot_adds.len() > machine.slots as usize || machine.boot_memory + plugged > machine.max_memory {
             return Err(ScenarioError {
                 file: file.to_path_buf(),
@@ -936,7 +997,7 @@ fn machine(loc: &Locator, raw: &RawMachine, arches: &[Arch]) -> Result<MachineSp
     if !max_memory.is_multiple_of(MIB) {
         return Err(loc.error(max_span, Some("machine.max-memory"), "must be a whole number of MiB"));
     }
-    Ok(MachineSpec { boot_memory, slots, max_memory })
+    Ok(MachineSpec { boot_memory, slots, max_memory, nvdimm: false })
 }
 
 /// Every `.toml` file under `path` (or `path` itself), sorted.
@@ -997,7 +1058,7 @@ status = 0
         let s = parse(GOOD).unwrap();
         assert_eq!(s.name, "boot");
         assert_eq!(s.architectures, vec![Arch::X86_64, Arch::Ppc64le]);
-        assert_eq!(s.machine, MachineSpec { boot_memory: 1 << 30, slots: 2, max_memory: 4 << 30 });
+        assert_eq!(s.machine, MachineSpec { boot_memory: 1 << 30, slots: 2, max_memory: 4 << 30, nvdimm: false });
         assert_eq!(
             s.steps.iter().map(|s| s.step.clone()).collect::<Vec<_>>(),
             vec![Step::Ping, Step::VerifyManifest, Step::Exit { status: 0 }]
@@ -1103,6 +1164,20 @@ status = 0
         assert_eq!((e.line, e.field.as_str()), (8, "step[2].layout"), "{e}");
         let e = err("[[step]]\naction = \"optimize\"\n");
         assert_eq!(e.field, "step[1].region", "{e}");
+    }
+
+    #[test]
+    fn nvdimms_need_a_machine_that_hotplugs_them_and_never_go() {
+        let add = "[[step]]\naction = \"hot-add\"\nregion = \"pm\"\ndevice = \"nvdimm\"\nsize = \"1G\"\n";
+        let e = err(add);
+        assert!(e.message.contains("ppc64le cannot hotplug an nvdimm"), "{e}");
+        let s = parse(&format!("architectures = [\"x86_64\"]\n{add}")).unwrap();
+        assert!(s.machine.nvdimm);
+        let e =
+            err(&format!("architectures = [\"x86_64\"]\n{add}[[step]]\naction = \"hot-remove\"\nregion = \"pm\"\n"));
+        assert!(e.message.contains("cannot unplug an nvdimm"), "{e}");
+        let e = err("[[step]]\naction = \"hot-add\"\nregion = \"x\"\ndevice = \"floppy\"\nsize = \"1G\"\n");
+        assert_eq!(e.field, "step[1].device", "{e}");
     }
 
     #[test]

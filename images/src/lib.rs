@@ -91,6 +91,8 @@ pub struct Profile {
     pub dimm_granule: u64,
     /// How boot RAM is laid out in guest-physical space.
     pub ram_layout: RamLayout,
+    /// Whether an `nvdimm` can be hotplugged (with the machine's `nvdimm=on`).
+    pub nvdimm_hotplug: bool,
     /// The kernel's PAGE_OFFSET: where all RAM is mapped again.
     pub linear_map_base: u64,
     /// Base of the vmemmap region (DESIGN.md section 3).
@@ -136,6 +138,7 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             ram_granule: 2 * MIB,
             dimm_granule: 2 * MIB,
             ram_layout: RamLayout::PcSplit,
+            nvdimm_hotplug: true,
             linear_map_base: 0xffff_8880_0000_0000,
             vmemmap_base: 0xffff_ea00_0000_0000,
         },
@@ -154,6 +157,7 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             ram_granule: 2 * MIB,
             dimm_granule: 2 * MIB,
             ram_layout: RamLayout::Contiguous,
+            nvdimm_hotplug: true,
             linear_map_base: 0xffff_0000_0000_0000,
             vmemmap_base: 0xffff_fdff_c000_0000,
         },
@@ -181,6 +185,7 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             ram_granule: 256 * MIB,
             dimm_granule: 256 * MIB,
             ram_layout: RamLayout::Contiguous,
+            nvdimm_hotplug: false,
             linear_map_base: 0xc000_0000_0000_0000,
             vmemmap_base: 0xc00c_0000_0000_0000,
         },
