@@ -15,7 +15,7 @@ pub const MANIFEST_SYMBOL: &str = "HVO_MANIFEST";
 /// `b"HVOMANIF"` read as a little-endian u64.
 pub const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"HVOMANIF");
 /// Bumped whenever the layout below changes.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 pub const MAX_ROOTS: usize = 4;
 pub const MAX_RAM_RANGES: usize = 8;
@@ -116,6 +116,10 @@ pub struct RawRegion {
     /// DAX: guest-physical address of the region's pageblock migratetype tags,
     /// one byte per 2 MiB pageblock (0: none kept).
     pub pageblock_tags: u64,
+    /// DAX with an altmap: the pages just below `start_pfn` that hold the
+    /// region's struct pages, on the device itself (0: struct pages in
+    /// system memory).
+    pub altmap_pfns: u64,
 }
 
 /// A shared tail page: one per (zone, order).
@@ -208,6 +212,7 @@ impl RawManifest {
                 optimized: 0,
                 id: 0,
                 pageblock_tags: 0,
+                altmap_pfns: 0,
             }; MAX_REGIONS],
             shared_tails: [RawSharedTail { pa: 0, zone: 0, order: 0, users: 0 }; MAX_SHARED_TAILS],
         }
@@ -248,9 +253,18 @@ pub struct Region {
     pub order: u32,
     pub layout: Layout,
     pub optimized: bool,
+    /// Pages just below `start_pfn` holding the region's struct pages on the
+    /// device (altmap); 0 when they are in system memory.
+    pub altmap_pfns: u64,
 }
 
 impl Region {
+    /// The device pages holding the struct pages, as a pfn range (empty
+    /// without an altmap).
+    pub fn altmap(&self) -> core::ops::Range<u64> {
+        self.start_pfn.saturating_sub(self.altmap_pfns)..self.start_pfn
+    }
+
     /// Head pfns of the region's compound pages.
     pub fn heads(&self) -> impl Iterator<Item = u64> + '_ {
         let step = 1u64 << self.order;
@@ -499,6 +513,7 @@ impl Manifest {
                 order: field(offset_of!(RawRegion, order)),
                 layout: Layout::from_raw(layout_raw).ok_or(bad("layout", layout_raw))?,
                 optimized: field(offset_of!(RawRegion, optimized)) != 0,
+                altmap_pfns: u64_at(at + offset_of!(RawRegion, altmap_pfns)),
             });
         }
 
@@ -631,6 +646,7 @@ mod tests {
             optimized: 1,
             id: 3,
             pageblock_tags: 0,
+            altmap_pfns: 0,
         };
         raw.shared_tail_count = 1;
         raw.shared_tails[0] = RawSharedTail { pa: 0x4100_0000, zone: Zone::Movable as u32, order: 9, users: 4 };

@@ -33,6 +33,16 @@ const ZONE_MASK: u64 = 0xff;
 const ORDER_SHIFT: u32 = 16;
 
 impl StructPage {
+    /// What a struct page holds before memmap init writes it: Linux's
+    /// PAGE_POISON_PATTERN (all ones) under CONFIG_DEBUG_VM.
+    pub const POISONED: StructPage = StructPage {
+        flags: u64::MAX,
+        compound_head: u64::MAX,
+        refcount: u64::MAX,
+        marker: u64::MAX,
+        reserved: [u64::MAX; 4],
+    };
+
     /// A page memmap init has initialized and nothing has claimed.
     pub const fn free(zone: Zone) -> StructPage {
         StructPage { flags: zone as u64, compound_head: 0, refcount: 0, marker: INITIALIZED, reserved: [0; 4] }
@@ -207,10 +217,21 @@ pub enum Knob {
     /// A 1 GiB device compound page gets only its first pageblock's
     /// migratetype set (v8 5/6, patch 06).
     FirstPageblockOnly = 12,
+    /// DAX hot-added into the empty subsections of a boot section reuses the
+    /// boot memmap unoptimized, yet only the struct pages an optimized
+    /// compound page keeps private get initialized (v8 6/6).
+    BootSectionPartialInit = 13,
+    /// Removing part of the memory under a 2 MiB vmemmap leaf frees the
+    /// whole leaf, with the struct pages of the subsections still present
+    /// (the arm64 sub-section hot-remove fix).
+    SubsectionRemoveFreesLeaf = 14,
+    /// A range whose struct pages live on the device (altmap) is optimized
+    /// anyway, its tails on the shared page in system memory.
+    OptimizeAltmap = 15,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 13] = [
+    pub const ALL: [Knob; 16] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -224,6 +245,9 @@ impl Knob {
         Knob::HotAddRollbackOvercount,
         Knob::DaxCountedUnoptimized,
         Knob::FirstPageblockOnly,
+        Knob::BootSectionPartialInit,
+        Knob::SubsectionRemoveFreesLeaf,
+        Knob::OptimizeAltmap,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -241,6 +265,9 @@ impl Knob {
             Knob::HotAddRollbackOvercount => "hot-add-rollback-overcount",
             Knob::DaxCountedUnoptimized => "dax-counted-unoptimized",
             Knob::FirstPageblockOnly => "first-pageblock-only",
+            Knob::BootSectionPartialInit => "boot-section-partial-init",
+            Knob::SubsectionRemoveFreesLeaf => "subsection-remove-frees-leaf",
+            Knob::OptimizeAltmap => "optimize-altmap",
         }
     }
 

@@ -54,13 +54,19 @@ pub enum Command<'a> {
     FailAlloc { nth: u64 },
     /// Hotplugged memory at `start` (`size` bytes) becomes a device-DAX
     /// range of compound pages of `order` in `zone`, its vmemmap populated
-    /// under `layout`; answered `ok region=<id>`.
-    HotAdd { start: u64, size: u64, order: u32, zone: Zone, layout: Layout },
+    /// under `layout`; with `altmap`, the struct pages are stored at the
+    /// start of the range itself. Answered `ok region=<id>`.
+    HotAdd { start: u64, size: u64, order: u32, zone: Zone, layout: Layout, altmap: bool },
+    /// Before `boot-memmap`: set the last `size` bytes of boot memory aside
+    /// as persistent memory (Linux's `memmap=nn!ss`), out of the memmap and
+    /// the allocator; answered `ok pmem=<start>`.
+    ReservePmem { size: u64 },
     /// Hotplugged memory at `start` becomes ordinary memory in `zone`: its
     /// vmemmap populated and its struct pages initialized; `ok region=<id>`.
     HotAddMemory { start: u64, size: u64, zone: Zone },
-    /// Tear down a hot-added range's vmemmap, then eject its memory slot.
-    HotRemove { region: u32, slot: u32 },
+    /// Tear down a hot-added range's vmemmap, then eject its memory slot
+    /// (none for persistent memory set aside at boot).
+    HotRemove { region: u32, slot: Option<u32> },
 }
 
 impl Command<'_> {
@@ -79,6 +85,7 @@ impl Command<'_> {
             Command::BootMemmap => "boot-memmap",
             Command::FailAlloc { .. } => "fail-alloc",
             Command::HotAdd { .. } => "hot-add",
+            Command::ReservePmem { .. } => "reserve-pmem",
             Command::HotAddMemory { .. } => "hot-add-memory",
             Command::HotRemove { .. } => "hot-remove",
         }
@@ -112,10 +119,13 @@ impl fmt::Display for Request<'_> {
             Command::ReserveGigantic { order, count, zone } => write!(f, " {order} {count} {}", zone.name()),
             Command::BootMemmap => Ok(()),
             Command::FailAlloc { nth } => write!(f, " {nth}"),
-            Command::HotRemove { region, slot } => write!(f, " {region} {slot}"),
+            Command::HotRemove { region, slot: Some(slot) } => write!(f, " {region} {slot}"),
+            Command::HotRemove { region, slot: None } => write!(f, " {region}"),
+            Command::ReservePmem { size } => write!(f, " {size:#x}"),
             Command::HotAddMemory { start, size, zone } => write!(f, " {start:#x} {size:#x} {}", zone.name()),
-            Command::HotAdd { start, size, order, zone, layout } => {
-                write!(f, " {start:#x} {size:#x} {order} {} {}", zone.name(), layout.name())
+            Command::HotAdd { start, size, order, zone, layout, altmap } => {
+                let memmap = if altmap { "altmap" } else { "system" };
+                write!(f, " {start:#x} {size:#x} {order} {} {} {memmap}", zone.name(), layout.name())
             }
         }
     }
@@ -239,8 +249,14 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
                 .next()
                 .and_then(Layout::from_name)
                 .ok_or(fail(RequestError::BadArgument { verb, what: "layout" }))?;
-            Command::HotAdd { start, size, order, zone, layout }
+            let altmap = match words.next() {
+                Some("altmap") => true,
+                Some("system") => false,
+                _ => return Err(fail(RequestError::BadArgument { verb, what: "memmap" })),
+            };
+            Command::HotAdd { start, size, order, zone, layout, altmap }
         }
+        "reserve-pmem" => Command::ReservePmem { size: hex(words.next(), "reserve-pmem", "size").map_err(fail)? },
         "hot-add-memory" => {
             let verb = "hot-add-memory";
             let start = hex(words.next(), verb, "start").map_err(fail)?;
@@ -251,7 +267,10 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
         }
         "hot-remove" => Command::HotRemove {
             region: number(words.next(), "hot-remove", "region").map_err(fail)? as u32,
-            slot: number(words.next(), "hot-remove", "slot").map_err(fail)? as u32,
+            slot: match words.next() {
+                None => None,
+                slot => Some(number(slot, "hot-remove", "slot").map_err(fail)? as u32),
+            },
         },
         "fail-alloc" => Command::FailAlloc { nth: number(words.next(), "fail-alloc", "nth").map_err(fail)? },
         "knob" => {
@@ -354,7 +373,9 @@ mod tests {
             Request { seq: 11, command: Command::ReserveGigantic { order: 18, count: 2, zone: Zone::Normal } },
             Request { seq: 12, command: Command::BootMemmap },
             Request { seq: 13, command: Command::FailAlloc { nth: 3 } },
-            Request { seq: 15, command: Command::HotRemove { region: 2, slot: 1 } },
+            Request { seq: 15, command: Command::HotRemove { region: 2, slot: Some(1) } },
+            Request { seq: 18, command: Command::HotRemove { region: 4, slot: None } },
+            Request { seq: 19, command: Command::ReservePmem { size: 0x80_0000 } },
             Request {
                 seq: 16,
                 command: Command::HugetlbAlloc { order: 18, count: 1, zone: Zone::Movable, from: Some(3) },
@@ -371,6 +392,7 @@ mod tests {
                     order: 18,
                     zone: Zone::Device,
                     layout: Layout::Unified,
+                    altmap: true,
                 },
             },
         ] {

@@ -49,7 +49,12 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                         let done = boot_memmap(kernel);
                         changed(kernel, req.seq, done.map(|()| kernel.vmemmap.struct_pages_initialized), "initialized")
                     }
-                    Command::HotAdd { start, size, order, zone, layout } => {
+                    Command::ReservePmem { size } => {
+                        let k = &mut *kernel;
+                        let done = k.vmemmap.reserve_pmem(&mut k.frames, &mut k.ram, size);
+                        changed(kernel, req.seq, done.map(|pa| pa.0), "pmem")
+                    }
+                    Command::HotAdd { start, size, order, zone, layout, altmap } => {
                         let k = &mut *kernel;
                         let done = k.vmemmap.hot_add(
                             &mut k.tables.kernel,
@@ -59,6 +64,7 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                             order,
                             zone,
                             layout,
+                            altmap,
                         );
                         // A new top-level vmemmap entry must reach every root
                         // (knob `unsynced-root`: it does not).
@@ -83,7 +89,7 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                     Command::HotRemove { region, slot } => {
                         let k = &mut *kernel;
                         let done = k.vmemmap.hot_remove(&mut k.tables.kernel, &mut k.frames, region as usize);
-                        if done.is_ok() {
+                        if let (Ok(()), Some(slot)) = (done, slot) {
                             arch::eject_memory_slot(slot);
                         }
                         changed(kernel, req.seq, done.map(|()| u64::from(region)), "removed")

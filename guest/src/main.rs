@@ -9,6 +9,7 @@ mod commands;
 mod console;
 mod manifest;
 mod mm;
+mod sparse;
 mod vmemmap;
 
 use mm::boot::{Table, Tables};

@@ -74,6 +74,7 @@ pub fn publish(kernel: &Kernel) -> u64 {
                 optimized: r.optimized as u32,
                 id: id as u32,
                 pageblock_tags: vm.pageblock_tags[id].map(|(pa, _)| pa.0).unwrap_or(0),
+                altmap_pfns: r.altmap_pfns,
             };
             n += 1;
         }

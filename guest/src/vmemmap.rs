@@ -9,6 +9,7 @@ use crate::mm::boot::Table;
 use crate::mm::frames::{align_down, align_up, AllocError, FrameAllocator, Purpose};
 use crate::mm::pagetable::{Flush, MapError, Prot};
 use crate::mm::{PageSize, PhysAddr, Range, RangeList, VirtAddr};
+use crate::sparse::{SectionError, Sections, SUBSECTION};
 
 pub const MAX_REGIONS: usize = hvo_abi::manifest::MAX_REGIONS;
 pub const MAX_SHARED_TAILS: usize = hvo_abi::manifest::MAX_SHARED_TAILS;
@@ -30,6 +31,23 @@ pub enum VmemmapError {
     TooLate,
     /// The region is still in use.
     Busy,
+    /// Section bookkeeping refused the range (overlap, misalignment).
+    Sections(SectionError),
+    /// The range is too small to hold its own struct pages (altmap).
+    NoRoomForAltmap,
+    /// Persistent memory set aside at boot must be whole subsections of
+    /// the last boot RAM range, and leave some RAM.
+    BadPmemSize,
+}
+
+impl From<SectionError> for VmemmapError {
+    fn from(e: SectionError) -> VmemmapError {
+        match e {
+            // Fault injection and exhaustion read the same everywhere.
+            SectionError::Alloc(a) => VmemmapError::Map(MapError::Alloc(a)),
+            other => VmemmapError::Sections(other),
+        }
+    }
 }
 
 impl From<MapError> for VmemmapError {
@@ -54,6 +72,9 @@ pub struct Region {
     pub order: u32,
     pub layout: Layout,
     pub optimized: bool,
+    /// DAX with an altmap: the pages just below `start_pfn` that hold the
+    /// region's struct pages, on the device (0: in system memory).
+    pub altmap_pfns: u64,
 }
 
 /// Where boot is: gigantic pages can be reserved only before the vmemmap is
@@ -74,6 +95,46 @@ impl Region {
     /// Vmemmap pages of one compound page.
     fn vmemmap_pages(&self) -> u64 {
         (1u64 << self.order) / STRUCT_PAGES_PER_PAGE
+    }
+
+    /// Whether `frame` is one of the device pages holding the struct pages.
+    fn in_altmap(&self, frame: PhysAddr) -> bool {
+        (self.start_pfn - self.altmap_pfns..self.start_pfn).contains(&(frame.0 / PAGE))
+    }
+
+    /// The whole device range: the altmap, then the compound pages.
+    fn device_range(&self) -> (u64, u64) {
+        ((self.start_pfn - self.altmap_pfns) * PAGE, (self.start_pfn + self.nr_pages) * PAGE)
+    }
+}
+
+/// Vmemmap pages an optimized compound page keeps private under `layout`
+/// (VMEMMAP_RESERVE_NR): the head page, and under legacy-dax the first tail page.
+const fn reserved_vmemmap_pages(layout: Layout) -> u64 {
+    match layout {
+        Layout::LegacyDax => 2,
+        _ => 1,
+    }
+}
+
+/// Where a range's vmemmap frames come from: system memory, or the pages
+/// set aside at the start of the device (vmem_altmap).
+enum MemmapSource {
+    System,
+    Altmap { next: u64, end: u64 },
+}
+
+impl MemmapSource {
+    fn frame(&mut self, frames: &mut FrameAllocator) -> Result<PhysAddr, VmemmapError> {
+        match self {
+            MemmapSource::System => Ok(frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?),
+            MemmapSource::Altmap { next, end } if *next < *end => {
+                let frame = PhysAddr(*next);
+                *next += PAGE;
+                Ok(frame)
+            }
+            MemmapSource::Altmap { .. } => Err(VmemmapError::NoRoomForAltmap),
+        }
     }
 }
 
@@ -118,6 +179,8 @@ pub struct Vmemmap {
     /// For a DAX region: its pageblock migratetype tags, one byte per
     /// pageblock (where, and the bytes allocated).
     pub pageblock_tags: [Option<(PhysAddr, u64)>; MAX_REGIONS],
+    /// Which subsections are present, and which sections are early.
+    sections: Sections,
 }
 
 /// The sections holding any of `ram`, merged into ranges.
@@ -156,6 +219,7 @@ impl Vmemmap {
             origin: [None; MAX_REGIONS],
             used: [0; MAX_REGIONS],
             pageblock_tags: [None; MAX_REGIONS],
+            sections: Sections::new(),
         }
     }
 
@@ -208,6 +272,7 @@ impl Vmemmap {
             order,
             layout: Layout::Unified,
             optimized: true,
+            altmap_pfns: 0,
         });
         Ok(id)
     }
@@ -249,6 +314,14 @@ impl Vmemmap {
         if self.state != BootState::Early {
             return Err(VmemmapError::TooLate);
         }
+        // Boot memory's subsections, partial ones included (subsection_map_init).
+        let mut present = RangeList::new();
+        for r in ram.iter() {
+            present.push(Range { start: align_down(r.start, SUBSECTION), end: align_up(r.end, SUBSECTION) });
+        }
+        for r in present.iter() {
+            self.sections.activate(frames, r.start, r.end, true)?;
+        }
         let big = PageSize::Size2M.bytes();
         for sections in present_sections(ram).iter() {
             let start = self.va(sections.start / PAGE).0;
@@ -277,9 +350,47 @@ impl Vmemmap {
                 table.map(frames, VirtAddr(va), frame, PageSize::Size4K, prot)?.ignore();
                 va += PAGE;
             }
+            // The memmap of a section's absent part is raw boot memory:
+            // poisoned, as CONFIG_DEBUG_VM leaves it, never initialized.
+            let mut pfn = sections.start / PAGE;
+            for r in ram.iter().filter(|r| r.end > sections.start && r.start < sections.end) {
+                self.poison(pfn, r.start / PAGE);
+                pfn = r.end.div_ceil(PAGE);
+            }
+            self.poison(pfn, sections.end / PAGE);
         }
         self.state = BootState::Populated;
         Ok(())
+    }
+
+    fn poison(&self, start_pfn: u64, end_pfn: u64) {
+        for pfn in start_pfn..end_pfn {
+            self.write_struct_page(pfn, StructPage::POISONED);
+        }
+    }
+
+    /// Sets the last `size` bytes of boot memory aside as persistent memory
+    /// (Linux's `memmap=nn!ss`): out of the allocator and of boot memory, so
+    /// memmap init leaves its struct pages alone. A section it shares with
+    /// RAM stays early, its memmap populated whole, as Linux does.
+    pub fn reserve_pmem(
+        &mut self,
+        frames: &mut FrameAllocator,
+        ram: &mut RangeList,
+        size: u64,
+    ) -> Result<PhysAddr, VmemmapError> {
+        if self.state != BootState::Early {
+            return Err(VmemmapError::TooLate);
+        }
+        let last = ram.iter().last().ok_or(VmemmapError::BadPmemSize)?;
+        if size == 0 || !size.is_multiple_of(SUBSECTION) || !last.end.is_multiple_of(SUBSECTION) || size >= last.size()
+        {
+            return Err(VmemmapError::BadPmemSize);
+        }
+        let pmem = Range { start: last.end - size, end: last.end };
+        frames.take(pmem)?;
+        ram.remove(pmem);
+        Ok(PhysAddr(pmem.start))
     }
 
     /// The vmemmap of all boot RAM, section aligned.
@@ -381,6 +492,7 @@ impl Vmemmap {
             order,
             layout: Layout::None,
             optimized: false,
+            altmap_pfns: 0,
         };
         for head in region.heads() {
             self.write_struct_page(head, StructPage::head(zone, order));
@@ -644,11 +756,13 @@ impl Vmemmap {
     }
 
     /// A hotplugged range becomes device DAX with compound pages of `order`
-    /// (vmemmap_populate_compound_pages): every compound page's vmemmap is
-    /// populated straight into its layout, head page (and, under legacy-dax,
-    /// the first tail page) private, the rest on the shared page; unoptimized
-    /// (`none`, or too small to share) every page gets its own frame. If an
-    /// allocation fails, everything populated so far is torn down again.
+    /// (section_activate, then vmemmap_populate_compound_pages): every
+    /// compound page's vmemmap is populated straight into its layout, head
+    /// page (and, under legacy-dax, the first tail page) private, the rest
+    /// on the shared page; unoptimized (`none`, too small to share, or with
+    /// an altmap) every page gets its own frame. Compound pages in the empty
+    /// subsections of an early section keep the boot memmap, unoptimized.
+    /// If an allocation fails, everything done so far is undone.
     #[allow(clippy::too_many_arguments)]
     pub fn hot_add(
         &mut self,
@@ -659,24 +773,46 @@ impl Vmemmap {
         order: u32,
         zone: Zone,
         layout: Layout,
+        altmap: bool,
     ) -> Result<usize, VmemmapError> {
         let id = self.regions.iter().position(Option::is_none).ok_or(VmemmapError::TooManyRegions)?;
-        let optimized = layout != Layout::None && (1u64 << order) / STRUCT_PAGES_PER_PAGE >= 2;
+        let compound = PAGE << order;
+        // The altmap holds the whole range's struct pages, rounded up to
+        // whole compound pages; the compound pages start after it.
+        let reserve = if altmap { align_up(size / PAGE * STRUCT_PAGE_SIZE, compound) } else { 0 };
+        if reserve >= size {
+            return Err(VmemmapError::NoRoomForAltmap);
+        }
+        let optimizable = layout != Layout::None && (1u64 << order) / STRUCT_PAGES_PER_PAGE >= 2;
+        // Knob `optimize-altmap`: the altmap is no obstacle.
+        let optimized =
+            optimizable && (!altmap || self.knob(Knob::OptimizeAltmap)) && !self.sections.is_early(start.0 + reserve);
         let region = Region {
             kind: RegionKind::Dax,
-            start_pfn: start.0 / PAGE,
-            nr_pages: size / PAGE,
+            start_pfn: (start.0 + reserve) / PAGE,
+            nr_pages: (size - reserve) / PAGE,
             zone,
             order,
             layout: if optimized { layout } else { Layout::None },
             optimized,
+            altmap_pfns: reserve / PAGE,
         };
+        self.sections.activate(frames, start.0, start.0 + size, false)?;
+        let mut source =
+            if altmap { MemmapSource::Altmap { next: start.0, end: start.0 + reserve } } else { MemmapSource::System };
         for (done, head) in region.heads().enumerate() {
-            if let Err(e) = self.populate_compound(table, frames, &region, head) {
+            let populated = if self.sections.is_early(head * PAGE) {
+                self.init_in_boot_memmap(&region, head, if optimizable { Some(layout) } else { None });
+                Ok(())
+            } else {
+                self.populate_compound(table, frames, &region, head, &mut source)
+            };
+            if let Err(e) = populated {
                 for earlier in region.heads().take(done + 1) {
                     self.depopulate_compound(table, frames, &region, earlier);
                 }
                 self.free_vmemmap_tables(table, frames, &region);
+                self.sections.deactivate(start.0, start.0 + size);
                 if self.knob(Knob::HotAddRollbackOvercount) {
                     // The bug: the whole range's vmemmap is subtracted.
                     let never = (region.heads().count() - done) as u64 * Self::private_pages(&region);
@@ -692,16 +828,43 @@ impl Vmemmap {
                     self.depopulate_compound(table, frames, &region, head);
                 }
                 self.free_vmemmap_tables(table, frames, &region);
+                self.sections.deactivate(start.0, start.0 + size);
                 return Err(e);
             }
         }
-        if self.knob(Knob::DaxCountedUnoptimized) {
+        if self.knob(Knob::DaxCountedUnoptimized) && !altmap {
             // The bug: every compound page counted at its unoptimized size.
             let pages = region.vmemmap_pages().max(1);
             frames.miscount_vmemmap(region.heads().count() as u64 * (pages - Self::private_pages(&region)), 0);
         }
         self.regions[id] = Some(region);
         Ok(id)
+    }
+
+    /// memmap_init_compound for a compound page whose struct pages are in an
+    /// early section's boot memmap: nothing is shared there, so all of them
+    /// are written. Knob `boot-section-partial-init` writes only those an
+    /// optimized compound page under `wanted` would keep private (v8 6/6),
+    /// leaving the rest of the boot memmap's poison.
+    fn init_in_boot_memmap(&mut self, region: &Region, head: u64, wanted: Option<Layout>) {
+        let all = 1u64 << region.order;
+        let written = match wanted {
+            Some(layout) if self.knob(Knob::BootSectionPartialInit) => {
+                (reserved_vmemmap_pages(layout) * STRUCT_PAGES_PER_PAGE).min(all)
+            }
+            _ => all,
+        };
+        self.write_compound(region, head, written);
+    }
+
+    /// Writes the first `count` struct pages of a compound page.
+    fn write_compound(&mut self, region: &Region, head: u64, count: u64) {
+        let (zone, order) = (region.zone, region.order);
+        for pfn in head..head + count {
+            let page = if pfn == head { StructPage::head(zone, order) } else { StructPage::tail(zone, order) };
+            self.write_struct_page(pfn, page);
+        }
+        self.struct_pages_initialized += count;
     }
 
     /// Sets every pageblock of a device range to movable (as memmap init of
@@ -723,10 +886,10 @@ impl Vmemmap {
 
     /// Vmemmap pages a DAX compound page keeps private under its layout.
     fn private_pages(region: &Region) -> u64 {
-        match (region.optimized, region.layout) {
-            (false, _) => region.vmemmap_pages().max(1),
-            (true, Layout::LegacyDax) => 2,
-            (true, _) => 1,
+        if region.optimized {
+            reserved_vmemmap_pages(region.layout)
+        } else {
+            region.vmemmap_pages().max(1)
         }
     }
 
@@ -737,6 +900,7 @@ impl Vmemmap {
         frames: &mut FrameAllocator,
         region: &Region,
         head: u64,
+        source: &mut MemmapSource,
     ) -> Result<(), VmemmapError> {
         let (zone, order) = (region.zone, region.order);
         let pages = region.vmemmap_pages().max(1);
@@ -744,9 +908,11 @@ impl Vmemmap {
         let base = self.va(head);
         let mut first_tail_page = PhysAddr(0);
         for i in 0..private {
-            let frame = frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?;
+            let frame = source.frame(frames)?;
             if let Err(e) = table.map(frames, VirtAddr(base.0 + i * PAGE), frame, PageSize::Size4K, Prot::RW) {
-                frames.free(frame, PAGE, Purpose::Vmemmap);
+                if !region.in_altmap(frame) {
+                    frames.free(frame, PAGE, Purpose::Vmemmap);
+                }
                 return Err(e.into());
             }
             if i == 1 {
@@ -774,18 +940,17 @@ impl Vmemmap {
         }
         // Struct pages in private vmemmap pages are written; those in the
         // shared page are right already (skipped, as at boot).
-        let written = (private * STRUCT_PAGES_PER_PAGE).min(1 << order);
-        for pfn in head..head + written {
-            let page = if pfn == head { StructPage::head(zone, order) } else { StructPage::tail(zone, order) };
-            self.write_struct_page(pfn, page);
-        }
-        self.struct_pages_initialized += written;
+        self.write_compound(region, head, (private * STRUCT_PAGES_PER_PAGE).min(1 << order));
         Ok(())
     }
 
     /// Unmaps whatever of one DAX compound page's vmemmap is mapped, frees
-    /// its private frames and drops its reference on the shared page.
+    /// its private frames (the altmap's are the device's) and drops its
+    /// reference on the shared page. The boot memmap of an early section stays.
     fn depopulate_compound(&mut self, table: &mut Table, frames: &mut FrameAllocator, region: &Region, head: u64) {
+        if self.sections.is_early(head * PAGE) {
+            return;
+        }
         let pages = region.vmemmap_pages().max(1);
         let private = Self::private_pages(region);
         let base = self.va(head);
@@ -793,10 +958,10 @@ impl Vmemmap {
         for i in 0..pages {
             if let Ok((frame, _, flush)) = table.unmap(VirtAddr(base.0 + i * PAGE)) {
                 self.complete(flush);
-                if i < private {
-                    frames.free(frame, PAGE, Purpose::Vmemmap);
-                } else {
+                if i >= private {
                     held_shared = true;
+                } else if !region.in_altmap(frame) {
+                    frames.free(frame, PAGE, Purpose::Vmemmap);
                 }
             }
         }
@@ -810,9 +975,9 @@ impl Vmemmap {
         table.free_empty_tables(frames, self.va(region.start_pfn), end);
     }
 
-    /// Hotplugged memory onlined as ordinary memory in `zone`: its vmemmap
-    /// populated as at boot (2 MiB leaves where a whole 2 MiB is covered) and
-    /// its struct pages initialized, ready for HugeTLB folios.
+    /// Hotplugged memory onlined as ordinary memory in `zone`: its
+    /// subsections activated, its vmemmap populated (see `populate_memmap`)
+    /// and its struct pages initialized, ready for HugeTLB folios.
     pub fn hot_add_memory(
         &mut self,
         table: &mut Table,
@@ -830,25 +995,12 @@ impl Vmemmap {
             order: 0,
             layout: Layout::None,
             optimized: false,
+            altmap_pfns: 0,
         };
-        let big = PageSize::Size2M.bytes();
-        let (first, end) = (self.va(region.start_pfn).0, self.va(region.start_pfn + region.nr_pages).0);
-        let mut va = first;
-        while va < end {
-            let size = if va.is_multiple_of(big) && va + big <= end { PageSize::Size2M } else { PageSize::Size4K };
-            let frame = match frames.alloc(size, Purpose::Vmemmap) {
-                Ok(f) => f,
-                Err(e) => {
-                    self.depopulate_memory(table, frames, first, va);
-                    return Err(e.into());
-                }
-            };
-            if let Err(e) = table.map(frames, VirtAddr(va), frame, size, Prot::RW) {
-                frames.free(frame, size.bytes(), Purpose::Vmemmap);
-                self.depopulate_memory(table, frames, first, va);
-                return Err(e.into());
-            }
-            va += size.bytes();
+        self.sections.activate(frames, start.0, start.0 + size, false)?;
+        if let Err(e) = self.populate_memmap(table, frames, start.0, start.0 + size) {
+            self.depopulate_memmap(table, frames, start.0, start.0 + size);
+            return Err(e);
         }
         for pfn in region.start_pfn..region.start_pfn + region.nr_pages {
             self.write_struct_page(pfn, StructPage::free(zone));
@@ -859,26 +1011,101 @@ impl Vmemmap {
         Ok(id)
     }
 
-    /// Unmaps and frees the vmemmap of a hot-added memory range mapped from
-    /// `first` up to `end`, then the page tables left empty.
-    fn depopulate_memory(&mut self, table: &mut Table, frames: &mut FrameAllocator, first: u64, end: u64) {
-        let mut va = first;
-        while va < end {
-            match table.unmap(VirtAddr(va)) {
-                Ok((frame, size, flush)) => {
-                    self.complete(flush);
-                    frames.free(frame, size.bytes(), Purpose::Vmemmap);
-                    va += size.bytes();
+    /// The physical range whose struct pages the 2 MiB of vmemmap at `window` holds.
+    fn window_span(&self, window: u64) -> (u64, u64) {
+        let pfn = (window - arch::VMEMMAP_BASE) / STRUCT_PAGE_SIZE + self.memstart_pfn;
+        let pfns = PageSize::Size2M.bytes() / STRUCT_PAGE_SIZE;
+        (pfn * PAGE, (pfn + pfns) * PAGE)
+    }
+
+    /// vmemmap_populate with huge pages, for the memory `[start, end)`: each
+    /// 2 MiB of vmemmap it touches gets a 2 MiB leaf if nothing maps any of
+    /// it yet (struct pages of absent neighbours included, as x86 and arm64
+    /// do), is reused if a leaf maps it already (a neighbour's in the same
+    /// section), and gets base pages for the range's part if base pages
+    /// map some of it.
+    fn populate_memmap(
+        &mut self,
+        table: &mut Table,
+        frames: &mut FrameAllocator,
+        start: u64,
+        end: u64,
+    ) -> Result<(), VmemmapError> {
+        let big = PageSize::Size2M.bytes();
+        let (first, last) = (self.va(start / PAGE).0, self.va(end / PAGE).0);
+        let mut window = align_down(first, big);
+        while window < last {
+            if table.block_is_empty(VirtAddr(window), PageSize::Size2M) {
+                let frame = frames.alloc(PageSize::Size2M, Purpose::Vmemmap)?;
+                match table.map(frames, VirtAddr(window), frame, PageSize::Size2M, Prot::RW) {
+                    // Empty entries are never cached: nothing to flush.
+                    Ok(flush) => flush.ignore(),
+                    Err(e) => {
+                        frames.free(frame, big, Purpose::Vmemmap);
+                        return Err(e.into());
+                    }
                 }
-                Err(_) => va += PAGE,
+            } else if table.translate(VirtAddr(window)).map(|t| t.size) != Some(PageSize::Size2M) {
+                let mut va = first.max(window);
+                while va < last.min(window + big) {
+                    if table.translate(VirtAddr(va)).is_none() {
+                        let frame = frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?;
+                        if let Err(e) = table.map(frames, VirtAddr(va), frame, PageSize::Size4K, Prot::RW) {
+                            frames.free(frame, PAGE, Purpose::Vmemmap);
+                            return Err(e.into());
+                        }
+                    }
+                    va += PAGE;
+                }
             }
+            window += big;
         }
-        table.free_empty_tables(frames, VirtAddr(first), VirtAddr(end));
+        Ok(())
+    }
+
+    /// vmemmap_free for the memory `[start, end)`, after its subsections go:
+    /// a 2 MiB leaf is freed only once no subsection under it is present
+    /// (x86's vmemmap_pmd_is_unused; knob `subsection-remove-frees-leaf`
+    /// frees it regardless, the arm64 bug); base pages are freed for the
+    /// range's part, or for the whole 2 MiB once nothing under it is present.
+    fn depopulate_memmap(&mut self, table: &mut Table, frames: &mut FrameAllocator, start: u64, end: u64) {
+        self.sections.deactivate(start, end);
+        let big = PageSize::Size2M.bytes();
+        let (first, last) = (self.va(start / PAGE).0, self.va(end / PAGE).0);
+        let mut window = align_down(first, big);
+        while window < last {
+            let (lo, hi) = self.window_span(window);
+            let in_use = self.sections.any_present(lo, hi);
+            match table.translate(VirtAddr(window)) {
+                Some(t) if t.size == PageSize::Size2M => {
+                    if !in_use || self.knob(Knob::SubsectionRemoveFreesLeaf) {
+                        if let Ok((frame, size, flush)) = table.unmap(VirtAddr(window)) {
+                            self.complete(flush);
+                            frames.free(frame, size.bytes(), Purpose::Vmemmap);
+                        }
+                    }
+                }
+                _ => {
+                    let (mut va, stop) =
+                        if in_use { (first.max(window), last.min(window + big)) } else { (window, window + big) };
+                    while va < stop {
+                        if let Ok((frame, size, flush)) = table.unmap(VirtAddr(va)) {
+                            self.complete(flush);
+                            frames.free(frame, size.bytes(), Purpose::Vmemmap);
+                        }
+                        va += PAGE;
+                    }
+                }
+            }
+            window += big;
+        }
+        table.free_empty_tables(frames, VirtAddr(align_down(first, big)), VirtAddr(align_up(last, big)));
     }
 
     /// Tears down a hot-added range's vmemmap (vmemmap_free): every PTE
     /// unmapped and flushed, private frames freed, the shared tail page's
-    /// references dropped, and page-table pages freed when empty.
+    /// references dropped, page-table pages freed when empty, and the
+    /// range's subsections deactivated.
     pub fn hot_remove(
         &mut self,
         table: &mut Table,
@@ -891,8 +1118,8 @@ impl Vmemmap {
             if self.origin.contains(&Some(id)) {
                 return Err(VmemmapError::Busy);
             }
-            let (first, end) = (self.va(region.start_pfn).0, self.va(region.start_pfn + region.nr_pages).0);
-            self.depopulate_memory(table, frames, first, end);
+            let (start, end) = region.device_range();
+            self.depopulate_memmap(table, frames, start, end);
             self.regions[id] = None;
             return Ok(());
         }
@@ -903,6 +1130,8 @@ impl Vmemmap {
             self.depopulate_compound(table, frames, &region, head);
         }
         self.free_vmemmap_tables(table, frames, &region);
+        let (start, end) = region.device_range();
+        self.sections.deactivate(start, end);
         if let Some((tags, bytes)) = self.pageblock_tags[id].take() {
             frames.free(tags, bytes, Purpose::Usemap);
         }

@@ -122,6 +122,11 @@ impl MappedMemory {
         self.mappings.push(Mapping { base, len, ptr: ptr.cast() });
         Ok(())
     }
+
+    /// Unmaps the range mapped at `base` (memory unplugged).
+    pub fn remove(&mut self, base: PhysAddr) {
+        self.mappings.retain(|m| m.base != base);
+    }
 }
 
 impl GuestMemory for MappedMemory {

@@ -45,6 +45,10 @@ impl RunPaths {
     pub fn boot_ram(&self) -> PathBuf {
         self.dir.join("boot-ram")
     }
+    /// The shared file backing hotplugged DIMM `n` when it is file-backed.
+    pub fn dimm_file(&self, n: u32) -> PathBuf {
+        self.dir.join(format!("dimm{n}"))
+    }
     pub fn firmware_stub(&self) -> PathBuf {
         self.dir.join("firmware-stub.bin")
     }

@@ -25,7 +25,7 @@ use crate::pgtable;
 use crate::qemu::{QemuCommand, QemuProcess, RunPaths};
 use crate::qmp::Qmp;
 use crate::report::{Check, CheckStatus, ScenarioResult, Status};
-use crate::scenario::{Expect, Scenario, Step};
+use crate::scenario::{Backend, DaxDevice, Expect, Scenario, Step};
 use crate::verify::{self, VmemmapMap};
 
 /// How runs are set up, shared by every scenario of an invocation.
@@ -57,6 +57,18 @@ const CONSOLE_TAIL: usize = 20;
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 const KILL_GRACE: Duration = Duration::from_millis(500);
 
+/// A DIMM plugged into the guest.
+#[derive(Clone, Copy)]
+struct PluggedDimm {
+    /// Its number: it names the DIMM, its backend and the backing file.
+    n: u32,
+    /// The memory slot the platform put it in (the guest ejects by slot).
+    slot: u32,
+    start: PhysAddr,
+    /// Whether the host maps it (file-backed).
+    mapped: bool,
+}
+
 /// Why a run stopped early.
 enum Abort {
     /// The guest misbehaved (crash, hang, wrong answer): the scenario fails.
@@ -84,8 +96,12 @@ struct Run<'a> {
     regions: HashMap<String, u32>,
     /// DIMMs plugged so far (they name their memory backends).
     dimms: u32,
-    /// Region name -> its DIMM's number and memory slot.
-    dimm_of: HashMap<String, (u32, u32)>,
+    /// Region name -> the DIMM it was hot-added on.
+    dimm_of: HashMap<String, PluggedDimm>,
+    /// Where the persistent memory set aside at boot starts, once it is.
+    pmem_start: Option<PhysAddr>,
+    /// The region made of that persistent memory, while it is added.
+    pmem_region: Option<String>,
     /// The current step must be refused (an allocation was set to fail).
     expect_refusal: bool,
 }
@@ -126,6 +142,8 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
         expect_refusal: false,
         dimms: 0,
         dimm_of: HashMap::new(),
+        pmem_start: None,
+        pmem_region: None,
     };
 
     let outcome = run.execute(config.inject).await;
@@ -300,6 +318,12 @@ impl Run<'_> {
         for knob in &self.scenario.bug_knobs {
             self.request(Command::Knob { knob: *knob }).await?;
         }
+        if self.scenario.boot_pmem > 0 {
+            let reply = self.request(Command::ReservePmem { size: self.scenario.boot_pmem }).await?;
+            let start =
+                reply_field(&reply, "pmem").ok_or_else(|| Abort::Guest(format!("no pmem start in `{reply}`")))?;
+            self.pmem_start = Some(PhysAddr(start));
+        }
         for g in &self.scenario.boot_gigantic {
             let reply = self.request(Command::ReserveGigantic { order: g.order, count: g.count, zone: g.zone }).await?;
             let id = reply_field(&reply, "region").ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
@@ -437,9 +461,8 @@ impl Run<'_> {
                 Ok(())
             }
             Step::Verify => self.verify().await,
-            Step::HotAdd { region, size, order, zone, layout, nvdimm } => {
-                let (start, dimm, slot) = self.plug_dimm(*size, *nvdimm).await?;
-                self.dimm_of.insert(region.clone(), (dimm, slot));
+            Step::HotAdd { region, size, order, zone, layout, device, altmap, backend } => {
+                let start = self.hot_add_range(region, *size, *device, *backend).await?;
                 let reply = self
                     .request(Command::HotAdd {
                         start: start.0,
@@ -447,25 +470,31 @@ impl Run<'_> {
                         order: *order,
                         zone: *zone,
                         layout: *layout,
+                        altmap: *altmap,
                     })
                     .await?;
                 self.record_region(region, &reply)
             }
-            Step::HotAddMemory { region, size, zone } => {
-                let (start, dimm, slot) = self.plug_dimm(*size, false).await?;
-                self.dimm_of.insert(region.clone(), (dimm, slot));
+            Step::HotAddMemory { region, size, zone, backend } => {
+                let start = self.hot_add_range(region, *size, DaxDevice::Dimm, *backend).await?;
                 let reply = self.request(Command::HotAddMemory { start: start.0, size: *size, zone: *zone }).await?;
                 self.record_region(region, &reply)
             }
             Step::HotRemove { region: name } => {
                 let region = self.region_id(name)?;
-                let (dimm, slot) = self
-                    .dimm_of
-                    .remove(name)
-                    .ok_or_else(|| Abort::Guest(format!("region `{name}` was not hot-added")))?;
-                self.request_unplug(dimm).await?;
-                self.request(Command::HotRemove { region, slot }).await?;
-                self.finish_unplug(dimm).await?;
+                if self.pmem_region.as_deref() == Some(name.as_str()) {
+                    // Nothing to unplug: the range is boot memory.
+                    self.request(Command::HotRemove { region, slot: None }).await?;
+                    self.pmem_region = None;
+                } else {
+                    let dimm = self
+                        .dimm_of
+                        .remove(name)
+                        .ok_or_else(|| Abort::Guest(format!("region `{name}` was not hot-added")))?;
+                    self.request_unplug(dimm.n).await?;
+                    self.request(Command::HotRemove { region, slot: Some(dimm.slot) }).await?;
+                    self.finish_unplug(dimm).await?;
+                }
                 self.regions.remove(name);
                 Ok(())
             }
@@ -473,18 +502,44 @@ impl Run<'_> {
         }
     }
 
-    /// Plugs a DIMM of `size` bytes and returns where it landed. The vCPUs are
-    /// stopped around `device_add`: QEMU 7.2 can wait forever there for an
-    /// RCU grace period a spinning vCPU never ends.
-    async fn plug_dimm(&mut self, size: u64, nvdimm: bool) -> Result<(PhysAddr, u32, u32), Abort> {
+    /// The memory a hot-add of `region` takes: a DIMM plugged now, or the
+    /// persistent memory set aside at boot.
+    async fn hot_add_range(
+        &mut self,
+        region: &str,
+        size: u64,
+        device: DaxDevice,
+        backend: Backend,
+    ) -> Result<PhysAddr, Abort> {
+        if device == DaxDevice::Pmem {
+            self.pmem_region = Some(region.to_string());
+            return self.pmem_start.ok_or_else(|| Abort::Infra("no persistent memory was set aside".into()));
+        }
+        let dimm = self.plug_dimm(size, device == DaxDevice::Nvdimm, backend).await?;
+        self.dimm_of.insert(region.to_string(), dimm);
+        Ok(dimm.start)
+    }
+
+    /// Plugs a DIMM of `size` bytes and returns where it landed; a
+    /// file-backed one is mapped by the host too. The vCPUs are stopped
+    /// around `device_add`: QEMU 7.2 can wait forever there for an RCU grace
+    /// period a spinning vCPU never ends.
+    async fn plug_dimm(&mut self, size: u64, nvdimm: bool, backend: Backend) -> Result<PluggedDimm, Abort> {
         let n = self.dimms;
         self.dimms += 1;
+        let file = self.paths.dimm_file(n);
         let Some(qmp) = self.qmp.as_ref() else { return Err(Abort::Infra("no QMP".into())) };
         let infra = |e: crate::qmp::QmpError| Abort::Infra(e.to_string());
         qmp.execute(qapi::qmp::stop {}).await.map_err(infra)?;
         let mut plugged = Ok(());
+        let object = match backend {
+            Backend::Ram => format!("object_add memory-backend-ram,id=hvo-mem{n},size={size},reserve=off"),
+            Backend::File => {
+                format!("object_add memory-backend-file,id=hvo-mem{n},size={size},mem-path={},share=on", file.display())
+            }
+        };
         for command in [
-            format!("object_add memory-backend-ram,id=hvo-mem{n},size={size},reserve=off"),
+            object,
             format!("device_add {},id=hvo-dimm{n},memdev=hvo-mem{n}", if nvdimm { "nvdimm" } else { "pc-dimm" }),
         ] {
             match qmp.hmp(&command).await {
@@ -503,10 +558,25 @@ impl Run<'_> {
         plugged?;
         let listing = qmp.hmp("info memory-devices").await.map_err(infra)?;
         let id = format!("hvo-dimm{n}");
-        match (dimm_field(&listing, &id, "addr"), dimm_field(&listing, &id, "slot")) {
-            (Some(addr), Some(slot)) => Ok((PhysAddr(addr), n, slot as u32)),
-            _ => Err(Abort::Infra(format!("QEMU does not list {id} with its address and slot: {}", listing.trim()))),
+        let (start, slot) = match (dimm_field(&listing, &id, "addr"), dimm_field(&listing, &id, "slot")) {
+            (Some(addr), Some(slot)) => (PhysAddr(addr), slot as u32),
+            _ => {
+                return Err(Abort::Infra(format!(
+                    "QEMU does not list {id} with its address and slot: {}",
+                    listing.trim()
+                )))
+            }
+        };
+        let mapped = backend == Backend::File;
+        if mapped {
+            let opened = std::fs::File::open(&file)
+                .map_err(|e| Abort::Infra(format!("cannot open the backing file of {id}: {e}")))?;
+            let len = usize::try_from(size).map_err(|_| Abort::Infra(format!("{id} is too large to map")))?;
+            self.memory
+                .add_at_offset(start, &opened, 0, len)
+                .map_err(|e| Abort::Infra(format!("cannot map {id}: {e}")))?;
         }
+        Ok(PluggedDimm { n, slot, start, mapped })
     }
 
     /// Asks the platform to remove DIMM `n` (`device_del`): the guest must
@@ -520,8 +590,10 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Waits for QEMU to report DIMM `n` deleted, then deletes its backend.
-    async fn finish_unplug(&mut self, n: u32) -> Result<(), Abort> {
+    /// Waits for QEMU to report the DIMM deleted, then deletes its backend
+    /// (and the host's mapping and backing file).
+    async fn finish_unplug(&mut self, dimm: PluggedDimm) -> Result<(), Abort> {
+        let n = dimm.n;
         let id = format!("hvo-dimm{n}");
         let timeout = self.step_timeout();
         let Some(qmp) = self.qmp.as_ref() else { return Err(Abort::Infra("no QMP".into())) };
@@ -540,6 +612,11 @@ impl Run<'_> {
         if !out.trim().is_empty() {
             return Err(Abort::Infra(format!("`object_del hvo-mem{n}`: {}", out.trim())));
         }
+        if dimm.mapped {
+            self.memory.remove(dimm.start);
+            std::fs::remove_file(self.paths.dimm_file(n))
+                .map_err(|e| Abort::Infra(format!("cannot delete the backing file of {id}: {e}")))?;
+        }
         Ok(())
     }
 
@@ -549,11 +626,9 @@ impl Run<'_> {
     async fn sweep(&mut self, step: &Step) -> Result<(), Abort> {
         const MAX_SWEEP: u64 = 10_000;
         let mut hot_add_start = None;
-        if let Step::HotAdd { region, size, nvdimm, .. } = step {
-            // One DIMM for every attempt: a refused hot-add leaves it unused.
-            let (start, dimm, slot) = self.plug_dimm(*size, *nvdimm).await?;
-            self.dimm_of.insert(region.clone(), (dimm, slot));
-            hot_add_start = Some(start);
+        if let Step::HotAdd { region, size, device, backend, .. } = step {
+            // One range for every attempt: a refused hot-add leaves it unused.
+            hot_add_start = Some(self.hot_add_range(region, *size, *device, *backend).await?);
         }
         for nth in 1..=MAX_SWEEP {
             self.request(Command::FailAlloc { nth }).await?;
@@ -568,12 +643,13 @@ impl Run<'_> {
                     Command::Optimize { region: self.region_id(region)?, layout: *layout }
                 }
                 Step::Restore { region } => Command::Restore { region: self.region_id(region)? },
-                Step::HotAdd { size, order, zone, layout, .. } => Command::HotAdd {
+                Step::HotAdd { size, order, zone, layout, altmap, .. } => Command::HotAdd {
                     start: hot_add_start.map(|s| s.0).unwrap_or(0),
                     size: *size,
                     order: *order,
                     zone: *zone,
                     layout: *layout,
+                    altmap: *altmap,
                 },
                 other => return Err(Abort::Guest(format!("`{}` makes no allocations to sweep", other.name()))),
             };

@@ -136,6 +136,8 @@ struct RawStep {
     kind: Option<Spanned<String>>,
     from: Option<Spanned<String>>,
     device: Option<Spanned<String>>,
+    altmap: Option<Spanned<bool>>,
+    backend: Option<Spanned<String>>,
 }
 
 const ACTIONS: &[&str] = &[
@@ -179,6 +181,8 @@ impl RawStep {
             ("kind", self.kind.as_ref().map(|s| s.span())),
             ("from", self.from.as_ref().map(|s| s.span())),
             ("device", self.device.as_ref().map(|s| s.span())),
+            ("altmap", self.altmap.as_ref().map(|s| s.span())),
+            ("backend", self.backend.as_ref().map(|s| s.span())),
         ]
         .into_iter()
         .filter_map(|(n, s)| Some((n, s?)))
@@ -189,6 +193,18 @@ impl RawStep {
                 return Err(loc.error(r.span(), Some(&field("region")), "use only a-z, 0-9, '-' and '_'"));
             }
             Ok(r.get_ref().clone())
+        };
+        let backend = || -> Result<Option<Backend>, ScenarioError> {
+            match &self.backend {
+                None => Ok(None),
+                Some(b) if b.get_ref() == "ram" => Ok(Some(Backend::Ram)),
+                Some(b) if b.get_ref() == "file" => Ok(Some(Backend::File)),
+                Some(b) => Err(loc.error(
+                    b.span(),
+                    Some(&field("backend")),
+                    format!("unknown backend `{}` (known: ram, file)", b.get_ref()),
+                )),
+            }
         };
         let (step, takes): (Step, &[&str]) = match action {
             "ping" => (Step::Ping, &[]),
@@ -262,8 +278,13 @@ impl RawStep {
                     })?,
                 };
                 (
-                    Step::HotAddMemory { region: region()?, size: size.get_ref().0, zone },
-                    &["region", "size", "zone", "kind", "expect-failure", "sweep-failures"],
+                    Step::HotAddMemory {
+                        region: region()?,
+                        size: size.get_ref().0,
+                        zone,
+                        backend: backend()?.unwrap_or(Backend::Ram),
+                    },
+                    &["region", "size", "zone", "kind", "backend", "expect-failure", "sweep-failures"],
                 )
             }
             "hot-add" => {
@@ -275,17 +296,45 @@ impl RawStep {
                     ));
                 }
                 let size = self.size.as_ref().ok_or_else(|| missing("size", "the hotplugged memory's `size`"))?;
-                let nvdimm = match &self.device {
-                    None => false,
-                    Some(d) if d.get_ref() == "dimm" => false,
-                    Some(d) if d.get_ref() == "nvdimm" => true,
-                    Some(d) => {
-                        return Err(loc.error(
+                let device = match &self.device {
+                    None => DaxDevice::Dimm,
+                    Some(d) => DaxDevice::from_name(d.get_ref()).ok_or_else(|| {
+                        loc.error(
                             d.span(),
                             Some(&field("device")),
-                            format!("unknown device `{}` (known: dimm, nvdimm)", d.get_ref()),
-                        ))
+                            format!("unknown device `{}` (known: dimm, nvdimm, pmem)", d.get_ref()),
+                        )
+                    })?,
+                };
+                let altmap = self.altmap.as_ref().is_some_and(|a| *a.get_ref());
+                let backend = match (device, backend()?, altmap) {
+                    (DaxDevice::Pmem, Some(_), _) => {
+                        let span = self.backend.as_ref().map(|b| b.span()).unwrap_or(action_span.clone());
+                        return Err(loc.error(
+                            span,
+                            Some(&field("backend")),
+                            "persistent memory set aside at boot is boot RAM: it has no backend of its own",
+                        ));
                     }
+                    (DaxDevice::Pmem, None, true) => {
+                        let span = self.altmap.as_ref().map(|a| a.span()).unwrap_or(action_span.clone());
+                        return Err(loc.error(
+                            span,
+                            Some(&field("altmap")),
+                            "boot persistent memory keeps its struct pages in the boot memmap, not an altmap",
+                        ));
+                    }
+                    (_, Some(Backend::Ram), true) => {
+                        let span = self.backend.as_ref().map(|b| b.span()).unwrap_or(action_span.clone());
+                        return Err(loc.error(
+                            span,
+                            Some(&field("backend")),
+                            "an altmap keeps struct pages on the device, which the host reads through a file: use backend = \"file\"",
+                        ));
+                    }
+                    // The host reads the struct pages an altmap keeps on the device.
+                    (_, None, true) => Backend::File,
+                    (_, chosen, _) => chosen.unwrap_or(Backend::Ram),
                 };
                 let compound =
                     self.compound.as_ref().map(|c| (c.get_ref().0, c.span())).unwrap_or((2 << 20, size.span()));
@@ -326,7 +375,9 @@ impl RawStep {
                         order: compound.0.trailing_zeros() - 12,
                         zone,
                         layout,
-                        nvdimm,
+                        device,
+                        altmap,
+                        backend,
                     },
                     &[
                         "region",
@@ -336,6 +387,8 @@ impl RawStep {
                         "layout",
                         "kind",
                         "device",
+                        "altmap",
+                        "backend",
                         "expect-failure",
                         "sweep-failures",
                     ],
@@ -403,6 +456,7 @@ struct RawMachine {
     boot_memory: Option<Spanned<Size>>,
     slots: Option<Spanned<u32>>,
     max_memory: Option<Spanned<Size>>,
+    boot_pmem: Option<Spanned<Size>>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -445,11 +499,22 @@ pub enum Step {
     Verify,
     /// Fault injection: the `nth` frame allocation from now fails, once.
     FailAllocation { nth: u64 },
-    /// Hotplug `size` bytes of memory (a DIMM) and make it device DAX with
-    /// compound pages of `order`, its vmemmap under `layout`.
-    HotAdd { region: String, size: u64, order: u32, zone: Zone, layout: Layout, nvdimm: bool },
+    /// Hotplug `size` bytes of memory on `device` (or take the persistent
+    /// memory set aside at boot) and make it device DAX with compound pages
+    /// of `order`, its vmemmap under `layout`, its struct pages on the
+    /// device itself with `altmap`.
+    HotAdd {
+        region: String,
+        size: u64,
+        order: u32,
+        zone: Zone,
+        layout: Layout,
+        device: DaxDevice,
+        altmap: bool,
+        backend: Backend,
+    },
     /// Hotplug `size` bytes and online them as ordinary memory in `zone`.
-    HotAddMemory { region: String, size: u64, zone: Zone },
+    HotAddMemory { region: String, size: u64, zone: Zone, backend: Backend },
     /// Unplug a hot-added region: the guest tears its vmemmap down and the
     /// platform completes the removal.
     HotRemove { region: String },
@@ -472,6 +537,39 @@ impl Step {
             Step::HotAddMemory { .. } => "hot-add",
         }
     }
+}
+
+/// Where the memory of a DAX hot-add comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaxDevice {
+    /// A `pc-dimm` hotplugged over QMP.
+    Dimm,
+    /// An `nvdimm` hotplugged over QMP (q35 and virt only).
+    Nvdimm,
+    /// The boot memory set aside as persistent memory (`machine.boot-pmem`):
+    /// no hotplug, only the guest's side of adding it.
+    Pmem,
+}
+
+impl DaxDevice {
+    fn from_name(name: &str) -> Option<DaxDevice> {
+        match name {
+            "dimm" => Some(DaxDevice::Dimm),
+            "nvdimm" => Some(DaxDevice::Nvdimm),
+            "pmem" => Some(DaxDevice::Pmem),
+            _ => None,
+        }
+    }
+}
+
+/// What backs a hotplugged DIMM on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `memory-backend-ram`, reserving nothing: the host cannot read it.
+    Ram,
+    /// `memory-backend-file` shared on tmpfs and mapped by the host, so the
+    /// verifier reads what the guest keeps there.
+    File,
 }
 
 /// What a scenario expects.
@@ -501,6 +599,8 @@ pub const CHECK_NAMES: &[&str] = &[
     verify::TRANSLATION_AGREES,
     verify::WRITE_FAULTS,
     verify::ROOTS_IN_SYNC,
+    verify::MEMMAP_PRESENT,
+    verify::ALTMAP_UNOPTIMIZED,
 ];
 
 #[derive(Debug, Clone)]
@@ -529,6 +629,8 @@ pub struct Scenario {
     pub bug_knobs: Vec<Knob>,
     /// Gigantic pages reserved before memmap init.
     pub boot_gigantic: Vec<BootGigantic>,
+    /// Bytes at the end of boot memory set aside as persistent memory (0: none).
+    pub boot_pmem: u64,
     pub steps: Vec<PlacedStep>,
 }
 
@@ -840,9 +942,64 @@ impl Scenario {
             steps.push(PlacedStep { step, expect_failure, sweep_failures, line });
         }
 
+        let boot_pmem = match &raw.machine.boot_pmem {
+            None => 0,
+            Some(p) => {
+                let bytes = p.get_ref().0;
+                if bytes == 0 || !bytes.is_multiple_of(2 * MIB) {
+                    return Err(loc.error(
+                        p.span(),
+                        Some("machine.boot-pmem"),
+                        format!("{} is not a whole number of 2M subsections", p.get_ref()),
+                    ));
+                }
+                if bytes.saturating_add(MIN_BOOT_MEMORY) > machine.boot_memory {
+                    return Err(loc.error(
+                        p.span(),
+                        Some("machine.boot-pmem"),
+                        format!(
+                            "{} leaves less than the {} of RAM the guest needs out of boot memory {}",
+                            p.get_ref(),
+                            Size(MIN_BOOT_MEMORY),
+                            Size(machine.boot_memory)
+                        ),
+                    ));
+                }
+                bytes
+            }
+        };
+        let pmem_adds: Vec<&PlacedStep> =
+            steps.iter().filter(|p| matches!(p.step, Step::HotAdd { device: DaxDevice::Pmem, .. })).collect();
+        if let Some(p) = pmem_adds.get(usize::from(boot_pmem > 0)) {
+            return Err(ScenarioError {
+                file: file.to_path_buf(),
+                line: p.line,
+                column: 1,
+                field: "device".into(),
+                message: if boot_pmem == 0 {
+                    "no persistent memory is set aside: set `machine.boot-pmem`".into()
+                } else {
+                    "the persistent memory set aside at boot is one range: add it once".into()
+                },
+            });
+        }
+        if let Some((p, size)) = pmem_adds.iter().find_map(|p| match p.step {
+            Step::HotAdd { size, .. } if size != boot_pmem => Some((p, size)),
+            _ => None,
+        }) {
+            return Err(ScenarioError {
+                file: file.to_path_buf(),
+                line: p.line,
+                column: 1,
+                field: "size".into(),
+                message: format!("{} is not the {} of `machine.boot-pmem`", Size(size), Size(boot_pmem)),
+            });
+        }
+
         let hot_adds: Vec<(usize, u64)> = steps
             .iter()
             .filter_map(|p| match p.step {
+                Step::HotAdd { device: DaxDevice::Pmem, .. } => None,
                 Step::HotAdd { size, .. } | Step::HotAddMemory { size, .. } => Some((p.line, size)),
                 _ => None,
             })
@@ -863,7 +1020,7 @@ impl Scenario {
             });
         }
         let nvdimms: Vec<&PlacedStep> =
-            steps.iter().filter(|p| matches!(p.step, Step::HotAdd { nvdimm: true, .. })).collect();
+            steps.iter().filter(|p| matches!(p.step, Step::HotAdd { device: DaxDevice::Nvdimm, .. })).collect();
         if let Some(first) = nvdimms.first() {
             if let Some(arch) = architectures.iter().find(|a| !profile(**a).nvdimm_hotplug) {
                 return Err(ScenarioError {
@@ -925,6 +1082,7 @@ impl Scenario {
             expect,
             bug_knobs,
             boot_gigantic,
+            boot_pmem,
             steps,
         })
     }

@@ -28,6 +28,8 @@ pub const NO_LEAK: &str = "no-leak";
 pub const TRANSLATION_AGREES: &str = "translation-agrees";
 pub const WRITE_FAULTS: &str = "write-faults";
 pub const ROOTS_IN_SYNC: &str = "roots-in-sync";
+pub const MEMMAP_PRESENT: &str = "memmap-present";
+pub const ALTMAP_UNOPTIMIZED: &str = "altmap-unoptimized";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -272,15 +274,53 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
         }
     }
 
-    // Accounting: what the guest counted, recounted from the tables.
+    // Struct pages on the device (altmap) are never optimized.
+    for region in manifest.regions.iter().filter(|r| r.altmap_pfns > 0) {
+        check_altmap(&mut f, manifest, &map, region);
+    }
+
+    // Every present page has its struct page mapped: boot memory and
+    // hot-added memory (device ranges are checked page by page above).
+    let present = manifest.ram().map(|r| (r.start / PAGE, r.end().div_ceil(PAGE), "boot memory".to_string())).chain(
+        manifest
+            .regions
+            .iter()
+            .filter(|r| r.kind == RegionKind::Memory)
+            .map(|r| (r.start_pfn, r.start_pfn + r.nr_pages, format!("hot-added memory region {}", r.id))),
+    );
+    for (first_pfn, end_pfn, what) in present {
+        let first = manifest.struct_page_va(first_pfn) / PAGE * PAGE;
+        let end = manifest.struct_page_va(end_pfn).div_ceil(PAGE) * PAGE;
+        let unmapped: Vec<u64> = (first..end).step_by(PAGE as usize).filter(|va| map.lookup(*va).is_none()).collect();
+        f.cover(MEMMAP_PRESENT, (end - first) / PAGE);
+        if let Some(va) = unmapped.first() {
+            let pfn = (va - manifest.vmemmap_base) / STRUCT_PAGE_SIZE + manifest.memstart_pfn;
+            f.fail(
+                MEMMAP_PRESENT,
+                format!(
+                    "{what}: {} of its {} vmemmap pages are unmapped, the first at {va:#x} (struct pages of pfn {pfn:#x} on)",
+                    unmapped.len(),
+                    (end - first) / PAGE
+                ),
+            );
+        }
+    }
+
+    // Accounting: what the guest counted, recounted from the tables. Frames
+    // on the device (altmap) are the device's, not system memory.
     let counted = manifest.counters.vmemmap_live();
+    let altmap_frames = manifest
+        .regions
+        .iter()
+        .map(|r| r.altmap().filter(|pfn| !map.mappers(PhysAddr(pfn * PAGE)).is_empty()).count() as u64)
+        .sum::<u64>();
+    let system_frames = map.frames() - altmap_frames;
     f.cover(ACCOUNTING, 2);
-    if counted != map.frames() {
+    if counted != system_frames {
         f.fail(
             ACCOUNTING,
             format!(
-                "the guest counts {counted} live vmemmap frames, the page tables map {} distinct ones",
-                map.frames()
+                "the guest counts {counted} live vmemmap frames, the page tables map {system_frames} distinct ones in system memory"
             ),
         );
     }
@@ -353,9 +393,55 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
             ACCOUNTING,
             NO_LEAK,
             ROOTS_IN_SYNC,
+            MEMMAP_PRESENT,
+            ALTMAP_UNOPTIMIZED,
         ]),
         map,
     ))
+}
+
+/// A region whose struct pages live on the device: every vmemmap page its
+/// own writable frame, inside the device's altmap, nothing shared.
+fn check_altmap(f: &mut Findings, manifest: &Manifest, map: &VmemmapMap, region: &Region) {
+    f.cover(ALTMAP_UNOPTIMIZED, 1);
+    if region.optimized {
+        f.fail(
+            ALTMAP_UNOPTIMIZED,
+            format!(
+                "region {} keeps its struct pages on the device (altmap), yet it is optimized under {}",
+                region.id,
+                region.layout.name()
+            ),
+        );
+    }
+    let altmap = region.altmap();
+    for head in region.heads() {
+        let view = CompoundView::new(manifest, map, region, head);
+        for (i, (_, m)) in view.pages.iter().enumerate() {
+            f.cover(ALTMAP_UNOPTIMIZED, 1);
+            let where_ = format!("region {} compound page at pfn {head:#x}, vmemmap[{i}]", region.id);
+            match m {
+                None => f.fail_in(ALTMAP_UNOPTIMIZED, &view, None, format!("{where_}: unmapped")),
+                Some((leaf, frame)) => {
+                    let problem = if !altmap.contains(&(frame.0 / PAGE)) {
+                        Some(format!(
+                            "maps {frame}, outside the device's altmap (pfns {:#x}..{:#x})",
+                            altmap.start, altmap.end
+                        ))
+                    } else if map.mappers(*frame).len() != 1 {
+                        Some(format!("maps {frame}, shared by {} vmemmap pages", map.mappers(*frame).len()))
+                    } else if !leaf.perms.write {
+                        Some(format!("maps {frame} read-only"))
+                    } else {
+                        None
+                    };
+                    if let Some(p) = problem {
+                        f.fail_in(ALTMAP_UNOPTIMIZED, &view, None, format!("{where_}: {p}"));
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn check_compound(
@@ -395,7 +481,9 @@ fn check_compound(
     }
 
     if !region.optimized {
-        // Unoptimized: every vmemmap page private and writable.
+        // Unoptimized: every struct page initialized, every vmemmap page
+        // private and writable.
+        check_unoptimized_contents(f, mem, region, view);
         for (i, (_, m)) in view.pages.iter().enumerate() {
             f.cover(HEAD_PRIVATE, 1);
             match m {
@@ -527,6 +615,51 @@ fn check_compound(
             }
             None => f.fail(CONTENTS, format!("shared tail page {page} unreadable")),
         }
+    }
+}
+
+/// Every tail struct page of an unoptimized compound page past its head
+/// vmemmap page (the head page is checked for all): each is this zone and
+/// order's tail, not poison nor anything else.
+fn check_unoptimized_contents(f: &mut Findings, mem: &dyn GuestMemory, region: &Region, view: &CompoundView) {
+    let expect_tail = StructPage::tail(region.zone, region.order);
+    let per_page = PAGE / STRUCT_PAGE_SIZE;
+    let mut wrong = 0u64;
+    let mut first = None;
+    for (i, (_, m)) in view.pages.iter().enumerate().skip(1) {
+        let Some((_, frame)) = m else { continue };
+        f.cover(CONTENTS, 1);
+        match read_page(mem, *frame) {
+            None => {
+                f.fail(
+                    CONTENTS,
+                    format!(
+                        "region {} compound page at pfn {:#x}, vmemmap[{i}]: {frame} unreadable",
+                        region.id, view.head_pfn
+                    ),
+                );
+                return;
+            }
+            Some(pages) => {
+                for (k, p) in pages.iter().enumerate().filter(|(_, p)| **p != expect_tail) {
+                    wrong += 1;
+                    first.get_or_insert((i as u64 * per_page + k as u64, *p));
+                }
+            }
+        }
+    }
+    if let Some((index, page)) = first {
+        let what = if page == StructPage::POISONED { "still poisoned".to_string() } else { format!("{page:?}") };
+        f.fail(
+            CONTENTS,
+            format!(
+                "region {} compound page at pfn {:#x}: {wrong} of its {} tail struct pages are not initialized tails; struct page {index} (pfn {:#x}) is {what}",
+                region.id,
+                view.head_pfn,
+                (1u64 << region.order) - 1,
+                view.head_pfn + index
+            ),
+        );
     }
 }
 

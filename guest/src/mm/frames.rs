@@ -12,10 +12,12 @@ pub enum Purpose {
     HugeTlb,
     /// Pageblock migratetype tags (the section usemap).
     Usemap,
+    /// The section table (mem_section): kept for good once allocated.
+    Sparse,
 }
 
 impl Purpose {
-    const COUNT: usize = 4;
+    const COUNT: usize = 5;
     const fn index(self) -> usize {
         self as usize
     }
@@ -193,6 +195,17 @@ impl FrameAllocator {
         if !(self.forget_vmemmap_frees && purpose == Purpose::Vmemmap) {
             self.counters.freed[purpose.index()] += bytes / FRAME;
         }
+    }
+
+    /// Takes `range` out of the free memory for good (boot memory set aside
+    /// as persistent memory, as `memmap=nn!ss` does); refused unless all of
+    /// it is still free.
+    pub fn take(&mut self, range: Range) -> Result<(), AllocError> {
+        if !self.free.iter().any(|r| r.start <= range.start && range.end <= r.end) {
+            return Err(AllocError::OutOfMemory);
+        }
+        self.free.remove(range);
+        Ok(())
     }
 
     /// `bytes` of contiguous memory aligned to `align`, not zeroed: data pages

@@ -132,6 +132,16 @@ impl RangeList {
         self.ranges[..self.len].sort_unstable_by_key(|r| r.start);
     }
 
+    /// Cuts `range` out of every range it overlaps.
+    pub fn remove(&mut self, range: Range) {
+        let old = *self;
+        *self = RangeList::new();
+        for r in old.iter() {
+            self.push(Range { start: r.start, end: r.end.min(range.start) });
+            self.push(Range { start: r.start.max(range.end), end: r.end });
+        }
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = Range> + '_ {
         self.ranges[..self.len].iter().copied()
     }

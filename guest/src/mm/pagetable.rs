@@ -186,6 +186,21 @@ impl<F: Format> PageTable<F> {
         None
     }
 
+    /// Whether nothing at all is mapped in the `size` block holding `va`:
+    /// the walk down to that block's level meets an empty entry.
+    pub fn block_is_empty(&self, va: VirtAddr, size: PageSize) -> bool {
+        let Some(level) = leaf_level::<F>(size) else { return false };
+        let mut table = self.root;
+        for l in 0..=level {
+            match F::decode(F::load(Self::slot(table, l, va)), l) {
+                Entry::Empty => return true,
+                Entry::Leaf { .. } => return false,
+                Entry::Table(next) => table = next,
+            }
+        }
+        false
+    }
+
     pub fn translate(&self, va: VirtAddr) -> Option<Translation> {
         let (slot, level) = self.find_leaf(va)?;
         let Entry::Leaf { pa, prot } = F::decode(F::load(slot), level) else {
