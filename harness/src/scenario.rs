@@ -1088,6 +1088,27 @@ impl Scenario {
     }
 }
 
+impl Scenario {
+    /// The same scenario with its bug knobs off, expecting every invariant
+    /// to hold: run beside each bug-knob scenario, it proves the failure is
+    /// the knob's and not the scenario's. `None` without knobs.
+    pub fn knobs_off(&self) -> Option<Scenario> {
+        if self.bug_knobs.is_empty() {
+            return None;
+        }
+        Some(Scenario {
+            name: format!("{}{KNOBS_OFF_SUFFIX}", self.name),
+            description: format!("{} (bug knobs off)", self.description),
+            expect: Expect::Pass,
+            bug_knobs: Vec::new(),
+            ..self.clone()
+        })
+    }
+}
+
+/// What names a scenario's knobs-off control run.
+pub const KNOBS_OFF_SUFFIX: &str = "+knobs-off";
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -1336,6 +1357,48 @@ status = 0
         assert!(e.message.contains("cannot unplug an nvdimm"), "{e}");
         let e = err("[[step]]\naction = \"hot-add\"\nregion = \"x\"\ndevice = \"floppy\"\nsize = \"1G\"\n");
         assert_eq!(e.field, "step[1].device", "{e}");
+    }
+
+    #[test]
+    fn boot_pmem_is_added_once_whole_and_without_a_backend() {
+        let machine = "[machine]\nboot-memory = \"512M\"\nboot-pmem = \"8M\"\n";
+        let add = "[[step]]\naction = \"hot-add\"\nregion = \"pm\"\ndevice = \"pmem\"\nsize = \"8M\"\n";
+        let s = parse(&format!("{machine}{add}")).unwrap();
+        assert_eq!(s.boot_pmem, 8 << 20);
+        assert!(matches!(s.steps[0].step, Step::HotAdd { device: DaxDevice::Pmem, .. }));
+        let e = err(add);
+        assert!(e.message.contains("set `machine.boot-pmem`"), "{e}");
+        let e = err(&format!("{machine}{}", add.replace("8M", "4M")));
+        assert_eq!(e.field, "size", "{e}");
+        let e = err(&format!("{machine}{add}{}", add.replace("\"pm\"", "\"again\"")));
+        assert!(e.message.contains("add it once"), "{e}");
+        let e = err(&format!("{machine}{add}backend = \"file\"\n"));
+        assert_eq!((e.line, e.field.as_str()), (9, "step[1].backend"), "{e}");
+        let e = err("[machine]\nboot-memory = \"512M\"\nboot-pmem = \"3M\"\n");
+        assert_eq!((e.line, e.field.as_str()), (3, "machine.boot-pmem"), "{e}");
+        let e = err("[machine]\nboot-memory = \"512M\"\nboot-pmem = \"500M\"\n");
+        assert!(e.message.contains("leaves less than"), "{e}");
+    }
+
+    #[test]
+    fn an_altmap_lives_on_a_file_backed_device() {
+        let add = "[[step]]\naction = \"hot-add\"\nregion = \"d\"\nsize = \"1G\"\naltmap = true\n";
+        let s = parse(add).unwrap();
+        assert!(matches!(s.steps[0].step, Step::HotAdd { altmap: true, backend: Backend::File, .. }));
+        let e = err(&format!("{add}backend = \"ram\"\n"));
+        assert_eq!((e.line, e.field.as_str()), (6, "step[1].backend"), "{e}");
+        let e = err(&add.replace("size = \"1G\"", "size = \"1G\"\nbackend = \"tape\""));
+        assert!(e.message.contains("unknown backend"), "{e}");
+    }
+
+    #[test]
+    fn a_bug_knob_scenario_has_a_knobs_off_control_expecting_a_pass() {
+        let s = parse("bug-knobs = [\"no-tlb-flush\"]\n[expect]\noutcome = \"fail\"\ninvariant = \"write-faults\"\n")
+            .unwrap();
+        let control = s.knobs_off().unwrap();
+        assert_eq!((control.expect, control.bug_knobs.len()), (Expect::Pass, 0));
+        assert!(control.name.ends_with(KNOBS_OFF_SUFFIX));
+        assert!(parse("").unwrap().knobs_off().is_none());
     }
 
     #[test]

@@ -79,6 +79,9 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
             bail!("{} and {} both name a scenario `{}`", other.display(), s.file.display(), s.name);
         }
     }
+    // Every bug-knob scenario also runs with its knobs off, expecting a pass.
+    let controls: Vec<Arc<Scenario>> = scenarios.iter().filter_map(|s| s.knobs_off()).map(Arc::new).collect();
+    scenarios.extend(controls);
     if let Some(f) = &args.filter {
         scenarios.retain(|s| s.name.contains(f.as_str()));
     }
