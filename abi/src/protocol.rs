@@ -29,6 +29,8 @@ pub enum Command<'a> {
     Report,
     /// The guest answers `ok`, then exits with this status (0 is success).
     Exit { status: u8 },
+    /// The guest panics (the harness's own test of a guest crash).
+    Panic,
     /// The guest reads the byte at `va` and writes it back; it answers
     /// `ok faulted` if the write faulted and `ok written` if it did not.
     ProbeWrite { va: u64 },
@@ -75,6 +77,7 @@ impl Command<'_> {
             Command::Ping { .. } => "ping",
             Command::Report => "report",
             Command::Exit { .. } => "exit",
+            Command::Panic => "panic",
             Command::ProbeWrite { .. } => "probe-write",
             Command::HugetlbAlloc { .. } => "hugetlb-alloc",
             Command::HugetlbFree { .. } => "hugetlb-free",
@@ -103,7 +106,7 @@ impl fmt::Display for Request<'_> {
         write!(f, "{} {}", self.seq, self.command.verb())?;
         match self.command {
             Command::Ping { token: Some(t) } => write!(f, " {t}"),
-            Command::Ping { token: None } | Command::Report => Ok(()),
+            Command::Ping { token: None } | Command::Report | Command::Panic => Ok(()),
             Command::Exit { status } => write!(f, " {status}"),
             Command::ProbeWrite { va } => write!(f, " {va:#x}"),
             Command::HugetlbAlloc { order, count, zone, from } => {
@@ -238,6 +241,7 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
             Command::ReserveGigantic { order: order as u32, count, zone }
         }
         "boot-memmap" => Command::BootMemmap,
+        "panic" => Command::Panic,
         "hot-add" => {
             let verb = "hot-add";
             let start = hex(words.next(), verb, "start").map_err(fail)?;
@@ -372,6 +376,7 @@ mod tests {
             Request { seq: 10, command: Command::Knob { knob: Knob::NoTlbFlush } },
             Request { seq: 11, command: Command::ReserveGigantic { order: 18, count: 2, zone: Zone::Normal } },
             Request { seq: 12, command: Command::BootMemmap },
+            Request { seq: 20, command: Command::Panic },
             Request { seq: 13, command: Command::FailAlloc { nth: 3 } },
             Request { seq: 15, command: Command::HotRemove { region: 2, slot: Some(1) } },
             Request { seq: 18, command: Command::HotRemove { region: 4, slot: None } },

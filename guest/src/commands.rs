@@ -114,6 +114,7 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                         let outcome = if arch::probe_write(VirtAddr(va)) { "faulted" } else { "written" };
                         reply_ok(req.seq, format_args!("{outcome}"))
                     }
+                    Command::Panic => panic!("the host asked for a panic"),
                     Command::Exit { status } => {
                         reply_ok(req.seq, format_args!("exiting"));
                         arch::exit(status)

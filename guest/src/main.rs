@@ -67,7 +67,11 @@ pub fn main(platform: arch::Platform) -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    println!("\n{} crash: panic: {}", hvo_abi::protocol::PREFIX, info);
+    // One line: the host reports the crash line as the verdict's message.
+    match info.location() {
+        Some(at) => println!("\n{} crash: panic: {} (at {at})", hvo_abi::protocol::PREFIX, info.message()),
+        None => println!("\n{} crash: panic: {}", hvo_abi::protocol::PREFIX, info.message()),
+    }
     arch::exit(1)
 }
 

@@ -210,6 +210,12 @@ impl QemuProcess {
         self.wait_exit(Duration::from_secs(5)).await
     }
 
+    /// Stops QEMU dead without ending it (SIGSTOP): the harness's test of a
+    /// QEMU that hangs. Dropping it still kills it.
+    pub fn freeze(&self) {
+        let _ = killpg(self.pgid, Signal::SIGSTOP);
+    }
+
     /// Kills QEMU at once (for tests and for giving up on a hung VM).
     pub fn kill_now(&mut self) {
         let _ = killpg(self.pgid, Signal::SIGKILL);

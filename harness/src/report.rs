@@ -4,13 +4,20 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
 pub enum Status {
     Pass,
-    /// The scenario's expectation was not met (an invariant, a guest crash or hang).
+    /// The scenario's expectation was not met: an invariant, a wrong answer.
     Fail,
-    /// The harness could not run the scenario (QEMU missing or dying, bad set-up).
+    /// The guest said nothing within a step's time, or the scenario ran
+    /// past its deadline.
+    Timeout,
+    /// The guest panicked or took an unexpected exception.
+    GuestCrash,
+    /// QEMU died under the guest.
+    QemuCrash,
+    /// The harness could not run the scenario (QEMU missing, no files).
     Error,
     /// Not run on this architecture.
     Skip,
@@ -21,9 +28,18 @@ impl Status {
         match self {
             Status::Pass => "PASS",
             Status::Fail => "FAIL",
+            Status::Timeout => "TIMEOUT",
+            Status::GuestCrash => "CRASH",
+            Status::QemuCrash => "QEMU-DIED",
             Status::Error => "ERROR",
             Status::Skip => "SKIP",
         }
+    }
+
+    /// A verdict on the code under test (exit status 1), as opposed to the
+    /// harness or QEMU failing to give one (exit status 2).
+    pub fn is_verdict_failure(self) -> bool {
+        matches!(self, Status::Fail | Status::Timeout | Status::GuestCrash)
     }
 }
 
@@ -73,6 +89,9 @@ pub struct ScenarioResult {
     pub console_tail: Vec<String>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub qemu_command: String,
+    /// QEMU's version as QMP reports it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub qemu_version: String,
 }
 
 impl ScenarioResult {
@@ -89,6 +108,7 @@ impl ScenarioResult {
             artifacts: None,
             console_tail: Vec::new(),
             qemu_command: String::new(),
+            qemu_version: String::new(),
         }
     }
 }
@@ -108,8 +128,8 @@ impl Totals {
         for r in results {
             match r.status {
                 Status::Pass => t.passed += 1,
-                Status::Fail => t.failed += 1,
-                Status::Error => t.errors += 1,
+                Status::Fail | Status::Timeout | Status::GuestCrash => t.failed += 1,
+                Status::QemuCrash | Status::Error => t.errors += 1,
                 Status::Skip => t.skipped += 1,
             }
         }

@@ -23,7 +23,7 @@ use crate::image::GuestImage;
 use crate::memory::{GuestMemory, MappedMemory};
 use crate::pgtable;
 use crate::qemu::{QemuCommand, QemuProcess, RunPaths};
-use crate::qmp::Qmp;
+use crate::qmp::{Qmp, QmpError};
 use crate::report::{Check, CheckStatus, ScenarioResult, Status};
 use crate::scenario::{Backend, DaxDevice, Expect, Scenario, Step};
 use crate::verify::{self, VmemmapMap};
@@ -49,7 +49,28 @@ pub enum HarnessFault {
     FreezeGuest,
     /// Write bytes that are no command: the guest must answer and go on.
     ConsoleGarbage,
+    /// SIGSTOP QEMU, as when `device_add` hangs: console and QMP both go
+    /// silent, and the run must end as a timeout naming QEMU.
+    HangQemu,
+    /// Ask the guest to panic: the run must end as a guest crash.
+    GuestPanic,
+    /// Close the QMP connection: every later QMP use is an infrastructure error.
+    CloseQmp,
 }
+
+/// A QMP failure as a verdict: QEMU not answering is a timeout, the rest
+/// says the harness could not do what it needed.
+fn qmp_abort(e: QmpError) -> Abort {
+    match e {
+        QmpError::Timeout { .. } | QmpError::HandshakeTimeout(_) => Abort::Timeout(format!("QEMU hung: {e}")),
+        other => Abort::Infra(other.to_string()),
+    }
+}
+
+/// Why there is no QMP connection when one is needed.
+const NO_QMP: &str = "the QMP connection to QEMU is closed";
+/// How long a silent QEMU gets to answer QMP before it counts as hung.
+const QMP_PROBE: Duration = Duration::from_millis(500);
 
 /// Lines of console shown with a failure.
 const CONSOLE_TAIL: usize = 20;
@@ -69,12 +90,32 @@ struct PluggedDimm {
     mapped: bool,
 }
 
-/// Why a run stopped early.
+/// Why a run stopped early; each becomes its own verdict.
 enum Abort {
-    /// The guest misbehaved (crash, hang, wrong answer): the scenario fails.
-    Guest(String),
-    /// The harness could not run it (QEMU missing, dead, or refusing): error.
+    /// The guest gave a wrong or unexpected answer: the scenario fails.
+    Fail(String),
+    /// The guest said nothing within a step's time, or the scenario ran past
+    /// its deadline.
+    Timeout(String),
+    /// The guest panicked or took an unexpected exception.
+    GuestCrash(String),
+    /// QEMU died under the guest.
+    QemuCrash(String),
+    /// The harness could not run it (QEMU missing or refusing, no files).
     Infra(String),
+}
+
+impl Abort {
+    /// The same verdict, its message prefixed with where it happened.
+    fn context(self, at: &str) -> Abort {
+        match self {
+            Abort::Fail(m) => Abort::Fail(format!("{at}: {m}")),
+            Abort::Timeout(m) => Abort::Timeout(format!("{at}: {m}")),
+            Abort::GuestCrash(m) => Abort::GuestCrash(format!("{at}: {m}")),
+            Abort::QemuCrash(m) => Abort::QemuCrash(format!("{at}: {m}")),
+            Abort::Infra(m) => Abort::Infra(format!("{at}: {m}")),
+        }
+    }
 }
 
 struct Run<'a> {
@@ -104,6 +145,15 @@ struct Run<'a> {
     pmem_region: Option<String>,
     /// The current step must be refused (an allocation was set to fail).
     expect_refusal: bool,
+    /// The QMP transcript, kept apart from the connection so that it
+    /// outlives it.
+    transcript: Option<crate::qmp::Transcript>,
+    qemu_version: String,
+    /// The last verify's picture of the vmemmap (regions, shared pages and
+    /// each region's leaves), written with a failure's artifacts.
+    last_vmemmap: Option<String>,
+    /// Milliseconds spent in `verify` steps.
+    verify_ms: u64,
 }
 
 /// Runs `scenario` on `arch` with the guest image at `guest_elf`.
@@ -144,9 +194,17 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
         dimm_of: HashMap::new(),
         pmem_start: None,
         pmem_region: None,
+        transcript: None,
+        qemu_version: String::new(),
+        last_vmemmap: None,
+        verify_ms: 0,
     };
 
-    let outcome = run.execute(config.inject).await;
+    let deadline = Duration::from_millis(scenario.deadline_ms);
+    let outcome = match tokio::time::timeout(deadline, run.execute(config.inject)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(Abort::Timeout(format!("the scenario ran past its deadline of {deadline:?}"))),
+    };
     let shutdown_start = Instant::now();
     run.shutdown().await;
     run.metrics.insert("shutdown_ms".into(), json!(shutdown_start.elapsed().as_millis() as u64));
@@ -154,7 +212,9 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
     result.duration_ms = start.elapsed().as_millis() as u64;
     result.qemu_command = run.command.shell_line();
     result.checks = std::mem::take(&mut run.checks);
+    run.metrics.insert("verify_total_ms".into(), json!(run.verify_ms));
     result.metrics = std::mem::take(&mut run.metrics);
+    result.qemu_version = std::mem::take(&mut run.qemu_version);
     let (status, message) = judge(&scenario.expect, &result.checks, outcome);
     result.status = status;
     result.message = message;
@@ -206,7 +266,10 @@ fn judge(expect: &Expect, checks: &[Check], outcome: Result<(), Abort>) -> (Stat
     let failed: Vec<&Check> = checks.iter().filter(|c| c.status == CheckStatus::Fail).collect();
     match outcome {
         Err(Abort::Infra(m)) => return (Status::Error, Some(m)),
-        Err(Abort::Guest(m)) => return (Status::Fail, Some(m)),
+        Err(Abort::Fail(m)) => return (Status::Fail, Some(m)),
+        Err(Abort::Timeout(m)) => return (Status::Timeout, Some(m)),
+        Err(Abort::GuestCrash(m)) => return (Status::GuestCrash, Some(m)),
+        Err(Abort::QemuCrash(m)) => return (Status::QemuCrash, Some(m)),
         Ok(()) => {}
     }
     let describe =
@@ -247,10 +310,7 @@ impl Run<'_> {
         for placed in &self.scenario.steps {
             self.expect_refusal = placed.expect_failure;
             (if placed.sweep_failures { self.sweep(&placed.step).await } else { self.step(&placed.step).await })
-                .map_err(|abort| match abort {
-                    Abort::Guest(m) => Abort::Guest(format!("step {} (line {}): {m}", placed.step.name(), placed.line)),
-                    Abort::Infra(m) => Abort::Infra(format!("step {} (line {}): {m}", placed.step.name(), placed.line)),
-                })?;
+                .map_err(|abort| abort.context(&format!("step {} (line {})", placed.step.name(), placed.line)))?;
         }
         self.metrics.insert("steps_ms".into(), json!(steps_start.elapsed().as_millis() as u64));
         Ok(())
@@ -290,9 +350,11 @@ impl Run<'_> {
             }
         };
         self.console = Some(Console::attach(console_stream, self.start));
-        let qmp = Qmp::handshake(qmp_stream, self.step_timeout(), self.start)
-            .await
-            .map_err(|e| Abort::Infra(e.to_string()))?;
+        let qmp = Qmp::handshake(qmp_stream, self.step_timeout(), self.start).await.map_err(qmp_abort)?;
+        self.transcript = Some(qmp.transcript().clone());
+        if let Ok(v) = qmp.execute(qapi::qmp::query_version {}).await {
+            self.qemu_version = format!("{}.{}.{}", v.qemu.major, v.qemu.minor, v.qemu.micro);
+        }
         self.qmp = Some(qmp);
         self.metrics.insert("qemu_start_ms".into(), json!(self.elapsed_ms()));
 
@@ -306,7 +368,7 @@ impl Run<'_> {
             Ok(other) => {
                 self.checks
                     .push(Check::fail("guest-ready", format!("guest says it is {other}, expected {}", self.arch)));
-                return Err(Abort::Guest(format!("wrong guest image: it says it is {other}")));
+                return Err(Abort::Fail(format!("wrong guest image: it says it is {other}")));
             }
             Err(e) => {
                 self.checks.push(Check::fail("guest-ready", e.to_string()));
@@ -321,12 +383,12 @@ impl Run<'_> {
         if self.scenario.boot_pmem > 0 {
             let reply = self.request(Command::ReservePmem { size: self.scenario.boot_pmem }).await?;
             let start =
-                reply_field(&reply, "pmem").ok_or_else(|| Abort::Guest(format!("no pmem start in `{reply}`")))?;
+                reply_field(&reply, "pmem").ok_or_else(|| Abort::Fail(format!("no pmem start in `{reply}`")))?;
             self.pmem_start = Some(PhysAddr(start));
         }
         for g in &self.scenario.boot_gigantic {
             let reply = self.request(Command::ReserveGigantic { order: g.order, count: g.count, zone: g.zone }).await?;
-            let id = reply_field(&reply, "region").ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
+            let id = reply_field(&reply, "region").ok_or_else(|| Abort::Fail(format!("no region id in `{reply}`")))?;
             self.regions.insert(g.region.clone(), id as u32);
         }
         let reply = self.request(Command::BootMemmap).await?;
@@ -359,7 +421,7 @@ impl Run<'_> {
                 if let Some(q) = self.qemu.as_mut() {
                     q.wait_exit(Duration::from_secs(1)).await;
                 }
-                Abort::Guest(format!("guest crashed: {msg}"))
+                Abort::GuestCrash(format!("guest crashed: {msg}"))
             }
             ConsoleError::Closed => {
                 let status = match self.qemu.as_mut() {
@@ -371,13 +433,25 @@ impl Run<'_> {
                     Some(s)
                         if s.code().is_some() && self.profile.exit.guest_status(s.code().unwrap_or(-1)).matches(1) =>
                     {
-                        Abort::Guest(format!("the guest exited unasked ({})", describe_exit(Some(s))))
+                        Abort::Fail(format!("the guest exited unasked ({})", describe_exit(Some(s))))
                     }
-                    _ => Abort::Infra(format!("QEMU died ({}){}", describe_exit(status), stderr_note(&stderr))),
+                    _ => Abort::QemuCrash(format!("QEMU died ({}){}", describe_exit(status), stderr_note(&stderr))),
                 }
             }
-            ConsoleError::Timeout { .. } => Abort::Guest(format!("the guest hung: {error}")),
-            other => Abort::Guest(other.to_string()),
+            ConsoleError::Timeout { .. } => {
+                // A silent console is the guest's hang, unless QEMU itself no
+                // longer answers (the device_add hang of QEMU 7.2).
+                let qemu_answers = match self.qmp.as_ref() {
+                    Some(qmp) => qmp.execute_within(qapi::qmp::query_status {}, QMP_PROBE).await.is_ok(),
+                    None => true,
+                };
+                if qemu_answers {
+                    Abort::Timeout(format!("the guest hung: {error}"))
+                } else {
+                    Abort::Timeout(format!("QEMU hung: neither the console nor QMP answers ({error})"))
+                }
+            }
+            other => Abort::Fail(other.to_string()),
         }
     }
 
@@ -390,8 +464,25 @@ impl Run<'_> {
             }
             HarnessFault::FreezeGuest => {
                 if let Some(qmp) = self.qmp.as_ref() {
-                    qmp.execute(qapi::qmp::stop {}).await.map_err(|e| Abort::Infra(e.to_string()))?;
+                    qmp.execute(qapi::qmp::stop {}).await.map_err(qmp_abort)?;
                 }
+            }
+            HarnessFault::HangQemu => {
+                if let Some(q) = self.qemu.as_ref() {
+                    q.freeze();
+                }
+            }
+            HarnessFault::GuestPanic => {
+                let timeout = self.step_timeout();
+                if let Some(console) = self.console.as_mut() {
+                    if let Err(e) = console.request(Command::Panic, timeout).await {
+                        return Err(self.console_abort(e).await);
+                    }
+                }
+            }
+            HarnessFault::CloseQmp => {
+                // Dropping the client closes the socket; the transcript stays.
+                self.qmp = None;
             }
             HarnessFault::ConsoleGarbage => {
                 if let Some(console) = self.console.as_mut() {
@@ -415,7 +506,7 @@ impl Run<'_> {
         let must_refuse = self.expect_refusal
             && matches!(verb, "hugetlb-alloc" | "optimize" | "restore" | "hot-add" | "hot-add-memory");
         match console.request(command, timeout).await {
-            Ok(_) if must_refuse => Err(Abort::Guest(format!(
+            Ok(_) if must_refuse => Err(Abort::Fail(format!(
                 "`{verb}` was expected to fail on the injected allocation failure, but it succeeded"
             ))),
             // The refusal expected: the guest must have rolled back, which `verify` checks.
@@ -490,7 +581,7 @@ impl Run<'_> {
                     let dimm = self
                         .dimm_of
                         .remove(name)
-                        .ok_or_else(|| Abort::Guest(format!("region `{name}` was not hot-added")))?;
+                        .ok_or_else(|| Abort::Fail(format!("region `{name}` was not hot-added")))?;
                     self.request_unplug(dimm.n).await?;
                     self.request(Command::HotRemove { region, slot: Some(dimm.slot) }).await?;
                     self.finish_unplug(dimm).await?;
@@ -528,8 +619,8 @@ impl Run<'_> {
         let n = self.dimms;
         self.dimms += 1;
         let file = self.paths.dimm_file(n);
-        let Some(qmp) = self.qmp.as_ref() else { return Err(Abort::Infra("no QMP".into())) };
-        let infra = |e: crate::qmp::QmpError| Abort::Infra(e.to_string());
+        let Some(qmp) = self.qmp.as_ref() else { return Err(Abort::Infra(NO_QMP.into())) };
+        let infra = qmp_abort;
         qmp.execute(qapi::qmp::stop {}).await.map_err(infra)?;
         let mut plugged = Ok(());
         let object = match backend {
@@ -582,8 +673,8 @@ impl Run<'_> {
     /// Asks the platform to remove DIMM `n` (`device_del`): the guest must
     /// then tear the range down and complete the removal.
     async fn request_unplug(&mut self, n: u32) -> Result<(), Abort> {
-        let Some(qmp) = self.qmp.as_ref() else { return Err(Abort::Infra("no QMP".into())) };
-        let out = qmp.hmp(&format!("device_del hvo-dimm{n}")).await.map_err(|e| Abort::Infra(e.to_string()))?;
+        let Some(qmp) = self.qmp.as_ref() else { return Err(Abort::Infra(NO_QMP.into())) };
+        let out = qmp.hmp(&format!("device_del hvo-dimm{n}")).await.map_err(qmp_abort)?;
         if !out.trim().is_empty() {
             return Err(Abort::Infra(format!("`device_del hvo-dimm{n}`: {}", out.trim())));
         }
@@ -596,7 +687,7 @@ impl Run<'_> {
         let n = dimm.n;
         let id = format!("hvo-dimm{n}");
         let timeout = self.step_timeout();
-        let Some(qmp) = self.qmp.as_ref() else { return Err(Abort::Infra("no QMP".into())) };
+        let Some(qmp) = self.qmp.as_ref() else { return Err(Abort::Infra(NO_QMP.into())) };
         let deleted = qmp
             .wait_event(
                 |e| matches!(e, qapi::qmp::Event::DEVICE_DELETED { data, .. } if data.device.as_deref() == Some(id.as_str())),
@@ -604,11 +695,11 @@ impl Run<'_> {
             )
             .await;
         if deleted.is_none() {
-            return Err(Abort::Guest(format!(
+            return Err(Abort::Fail(format!(
                 "{id} was not deleted within {timeout:?}: the guest did not complete the unplug"
             )));
         }
-        let out = qmp.hmp(&format!("object_del hvo-mem{n}")).await.map_err(|e| Abort::Infra(e.to_string()))?;
+        let out = qmp.hmp(&format!("object_del hvo-mem{n}")).await.map_err(qmp_abort)?;
         if !out.trim().is_empty() {
             return Err(Abort::Infra(format!("`object_del hvo-mem{n}`: {}", out.trim())));
         }
@@ -651,7 +742,7 @@ impl Run<'_> {
                     layout: *layout,
                     altmap: *altmap,
                 },
-                other => return Err(Abort::Guest(format!("`{}` makes no allocations to sweep", other.name()))),
+                other => return Err(Abort::Fail(format!("`{}` makes no allocations to sweep", other.name()))),
             };
             match self.try_request(command).await? {
                 None => self.verify().await?,
@@ -667,7 +758,7 @@ impl Run<'_> {
                 }
             }
         }
-        Err(Abort::Guest(format!("`{}` still fails after {MAX_SWEEP} swept allocation failures", step.name())))
+        Err(Abort::Fail(format!("`{}` still fails after {MAX_SWEEP} swept allocation failures", step.name())))
     }
 
     /// A request the guest may refuse: `None` when it did.
@@ -687,7 +778,7 @@ impl Run<'_> {
         if self.expect_refusal {
             return Ok(());
         }
-        let id = reply_field(reply, "region").ok_or_else(|| Abort::Guest(format!("no region id in `{reply}`")))?;
+        let id = reply_field(reply, "region").ok_or_else(|| Abort::Fail(format!("no region id in `{reply}`")))?;
         self.regions.insert(name.to_string(), id as u32);
         Ok(())
     }
@@ -696,7 +787,7 @@ impl Run<'_> {
         self.regions
             .get(name)
             .copied()
-            .ok_or_else(|| Abort::Guest(format!("region `{name}` was freed or never allocated")))
+            .ok_or_else(|| Abort::Fail(format!("region `{name}` was freed or never allocated")))
     }
 
     /// The manifest as the guest last published it (it republishes after every change).
@@ -705,7 +796,7 @@ impl Run<'_> {
         self.memory
             .read(self.image.manifest, &mut bytes)
             .map_err(|e| Abort::Infra(format!("reading the manifest: {e}")))?;
-        Manifest::decode(&bytes).map_err(|e| Abort::Guest(format!("the manifest is unreadable: {e}")))
+        Manifest::decode(&bytes).map_err(|e| Abort::Fail(format!("the manifest is unreadable: {e}")))
     }
 
     /// Every invariant: from the page tables, then on the live guest (write
@@ -722,14 +813,19 @@ impl Run<'_> {
                 (checks, map, costs)
             })
         })
-        .map_err(|e| Abort::Guest(format!("the page tables cannot be walked: {e}")))?;
+        .map_err(|e| Abort::Fail(format!("the page tables cannot be walked: {e}")))?;
         self.metrics.insert("verify_static_ms".into(), json!(started.elapsed().as_millis() as u64));
         self.metrics.insert("vmemmap_ptes".into(), json!(map.ptes()));
         self.metrics.insert("regions".into(), json!(costs));
+        if checks.iter().any(|c| c.status == CheckStatus::Fail) {
+            self.last_vmemmap = Some(verify::dump(&manifest, &map));
+        }
         self.checks.extend(checks);
         self.check_write_faults(&manifest).await?;
         self.check_vmemmap_translations(&manifest, &map).await?;
-        self.metrics.insert("verify_ms".into(), json!(started.elapsed().as_millis() as u64));
+        let took = started.elapsed().as_millis() as u64;
+        self.metrics.insert("verify_ms".into(), json!(took));
+        self.verify_ms += took;
         Ok(())
     }
 
@@ -774,7 +870,7 @@ impl Run<'_> {
     /// QEMU's MMU and the host walker agree on sampled vmemmap pages.
     async fn check_vmemmap_translations(&mut self, manifest: &Manifest, map: &VmemmapMap) -> Result<(), Abort> {
         let Some(qmp) = self.qmp.as_ref() else {
-            return Err(Abort::Infra("no QMP".into()));
+            return Err(Abort::Infra(NO_QMP.into()));
         };
         let mut samples = Vec::new();
         for region in manifest.regions.iter().filter(|r| r.kind != hvo_abi::model::RegionKind::Memory) {
@@ -785,7 +881,7 @@ impl Run<'_> {
         }
         let mut wrong = Vec::new();
         for va in &samples {
-            let by_qemu = qmp.gva2gpa(VirtAddr(*va)).await.map_err(|e| Abort::Infra(e.to_string()))?;
+            let by_qemu = qmp.gva2gpa(VirtAddr(*va)).await.map_err(qmp_abort)?;
             let by_host = map.lookup(*va).map(|(_, frame)| frame);
             if by_qemu != by_host {
                 wrong.push(format!("vmemmap {va:#x}: host walker {}, QEMU {}", show(by_host), show(by_qemu)));
@@ -827,11 +923,11 @@ impl Run<'_> {
 
     async fn verify_manifest(&mut self) -> Result<(), Abort> {
         let Some(qmp) = self.qmp.as_ref() else {
-            return Err(Abort::Infra("no QMP".into()));
+            return Err(Abort::Infra(NO_QMP.into()));
         };
         let at = self.image.manifest;
         let scratch = self.paths.dir.join("pmemsave.bin");
-        let through_qmp = qmp.pmemsave(at, MANIFEST_SIZE, &scratch).await.map_err(|e| Abort::Infra(e.to_string()))?;
+        let through_qmp = qmp.pmemsave(at, MANIFEST_SIZE, &scratch).await.map_err(qmp_abort)?;
         let mut through_map = vec![0u8; MANIFEST_SIZE];
         if let Err(e) = self.memory.read(at, &mut through_map) {
             self.checks.push(Check::fail("manifest", format!("manifest at {at} not in mapped boot RAM: {e}")));
@@ -872,7 +968,7 @@ impl Run<'_> {
     /// and the identity map the way the manifest says the guest built them.
     async fn check_translations(&mut self, manifest: &Manifest) -> Result<(), Abort> {
         let Some(qmp) = self.qmp.as_ref() else {
-            return Err(Abort::Infra("no QMP".into()));
+            return Err(Abort::Infra(NO_QMP.into()));
         };
         let mut samples: Vec<PhysAddr> = vec![self.image.manifest];
         samples.extend(manifest.roots().map(|r| PhysAddr(r.pa)));
@@ -887,7 +983,7 @@ impl Run<'_> {
                 ("linear map", VirtAddr(manifest.linear_map_base.wrapping_add(pa.0))),
                 ("identity map", VirtAddr(pa.0)),
             ] {
-                let by_qemu = qmp.gva2gpa(va).await.map_err(|e| Abort::Infra(e.to_string()))?;
+                let by_qemu = qmp.gva2gpa(va).await.map_err(qmp_abort)?;
                 let by_host = pgtable::walker_for(self.arch, &self.memory, manifest, va)
                     .and_then(|w| w.translate(&self.memory, va))
                     .map(|leaf| leaf.map(|l| l.translate(va)));
@@ -932,8 +1028,11 @@ impl Run<'_> {
         std::fs::write(dir.join("console.log"), console)?;
         let stderr = self.qemu.as_ref().map(|q| q.stderr()).unwrap_or_default();
         std::fs::write(dir.join("qemu-stderr.log"), stderr)?;
-        let transcript = self.qmp.as_ref().map(|q| q.transcript().text()).unwrap_or_default();
+        let transcript = self.transcript.as_ref().map(|t| t.text()).unwrap_or_default();
         std::fs::write(dir.join("qmp-transcript.log"), transcript)?;
+        if let Some(dump) = &self.last_vmemmap {
+            std::fs::write(dir.join("vmemmap.txt"), dump)?;
+        }
         Ok(())
     }
 }
@@ -1052,7 +1151,10 @@ mod tests {
     #[test]
     fn aborts_decide_over_checks() {
         assert_eq!(judge(&Expect::Pass, &[], Err(Abort::Infra("qemu".into()))).0, Status::Error);
-        assert_eq!(judge(&Expect::Pass, &[], Err(Abort::Guest("hang".into()))).0, Status::Fail);
+        assert_eq!(judge(&Expect::Pass, &[], Err(Abort::Fail("wrong".into()))).0, Status::Fail);
+        assert_eq!(judge(&Expect::Pass, &[], Err(Abort::Timeout("hang".into()))).0, Status::Timeout);
+        assert_eq!(judge(&Expect::Pass, &[], Err(Abort::GuestCrash("panic".into()))).0, Status::GuestCrash);
+        assert_eq!(judge(&Expect::Pass, &[], Err(Abort::QemuCrash("SIGSEGV".into()))).0, Status::QemuCrash);
         assert_eq!(judge(&Expect::Pass, &[Check::pass("a", "")], Ok(())).0, Status::Pass);
     }
 

@@ -21,6 +21,8 @@ const MIB: u64 = 1 << 20;
 const DEFAULT_STEP_TIMEOUT_MS: u64 = 5_000;
 const DEFAULT_BOOT_TIMEOUT_MS: u64 = 10_000;
 const MAX_TIMEOUT_MS: u64 = 600_000;
+/// A whole run, boot to verdict, unless the scenario says otherwise.
+const DEFAULT_DEADLINE_MS: u64 = 120_000;
 /// QEMU's limit on memory slots (ACPI_MAX_RAM_SLOTS).
 const MAX_SLOTS: u32 = 256;
 /// The guest's boot allocations (page tables, images) need at least this.
@@ -107,6 +109,7 @@ struct RawScenario {
     architectures: Option<Spanned<Vec<Spanned<String>>>>,
     step_timeout_ms: Option<Spanned<u64>>,
     boot_timeout_ms: Option<Spanned<u64>>,
+    deadline_ms: Option<Spanned<u64>>,
     #[serde(default)]
     machine: RawMachine,
     bug_knobs: Option<Vec<Spanned<String>>>,
@@ -622,8 +625,11 @@ pub struct Scenario {
     pub description: String,
     pub architectures: Vec<Arch>,
     pub machine: MachineSpec,
+    /// How long the guest may stay silent while a step waits on it.
     pub step_timeout_ms: u64,
     pub boot_timeout_ms: u64,
+    /// The whole run, boot to verdict.
+    pub deadline_ms: u64,
     pub expect: Expect,
     /// Bugs the guest reintroduces on purpose, turned on right after boot.
     pub bug_knobs: Vec<Knob>,
@@ -788,6 +794,7 @@ impl Scenario {
         };
         let step_timeout_ms = timeout(&raw.step_timeout_ms, "step-timeout-ms", DEFAULT_STEP_TIMEOUT_MS)?;
         let boot_timeout_ms = timeout(&raw.boot_timeout_ms, "boot-timeout-ms", DEFAULT_BOOT_TIMEOUT_MS)?;
+        let deadline_ms = timeout(&raw.deadline_ms, "deadline-ms", DEFAULT_DEADLINE_MS)?;
 
         let machine = machine(&loc, &raw.machine, &architectures)?;
 
@@ -1079,6 +1086,7 @@ impl Scenario {
             machine,
             step_timeout_ms,
             boot_timeout_ms,
+            deadline_ms,
             expect,
             bug_knobs,
             boot_gigantic,

@@ -663,6 +663,59 @@ fn check_unoptimized_contents(f: &mut Findings, mem: &dyn GuestMemory, region: &
     }
 }
 
+/// At most this many vmemmap pages are listed in a dump.
+const MAX_DUMP_PAGES: usize = 20_000;
+
+/// A text picture of the vmemmap for a failure's artifacts: the guest's
+/// counters, shared tail pages and regions as its manifest states them, then
+/// every region's vmemmap pages as the host's walker found them.
+pub fn dump(manifest: &Manifest, map: &VmemmapMap) -> String {
+    let mut out = String::new();
+    let c = &manifest.counters;
+    let _ = writeln!(
+        out,
+        "counters: vmemmap {} allocated {} freed, page tables {} allocated {} freed, {} struct pages initialized",
+        c.vmemmap_allocated, c.vmemmap_freed, c.pagetable_allocated, c.pagetable_freed, c.struct_pages_initialized
+    );
+    for t in manifest.shared_tails.iter() {
+        let _ = writeln!(out, "shared tail {}/order {}: {:#x}, {} users", t.zone.name(), t.order, t.pa, t.users);
+    }
+    let mut listed = 0;
+    for r in manifest.regions.iter() {
+        let _ = writeln!(
+            out,
+            "\nregion {} {:?}: pfns {:#x}..{:#x} {}/order {} layout {} {}{}",
+            r.id,
+            r.kind,
+            r.start_pfn,
+            r.start_pfn + r.nr_pages,
+            r.zone.name(),
+            r.order,
+            r.layout.name(),
+            if r.optimized { "optimized" } else { "not optimized" },
+            if r.altmap_pfns > 0 { format!(", altmap of {} pages", r.altmap_pfns) } else { String::new() },
+        );
+        let start = manifest.struct_page_va(r.start_pfn) / PAGE * PAGE;
+        let end = manifest.struct_page_va(r.start_pfn + r.nr_pages).div_ceil(PAGE) * PAGE;
+        for (va, leaf) in map.by_va.range(start..end) {
+            if listed == MAX_DUMP_PAGES {
+                let _ = writeln!(out, "  ... (the rest left out: {MAX_DUMP_PAGES} pages listed)");
+                return out;
+            }
+            listed += 1;
+            let _ = writeln!(
+                out,
+                "  {va:#x} -> {} {}{} {} KiB leaf",
+                leaf.translate(VirtAddr(*va)),
+                if leaf.perms.write { "RW" } else { "RO" },
+                if leaf.perms.exec { "X" } else { "" },
+                leaf.size() >> 10
+            );
+        }
+    }
+    out
+}
+
 /// What one region's vmemmap costs, measured from the page tables.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct RegionCost {

@@ -60,9 +60,9 @@ async fn boot_scenario_passes_on_every_architecture() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn qemu_killed_mid_scenario_is_an_error_with_console_tail_and_artifacts() {
+async fn qemu_killed_mid_scenario_is_a_qemu_crash_with_console_tail_and_artifacts() {
     let (r, artifacts) = run(Arch::X86_64, &boot_scenario(), Some(HarnessFault::KillQemu)).await;
-    assert_eq!(r.status, Status::Error, "{r:#?}");
+    assert_eq!(r.status, Status::QemuCrash, "{r:#?}");
     let message = r.message.clone().unwrap_or_default();
     assert!(message.contains("QEMU died") && message.contains("signal 9"), "{message}");
     assert!(r.console_tail.iter().any(|l| l.starts_with("@hvo ready")), "{:?}", r.console_tail);
@@ -81,9 +81,9 @@ async fn a_guest_that_never_answers_fails_within_the_step_timeout() {
     let mut scenario = boot_scenario();
     scenario.step_timeout_ms = 1000;
     let (r, _artifacts) = run(Arch::Aarch64, &scenario, Some(HarnessFault::FreezeGuest)).await;
-    assert_eq!(r.status, Status::Fail, "{r:#?}");
+    assert_eq!(r.status, Status::Timeout, "{r:#?}");
     let message = r.message.clone().unwrap_or_default();
-    assert!(message.contains("hung") && message.contains("step ping (line"), "{message}");
+    assert!(message.contains("the guest hung") && message.contains("step ping (line"), "{message}");
     assert!(!r.console_tail.is_empty());
     assert!(r.artifacts.is_some());
     assert_nothing_left(&r);
@@ -93,5 +93,53 @@ async fn a_guest_that_never_answers_fails_within_the_step_timeout() {
 async fn garbage_on_the_console_is_refused_and_the_guest_goes_on() {
     let (r, _artifacts) = run(Arch::Ppc64le, &boot_scenario(), Some(HarnessFault::ConsoleGarbage)).await;
     assert_eq!(r.status, Status::Pass, "{r:#?}");
+    assert_nothing_left(&r);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_qemu_is_a_timeout_that_names_qemu_and_is_still_killed() {
+    let mut scenario = boot_scenario();
+    scenario.step_timeout_ms = 1000;
+    let (r, _artifacts) = run(Arch::X86_64, &scenario, Some(HarnessFault::HangQemu)).await;
+    assert_eq!(r.status, Status::Timeout, "{r:#?}");
+    let message = r.message.clone().unwrap_or_default();
+    assert!(message.contains("QEMU hung"), "{message}");
+    assert_nothing_left(&r);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_panic_is_a_crash_with_its_message() {
+    let (r, _artifacts) = run(Arch::Ppc64le, &boot_scenario(), Some(HarnessFault::GuestPanic)).await;
+    assert_eq!(r.status, Status::GuestCrash, "{r:#?}");
+    let message = r.message.clone().unwrap_or_default();
+    assert!(message.contains("the host asked for a panic"), "{message}");
+    assert!(r.console_tail.iter().any(|l| l.contains("crash")), "{:?}", r.console_tail);
+    assert_nothing_left(&r);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_qmp_connection_is_an_infrastructure_error_not_a_verdict() {
+    let (r, _artifacts) = run(Arch::Aarch64, &boot_scenario(), Some(HarnessFault::CloseQmp)).await;
+    assert_eq!(r.status, Status::Error, "{r:#?}");
+    let message = r.message.clone().unwrap_or_default();
+    assert!(message.contains("QMP connection to QEMU is closed"), "{message}");
+    assert_nothing_left(&r);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unwritable_artifacts_directory_keeps_the_verdict_and_says_so() {
+    let elf = build_guest(Arch::X86_64).expect("guest builds");
+    let blocker = tempfile::NamedTempFile::new().unwrap();
+    // A file where the artifacts directory should go: nothing can be created under it.
+    let config = RunConfig {
+        artifacts_root: blocker.path().to_path_buf(),
+        keep_artifacts: false,
+        inject: Some(HarnessFault::GuestPanic),
+    };
+    let r = run_scenario(&boot_scenario(), Arch::X86_64, &elf, &config).await;
+    assert_eq!(r.status, Status::GuestCrash, "{r:#?}");
+    let message = r.message.clone().unwrap_or_default();
+    assert!(message.contains("artifacts could not be written"), "{message}");
+    assert!(r.artifacts.is_none());
     assert_nothing_left(&r);
 }
