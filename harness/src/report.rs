@@ -67,6 +67,21 @@ impl Check {
     }
 }
 
+/// Where a run's time went, in milliseconds.
+#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Phases {
+    /// Spawning QEMU until its console and QMP are connected.
+    pub qemu_start_ms: u64,
+    /// From there to the guest's `ready`, boot-time set-up included.
+    pub boot_ms: u64,
+    /// The steps, less the time spent verifying.
+    pub steps_ms: u64,
+    /// The host's verification in `verify` steps.
+    pub verify_ms: u64,
+    /// Asking the guest to exit and QEMU ending.
+    pub shutdown_ms: u64,
+}
+
 /// The outcome of one scenario on one architecture.
 #[derive(Serialize, Clone, Debug)]
 pub struct ScenarioResult {
@@ -75,6 +90,7 @@ pub struct ScenarioResult {
     pub arch: String,
     pub status: Status,
     pub duration_ms: u64,
+    pub phases: Phases,
     pub checks: Vec<Check>,
     /// Measurements: phase durations now, vmemmap figures later.
     pub metrics: serde_json::Map<String, serde_json::Value>,
@@ -102,6 +118,7 @@ impl ScenarioResult {
             arch: arch.into(),
             status: Status::Skip,
             duration_ms: 0,
+            phases: Phases::default(),
             checks: Vec::new(),
             metrics: Default::default(),
             message: Some(why.into()),
@@ -114,7 +131,7 @@ impl ScenarioResult {
 }
 
 /// Counts of a run, for the closing line.
-#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Totals {
     pub passed: usize,
     pub failed: usize,
@@ -146,6 +163,119 @@ impl Totals {
     }
 }
 
+/// A scenario whose repeated runs on one architecture did not all end alike.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct Flaky {
+    pub scenario: String,
+    pub arch: String,
+    /// How the runs ended, like `pass 19, fail 1`.
+    pub outcomes: String,
+}
+
+/// The scenarios (per architecture) whose runs ended in more than one way.
+pub fn flaky(results: &[ScenarioResult]) -> Vec<Flaky> {
+    let mut runs: std::collections::BTreeMap<(&str, &str), Vec<Status>> = Default::default();
+    for r in results.iter().filter(|r| r.status != Status::Skip) {
+        runs.entry((&r.scenario, &r.arch)).or_default().push(r.status);
+    }
+    runs.into_iter()
+        .filter(|(_, statuses)| statuses.iter().any(|s| *s != statuses[0]))
+        .map(|((scenario, arch), statuses)| {
+            let mut counts: Vec<(Status, usize)> = Vec::new();
+            for s in statuses {
+                match counts.iter_mut().find(|(c, _)| *c == s) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((s, 1)),
+                }
+            }
+            let outcomes =
+                counts.iter().map(|(s, n)| format!("{} {n}", s.label().to_lowercase())).collect::<Vec<_>>().join(", ");
+            Flaky { scenario: scenario.into(), arch: arch.into(), outcomes }
+        })
+        .collect()
+}
+
+/// What a failed run says in one text: its message, then the console tail.
+fn failure_text(r: &ScenarioResult) -> String {
+    let mut text = r.message.clone().unwrap_or_default();
+    if let Some(a) = &r.artifacts {
+        text.push_str(&format!("\nartifacts: {}", a.display()));
+    }
+    if !r.console_tail.is_empty() {
+        text.push_str("\nconsole tail:\n");
+        text.push_str(&r.console_tail.join("\n"));
+    }
+    text
+}
+
+/// JUnit XML: one testsuite per architecture, one testcase per scenario run.
+/// A failure's message names the failing invariant; its text carries the
+/// console tail.
+pub fn junit(results: &[ScenarioResult]) -> Result<String, quick_junit::SerializeError> {
+    use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
+    let mut report = Report::new("hvo-harness");
+    let mut arches: Vec<&str> = results.iter().map(|r| r.arch.as_str()).collect();
+    arches.sort_unstable();
+    arches.dedup();
+    for arch in arches {
+        let mut suite = TestSuite::new(arch);
+        for r in results.iter().filter(|r| r.arch == arch) {
+            let mut status = match r.status {
+                Status::Pass => TestCaseStatus::success(),
+                Status::Skip => TestCaseStatus::skipped(),
+                s if s.is_verdict_failure() => TestCaseStatus::non_success(NonSuccessKind::Failure),
+                _ => TestCaseStatus::non_success(NonSuccessKind::Error),
+            };
+            if !matches!(r.status, Status::Pass) {
+                let failed: Vec<&str> =
+                    r.checks.iter().filter(|c| c.status == CheckStatus::Fail).map(|c| c.name.as_str()).collect();
+                let headline = match (r.status, failed.is_empty()) {
+                    (Status::Skip, _) => r.message.clone().unwrap_or_default(),
+                    (_, false) => format!("{}: {}", r.status.label(), failed.join(", ")),
+                    (_, true) => r.status.label().to_string(),
+                };
+                status.set_message(headline);
+                if r.status != Status::Skip {
+                    status.set_type(r.status.label());
+                    status.set_description(failure_text(r));
+                }
+            }
+            let mut case = TestCase::new(r.scenario.as_str(), status);
+            case.set_classname(format!("{arch}.{}", r.file.display()));
+            case.set_time(std::time::Duration::from_millis(r.duration_ms));
+            suite.add_test_case(case);
+        }
+        report.add_test_suite(suite);
+    }
+    report.to_string()
+}
+
+/// TAP version 13: a test point per scenario run, failures with a YAML block.
+pub fn tap(results: &[ScenarioResult]) -> String {
+    let mut out = format!("TAP version 13\n1..{}\n", results.len());
+    for (i, r) in results.iter().enumerate() {
+        let n = i + 1;
+        let name = format!("{} on {}", r.scenario, r.arch);
+        match r.status {
+            Status::Pass => out.push_str(&format!("ok {n} - {name}\n")),
+            Status::Skip => out.push_str(&format!(
+                "ok {n} - {name} # SKIP {}\n",
+                r.message.as_deref().unwrap_or("").replace('\n', " ")
+            )),
+            status => {
+                out.push_str(&format!("not ok {n} - {name}\n  ---\n  status: {}\n", status.label().to_lowercase()));
+                let quoted = |s: &str| serde_json::to_string(s).unwrap_or_default();
+                out.push_str(&format!("  message: {}\n", quoted(r.message.as_deref().unwrap_or(""))));
+                if let Some(a) = &r.artifacts {
+                    out.push_str(&format!("  artifacts: {}\n", quoted(&a.display().to_string())));
+                }
+                out.push_str("  ...\n");
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,12 +293,64 @@ mod tests {
         assert_eq!(Totals { passed: 3, ..Default::default() }.summary_line(), "3 passed, 0 failed");
     }
 
+    fn result(scenario: &str, arch: &str, status: Status) -> ScenarioResult {
+        let mut r = ScenarioResult::skipped(scenario, format!("scenarios/{scenario}.toml").into(), arch, "");
+        r.status = status;
+        r.message = None;
+        r
+    }
+
+    #[test]
+    fn runs_that_end_differently_are_flaky() {
+        let results = vec![
+            result("a", "x86_64", Status::Pass),
+            result("a", "x86_64", Status::Timeout),
+            result("a", "x86_64", Status::Pass),
+            result("a", "aarch64", Status::Fail),
+            result("a", "aarch64", Status::Fail),
+            result("b", "x86_64", Status::Pass),
+        ];
+        let f = flaky(&results);
+        assert_eq!(
+            f,
+            vec![Flaky { scenario: "a".into(), arch: "x86_64".into(), outcomes: "pass 2, timeout 1".into() }]
+        );
+    }
+
+    #[test]
+    fn junit_has_a_suite_per_arch_and_names_the_invariant_and_console() {
+        let mut failed = result("knob", "ppc64le", Status::Fail);
+        failed.checks.push(Check::fail("tails-readonly", "writable"));
+        failed.message = Some("tails-readonly: tail is writable".into());
+        failed.console_tail = vec!["@hvo ready abi=4 arch=ppc64le".into()];
+        let results =
+            vec![result("boot", "x86_64", Status::Pass), failed, result("boot", "ppc64le", Status::QemuCrash)];
+        let xml = junit(&results).unwrap();
+        assert!(xml.contains(r#"<testsuite name="ppc64le" tests="2" skipped="0" errors="1" failures="1""#), "{xml}");
+        assert!(xml.contains(r#"<testsuite name="x86_64" tests="1""#), "{xml}");
+        assert!(xml.contains(r#"message="FAIL: tails-readonly""#), "{xml}");
+        assert!(xml.contains("@hvo ready abi=4 arch=ppc64le"), "{xml}");
+    }
+
+    #[test]
+    fn tap_numbers_every_run_and_explains_failures() {
+        let mut failed = result("knob", "aarch64", Status::GuestCrash);
+        failed.message = Some("guest crashed: \"boom\"".into());
+        let mut skipped = result("nv", "ppc64le", Status::Skip);
+        skipped.message = Some("not listed".into());
+        let text = tap(&[result("boot", "x86_64", Status::Pass), failed, skipped]);
+        assert_eq!(
+            text,
+            "TAP version 13\n1..3\nok 1 - boot on x86_64\nnot ok 2 - knob on aarch64\n  ---\n  status: crash\n  message: \"guest crashed: \\\"boom\\\"\"\n  ...\nok 3 - nv on ppc64le # SKIP not listed\n"
+        );
+    }
+
     #[test]
     fn json_has_the_documented_fields() {
         let mut r = ScenarioResult::skipped("boot", "scenarios/boot.toml".into(), "aarch64", "not listed");
         r.checks.push(Check::pass("manifest", "ok"));
         let v = serde_json::to_value(&r).unwrap();
-        for field in ["scenario", "arch", "status", "duration_ms", "checks", "metrics"] {
+        for field in ["scenario", "arch", "status", "duration_ms", "phases", "checks", "metrics"] {
             assert!(v.get(field).is_some(), "{field} missing from {v}");
         }
         assert_eq!(v["status"], "skip");

@@ -24,7 +24,7 @@ use crate::memory::{GuestMemory, MappedMemory};
 use crate::pgtable;
 use crate::qemu::{QemuCommand, QemuProcess, RunPaths};
 use crate::qmp::{Qmp, QmpError};
-use crate::report::{Check, CheckStatus, ScenarioResult, Status};
+use crate::report::{Check, CheckStatus, Phases, ScenarioResult, Status};
 use crate::scenario::{Backend, DaxDevice, Expect, Scenario, Step};
 use crate::verify::{self, VmemmapMap};
 
@@ -212,7 +212,15 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
     result.duration_ms = start.elapsed().as_millis() as u64;
     result.qemu_command = run.command.shell_line();
     result.checks = std::mem::take(&mut run.checks);
-    run.metrics.insert("verify_total_ms".into(), json!(run.verify_ms));
+    let metric = |name: &str| run.metrics.get(name).and_then(|v| v.as_u64()).unwrap_or(0);
+    let (qemu_start, ready, steps) = (metric("qemu_start_ms"), metric("boot_ms"), metric("steps_ms"));
+    result.phases = Phases {
+        qemu_start_ms: qemu_start,
+        boot_ms: ready.saturating_sub(qemu_start),
+        steps_ms: steps.saturating_sub(run.verify_ms),
+        verify_ms: run.verify_ms,
+        shutdown_ms: metric("shutdown_ms"),
+    };
     result.metrics = std::mem::take(&mut run.metrics);
     result.qemu_version = std::mem::take(&mut run.qemu_version);
     let (status, message) = judge(&scenario.expect, &result.checks, outcome);
@@ -375,7 +383,7 @@ impl Run<'_> {
                 return Err(self.console_abort(e).await);
             }
         }
-        self.metrics.insert("boot_ms".into(), json!(self.elapsed_ms()));
+        self.metrics.insert("ready_ms".into(), json!(self.elapsed_ms()));
         self.map_boot_ram()?;
         for knob in &self.scenario.bug_knobs {
             self.request(Command::Knob { knob: *knob }).await?;
@@ -395,6 +403,7 @@ impl Run<'_> {
         if let Some(n) = reply_field(&reply, "initialized") {
             self.metrics.insert("struct_pages_initialized".into(), json!(n));
         }
+        self.metrics.insert("boot_ms".into(), json!(self.elapsed_ms()));
         Ok(())
     }
 

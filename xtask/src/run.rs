@@ -29,9 +29,44 @@ pub struct RunArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write the results as JUnit XML here (a testsuite per architecture).
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
+    /// Print TAP on standard output (the usual lines go to standard error).
+    #[arg(long)]
+    pub tap: bool,
+    /// Run only shard I of N (1-based), a fixed split of the (scenario,
+    /// architecture) runs, for spreading a suite over CI runners.
+    #[arg(long, value_parser = parse_shard)]
+    pub shard: Option<Shard>,
+    /// Run every scenario N times and report any whose results differ as flaky.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub repeat: u32,
     /// Keep artifacts of passing runs too (failing runs always keep them).
     #[arg(long)]
     pub keep_artifacts: bool,
+}
+
+/// One shard of a run: `index` of `count`, 1-based.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+pub fn parse_shard(s: &str) -> Result<Shard, String> {
+    let bad = || format!("`{s}` is not a shard: write I/N with 1 <= I <= N, like 2/4");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (index, count) = (i.trim().parse::<usize>().map_err(|_| bad())?, n.trim().parse::<usize>().map_err(|_| bad())?);
+    if index == 0 || index > count {
+        return Err(bad());
+    }
+    Ok(Shard { index, count })
+}
+
+/// Whether the `position`-th run of a suite (in the sorted order) is in `shard`.
+pub fn in_shard(shard: Option<Shard>, position: usize) -> bool {
+    shard.is_none_or(|s| position % s.count == s.index - 1)
 }
 
 pub fn parse_arch(s: &str) -> Result<Arch, String> {
@@ -92,10 +127,18 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
     let arches = args.arch.clone().unwrap_or(Arch::ALL.to_vec());
     let mut jobs = Vec::new();
     let mut results = Vec::new();
-    for s in &scenarios {
-        for &arch in &arches {
+    // Sharded over a fixed order, so every runner splits the suite alike.
+    scenarios.sort_by(|a, b| a.name.cmp(&b.name));
+    let pairs = scenarios.iter().flat_map(|s| arches.iter().map(move |&arch| (s, arch)));
+    for (position, (s, arch)) in pairs.enumerate() {
+        if !in_shard(args.shard, position) {
+            continue;
+        }
+        {
             if s.architectures.contains(&arch) {
-                jobs.push(Job { scenario: s.clone(), arch });
+                for _ in 0..args.repeat {
+                    jobs.push(Job { scenario: s.clone(), arch });
+                }
             } else {
                 results.push(ScenarioResult::skipped(
                     &s.name,
@@ -116,8 +159,9 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
         keep_artifacts: args.keep_artifacts,
         inject: None,
     };
+    let out = Output::new(args.tap, jobs.len() + results.len());
     for r in &results {
-        print_result(r);
+        out.result(r);
     }
     let start = Instant::now();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -125,23 +169,42 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let ran = runtime.block_on(run_all(jobs, images, config, parallel));
+    let ran = runtime.block_on(run_all(jobs, images, config, parallel, &out));
     let Some(ran) = ran else {
         eprintln!("interrupted: every QEMU was stopped");
         return Ok(ExitCode::from(130));
     };
     results.extend(ran);
+    out.finish();
+    results.sort_by(|a, b| (&a.scenario, &a.arch).cmp(&(&b.scenario, &b.arch)));
 
-    if let Some(json) = &args.json {
-        let text = serde_json::to_string_pretty(&results).context("cannot encode the JSON report")?;
-        std::fs::write(json, text + "\n").with_context(|| format!("cannot write {}", json.display()))?;
+    let flaky = hvo_harness::report::flaky(&results);
+    for f in &flaky {
+        out.line(&format!("FLAKY {:<32} {:<8} {}", f.scenario, f.arch, f.outcomes));
+    }
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({ "results": &results, "flaky": &flaky, "totals": Totals::of(&results) });
+        let text = serde_json::to_string_pretty(&report).context("cannot encode the JSON report")?;
+        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.junit {
+        let xml = hvo_harness::report::junit(&results).context("cannot encode the JUnit report")?;
+        std::fs::write(path, xml).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if args.tap {
+        print!("{}", hvo_harness::report::tap(&results));
     }
     let totals = Totals::of(&results);
-    println!("ran {} scenario runs in {:.2}s", results.len() - totals.skipped, start.elapsed().as_secs_f64());
-    println!("{}", totals.summary_line());
+    let ran = results.len() - totals.skipped;
+    out.line(&format!("ran {ran} scenario runs in {:.2}s", start.elapsed().as_secs_f64()));
+    let mut summary = totals.summary_line();
+    if !flaky.is_empty() {
+        summary.push_str(&format!(", {} flaky", flaky.len()));
+    }
+    out.line(&summary);
     Ok(if totals.errors > 0 {
         ExitCode::from(2)
-    } else if totals.failed > 0 {
+    } else if totals.failed > 0 || !flaky.is_empty() {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -155,6 +218,7 @@ async fn run_all(
     images: HashMap<Arch, PathBuf>,
     config: RunConfig,
     parallel: usize,
+    out: &Output,
 ) -> Option<Vec<ScenarioResult>> {
     let limit = Arc::new(tokio::sync::Semaphore::new(parallel));
     let mut set = tokio::task::JoinSet::new();
@@ -173,7 +237,7 @@ async fn run_all(
             next = set.join_next() => match next {
                 None => break,
                 Some(Ok(r)) => {
-                    print_result(&r);
+                    out.result(&r);
                     results.push(r);
                 }
                 Some(Err(e)) => eprintln!("a scenario task failed: {e}"),
@@ -185,13 +249,66 @@ async fn run_all(
             }
         }
     }
-    results.sort_by(|a, b| (&a.scenario, &a.arch).cmp(&(&b.scenario, &b.arch)));
     Some(results)
 }
 
-fn print_result(r: &ScenarioResult) {
+/// Where a run's lines go: standard output, or standard error when TAP has
+/// standard output; through a progress bar when that is a terminal.
+pub struct Output {
+    tap: bool,
+    bar: Option<indicatif::ProgressBar>,
+    counts: std::sync::Mutex<(usize, usize)>,
+}
+
+impl Output {
+    pub fn new(tap: bool, total: usize) -> Output {
+        use std::io::IsTerminal;
+        let terminal = if tap { std::io::stderr().is_terminal() } else { std::io::stdout().is_terminal() };
+        let bar = (terminal && total > 1).then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            if tap {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
+            let style = indicatif::ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar
+        });
+        Output { tap, bar, counts: Default::default() }
+    }
+
+    pub fn line(&self, text: &str) {
+        match (&self.bar, self.tap) {
+            (Some(bar), _) => bar.println(text),
+            (None, true) => eprintln!("{text}"),
+            (None, false) => println!("{text}"),
+        }
+    }
+
+    pub fn result(&self, r: &ScenarioResult) {
+        self.line(&describe(r));
+        if let Some(bar) = &self.bar {
+            let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            match r.status {
+                Status::Pass => counts.0 += 1,
+                Status::Skip => {}
+                _ => counts.1 += 1,
+            }
+            bar.set_message(format!("{} passed, {} failed", counts.0, counts.1));
+            bar.inc(1);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn describe(r: &ScenarioResult) -> String {
     let mut line =
-        format!("{:<5} {:<32} {:<8} {:>7.2}s", r.status.label(), r.scenario, r.arch, r.duration_ms as f64 / 1000.0);
+        format!("{:<9} {:<32} {:<8} {:>7.2}s", r.status.label(), r.scenario, r.arch, r.duration_ms as f64 / 1000.0);
     if r.status != Status::Pass && r.status != Status::Skip {
         if let Some(m) = &r.message {
             line.push_str(&format!("\n      {m}"));
@@ -210,5 +327,49 @@ fn print_result(r: &ScenarioResult) {
             line.push_str(&format!("\n      qemu: {}", r.qemu_command));
         }
     }
-    println!("{line}");
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_split_every_run_exactly_once() {
+        assert_eq!(parse_shard("2/4"), Ok(Shard { index: 2, count: 4 }));
+        for bad in ["0/4", "5/4", "2", "a/b", "1/0"] {
+            assert!(parse_shard(bad).is_err(), "{bad}");
+        }
+        let count = 3;
+        for position in 0..20 {
+            let owners =
+                (1..=count).filter(|&index| in_shard(Some(Shard { index, count }), position)).collect::<Vec<_>>();
+            assert_eq!(owners.len(), 1, "run {position}: {owners:?}");
+        }
+        assert!(in_shard(None, 7));
+    }
+}
+
+#[cfg(test)]
+mod ci_workflow {
+    use hvo_images::{workspace_root, Arch};
+
+    /// The nightly workflow runs the local script over every architecture,
+    /// with as many shard cells as it tells the script there are.
+    #[test]
+    fn the_nightly_matrix_calls_the_local_script_for_every_architecture_and_shard() {
+        let text = std::fs::read_to_string(workspace_root().join("ci/nightly.yml")).unwrap();
+        assert!(text.contains("ci/run-shard.sh ${{ matrix.arch }} ${{ matrix.shard }}/${{ env.SHARDS }}"));
+        assert!(text.contains("fail-fast: false") && text.contains("schedule:") && text.contains("workflow_dispatch:"));
+        let arches: Vec<&str> = Arch::ALL.iter().map(|a| a.name()).collect();
+        assert!(text.contains(&format!("arch: [{}]", arches.join(", "))), "{arches:?}");
+        let shards: usize = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("SHARDS:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("SHARDS set");
+        let cells: Vec<String> = (1..=shards).map(|i| i.to_string()).collect();
+        assert!(text.contains(&format!("shard: [{}]", cells.join(", "))), "{shards} shards");
+        assert!(workspace_root().join("ci/run-shard.sh").is_file());
+    }
 }
