@@ -39,11 +39,25 @@ enum Event {
 #[derive(Clone, Default)]
 pub struct ConsoleLog {
     lines: Arc<Mutex<Vec<(f64, String)>>>,
+    /// Also print every line on standard error as it comes (`xtask repro`).
+    echo: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ConsoleLog {
     fn push(&self, t: f64, line: String) {
+        if self.echo.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!("[{t:9.4}] console {line}");
+        }
         self.lines.lock().unwrap_or_else(|e| e.into_inner()).push((t, line));
+    }
+
+    /// Prints the lines so far on standard error, and every later one as it comes.
+    pub fn echo(&self) {
+        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        for (t, l) in lines.iter() {
+            eprintln!("[{t:9.4}] console {l}");
+        }
+        self.echo.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn text(&self) -> String {

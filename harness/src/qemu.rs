@@ -45,6 +45,10 @@ impl RunPaths {
     pub fn boot_ram(&self) -> PathBuf {
         self.dir.join("boot-ram")
     }
+    /// A second QMP monitor, for a person inspecting a held run.
+    pub fn inspect_socket(&self) -> PathBuf {
+        self.dir.join("inspect.sock")
+    }
     /// The shared file backing hotplugged DIMM `n` when it is file-backed.
     pub fn dimm_file(&self, n: u32) -> PathBuf {
         self.dir.join(format!("dimm{n}"))
@@ -105,6 +109,22 @@ impl QemuCommand {
     }
 
     /// The command as one line a user can paste into a shell.
+    /// For `xtask repro`: a second QMP monitor (QEMU listens; a person
+    /// connects while the harness keeps its own) and QEMU's gdb stub on
+    /// `gdb_port` of the loopback interface.
+    pub fn with_inspection(mut self, paths: &RunPaths, gdb_port: Option<u16>) -> QemuCommand {
+        self.args.extend([
+            "-chardev".to_string(),
+            format!("socket,id=inspect,path={},server=on,wait=off", paths.inspect_socket().display()),
+            "-mon".to_string(),
+            "chardev=inspect,mode=control".to_string(),
+        ]);
+        if let Some(port) = gdb_port {
+            self.args.extend(["-gdb".to_string(), format!("tcp:127.0.0.1:{port}")]);
+        }
+        self
+    }
+
     pub fn shell_line(&self) -> String {
         std::iter::once(&self.program).chain(&self.args).map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
     }

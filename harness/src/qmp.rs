@@ -49,12 +49,27 @@ struct EventLog {
 pub struct Transcript {
     lines: Arc<Mutex<Vec<String>>>,
     start: Option<Instant>,
+    /// Also print every line on standard error as it comes (`xtask repro`).
+    echo: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Transcript {
     fn push(&self, line: String) {
         let t = self.start.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0);
-        self.lines.lock().unwrap_or_else(|e| e.into_inner()).push(format!("[{t:9.4}] {line}"));
+        let line = format!("[{t:9.4}] qmp {line}");
+        if self.echo.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!("{line}");
+        }
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    }
+
+    /// Prints the lines so far on standard error, and every later one as it comes.
+    pub fn echo(&self) {
+        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        for l in lines.iter() {
+            eprintln!("{l}");
+        }
+        self.echo.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn text(&self) -> String {
@@ -85,7 +100,7 @@ impl Qmp {
             Ok(Ok(Ok(stream))) => stream,
         };
         let (service, mut event_stream) = stream.into_parts();
-        let transcript = Transcript { lines: Default::default(), start: Some(start) };
+        let transcript = Transcript { lines: Default::default(), start: Some(start), echo: Default::default() };
         let events: Arc<(Mutex<EventLog>, Notify)> = Default::default();
         {
             let events = events.clone();

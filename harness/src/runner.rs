@@ -38,6 +38,17 @@ pub struct RunConfig {
     /// A fault the harness injects into its own run after boot, to test how
     /// failures are reported. Never set from a scenario file.
     pub inject: Option<HarnessFault>,
+    /// Reproducing one run for a person (`xtask repro`): every console line
+    /// and QMP exchange on standard error as it happens, and a failing run
+    /// held paused for inspection.
+    pub repro: Option<Repro>,
+}
+
+/// How `xtask repro` runs a scenario.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Repro {
+    /// QEMU's gdb stub listens on this loopback port.
+    pub gdb_port: Option<u16>,
 }
 
 /// Failures the harness can cause on purpose, for its own tests.
@@ -154,6 +165,8 @@ struct Run<'a> {
     last_vmemmap: Option<String>,
     /// Milliseconds spent in `verify` steps.
     verify_ms: u64,
+    /// Show the console and QMP as they happen (`xtask repro`).
+    repro: bool,
 }
 
 /// Runs `scenario` on `arch` with the guest image at `guest_elf`.
@@ -172,7 +185,11 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
     };
     let paths = RunPaths { dir: dir.path().to_path_buf() };
     let p = profile(arch);
-    let command = QemuCommand::new(p, &scenario.machine, guest_elf, &paths);
+    let mut command = QemuCommand::new(p, &scenario.machine, guest_elf, &paths);
+    if let Some(repro) = &config.repro {
+        command = command.with_inspection(&paths, repro.gdb_port);
+        eprintln!("qemu: {}", command.shell_line());
+    }
     let mut run = Run {
         scenario,
         arch,
@@ -198,6 +215,7 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
         qemu_version: String::new(),
         last_vmemmap: None,
         verify_ms: 0,
+        repro: config.repro.is_some(),
     };
 
     let deadline = Duration::from_millis(scenario.deadline_ms);
@@ -205,6 +223,10 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
         Ok(outcome) => outcome,
         Err(_) => Err(Abort::Timeout(format!("the scenario ran past its deadline of {deadline:?}"))),
     };
+    let (status, message) = judge(&scenario.expect, &run.checks, outcome);
+    if let (Some(repro), true) = (&config.repro, status != Status::Pass) {
+        run.hold(repro, status, message.as_deref(), guest_elf).await;
+    }
     let shutdown_start = Instant::now();
     run.shutdown().await;
     run.metrics.insert("shutdown_ms".into(), json!(shutdown_start.elapsed().as_millis() as u64));
@@ -223,7 +245,6 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
     };
     result.metrics = std::mem::take(&mut run.metrics);
     result.qemu_version = std::mem::take(&mut run.qemu_version);
-    let (status, message) = judge(&scenario.expect, &result.checks, outcome);
     result.status = status;
     result.message = message;
     if status != Status::Pass {
@@ -357,9 +378,16 @@ impl Run<'_> {
                 return Err(Abort::Infra(format!("QEMU exited during start-up ({}): {}", describe_exit(status), qemu.stderr().trim())));
             }
         };
-        self.console = Some(Console::attach(console_stream, self.start));
+        let console = Console::attach(console_stream, self.start);
+        if self.repro {
+            console.log().echo();
+        }
+        self.console = Some(console);
         let qmp = Qmp::handshake(qmp_stream, self.step_timeout(), self.start).await.map_err(qmp_abort)?;
         self.transcript = Some(qmp.transcript().clone());
+        if self.repro {
+            qmp.transcript().echo();
+        }
         if let Ok(v) = qmp.execute(qapi::qmp::query_version {}).await {
             self.qemu_version = format!("{}.{}.{}", v.qemu.major, v.qemu.minor, v.qemu.micro);
         }
@@ -461,6 +489,32 @@ impl Run<'_> {
                 }
             }
             other => Abort::Fail(other.to_string()),
+        }
+    }
+
+    /// Keeps a failed run's QEMU paused for a person to inspect, until they
+    /// press Enter (or end standard input, or Ctrl-C).
+    async fn hold(&mut self, repro: &Repro, status: Status, message: Option<&str>, elf: &Path) {
+        if self.qemu.as_mut().is_none_or(|q| q.try_exit().is_some()) {
+            eprintln!("{}: {} (QEMU has exited: nothing to inspect)", status.label(), message.unwrap_or(""));
+            return;
+        }
+        if let Some(qmp) = self.qmp.as_ref() {
+            let _ = qmp.execute(qapi::qmp::stop {}).await;
+        }
+        eprintln!("\n{}: {}", status.label(), message.unwrap_or(""));
+        eprintln!("QEMU is paused for inspection. Its QMP monitor:");
+        eprintln!("    socat - UNIX-CONNECT:{}", self.paths.inspect_socket().display());
+        if let Some(port) = repro.gdb_port {
+            eprintln!("Its gdb stub:");
+            eprintln!("    gdb {} -ex 'target remote 127.0.0.1:{port}'", elf.display());
+        }
+        eprintln!("Press Enter to stop QEMU and clean up.");
+        let mut line = String::new();
+        let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+        tokio::select! {
+            _ = tokio::io::AsyncBufReadExt::read_line(&mut stdin, &mut line) => {}
+            _ = tokio::signal::ctrl_c() => {}
         }
     }
 

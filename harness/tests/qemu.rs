@@ -15,7 +15,8 @@ fn boot_scenario() -> Scenario {
 async fn run(arch: Arch, scenario: &Scenario, inject: Option<HarnessFault>) -> (ScenarioResult, tempfile::TempDir) {
     let elf = build_guest(arch).expect("guest builds");
     let artifacts = tempfile::tempdir().unwrap();
-    let config = RunConfig { artifacts_root: artifacts.path().to_path_buf(), keep_artifacts: false, inject };
+    let config =
+        RunConfig { artifacts_root: artifacts.path().to_path_buf(), keep_artifacts: false, inject, repro: None };
     (run_scenario(scenario, arch, &elf, &config).await, artifacts)
 }
 
@@ -135,6 +136,7 @@ async fn an_unwritable_artifacts_directory_keeps_the_verdict_and_says_so() {
         artifacts_root: blocker.path().to_path_buf(),
         keep_artifacts: false,
         inject: Some(HarnessFault::GuestPanic),
+        repro: None,
     };
     let r = run_scenario(&boot_scenario(), Arch::X86_64, &elf, &config).await;
     assert_eq!(r.status, Status::GuestCrash, "{r:#?}");

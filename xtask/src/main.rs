@@ -21,6 +21,9 @@ struct Cli {
 enum Cmd {
     /// Run scenarios (default: everything under scenarios/) on each architecture.
     RunScenarios(run::RunArgs),
+    /// One scenario on one architecture with every console line and QMP
+    /// exchange shown; a failing run stays paused for inspection.
+    Repro(run::ReproArgs),
     /// The full test: formatting, clippy, unit and QEMU tests, then every scenario.
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Cmd::RunScenarios(args) => run::run_scenarios(args),
+        Cmd::Repro(args) => run::repro(args),
         Cmd::Test { no_lint } => test(no_lint),
         Cmd::Savings(args) => savings::savings(args),
         Cmd::Setup { arch } => setup::ensure(&arch.unwrap_or(Arch::ALL.to_vec())).map(|()| ExitCode::SUCCESS),

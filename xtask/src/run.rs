@@ -73,6 +73,89 @@ pub fn parse_arch(s: &str) -> Result<Arch, String> {
     Arch::from_name(s).ok_or_else(|| format!("unknown architecture `{s}` (known: x86_64, aarch64, ppc64le)"))
 }
 
+#[derive(Args)]
+pub struct ReproArgs {
+    /// The scenario file.
+    pub file: PathBuf,
+    /// The architecture to run it on.
+    #[arg(long, value_parser = parse_arch)]
+    pub arch: Arch,
+    /// Print the QEMU command line and the steps, and run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Start QEMU's gdb stub on this loopback port (1234 if none is given).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1234")]
+    pub gdb: Option<u16>,
+}
+
+/// `cargo xtask repro`: one scenario, one architecture, everything shown as
+/// it happens; a failing run stays paused for inspection.
+pub fn repro(args: ReproArgs) -> Result<ExitCode> {
+    let root = workspace_root();
+    let scenario = Scenario::load(&args.file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !scenario.architectures.contains(&args.arch) {
+        bail!("{} does not list {} in `architectures`", args.file.display(), args.arch);
+    }
+    let profile = hvo_images::profile(args.arch);
+    if args.dry_run {
+        let paths = hvo_harness::qemu::RunPaths { dir: PathBuf::from("<run-dir>") };
+        let command = hvo_harness::qemu::QemuCommand::new(profile, &scenario.machine, &profile.guest_elf(), &paths)
+            .with_inspection(&paths, args.gdb);
+        println!("qemu: {}", command.shell_line());
+        println!("boot: wait for `ready` within {} ms", scenario.boot_timeout_ms);
+        for knob in &scenario.bug_knobs {
+            println!("boot: bug knob {}", knob.name());
+        }
+        if scenario.boot_pmem > 0 {
+            println!("boot: set aside the last {} bytes of boot memory as persistent memory", scenario.boot_pmem);
+        }
+        for g in &scenario.boot_gigantic {
+            println!(
+                "boot: reserve {} gigantic pages of order {} in {} as `{}`",
+                g.count,
+                g.order,
+                g.zone.name(),
+                g.region
+            );
+        }
+        println!("boot: populate the boot vmemmap and run memmap init");
+        for placed in &scenario.steps {
+            let mut flags = String::new();
+            if placed.expect_failure {
+                flags.push_str(" (must be refused)");
+            }
+            if placed.sweep_failures {
+                flags.push_str(" (allocation failures swept)");
+            }
+            println!("line {}: {:?}{flags}", placed.line, placed.step);
+        }
+        println!("expect: {:?}", scenario.expect);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let image = crate::build_guests(&[args.arch])?.remove(0);
+    let config = RunConfig {
+        artifacts_root: root.join("target/scenario-logs"),
+        keep_artifacts: true,
+        inject: None,
+        repro: Some(hvo_harness::runner::Repro { gdb_port: args.gdb }),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(run_scenario(&scenario, args.arch, &image, &config));
+    println!("{}", describe(&result));
+    for check in &result.checks {
+        println!("  {:<20} {:?}  {}", check.name, check.status, check.detail);
+    }
+    Ok(match result.status {
+        Status::Pass => ExitCode::SUCCESS,
+        s if s.is_verdict_failure() => ExitCode::from(1),
+        _ => ExitCode::from(2),
+    })
+}
+
 /// One scenario on one architecture.
 struct Job {
     scenario: Arc<Scenario>,
@@ -158,6 +241,7 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
         artifacts_root: root.join("target/scenario-logs"),
         keep_artifacts: args.keep_artifacts,
         inject: None,
+        repro: None,
     };
     let out = Output::new(args.tap, jobs.len() + results.len());
     for r in &results {

@@ -28,7 +28,12 @@ pub fn savings(args: SavingsArgs) -> Result<ExitCode> {
     let scenario = Scenario::load(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
     let arches = args.arch.unwrap_or(Arch::ALL.to_vec());
     let images = crate::build_guests(&arches)?;
-    let config = RunConfig { artifacts_root: root.join("target/scenario-logs"), keep_artifacts: false, inject: None };
+    let config = RunConfig {
+        artifacts_root: root.join("target/scenario-logs"),
+        keep_artifacts: false,
+        inject: None,
+        repro: None,
+    };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     let mut rows: Vec<Value> = Vec::new();
