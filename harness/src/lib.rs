@@ -3,6 +3,7 @@
 
 pub mod addr;
 pub mod console;
+pub mod fuzz;
 pub mod image;
 pub mod memory;
 pub mod pgtable;

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the hvo-harness command line.
 
+mod fuzz;
 mod run;
 mod savings;
 mod setup;
@@ -24,6 +25,9 @@ enum Cmd {
     /// One scenario on one architecture with every console line and QMP
     /// exchange shown; a failing run stays paused for inspection.
     Repro(run::ReproArgs),
+    /// Random scenarios from a seed; a failing one is shrunk to a minimal
+    /// scenario file that fails the same way.
+    Fuzz(fuzz::FuzzArgs),
     /// The full test: formatting, clippy, unit and QEMU tests, then every scenario.
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Cmd::RunScenarios(args) => run::run_scenarios(args),
         Cmd::Repro(args) => run::repro(args),
+        Cmd::Fuzz(args) => fuzz::fuzz(args),
         Cmd::Test { no_lint } => test(no_lint),
         Cmd::Savings(args) => savings::savings(args),
         Cmd::Setup { arch } => setup::ensure(&arch.unwrap_or(Arch::ALL.to_vec())).map(|()| ExitCode::SUCCESS),
