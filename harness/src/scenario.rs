@@ -1447,3 +1447,47 @@ status = 0
         assert_eq!(Size(4097).to_string(), "4097");
     }
 }
+
+#[cfg(test)]
+mod hostile {
+    use super::*;
+
+    fn err(src: &str) -> ScenarioError {
+        Scenario::parse(Path::new("hostile.toml"), src).expect_err("must be refused")
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_overflowing_the_stack() {
+        let deep = format!("bug-knobs = {}{}\n", "[".repeat(50_000), "]".repeat(50_000));
+        let e = err(&deep);
+        assert_eq!(e.line, 1, "{e}");
+        let tables = "[a.".repeat(20_000) + "b]\n";
+        let e = err(&tables);
+        assert_eq!(e.line, 1, "{e}");
+    }
+
+    #[test]
+    fn huge_sizes_and_counts_are_refused_with_their_field() {
+        let e = err("[machine]\nboot-memory = \"99999999999999T\"\n");
+        assert_eq!(e.field, "machine.boot-memory", "{e}");
+        let e = err("[machine]\nmax-memory = 18446744073709551615\n");
+        assert_eq!(e.field, "machine.max-memory", "{e}");
+        let e = err("[[step]]\naction = \"hugetlb-alloc\"\nregion = \"a\"\nsize = \"2M\"\ncount = 99999999999\n");
+        assert_eq!(e.field, "step[1].count", "{e}");
+        let e = err("[[step]]\naction = \"hot-add\"\nregion = \"a\"\nsize = \"1T\"\n");
+        assert!(e.message.contains("do not fit"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_and_unknown_things_are_refused() {
+        // The same region twice, and persistent memory added twice, would overlap.
+        let e = err("[[step]]\naction = \"hot-add\"\nregion = \"a\"\nsize = \"1G\"\n[[step]]\naction = \"hot-add\"\nregion = \"a\"\nsize = \"1G\"\n");
+        assert!(e.message.contains("allocated twice"), "{e}");
+        let e = err("[[step]]\naction = \"format-disk\"\n");
+        assert_eq!(e.field, "step[1].action", "{e}");
+        let e = err("[[step]]\naction = \"ping\"\ncommand = \"rm -rf /\"\n");
+        assert_eq!(e.line, 3, "{e}");
+        let e = err("[machine]\nqemu-args = [\"-monitor\", \"stdio\"]\n");
+        assert_eq!(e.line, 2, "{e}");
+    }
+}
