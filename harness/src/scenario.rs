@@ -1446,15 +1446,6 @@ status = 0
         assert_eq!(Size(3 << 30).to_string(), "3G");
         assert_eq!(Size(4097).to_string(), "4097");
     }
-}
-
-#[cfg(test)]
-mod hostile {
-    use super::*;
-
-    fn err(src: &str) -> ScenarioError {
-        Scenario::parse(Path::new("hostile.toml"), src).expect_err("must be refused")
-    }
 
     #[test]
     fn deep_nesting_is_refused_without_overflowing_the_stack() {
