@@ -219,7 +219,7 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
         }
         {
             if s.architectures.contains(&arch) {
-                for _ in 0..args.repeat {
+                for _ in 0..args.repeat.max(1) {
                     jobs.push(Job { scenario: s.clone(), arch });
                 }
             } else {
