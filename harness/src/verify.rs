@@ -37,21 +37,43 @@ pub enum VerifyError {
     Walk(#[from] WalkError),
 }
 
-/// The vmemmap as the page tables map it: every 4 KiB of it.
+/// The vmemmap as the page tables map it: its leaves in VA order, and for
+/// every 4 KiB frame they map, how many vmemmap pages map it and where.
 pub struct VmemmapMap {
     /// The vmemmap range walked.
     pub start: VirtAddr,
     pub end: VirtAddr,
-    /// Vmemmap VA (4 KiB aligned) -> the leaf mapping it.
-    by_va: BTreeMap<u64, Leaf>,
-    /// Frame (4 KiB) -> the vmemmap VAs mapping it.
-    by_frame: HashMap<u64, Vec<u64>>,
-    /// Frame -> its lowest and highest mapping VA and whether any maps it writable.
-    frame_summary: HashMap<u64, FrameSummary>,
+    /// The leaves, sorted by VA (the walker yields them in order).
+    leaves: Vec<Leaf>,
+    /// Frame (4 KiB) -> who maps it.
+    frames: HashMap<u64, FrameSummary, BuildFrameHasher>,
 }
+
+/// Frame numbers hash well by themselves: a multiplicative hash is enough
+/// and far cheaper than SipHash over millions of PTEs.
+#[derive(Clone, Copy, Default)]
+struct FrameHasher(u64);
+
+impl std::hash::Hasher for FrameHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type BuildFrameHasher = std::hash::BuildHasherDefault<FrameHasher>;
 
 #[derive(Clone, Copy)]
 struct FrameSummary {
+    /// Vmemmap pages mapping the frame.
+    mappers: u64,
     lowest_va: u64,
     highest_va: u64,
     writable: bool,
@@ -67,7 +89,7 @@ impl VmemmapMap {
             hi = hi.max(r.end() / PAGE);
         }
         for r in manifest.regions.iter() {
-            lo = lo.min(r.start_pfn);
+            lo = lo.min(r.start_pfn - r.altmap_pfns.min(r.start_pfn));
             hi = hi.max(r.start_pfn + r.nr_pages);
         }
         let section = 1u64 << manifest.section_size_bits.min(40);
@@ -76,43 +98,54 @@ impl VmemmapMap {
         let start = VirtAddr(manifest.struct_page_va(lo));
         let end = VirtAddr(manifest.struct_page_va(hi));
         let walker = pgtable::walker_for(arch, mem, manifest, start)?;
-        let mut map =
-            VmemmapMap { start, end, by_va: BTreeMap::new(), by_frame: HashMap::new(), frame_summary: HashMap::new() };
-        for leaf in walker.leaves(mem, start, end)? {
+        let leaves = walker.leaves(mem, start, end)?;
+        let mut frames: HashMap<u64, FrameSummary, BuildFrameHasher> = HashMap::default();
+        for leaf in &leaves {
             for i in 0..leaf.size() / PAGE {
                 let va = leaf.va.0 + i * PAGE;
-                let frame = leaf.pa.0 + i * PAGE;
-                map.by_va.insert(va, leaf);
-                map.by_frame.entry(frame).or_default().push(va);
-                let s = map.frame_summary.entry(frame).or_insert(FrameSummary {
+                let s = frames.entry(leaf.pa.0 + i * PAGE).or_insert(FrameSummary {
+                    mappers: 0,
                     lowest_va: va,
                     highest_va: va,
                     writable: false,
                 });
+                s.mappers += 1;
                 s.lowest_va = s.lowest_va.min(va);
                 s.highest_va = s.highest_va.max(va);
                 s.writable |= leaf.perms.write;
             }
         }
-        Ok(map)
+        Ok(VmemmapMap { start, end, leaves, frames })
     }
 
     /// The leaf and the 4 KiB frame mapping the vmemmap page at `va`.
     pub fn lookup(&self, va: u64) -> Option<(Leaf, PhysAddr)> {
-        self.by_va.get(&va).map(|leaf| (*leaf, leaf.translate(VirtAddr(va))))
+        let after = self.leaves.partition_point(|l| l.va.0 <= va);
+        let leaf = *self.leaves.get(after.checked_sub(1)?)?;
+        (va < leaf.va.0 + leaf.size()).then(|| (leaf, leaf.translate(VirtAddr(va))))
     }
 
-    fn mappers(&self, frame: PhysAddr) -> &[u64] {
-        self.by_frame.get(&frame.0).map(Vec::as_slice).unwrap_or(&[])
+    /// How many vmemmap pages map `frame`.
+    fn mappers(&self, frame: PhysAddr) -> u64 {
+        self.frames.get(&frame.0).map(|s| s.mappers).unwrap_or(0)
     }
 
     /// Distinct 4 KiB frames the vmemmap maps.
     pub fn frames(&self) -> u64 {
-        self.by_frame.len() as u64
+        self.frames.len() as u64
     }
 
+    /// Vmemmap pages mapped (4 KiB each; a 2 MiB leaf counts 512).
     pub fn ptes(&self) -> u64 {
-        self.by_va.len() as u64
+        self.leaves.iter().map(|l| l.size() / PAGE).sum()
+    }
+
+    /// The vmemmap pages mapped in `[start, end)`, in order, with their leaf.
+    fn pages_in(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, Leaf)> + '_ {
+        let first = self.leaves.partition_point(|l| l.va.0 + l.size() <= start);
+        self.leaves[first..].iter().take_while(move |l| l.va.0 < end).flat_map(move |l| {
+            (0..l.size() / PAGE).map(move |i| (l.va.0 + i * PAGE, *l)).filter(move |(va, _)| *va >= start && *va < end)
+        })
     }
 }
 
@@ -312,7 +345,7 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
     let altmap_frames = manifest
         .regions
         .iter()
-        .map(|r| r.altmap().filter(|pfn| !map.mappers(PhysAddr(pfn * PAGE)).is_empty()).count() as u64)
+        .map(|r| r.altmap().filter(|pfn| map.mappers(PhysAddr(pfn * PAGE)) > 0).count() as u64)
         .sum::<u64>();
     let system_frames = map.frames() - altmap_frames;
     f.cover(ACCOUNTING, 2);
@@ -354,7 +387,7 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
                     t.order
                 ),
             );
-        } else if map.mappers(PhysAddr(t.pa)).is_empty() {
+        } else if map.mappers(PhysAddr(t.pa)) == 0 {
             f.fail(
                 NO_LEAK,
                 format!(
@@ -428,8 +461,8 @@ fn check_altmap(f: &mut Findings, manifest: &Manifest, map: &VmemmapMap, region:
                             "maps {frame}, outside the device's altmap (pfns {:#x}..{:#x})",
                             altmap.start, altmap.end
                         ))
-                    } else if map.mappers(*frame).len() != 1 {
-                        Some(format!("maps {frame}, shared by {} vmemmap pages", map.mappers(*frame).len()))
+                    } else if map.mappers(*frame) != 1 {
+                        Some(format!("maps {frame}, shared by {} vmemmap pages", map.mappers(*frame)))
                     } else if !leaf.perms.write {
                         Some(format!("maps {frame} read-only"))
                     } else {
@@ -487,7 +520,7 @@ fn check_compound(
         for (i, (_, m)) in view.pages.iter().enumerate() {
             f.cover(HEAD_PRIVATE, 1);
             match m {
-                Some((leaf, frame)) if leaf.perms.write && map.mappers(*frame).len() == 1 => {}
+                Some((leaf, frame)) if leaf.perms.write && map.mappers(*frame) == 1 => {}
                 Some((leaf, frame)) => f.fail_in(
                     HEAD_PRIVATE,
                     view,
@@ -496,7 +529,7 @@ fn check_compound(
                         "{}: not optimized, yet it maps {frame} {} shared by {} vmemmap pages",
                         where_(i),
                         if leaf.perms.write { "RW" } else { "RO" },
-                        map.mappers(*frame).len()
+                        map.mappers(*frame)
                     ),
                 ),
                 None => f.fail_in(HEAD_PRIVATE, view, shared, format!("{}: unmapped", where_(i))),
@@ -525,8 +558,8 @@ fn check_compound(
     let head_users = map.mappers(head_frame);
     let private_ok = match region.layout {
         // Legacy HugeTLB maps the tails onto the head's own frame.
-        Layout::LegacyHugetlb => head_users.len() as u64 == view.pages.len() as u64,
-        _ => head_users.len() == 1,
+        Layout::LegacyHugetlb => head_users == view.pages.len() as u64,
+        _ => head_users == 1,
     };
     if !head_leaf.perms.write || !private_ok || Some(head_frame) == shared {
         f.fail_in(
@@ -537,7 +570,7 @@ fn check_compound(
                 "{}: head page {head_frame} is {} and mapped by {} vmemmap pages{}",
                 where_(0),
                 if head_leaf.perms.write { "writable" } else { "read-only" },
-                head_users.len(),
+                head_users,
                 if Some(head_frame) == shared { ", and it is the shared tail page" } else { "" }
             ),
         );
@@ -697,7 +730,7 @@ pub fn dump(manifest: &Manifest, map: &VmemmapMap) -> String {
         );
         let start = manifest.struct_page_va(r.start_pfn) / PAGE * PAGE;
         let end = manifest.struct_page_va(r.start_pfn + r.nr_pages).div_ceil(PAGE) * PAGE;
-        for (va, leaf) in map.by_va.range(start..end) {
+        for (va, leaf) in map.pages_in(start, end) {
             if listed == MAX_DUMP_PAGES {
                 let _ = writeln!(out, "  ... (the rest left out: {MAX_DUMP_PAGES} pages listed)");
                 return out;
@@ -706,7 +739,7 @@ pub fn dump(manifest: &Manifest, map: &VmemmapMap) -> String {
             let _ = writeln!(
                 out,
                 "  {va:#x} -> {} {}{} {} KiB leaf",
-                leaf.translate(VirtAddr(*va)),
+                leaf.translate(VirtAddr(va)),
                 if leaf.perms.write { "RW" } else { "RO" },
                 if leaf.perms.exec { "X" } else { "" },
                 leaf.size() >> 10
@@ -757,7 +790,7 @@ pub fn region_costs(manifest: &Manifest, map: &VmemmapMap) -> Vec<RegionCost> {
                 // Private: this compound page's alone, and writable (legacy
                 // layouts map tails onto a private page). A frame mapped only
                 // read-only is a shared tail page, even with one user so far.
-                let Some(summary) = map.frame_summary.get(&frame) else { continue };
+                let Some(summary) = map.frames.get(&frame) else { continue };
                 let exclusive = own.contains(&summary.lowest_va) && own.contains(&summary.highest_va);
                 if exclusive && summary.writable {
                     private_frames += 1;
