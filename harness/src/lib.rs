@@ -2,6 +2,7 @@
 //! QMP and the guest console, reads guest memory, and runs scenarios.
 
 pub mod addr;
+pub mod bench;
 pub mod console;
 pub mod fuzz;
 pub mod image;

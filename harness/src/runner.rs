@@ -427,9 +427,11 @@ impl Run<'_> {
             let id = reply_field(&reply, "region").ok_or_else(|| Abort::Fail(format!("no region id in `{reply}`")))?;
             self.regions.insert(g.region.clone(), id as u32);
         }
-        let reply = self.request(Command::BootMemmap).await?;
-        if let Some(n) = reply_field(&reply, "initialized") {
-            self.metrics.insert("struct_pages_initialized".into(), json!(n));
+        if self.scenario.needs_vmemmap() {
+            let reply = self.request(Command::BootMemmap).await?;
+            if let Some(n) = reply_field(&reply, "initialized") {
+                self.metrics.insert("struct_pages_initialized".into(), json!(n));
+            }
         }
         self.metrics.insert("boot_ms".into(), json!(self.elapsed_ms()));
         Ok(())

@@ -1097,6 +1097,15 @@ impl Scenario {
 }
 
 impl Scenario {
+    /// Whether anything in the scenario looks at or changes the vmemmap: if
+    /// not (a boot, manifest and exit), the runner skips populating it, so
+    /// the guest's work stays proportional to what the scenario asks.
+    pub fn needs_vmemmap(&self) -> bool {
+        !self.boot_gigantic.is_empty()
+            || self.boot_pmem > 0
+            || self.steps.iter().any(|p| !matches!(p.step, Step::Ping | Step::VerifyManifest | Step::Exit { .. }))
+    }
+
     /// The same scenario with its bug knobs off, expecting every invariant
     /// to hold: run beside each bug-knob scenario, it proves the failure is
     /// the knob's and not the scenario's. `None` without knobs.
@@ -1397,6 +1406,15 @@ status = 0
         assert_eq!((e.line, e.field.as_str()), (6, "step[1].backend"), "{e}");
         let e = err(&add.replace("size = \"1G\"", "size = \"1G\"\nbackend = \"tape\""));
         assert!(e.message.contains("unknown backend"), "{e}");
+    }
+
+    #[test]
+    fn only_scenarios_that_touch_the_vmemmap_get_one_populated() {
+        assert!(!parse("[[step]]\naction = \"verify-manifest\"\n[[step]]\naction = \"exit\"\n")
+            .unwrap()
+            .needs_vmemmap());
+        assert!(parse("[[step]]\naction = \"verify\"\n").unwrap().needs_vmemmap());
+        assert!(parse("[[boot-gigantic]]\nregion = \"g\"\nsize = \"1G\"\n").unwrap().needs_vmemmap());
     }
 
     #[test]

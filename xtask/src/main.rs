@@ -1,5 +1,6 @@
 //! `cargo xtask`: the hvo-harness command line.
 
+mod bench;
 mod fuzz;
 mod run;
 mod savings;
@@ -25,6 +26,9 @@ enum Cmd {
     /// One scenario on one architecture with every console line and QMP
     /// exchange shown; a failing run stays paused for inspection.
     Repro(run::ReproArgs),
+    /// Where the time goes: boot, phases, verification and memory-read
+    /// throughput per architecture, as a table, JSON and an SVG chart.
+    Bench(bench::BenchArgs),
     /// Random scenarios from a seed; a failing one is shrunk to a minimal
     /// scenario file that fails the same way.
     Fuzz(fuzz::FuzzArgs),
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         Cmd::RunScenarios(args) => run::run_scenarios(args),
         Cmd::Repro(args) => run::repro(args),
         Cmd::Fuzz(args) => fuzz::fuzz(args),
+        Cmd::Bench(args) => bench::bench(args),
         Cmd::Test { no_lint } => test(no_lint),
         Cmd::Savings(args) => savings::savings(args),
         Cmd::Setup { arch } => setup::ensure(&arch.unwrap_or(Arch::ALL.to_vec())).map(|()| ExitCode::SUCCESS),

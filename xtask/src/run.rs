@@ -217,19 +217,17 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
         if !in_shard(args.shard, position) {
             continue;
         }
-        {
-            if s.architectures.contains(&arch) {
-                for _ in 0..args.repeat.max(1) {
-                    jobs.push(Job { scenario: s.clone(), arch });
-                }
-            } else {
-                results.push(ScenarioResult::skipped(
-                    &s.name,
-                    s.file.clone(),
-                    arch.name(),
-                    "the scenario does not list this architecture",
-                ));
+        if s.architectures.contains(&arch) {
+            for _ in 0..args.repeat.max(1) {
+                jobs.push(Job { scenario: s.clone(), arch });
             }
+        } else {
+            results.push(ScenarioResult::skipped(
+                &s.name,
+                s.file.clone(),
+                arch.name(),
+                "the scenario does not list this architecture",
+            ));
         }
     }
     let needed: Vec<Arch> = arches.iter().copied().filter(|a| jobs.iter().any(|j| j.arch == *a)).collect();
