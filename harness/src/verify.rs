@@ -12,7 +12,7 @@ use hvo_images::Arch;
 
 use crate::addr::{PhysAddr, VirtAddr};
 use crate::memory::GuestMemory;
-use crate::pgtable::{self, Leaf, WalkError};
+use crate::pgtable::{self, Leaf, Perms, WalkError};
 use crate::report::Check;
 
 pub const PAGE: u64 = 4096;
@@ -37,14 +37,64 @@ pub enum VerifyError {
     Walk(#[from] WalkError),
 }
 
-/// The vmemmap as the page tables map it: its leaves in VA order, and for
-/// every 4 KiB frame they map, how many vmemmap pages map it and where.
+/// How one vmemmap page is mapped: by a leaf of `shift` with `perms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageMapping {
+    pub shift: u32,
+    pub perms: Perms,
+}
+
+impl PageMapping {
+    pub fn size(&self) -> u64 {
+        1 << self.shift
+    }
+}
+
+/// Consecutive vmemmap pages mapped alike: by one leaf (a 2 MiB leaf is one
+/// run of 512 pages), or by base-page PTEs that all map one frame (a
+/// compound page's tails on the shared page) or consecutive frames.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    va: u64,
+    pages: u64,
+    /// The frame of page `i` is `pa + i * stride` (stride 0: all one frame).
+    pa: u64,
+    stride: u64,
+    mapping: PageMapping,
+}
+
+impl Run {
+    fn end(&self) -> u64 {
+        self.va + self.pages * PAGE
+    }
+
+    fn frame(&self, va: u64) -> PhysAddr {
+        PhysAddr(self.pa + (va - self.va) / PAGE * self.stride)
+    }
+
+    /// Extends the run by a base-page leaf if it continues it.
+    fn absorb(&mut self, leaf: &Leaf) -> bool {
+        let mapping = PageMapping { shift: leaf.shift, perms: leaf.perms };
+        if leaf.shift != 12 || self.mapping != mapping || leaf.va.0 != self.end() {
+            return false;
+        }
+        if self.pages == 1 && (leaf.pa.0 == self.pa || leaf.pa.0 == self.pa + PAGE) {
+            self.stride = leaf.pa.0 - self.pa;
+        } else if leaf.pa.0 != self.pa + self.pages * self.stride {
+            return false;
+        }
+        self.pages += 1;
+        true
+    }
+}
+
+/// The vmemmap as the page tables map it, as runs of pages in VA order, and
+/// for every 4 KiB frame mapped how many vmemmap pages map it and where.
 pub struct VmemmapMap {
     /// The vmemmap range walked.
     pub start: VirtAddr,
     pub end: VirtAddr,
-    /// The leaves, sorted by VA (the walker yields them in order).
-    leaves: Vec<Leaf>,
+    runs: Vec<Run>,
     /// Frame (4 KiB) -> who maps it.
     frames: HashMap<u64, FrameSummary, BuildFrameHasher>,
 }
@@ -98,31 +148,61 @@ impl VmemmapMap {
         let start = VirtAddr(manifest.struct_page_va(lo));
         let end = VirtAddr(manifest.struct_page_va(hi));
         let walker = pgtable::walker_for(arch, mem, manifest, start)?;
-        let leaves = walker.leaves(mem, start, end)?;
+        let mut runs: Vec<Run> = Vec::new();
+        walker.for_each_leaf(mem, start, end, &mut |leaf| {
+            if runs.last_mut().is_some_and(|r| r.absorb(&leaf)) {
+                return;
+            }
+            runs.push(Run {
+                va: leaf.va.0,
+                pages: leaf.size() / PAGE,
+                pa: leaf.pa.0,
+                stride: PAGE,
+                mapping: PageMapping { shift: leaf.shift, perms: leaf.perms },
+            });
+        })?;
         let mut frames: HashMap<u64, FrameSummary, BuildFrameHasher> = HashMap::default();
-        for leaf in &leaves {
-            for i in 0..leaf.size() / PAGE {
-                let va = leaf.va.0 + i * PAGE;
-                let s = frames.entry(leaf.pa.0 + i * PAGE).or_insert(FrameSummary {
-                    mappers: 0,
-                    lowest_va: va,
-                    highest_va: va,
-                    writable: false,
-                });
-                s.mappers += 1;
-                s.lowest_va = s.lowest_va.min(va);
-                s.highest_va = s.highest_va.max(va);
-                s.writable |= leaf.perms.write;
+        let mut note = |frame: u64, mappers: u64, lowest_va: u64, highest_va: u64, writable: bool| {
+            let s = frames.entry(frame).or_insert(FrameSummary { mappers: 0, lowest_va, highest_va, writable });
+            s.mappers += mappers;
+            s.lowest_va = s.lowest_va.min(lowest_va);
+            s.highest_va = s.highest_va.max(highest_va);
+            s.writable |= writable;
+        };
+        for r in &runs {
+            let writable = r.mapping.perms.write;
+            if r.stride == 0 {
+                note(r.pa, r.pages, r.va, r.end() - PAGE, writable);
+            } else {
+                for i in 0..r.pages {
+                    note(r.pa + i * r.stride, 1, r.va + i * PAGE, r.va + i * PAGE, writable);
+                }
             }
         }
-        Ok(VmemmapMap { start, end, leaves, frames })
+        Ok(VmemmapMap { start, end, runs, frames })
     }
 
-    /// The leaf and the 4 KiB frame mapping the vmemmap page at `va`.
-    pub fn lookup(&self, va: u64) -> Option<(Leaf, PhysAddr)> {
-        let after = self.leaves.partition_point(|l| l.va.0 <= va);
-        let leaf = *self.leaves.get(after.checked_sub(1)?)?;
-        (va < leaf.va.0 + leaf.size()).then(|| (leaf, leaf.translate(VirtAddr(va))))
+    /// How the vmemmap page at `va` is mapped, and the 4 KiB frame it maps.
+    pub fn lookup(&self, va: u64) -> Option<(PageMapping, PhysAddr)> {
+        let after = self.runs.partition_point(|r| r.va <= va);
+        let run = self.runs.get(after.checked_sub(1)?)?;
+        (va < run.end()).then(|| (run.mapping, run.frame(va)))
+    }
+
+    /// The `n` vmemmap pages from `base`, each with how it is mapped: one
+    /// search, then a walk along the runs.
+    fn span(&self, base: u64, n: u64) -> Vec<(u64, Option<(PageMapping, PhysAddr)>)> {
+        let mut run = self.runs.partition_point(|r| r.end() <= base);
+        (0..n)
+            .map(|i| {
+                let va = base + i * PAGE;
+                while self.runs.get(run).is_some_and(|r| r.end() <= va) {
+                    run += 1;
+                }
+                let mapped = self.runs.get(run).filter(|r| r.va <= va).map(|r| (r.mapping, r.frame(va)));
+                (va, mapped)
+            })
+            .collect()
     }
 
     /// How many vmemmap pages map `frame`.
@@ -137,14 +217,17 @@ impl VmemmapMap {
 
     /// Vmemmap pages mapped (4 KiB each; a 2 MiB leaf counts 512).
     pub fn ptes(&self) -> u64 {
-        self.leaves.iter().map(|l| l.size() / PAGE).sum()
+        self.runs.iter().map(|r| r.pages).sum()
     }
 
-    /// The vmemmap pages mapped in `[start, end)`, in order, with their leaf.
-    fn pages_in(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, Leaf)> + '_ {
-        let first = self.leaves.partition_point(|l| l.va.0 + l.size() <= start);
-        self.leaves[first..].iter().take_while(move |l| l.va.0 < end).flat_map(move |l| {
-            (0..l.size() / PAGE).map(move |i| (l.va.0 + i * PAGE, *l)).filter(move |(va, _)| *va >= start && *va < end)
+    /// The vmemmap pages mapped in `[start, end)`, in order: VA, mapping, frame.
+    fn pages_in(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, PageMapping, PhysAddr)> + '_ {
+        let first = self.runs.partition_point(|r| r.end() <= start);
+        self.runs[first..].iter().take_while(move |r| r.va < end).flat_map(move |r| {
+            (0..r.pages)
+                .map(move |i| r.va + i * PAGE)
+                .filter(move |va| *va >= start && *va < end)
+                .map(move |va| (va, r.mapping, r.frame(va)))
         })
     }
 }
@@ -152,15 +235,14 @@ impl VmemmapMap {
 /// One compound page's vmemmap pages as the tables map them.
 struct CompoundView {
     head_pfn: u64,
-    pages: Vec<(u64, Option<(Leaf, PhysAddr)>)>,
+    pages: Vec<(u64, Option<(PageMapping, PhysAddr)>)>,
 }
 
 impl CompoundView {
     fn new(manifest: &Manifest, map: &VmemmapMap, region: &Region, head_pfn: u64) -> CompoundView {
         let n = ((1u64 << region.order) * STRUCT_PAGE_SIZE / PAGE).max(1);
         let base = manifest.struct_page_va(head_pfn);
-        let pages = (0..n).map(|i| (base + i * PAGE, map.lookup(base + i * PAGE))).collect();
-        CompoundView { head_pfn, pages }
+        CompoundView { head_pfn, pages: map.span(base, n) }
     }
 
     /// A small picture of the layout, in the style of vmemmap_dedup.rst: each
@@ -730,7 +812,7 @@ pub fn dump(manifest: &Manifest, map: &VmemmapMap) -> String {
         );
         let start = manifest.struct_page_va(r.start_pfn) / PAGE * PAGE;
         let end = manifest.struct_page_va(r.start_pfn + r.nr_pages).div_ceil(PAGE) * PAGE;
-        for (va, leaf) in map.pages_in(start, end) {
+        for (va, leaf, frame) in map.pages_in(start, end) {
             if listed == MAX_DUMP_PAGES {
                 let _ = writeln!(out, "  ... (the rest left out: {MAX_DUMP_PAGES} pages listed)");
                 return out;
@@ -739,7 +821,7 @@ pub fn dump(manifest: &Manifest, map: &VmemmapMap) -> String {
             let _ = writeln!(
                 out,
                 "  {va:#x} -> {} {}{} {} KiB leaf",
-                leaf.translate(VirtAddr(va)),
+                frame,
                 if leaf.perms.write { "RW" } else { "RO" },
                 if leaf.perms.exec { "X" } else { "" },
                 leaf.size() >> 10
@@ -780,12 +862,10 @@ pub fn region_costs(manifest: &Manifest, map: &VmemmapMap) -> Vec<RegionCost> {
             compound_pages += 1;
             let base = manifest.struct_page_va(head);
             let own = base..base + pages * PAGE;
-            let mut frames = std::collections::BTreeSet::new();
-            for i in 0..pages {
-                if let Some((_, frame)) = map.lookup(base + i * PAGE) {
-                    frames.insert(frame.0);
-                }
-            }
+            let mut frames: Vec<u64> =
+                map.span(base, pages).into_iter().filter_map(|(_, m)| m.map(|(_, f)| f.0)).collect();
+            frames.sort_unstable();
+            frames.dedup();
             for frame in frames {
                 // Private: this compound page's alone, and writable (legacy
                 // layouts map tails onto a private page). A frame mapped only

@@ -78,7 +78,8 @@ impl Bench {
         let mut totals = Vec::new();
         let mut phases = Vec::new();
         for _ in 0..runs {
-            let r = self.runtime.block_on(run_scenario(scenario, arch, elf, &self.config));
+            let r = crate::unless_interrupted(&self.runtime, run_scenario(scenario, arch, elf, &self.config))
+                .ok_or_else(|| anyhow!("interrupted"))?;
             if r.status != Status::Pass {
                 return Err(anyhow!(
                     "{} on {arch}: {} {}",
@@ -124,7 +125,8 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     for (&arch, elf) in arches.iter().zip(&images) {
         let mut bare = Vec::new();
         for _ in 0..runs {
-            let d = bench.runtime.block_on(bare_boot_to_exit(arch, elf, &null.machine))?;
+            let d = crate::unless_interrupted(&bench.runtime, bare_boot_to_exit(arch, elf, &null.machine))
+                .ok_or_else(|| anyhow!("interrupted"))??;
             bare.push(ms(d));
         }
         let bare = spread(bare);
@@ -153,7 +155,8 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
             row(&s.name, &t);
             representative.insert(s.name.clone(), json!({ "time_to_verdict_ms": t, "phases_median_ms": phases }));
         }
-        let r = bench.runtime.block_on(run_scenario(&scale, arch, elf, &bench.config));
+        let r = crate::unless_interrupted(&bench.runtime, run_scenario(&scale, arch, elf, &bench.config))
+            .ok_or_else(|| anyhow!("interrupted"))?;
         let ptes = r.metrics.get("vmemmap_ptes").and_then(Value::as_u64).unwrap_or(0);
         let verify_ms = r.metrics.get("verify_static_ms").and_then(Value::as_u64).unwrap_or(0).max(1);
         let per_second = ptes as f64 * 1000.0 / verify_ms as f64;
@@ -164,7 +167,8 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
             per_second / 1e6
         );
         let (qmp_rate, map_rate) =
-            bench.runtime.block_on(memory_read_throughput(arch, elf, &null.machine, 64 << 20, 3))?;
+            crate::unless_interrupted(&bench.runtime, memory_read_throughput(arch, elf, &null.machine, 64 << 20, 3))
+                .ok_or_else(|| anyhow!("interrupted"))??;
         println!(
             "{:<8} {:<34} pmemsave {:.0} MB/s, shared mapping {:.0} MB/s ({:.0}x)",
             arch.name(),

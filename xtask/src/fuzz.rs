@@ -72,16 +72,39 @@ struct Fuzzer {
     images: std::collections::HashMap<Arch, PathBuf>,
 }
 
+/// Ctrl-C or SIGTERM ended the fuzzing (every QEMU stopped).
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 impl Fuzzer {
     fn run(&self, case: &FuzzCase, arch: Arch) -> Result<ScenarioResult> {
         let name = format!("fuzz-{}-{}", case.seed, case.index);
         let scenario = case.scenario(&name, &[arch.name()]).map_err(|e| anyhow::anyhow!("{e}"))?;
         let image = self.images.get(&arch).context("no guest image")?;
-        Ok(self.runtime.block_on(run_scenario(&scenario, arch, image, &self.config)))
+        crate::unless_interrupted(&self.runtime, run_scenario(&scenario, arch, image, &self.config))
+            .ok_or_else(|| Interrupted.into())
     }
 }
 
 pub fn fuzz(args: FuzzArgs) -> Result<ExitCode> {
+    match hunt(args) {
+        Err(e) if e.is::<Interrupted>() => {
+            eprintln!("interrupted: every QEMU was stopped");
+            Ok(ExitCode::from(crate::INTERRUPTED))
+        }
+        other => other,
+    }
+}
+
+fn hunt(args: FuzzArgs) -> Result<ExitCode> {
     let root = workspace_root();
     let arches = args.arch.clone().unwrap_or(Arch::ALL.to_vec());
     let images = arches.iter().copied().zip(crate::build_guests(&arches)?).collect();

@@ -79,6 +79,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM. Long commands race their runs
+/// against it: a dropped run kills its QEMU and removes its run directory.
+pub async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Runs `work` to its end, or `None` if interrupted first (see `interrupted`).
+pub fn unless_interrupted<F: std::future::Future>(runtime: &tokio::runtime::Runtime, work: F) -> Option<F::Output> {
+    runtime.block_on(async {
+        tokio::select! {
+            out = work => Some(out),
+            _ = interrupted() => None,
+        }
+    })
+}
+
+/// The exit status of a command stopped by Ctrl-C or SIGTERM.
+pub const INTERRUPTED: u8 = 130;
+
 pub fn build_guests(arches: &[Arch]) -> Result<Vec<std::path::PathBuf>> {
     setup::ensure(arches)?;
     arches

@@ -144,7 +144,10 @@ pub fn repro(args: ReproArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(run_scenario(&scenario, args.arch, &image, &config));
+    let Some(result) = crate::unless_interrupted(&runtime, run_scenario(&scenario, args.arch, &image, &config)) else {
+        eprintln!("interrupted: QEMU was stopped");
+        return Ok(ExitCode::from(crate::INTERRUPTED));
+    };
     println!("{}", describe(&result));
     for check in &result.checks {
         println!("  {:<20} {:?}  {}", check.name, check.status, check.detail);
@@ -254,7 +257,7 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
     let ran = runtime.block_on(run_all(jobs, images, config, parallel, &out));
     let Some(ran) = ran else {
         eprintln!("interrupted: every QEMU was stopped");
-        return Ok(ExitCode::from(130));
+        return Ok(ExitCode::from(crate::INTERRUPTED));
     };
     results.extend(ran);
     out.finish();
@@ -324,7 +327,7 @@ async fn run_all(
                 }
                 Some(Err(e)) => eprintln!("a scenario task failed: {e}"),
             },
-            _ = tokio::signal::ctrl_c() => {
+            _ = crate::interrupted() => {
                 // Aborting the tasks drops their runs, which kills every QEMU.
                 set.shutdown().await;
                 return None;

@@ -40,6 +40,15 @@ fn processes_naming(dir: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn ctrl_c_during_a_parallel_run_stops_every_qemu_and_leaves_nothing() {
+    interrupt_a_parallel_run("-INT");
+}
+
+#[test]
+fn sigterm_during_a_parallel_run_stops_every_qemu_and_leaves_nothing() {
+    interrupt_a_parallel_run("-TERM");
+}
+
+fn interrupt_a_parallel_run(signal: &str) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(["run-scenarios", "-j", "2", "scenarios/scale-dax.toml", "scenarios/savings.toml"])
@@ -60,7 +69,7 @@ fn ctrl_c_during_a_parallel_run_stops_every_qemu_and_leaves_nothing() {
     };
     assert!(!running.is_empty(), "no scenario started");
     std::thread::sleep(Duration::from_millis(300));
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
     assert!(status.success());
 
     let interrupted = Instant::now();
@@ -68,7 +77,7 @@ fn ctrl_c_during_a_parallel_run_stops_every_qemu_and_leaves_nothing() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(interrupted.elapsed() < Duration::from_secs(20), "xtask still runs 20 s after Ctrl-C");
+        assert!(interrupted.elapsed() < Duration::from_secs(20), "xtask still runs 20 s after {signal}");
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(exit.code(), Some(130), "{exit:?}");

@@ -187,11 +187,24 @@ impl<'a> Walker<'a> {
     /// each table once.
     pub fn leaves(&self, mem: &dyn GuestMemory, start: VirtAddr, end: VirtAddr) -> Result<Vec<Leaf>, WalkError> {
         let mut out = Vec::new();
+        self.for_each_leaf(mem, start, end, &mut |leaf| out.push(leaf))?;
+        Ok(out)
+    }
+
+    /// Calls `visit` with every leaf mapping part of `[start, end)`, in
+    /// address order, reading each table once and keeping none: millions of
+    /// leaves need no memory of their own.
+    pub fn for_each_leaf(
+        &self,
+        mem: &dyn GuestMemory,
+        start: VirtAddr,
+        end: VirtAddr,
+        visit: &mut dyn FnMut(Leaf),
+    ) -> Result<(), WalkError> {
         let va_mask = if self.format.va_bits() >= 64 { u64::MAX } else { (1u64 << self.format.va_bits()) - 1 };
         // The bits above the translated ones are carried into every leaf's VA.
         let high = start.0 & !va_mask;
-        self.collect(mem, self.root, self.root_index_bits, 0, high, start, end, ALL, &mut out)?;
-        Ok(out)
+        self.collect(mem, self.root, self.root_index_bits, 0, high, start, end, ALL, visit)
     }
 
     /// The raw root entries whose span meets `[start, end)`, by index.
@@ -242,7 +255,7 @@ impl<'a> Walker<'a> {
         start: VirtAddr,
         end: VirtAddr,
         allows: Perms,
-        out: &mut Vec<Leaf>,
+        visit: &mut dyn FnMut(Leaf),
     ) -> Result<(), WalkError> {
         let shift = self.format.shift(level);
         let span = 1u64 << shift;
@@ -258,10 +271,10 @@ impl<'a> Walker<'a> {
                 Decoded::Invalid => {}
                 Decoded::Table { pa, index_bits: next, allows: here } => {
                     let allows = allows.and(here);
-                    self.collect(mem, pa, next, level + 1, va, start, end, allows, out)?;
+                    self.collect(mem, pa, next, level + 1, va, start, end, allows, visit)?;
                 }
                 Decoded::Leaf { pa, perms } => {
-                    out.push(Leaf { va: VirtAddr(va), pa, shift, perms: allows.and(perms), level, entry_pa, raw })
+                    visit(Leaf { va: VirtAddr(va), pa, shift, perms: allows.and(perms), level, entry_pa, raw })
                 }
             }
         }
