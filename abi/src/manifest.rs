@@ -172,6 +172,14 @@ pub struct RawManifest {
 }
 
 impl RawManifest {
+    /// The manifest's bytes as a little-endian guest publishes them (every
+    /// target here is little-endian in memory, and the struct has no padding).
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: a repr(C) struct of integers without padding, read as bytes
+        // for exactly its own size.
+        unsafe { core::slice::from_raw_parts(self as *const RawManifest as *const u8, MANIFEST_SIZE) }
+    }
+
     /// The value the guest's static starts as, before boot code fills it in.
     pub const fn booting(arch: Arch) -> RawManifest {
         RawManifest {
@@ -571,10 +579,7 @@ mod tests {
     use super::*;
 
     fn bytes_of(raw: &RawManifest) -> Vec<u8> {
-        // The host is little-endian like every guest, so the in-memory image of
-        // a RawManifest is exactly what a guest would publish.
-        let ptr = raw as *const RawManifest as *const u8;
-        unsafe { core::slice::from_raw_parts(ptr, MANIFEST_SIZE) }.to_vec()
+        raw.as_bytes().to_vec()
     }
 
     fn ready() -> RawManifest {

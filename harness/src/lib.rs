@@ -13,4 +13,5 @@ pub mod qmp;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod synth;
 pub mod verify;

@@ -893,3 +893,66 @@ pub fn region_costs(manifest: &Manifest, map: &VmemmapMap) -> Vec<RegionCost> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::CheckStatus;
+    use crate::synth::SynthVmemmap;
+
+    fn failing(s: &SynthVmemmap) -> Vec<(String, String)> {
+        let (checks, _) = check(Arch::X86_64, &s.manifest(), &s.mem).unwrap();
+        checks.into_iter().filter(|c| c.status == CheckStatus::Fail).map(|c| (c.name, c.detail)).collect()
+    }
+
+    #[test]
+    fn a_unified_dax_range_built_by_hand_passes_every_invariant() {
+        let mut s = SynthVmemmap::new();
+        s.add_unified_dax(0x10_0000, 16, 9);
+        s.add_unified_dax(0x14_0000, 1, 18);
+        assert_eq!(failing(&s), vec![]);
+        let (_, map) = check(Arch::X86_64, &s.manifest(), &s.mem).unwrap();
+        assert_eq!(map.ptes(), 8 + 16 * 8 + 4096);
+    }
+
+    #[test]
+    fn a_writable_tail_is_caught_by_tails_readonly_naming_the_page() {
+        let mut s = SynthVmemmap::new();
+        s.add_unified_dax(0x10_0000, 4, 9);
+        let shared = s.manifest().shared_tails.iter().next().unwrap().pa;
+        s.map(SynthVmemmap::va(0x10_0200) + 3 * 4096, shared, true);
+        let f = failing(&s);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].0, TAILS_READONLY);
+        assert!(f[0].1.contains("compound page at pfn 0x100200, vmemmap[3]: tail is writable"), "{}", f[0].1);
+    }
+
+    #[test]
+    fn a_head_on_the_shared_page_and_a_miscount_are_caught() {
+        let mut s = SynthVmemmap::new();
+        s.add_unified_dax(0x10_0000, 4, 9);
+        let shared = s.manifest().shared_tails.iter().next().unwrap().pa;
+        s.map(SynthVmemmap::va(0x10_0400), shared, true);
+        let names: Vec<String> = failing(&s).into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&HEAD_PRIVATE.to_string()), "{names:?}");
+
+        let mut s = SynthVmemmap::new();
+        s.add_unified_dax(0x10_0000, 4, 9);
+        s.counters().vmemmap_allocated += 7;
+        let f = failing(&s);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].0, ACCOUNTING);
+        assert!(f[0].1.contains("the guest counts 20 live vmemmap frames, the page tables map 13"), "{}", f[0].1);
+    }
+
+    #[test]
+    fn an_unmapped_boot_memmap_page_is_caught_by_memmap_present() {
+        let mut s = SynthVmemmap::new();
+        s.unmap(SynthVmemmap::va(0) + 2 * 4096);
+        s.counters().vmemmap_freed += 1;
+        let f = failing(&s);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].0, MEMMAP_PRESENT);
+        assert!(f[0].1.contains("boot memory: 1 of its 8 vmemmap pages are unmapped"), "{}", f[0].1);
+    }
+}
