@@ -48,11 +48,16 @@ impl SparseMemory {
         SparseMemory::default()
     }
 
+    /// Writes `bytes` at `pa`, a page at a time.
     pub fn write(&mut self, pa: PhysAddr, bytes: &[u8]) {
-        for (i, byte) in bytes.iter().enumerate() {
-            let a = pa.0 + i as u64;
+        let mut done = 0;
+        while done < bytes.len() {
+            let a = pa.0 + done as u64;
+            let offset = (a % PAGE) as usize;
+            let n = (PAGE as usize - offset).min(bytes.len() - done);
             let page = self.pages.entry(a / PAGE).or_insert_with(|| Box::new([0; PAGE as usize]));
-            page[(a % PAGE) as usize] = *byte;
+            page[offset..offset + n].copy_from_slice(&bytes[done..done + n]);
+            done += n;
         }
     }
 
@@ -68,10 +73,14 @@ impl SparseMemory {
 impl GuestMemory for SparseMemory {
     fn read(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
         let unbacked = MemoryError::Unbacked { pa, len: buf.len() };
-        for (i, out) in buf.iter_mut().enumerate() {
-            let a = pa.0.checked_add(i as u64).ok_or(unbacked.clone())?;
+        let mut done = 0;
+        while done < buf.len() {
+            let a = pa.0.checked_add(done as u64).ok_or(unbacked.clone())?;
+            let offset = (a % PAGE) as usize;
+            let n = (PAGE as usize - offset).min(buf.len() - done);
             let page = self.pages.get(&(a / PAGE)).ok_or(unbacked.clone())?;
-            *out = page[(a % PAGE) as usize];
+            buf[done..done + n].copy_from_slice(&page[offset..offset + n]);
+            done += n;
         }
         Ok(())
     }
