@@ -91,19 +91,23 @@ impl Bench {
             totals.push(r.duration_ms as f64);
             phases.push(r.phases);
         }
-        let median = |f: fn(&Phases) -> u64| {
-            let mut v: Vec<u64> = phases.iter().map(f).collect();
-            v.sort_unstable();
-            v[v.len() / 2]
-        };
-        let p = Phases {
-            qemu_start_ms: median(|p| p.qemu_start_ms),
-            boot_ms: median(|p| p.boot_ms),
-            steps_ms: median(|p| p.steps_ms),
-            verify_ms: median(|p| p.verify_ms),
-            shutdown_ms: median(|p| p.shutdown_ms),
-        };
-        Ok((spread(totals), p))
+        Ok((spread(totals), median_phases(&phases)))
+    }
+}
+
+/// Each phase's median over runs.
+fn median_phases(phases: &[Phases]) -> Phases {
+    let median = |f: fn(&Phases) -> u64| {
+        let mut v: Vec<u64> = phases.iter().map(f).collect();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    Phases {
+        qemu_start_ms: median(|p| p.qemu_start_ms),
+        boot_ms: median(|p| p.boot_ms),
+        steps_ms: median(|p| p.steps_ms),
+        verify_ms: median(|p| p.verify_ms),
+        shutdown_ms: median(|p| p.shutdown_ms),
     }
 }
 
@@ -123,14 +127,20 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     let mut chart = Vec::new();
     println!("{:<8} {:<34} {:>9} {:>9} {:>9}", "arch", "measurement", "min", "median", "max");
     for (&arch, elf) in arches.iter().zip(&images) {
-        let mut bare = Vec::new();
+        // Bare boots and null scenarios alternate, so that a drift in the
+        // machine's speed weighs on both alike.
+        let (mut bare, mut nulls, mut phases) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
             let d = crate::unless_interrupted(&bench.runtime, bare_boot_to_exit(arch, elf, &null.machine))
                 .ok_or_else(|| anyhow!("interrupted"))??;
             bare.push(ms(d));
+            let (t, p) = bench.scenario(&null, arch, elf, 1)?;
+            nulls.push(t.median);
+            phases.push(p);
         }
         let bare = spread(bare);
-        let (null_time, null_phases) = bench.scenario(&null, arch, elf, runs)?;
+        let null_time = spread(nulls);
+        let null_phases = median_phases(&phases);
         let row = |what: &str, s: &Spread| {
             println!("{:<8} {what:<34} {:>7.0}ms {:>7.0}ms {:>7.0}ms", arch.name(), s.min, s.median, s.max);
         };
