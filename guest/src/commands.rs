@@ -66,12 +66,9 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                             layout,
                             altmap,
                         );
-                        // A new top-level vmemmap entry must reach every root
-                        // (knob `unsynced-root`: it does not).
-                        if done.is_ok() && k.vmemmap.knobs & hvo_abi::model::Knob::UnsyncedRoot.bit() == 0 {
-                            let first = k.vmemmap.va(start / 4096);
-                            let end = k.vmemmap.va((start + size) / 4096);
-                            k.process.copy_top_level(&k.tables.kernel, first, end);
+                        if done.is_ok() {
+                            let (first, end) = (k.vmemmap.va(start / 4096), k.vmemmap.va((start + size) / 4096));
+                            sync_process_root(k, first, end);
                         }
                         changed(kernel, req.seq, done.map(|id| id as u64), "region")
                     }
@@ -79,10 +76,9 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                         let k = &mut *kernel;
                         let done =
                             k.vmemmap.hot_add_memory(&mut k.tables.kernel, &mut k.frames, PhysAddr(start), size, zone);
-                        if done.is_ok() && k.vmemmap.knobs & hvo_abi::model::Knob::UnsyncedRoot.bit() == 0 {
-                            let first = k.vmemmap.va(start / 4096);
-                            let end = k.vmemmap.va((start + size) / 4096);
-                            k.process.copy_top_level(&k.tables.kernel, first, end);
+                        if done.is_ok() {
+                            let (first, end) = (k.vmemmap.va(start / 4096), k.vmemmap.va((start + size) / 4096));
+                            sync_process_root(k, first, end);
                         }
                         changed(kernel, req.seq, done.map(|id| id as u64), "region")
                     }
@@ -130,12 +126,18 @@ pub fn serve(kernel: &mut Kernel) -> ! {
 fn boot_memmap(kernel: &mut Kernel) -> Result<(), VmemmapError> {
     kernel.vmemmap.populate_boot(&mut kernel.tables.kernel, &mut kernel.frames, &kernel.ram)?;
     kernel.vmemmap.memmap_init(&kernel.ram);
-    // Knob `unsynced-root`: the new entries stay in the kernel root only.
-    if kernel.vmemmap.knobs & hvo_abi::model::Knob::UnsyncedRoot.bit() == 0 {
-        let (start, end) = kernel.vmemmap.range(&kernel.ram);
-        kernel.process.copy_top_level(&kernel.tables.kernel, start, end);
-    }
+    let (start, end) = kernel.vmemmap.range(&kernel.ram);
+    sync_process_root(kernel, start, end);
     Ok(())
+}
+
+/// Copies the kernel root's new top-level entries over the vmemmap `[first,
+/// end)` into the process root, as sync_global_pgds does: every root must
+/// see new vmemmap (knob `unsynced-root`: they stay in the kernel root only).
+fn sync_process_root(kernel: &mut Kernel, first: VirtAddr, end: VirtAddr) {
+    if kernel.vmemmap.knobs & hvo_abi::model::Knob::UnsyncedRoot.bit() == 0 {
+        kernel.process.copy_top_level(&kernel.tables.kernel, first, end);
+    }
 }
 
 /// Republishes the manifest after a change (also after a failed one, whose

@@ -122,7 +122,7 @@ impl Sections {
         early: bool,
     ) -> Result<(), SectionError> {
         self.prepare(frames, start, end)?;
-        if section_numbers(start, end).any(|nr| self.subsections(nr) & subsection_mask(nr, start, end) != 0) {
+        if self.any_present(start, end) {
             return Err(SectionError::AlreadyPresent);
         }
         for nr in section_numbers(start, end) {

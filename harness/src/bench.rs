@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use hvo_abi::protocol::Command;
 use hvo_images::{profile, Arch};
-use tokio::net::UnixListener;
 
 use crate::addr::PhysAddr;
 use crate::console::Console;
@@ -40,24 +39,12 @@ async fn start(arch: Arch, elf: &Path, machine: &MachineSpec) -> Result<Started,
     let setup = |e: std::io::Error| BenchError::Setup(e.to_string());
     let dir = tempfile::Builder::new().prefix("hvo-bench-").tempdir_in("/dev/shm").map_err(setup)?;
     let paths = RunPaths { dir: dir.path().to_path_buf() };
-    let p = profile(arch);
-    if let Some(stub) = p.stub_firmware() {
-        std::fs::write(paths.firmware_stub(), stub).map_err(setup)?;
-    }
-    let console_listener = UnixListener::bind(paths.console_socket()).map_err(setup)?;
-    let qmp_listener = UnixListener::bind(paths.qmp_socket()).map_err(setup)?;
-    let command = QemuCommand::new(p, machine, elf, &paths);
+    let command = QemuCommand::new(profile(arch), machine, elf, &paths);
     let started = Instant::now();
-    let qemu = QemuProcess::spawn(&command, p.qemu_package).map_err(|e| BenchError::Setup(e.to_string()))?;
-    let accept = async {
-        let (console, _) = console_listener.accept().await?;
-        let (qmp, _) = qmp_listener.accept().await?;
-        Ok::<_, std::io::Error>((console, qmp))
-    };
-    let (console, qmp_stream) = tokio::time::timeout(LIMIT, accept)
-        .await
-        .map_err(|_| BenchError::Setup("QEMU did not connect".into()))?
-        .map_err(setup)?;
+    let mut slot = None;
+    let (console, qmp_stream) =
+        crate::qemu::start(profile(arch), &command, &paths, LIMIT, &mut slot).await.map_err(BenchError::Setup)?;
+    let qemu = slot.ok_or_else(|| BenchError::Setup("QEMU did not start".into()))?;
     let mut console = Console::attach(console, started);
     console.wait_ready(LIMIT).await.map_err(|e| BenchError::Guest(e.to_string()))?;
     Ok(Started { qemu, console, qmp_stream, paths, _dir: dir })

@@ -14,6 +14,7 @@ use hvo_images::{Loader, Profile};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
+use tokio::net::{UnixListener, UnixStream};
 
 /// The memory a scenario's machine has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,6 +240,58 @@ impl QemuProcess {
     /// Kills QEMU at once (for tests and for giving up on a hung VM).
     pub fn kill_now(&mut self) {
         let _ = killpg(self.pgid, Signal::SIGKILL);
+    }
+}
+
+/// Starts QEMU with `command` for the run in `paths` (the profile's firmware
+/// stub written first) and accepts the console and QMP connections QEMU
+/// makes to the harness's sockets during its start-up. The process goes into
+/// `slot` as soon as it exists, so that after a failure it is still killed
+/// when dropped and its stderr can be read. Errors say what went wrong.
+pub async fn start(
+    profile: &Profile,
+    command: &QemuCommand,
+    paths: &RunPaths,
+    timeout: Duration,
+    slot: &mut Option<QemuProcess>,
+) -> Result<(UnixStream, UnixStream), String> {
+    if let Some(stub) = profile.stub_firmware() {
+        std::fs::write(paths.firmware_stub(), stub).map_err(|e| format!("cannot write the firmware stub: {e}"))?;
+    }
+    let bind = |p: PathBuf| UnixListener::bind(&p).map_err(|e| format!("cannot listen on {}: {e}", p.display()));
+    let console_listener = bind(paths.console_socket())?;
+    let qmp_listener = bind(paths.qmp_socket())?;
+    let qemu = QemuProcess::spawn(command, profile.qemu_package)
+        .map_err(|e| format!("{e}; run `cargo xtask setup` to install it"))?;
+    let qemu = slot.insert(qemu);
+    // QEMU connects to the console first, then to QMP, during its start-up.
+    let accept = async {
+        let (console, _) = console_listener.accept().await?;
+        let (qmp, _) = qmp_listener.accept().await?;
+        Ok::<(UnixStream, UnixStream), std::io::Error>((console, qmp))
+    };
+    tokio::select! {
+        accepted = tokio::time::timeout(timeout, accept) => match accepted {
+            Ok(Ok(streams)) => Ok(streams),
+            Ok(Err(e)) => Err(format!("accepting QEMU's connections failed: {e}")),
+            Err(_) => Err(format!("QEMU did not connect its console and QMP within {timeout:?}")),
+        },
+        status = qemu.wait_exit(timeout) => {
+            Err(format!("QEMU exited during start-up ({}): {}", describe_exit(status), qemu.stderr().trim()))
+        }
+    }
+}
+
+/// How a process ended, in words.
+pub fn describe_exit(status: Option<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        None => "still running".into(),
+        Some(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("exit code {c}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => "unknown status".into(),
+        },
     }
 }
 

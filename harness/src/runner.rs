@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use hvo_abi::manifest::{GuestState, Manifest, RootKind, MANIFEST_SIZE};
@@ -15,14 +14,13 @@ use hvo_abi::model::Layout;
 use hvo_abi::protocol::Command;
 use hvo_images::{profile, Arch, Profile};
 use serde_json::json;
-use tokio::net::{UnixListener, UnixStream};
 
 use crate::addr::{PhysAddr, VirtAddr};
 use crate::console::{Console, ConsoleError};
 use crate::image::GuestImage;
 use crate::memory::{GuestMemory, MappedMemory};
 use crate::pgtable;
-use crate::qemu::{QemuCommand, QemuProcess, RunPaths};
+use crate::qemu::{self, describe_exit, QemuCommand, QemuProcess, RunPaths};
 use crate::qmp::{Qmp, QmpError};
 use crate::report::{Check, CheckStatus, Phases, ScenarioResult, Status};
 use crate::scenario::{Backend, DaxDevice, Expect, Scenario, Step};
@@ -348,36 +346,10 @@ impl Run<'_> {
     /// Starts QEMU and waits for the guest's `ready`.
     async fn boot(&mut self) -> Result<(), Abort> {
         let boot_timeout = Duration::from_millis(self.scenario.boot_timeout_ms);
-        if let Some(stub) = self.profile.stub_firmware() {
-            std::fs::write(self.paths.firmware_stub(), stub)
-                .map_err(|e| Abort::Infra(format!("cannot write the firmware stub: {e}")))?;
-        }
-        let bind = |p: PathBuf| {
-            UnixListener::bind(&p).map_err(|e| Abort::Infra(format!("cannot listen on {}: {e}", p.display())))
-        };
-        let console_listener = bind(self.paths.console_socket())?;
-        let qmp_listener = bind(self.paths.qmp_socket())?;
-
-        let qemu = QemuProcess::spawn(&self.command, self.profile.qemu_package)
-            .map_err(|e| Abort::Infra(format!("{e}; run `cargo xtask setup` to install it")))?;
-        let qemu = self.qemu.insert(qemu);
-
-        // QEMU connects to the console first, then to QMP, during its start-up.
-        let accept = async {
-            let (console, _) = console_listener.accept().await?;
-            let (qmp, _) = qmp_listener.accept().await?;
-            Ok::<(UnixStream, UnixStream), std::io::Error>((console, qmp))
-        };
-        let (console_stream, qmp_stream) = tokio::select! {
-            accepted = tokio::time::timeout(boot_timeout, accept) => match accepted {
-                Ok(Ok(streams)) => streams,
-                Ok(Err(e)) => return Err(Abort::Infra(format!("accepting QEMU's connections failed: {e}"))),
-                Err(_) => return Err(Abort::Infra(format!("QEMU did not connect its console and QMP within {boot_timeout:?}"))),
-            },
-            status = qemu.wait_exit(boot_timeout) => {
-                return Err(Abort::Infra(format!("QEMU exited during start-up ({}): {}", describe_exit(status), qemu.stderr().trim())));
-            }
-        };
+        let (console_stream, qmp_stream) =
+            qemu::start(self.profile, &self.command, &self.paths, boot_timeout, &mut self.qemu)
+                .await
+                .map_err(Abort::Infra)?;
         let console = Console::attach(console_stream, self.start);
         if self.repro {
             console.log().echo();
@@ -1145,18 +1117,6 @@ fn manifest_problems(m: &Manifest, arch: Arch, profile: &Profile, boot_memory: u
         problems.push(format!("manifest {at} lies outside the image range {:#x}+{:#x}", m.image.start, m.image.size));
     }
     problems
-}
-
-fn describe_exit(status: Option<ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        None => "still running".into(),
-        Some(s) => match (s.code(), s.signal()) {
-            (Some(c), _) => format!("exit code {c}"),
-            (None, Some(sig)) => format!("killed by signal {sig}"),
-            _ => "unknown status".into(),
-        },
-    }
 }
 
 /// A field (`addr: 0x...`, `slot: 3`) of DIMM `id` in HMP's `info memory-devices`.
