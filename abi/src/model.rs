@@ -2,8 +2,14 @@
 //! and region kinds. Defined once so the host decodes exactly what the guest
 //! writes; how pages are mapped is not here (the host works that out itself).
 
-/// Pageblocks are 2 MiB (pageblock_order 9 with 4 KiB pages).
-pub const PAGEBLOCK_PAGES: u64 = 512;
+/// Pageblocks are 2 MiB whatever the base page (pageblock_order 9 with 4 KiB
+/// pages, 5 with ppc64's 64 KiB pages, where it follows the 2 MiB huge page).
+pub const PAGEBLOCK_BYTES: u64 = 2 << 20;
+
+/// Base pages per pageblock.
+pub const fn pageblock_pages(page_size: u64) -> u64 {
+    PAGEBLOCK_BYTES / page_size
+}
 /// The migratetype memmap init gives device memory's pageblocks.
 pub const MIGRATE_MOVABLE: u8 = 1;
 

@@ -3,7 +3,7 @@
 use hvo_abi::protocol::{parse_request, write_reply_head, Command};
 
 use crate::console::{Console, LineError, LineReader};
-use crate::mm::{PhysAddr, VirtAddr};
+use crate::mm::{PhysAddr, VirtAddr, PAGE};
 use crate::vmemmap::VmemmapError;
 use crate::{arch, manifest, Kernel};
 
@@ -67,7 +67,7 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                             altmap,
                         );
                         if done.is_ok() {
-                            let (first, end) = (k.vmemmap.va(start / 4096), k.vmemmap.va((start + size) / 4096));
+                            let (first, end) = (k.vmemmap.va(start / PAGE), k.vmemmap.va((start + size) / PAGE));
                             sync_process_root(k, first, end);
                         }
                         changed(kernel, req.seq, done.map(|id| id as u64), "region")
@@ -77,7 +77,7 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                         let done =
                             k.vmemmap.hot_add_memory(&mut k.tables.kernel, &mut k.frames, PhysAddr(start), size, zone);
                         if done.is_ok() {
-                            let (first, end) = (k.vmemmap.va(start / 4096), k.vmemmap.va((start + size) / 4096));
+                            let (first, end) = (k.vmemmap.va(start / PAGE), k.vmemmap.va((start + size) / PAGE));
                             sync_process_root(k, first, end);
                         }
                         changed(kernel, req.seq, done.map(|id| id as u64), "region")

@@ -5,7 +5,7 @@ use hvo_abi::manifest::{
 };
 
 use crate::mm::frames::Purpose;
-use crate::mm::{PageSize, Range};
+use crate::mm::Range;
 use crate::{arch, Kernel};
 
 /// The host finds this through the ELF symbol table; the firmware is linked at
@@ -23,7 +23,7 @@ fn raw_range(r: Range) -> RawRange {
 pub fn publish(kernel: &Kernel) -> u64 {
     let (tables, ram, image) = (&kernel.tables, &kernel.ram, kernel.image);
     let mut m = RawManifest::booting(arch::ARCH);
-    m.page_size = PageSize::Size4K.bytes();
+    m.page_size = arch::BASE_PAGE.bytes();
     m.linear_map_base = arch::LINEAR_MAP_BASE;
     m.vmemmap_base = arch::VMEMMAP_BASE;
     m.image = raw_range(image);

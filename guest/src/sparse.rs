@@ -8,7 +8,7 @@
 
 use crate::arch::SECTION_SIZE_BITS;
 use crate::mm::frames::{AllocError, FrameAllocator, Purpose};
-use crate::mm::PhysAddr;
+use crate::mm::{PhysAddr, PAGE};
 
 /// Subsections are 2 MiB on every architecture (SUBSECTION_SHIFT).
 pub const SUBSECTION_SHIFT: u32 = 21;
@@ -17,9 +17,10 @@ pub const SUBSECTION: u64 = 1 << SUBSECTION_SHIFT;
 /// any machine here can address).
 const MAX_PHYSMEM_BITS: u32 = 46;
 const ENTRY_BYTES: u64 = core::mem::size_of::<SectionEntry>() as u64;
-const ENTRIES_PER_PAGE: u64 = 4096 / ENTRY_BYTES;
+const ENTRIES_PER_PAGE: u64 = PAGE / ENTRY_BYTES;
 const ROOTS: u64 = (1 << (MAX_PHYSMEM_BITS - SECTION_SIZE_BITS)) / ENTRIES_PER_PAGE;
-const ROOTS_BYTES: u64 = ROOTS * 8;
+// At least one frame: the allocator hands out nothing smaller.
+const ROOTS_BYTES: u64 = if ROOTS * 8 > PAGE { ROOTS * 8 } else { PAGE };
 
 /// One section: its subsection map, and whether it is early.
 #[repr(C)]
@@ -102,7 +103,7 @@ impl Sections {
             let slot = roots.as_mut_ptr::<u64>().wrapping_add((nr / ENTRIES_PER_PAGE) as usize);
             // SAFETY: inside the root array (nr is below 2^MAX_PHYSMEM_BITS).
             if unsafe { slot.read() } == 0 {
-                let page = frames.alloc_bytes(4096, Purpose::Sparse)?;
+                let page = frames.alloc_bytes(PAGE, Purpose::Sparse)?;
                 // SAFETY: as above.
                 unsafe { slot.write(page.0) };
             }

@@ -2,18 +2,17 @@
 //! HugeTLB vmemmap optimization and restore under each layout, as Linux's
 //! mm/sparse-vmemmap.c and mm/hugetlb_vmemmap.c do it, in miniature.
 
-use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone, MIGRATE_MOVABLE, PAGEBLOCK_PAGES, STRUCT_PAGE_SIZE};
+use hvo_abi::model::{pageblock_pages, Knob, Layout, RegionKind, StructPage, Zone, MIGRATE_MOVABLE, STRUCT_PAGE_SIZE};
 
 use crate::arch;
 use crate::mm::boot::Table;
 use crate::mm::frames::{align_down, align_up, AllocError, FrameAllocator, Purpose};
 use crate::mm::pagetable::{Flush, MapError, Prot};
-use crate::mm::{PageSize, PhysAddr, Range, RangeList, VirtAddr};
+use crate::mm::{PageSize, PhysAddr, Range, RangeList, VirtAddr, PAGE};
 use crate::sparse::{SectionError, Sections, SUBSECTION};
 
 pub const MAX_REGIONS: usize = hvo_abi::manifest::MAX_REGIONS;
 pub const MAX_SHARED_TAILS: usize = hvo_abi::manifest::MAX_SHARED_TAILS;
-const PAGE: u64 = PageSize::Size4K.bytes();
 const STRUCT_PAGES_PER_PAGE: u64 = PAGE / STRUCT_PAGE_SIZE;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -92,7 +91,9 @@ impl Region {
         (0..self.nr_pages / step).map(move |i| start + i * step)
     }
 
-    /// Vmemmap pages of one compound page.
+    /// Vmemmap pages of one compound page; 0 when its struct pages take less
+    /// than a page (2 MiB with 64 KiB pages: 2 KiB of struct pages), which
+    /// then shares its vmemmap page with its neighbours.
     fn vmemmap_pages(&self) -> u64 {
         (1u64 << self.order) / STRUCT_PAGES_PER_PAGE
     }
@@ -127,7 +128,7 @@ enum MemmapSource {
 impl MemmapSource {
     fn frame(&mut self, frames: &mut FrameAllocator) -> Result<PhysAddr, VmemmapError> {
         match self {
-            MemmapSource::System => Ok(frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?),
+            MemmapSource::System => Ok(frames.alloc(arch::BASE_PAGE, Purpose::Vmemmap)?),
             MemmapSource::Altmap { next, end } if *next < *end => {
                 let frame = PhysAddr(*next);
                 *next += PAGE;
@@ -149,7 +150,7 @@ pub struct SharedTail {
 
 /// A fresh vmemmap page holding only tail struct pages of (zone, order).
 fn tail_page(frames: &mut FrameAllocator, zone: Zone, order: u32) -> Result<PhysAddr, VmemmapError> {
-    let pa = frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?;
+    let pa = frames.alloc(arch::BASE_PAGE, Purpose::Vmemmap)?;
     let words = StructPage::tail(zone, order).to_words();
     let ptr = pa.as_mut_ptr::<u64>();
     for i in 0..STRUCT_PAGES_PER_PAGE as usize {
@@ -345,9 +346,9 @@ impl Vmemmap {
                         };
                         (shared, Prot::RO)
                     }
-                    _ => (frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?, Prot::RW),
+                    _ => (frames.alloc(arch::BASE_PAGE, Purpose::Vmemmap)?, Prot::RW),
                 };
-                table.map(frames, VirtAddr(va), frame, PageSize::Size4K, prot)?.ignore();
+                table.map(frames, VirtAddr(va), frame, arch::BASE_PAGE, prot)?.ignore();
                 va += PAGE;
             }
             // The memmap of a section's absent part is raw boot memory:
@@ -553,7 +554,7 @@ impl Vmemmap {
         frames: &mut FrameAllocator,
         va: VirtAddr,
     ) -> Result<PhysAddr, VmemmapError> {
-        let fresh = frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?;
+        let fresh = frames.alloc(arch::BASE_PAGE, Purpose::Vmemmap)?;
         // SAFETY: `va` is mapped (readable) vmemmap; `fresh` is ours.
         unsafe { core::ptr::copy_nonoverlapping(va.0 as *const u8, fresh.as_mut_ptr::<u8>(), PAGE as usize) };
         let (old, flush) = table.remap(va, fresh, Prot::RW)?;
@@ -576,8 +577,13 @@ impl Vmemmap {
         if region.optimized {
             return Err(VmemmapError::AlreadyOptimized);
         }
-        if region.vmemmap_pages() < 2 || layout == Layout::None {
+        if layout == Layout::None {
             return Err(VmemmapError::TooSmallToOptimize);
+        }
+        if region.vmemmap_pages() <= reserved_vmemmap_pages(layout) {
+            // Nothing to share (hugetlb_vmemmap_optimize_folio returns when
+            // the optimizable size is 0): the folios stay as they are.
+            return Ok(());
         }
         region.layout = layout;
         // A failing compound page is left unoptimized; the others are restored.
@@ -620,7 +626,7 @@ impl Vmemmap {
         let pages = region.vmemmap_pages();
         let base = self.va(head);
         // Knob `skip-split`: a vmemmap under a 2 MiB leaf is left as it is.
-        if self.knob(Knob::SkipSplit) && table.translate(base).is_some_and(|t| t.size != PageSize::Size4K) {
+        if self.knob(Knob::SkipSplit) && table.translate(base).is_some_and(|t| t.size != arch::BASE_PAGE) {
             return Ok(());
         }
         // HVO needs base-page PTEs: split any 2 MiB leaf over this vmemmap.
@@ -681,7 +687,9 @@ impl Vmemmap {
     pub fn restore(&mut self, table: &mut Table, frames: &mut FrameAllocator, id: usize) -> Result<(), VmemmapError> {
         let mut region = self.region(id)?;
         if !region.optimized {
-            return Err(VmemmapError::NotOptimized);
+            // Nothing to give back (hugetlb_vmemmap_restore_folio returns 0
+            // for a folio that was never optimized, as a small one is not).
+            return Ok(());
         }
         // A failing compound page stays optimized; the others are optimized again.
         self.each_folio(table, frames, &region, Self::restore_folio, Self::reoptimize_folio)?;
@@ -783,7 +791,9 @@ impl Vmemmap {
         if reserve >= size {
             return Err(VmemmapError::NoRoomForAltmap);
         }
-        let optimizable = layout != Layout::None && (1u64 << order) / STRUCT_PAGES_PER_PAGE >= 2;
+        // vmemmap_can_optimize: more vmemmap pages than the layout keeps private.
+        let optimizable =
+            layout != Layout::None && (1u64 << order) / STRUCT_PAGES_PER_PAGE > reserved_vmemmap_pages(layout);
         // Knob `optimize-altmap`: the altmap is no obstacle.
         let optimized =
             optimizable && (!altmap || self.knob(Knob::OptimizeAltmap)) && !self.sections.is_early(start.0 + reserve);
@@ -870,10 +880,11 @@ impl Vmemmap {
     /// Sets every pageblock of a device range to movable (as memmap init of
     /// ZONE_DEVICE does), in a tag array of its own; returns where it is.
     fn tag_pageblocks(&self, frames: &mut FrameAllocator, region: &Region) -> Result<(PhysAddr, u64), VmemmapError> {
-        let count = region.nr_pages.div_ceil(PAGEBLOCK_PAGES);
+        let pageblock = pageblock_pages(PAGE);
+        let count = region.nr_pages.div_ceil(pageblock);
         let bytes = count.div_ceil(PAGE) * PAGE;
         let tags = frames.alloc_data(bytes, PAGE, Purpose::Usemap)?;
-        let per_compound = ((1u64 << region.order) / PAGEBLOCK_PAGES).max(1);
+        let per_compound = ((1u64 << region.order) / pageblock).max(1);
         for i in 0..count {
             // Knob `first-pageblock-only`: a compound page's later pageblocks are skipped.
             let skipped = self.knob(Knob::FirstPageblockOnly) && i % per_compound != 0;
@@ -906,10 +917,26 @@ impl Vmemmap {
         let pages = region.vmemmap_pages().max(1);
         let private = Self::private_pages(region);
         let base = self.va(head);
+        if region.vmemmap_pages() == 0 {
+            // The vmemmap page holds neighbours' struct pages too, as
+            // vmemmap_populate over the whole range maps it: mapped once.
+            let page = VirtAddr(align_down(base.0, PAGE));
+            if table.translate(page).is_none() {
+                let frame = source.frame(frames)?;
+                if let Err(e) = table.map(frames, page, frame, arch::BASE_PAGE, Prot::RW) {
+                    if !region.in_altmap(frame) {
+                        frames.free(frame, PAGE, Purpose::Vmemmap);
+                    }
+                    return Err(e.into());
+                }
+            }
+            self.write_compound(region, head, 1 << order);
+            return Ok(());
+        }
         let mut first_tail_page = PhysAddr(0);
         for i in 0..private {
             let frame = source.frame(frames)?;
-            if let Err(e) = table.map(frames, VirtAddr(base.0 + i * PAGE), frame, PageSize::Size4K, Prot::RW) {
+            if let Err(e) = table.map(frames, VirtAddr(base.0 + i * PAGE), frame, arch::BASE_PAGE, Prot::RW) {
                 if !region.in_altmap(frame) {
                     frames.free(frame, PAGE, Purpose::Vmemmap);
                 }
@@ -929,7 +956,7 @@ impl Vmemmap {
             // Knob `tails-writable`: the tails keep write permission.
             let prot = if self.knob(Knob::TailsWritable) { Prot::RW } else { prot };
             for i in private..pages {
-                if let Err(e) = table.map(frames, VirtAddr(base.0 + i * PAGE), target, PageSize::Size4K, prot) {
+                if let Err(e) = table.map(frames, VirtAddr(base.0 + i * PAGE), target, arch::BASE_PAGE, prot) {
                     // With no tail mapped, the undo cannot see the reference taken.
                     if i == private && region.layout == Layout::Unified {
                         self.put_shared_tail(frames, zone, order);
@@ -953,7 +980,9 @@ impl Vmemmap {
         }
         let pages = region.vmemmap_pages().max(1);
         let private = Self::private_pages(region);
-        let base = self.va(head);
+        // A vmemmap page shared with neighbours goes with the first of them:
+        // they are all in this range and all going.
+        let base = VirtAddr(align_down(self.va(head).0, PAGE));
         let mut held_shared = false;
         for i in 0..pages {
             if let Ok((frame, _, flush)) = table.unmap(VirtAddr(base.0 + i * PAGE)) {
@@ -1049,8 +1078,8 @@ impl Vmemmap {
                 let mut va = first.max(window);
                 while va < last.min(window + big) {
                     if table.translate(VirtAddr(va)).is_none() {
-                        let frame = frames.alloc(PageSize::Size4K, Purpose::Vmemmap)?;
-                        if let Err(e) = table.map(frames, VirtAddr(va), frame, PageSize::Size4K, Prot::RW) {
+                        let frame = frames.alloc(arch::BASE_PAGE, Purpose::Vmemmap)?;
+                        if let Err(e) = table.map(frames, VirtAddr(va), frame, arch::BASE_PAGE, Prot::RW) {
                             frames.free(frame, PAGE, Purpose::Vmemmap);
                             return Err(e.into());
                         }

@@ -106,15 +106,14 @@ pub fn generate(seed: u64, index: u64, bug_knobs: &[Knob]) -> FuzzCase {
         let step = match rng.below(9) {
             0 | 1 => {
                 let gigantic = rng.chance(15);
-                let (order, count) = if gigantic { (18, 1) } else { (9, 1 + rng.below(16)) };
-                let bytes = (4096u64 << order) * count;
-                let lender = made
-                    .iter()
-                    .position(|(_, m)| matches!(m, Made::Memory { free, .. } if *free >= (4096 << order) * count));
+                let (folio_size, count) = if gigantic { (GIB, 1) } else { (2 * MIB, 1 + rng.below(16)) };
+                let bytes = folio_size * count;
+                let lender =
+                    made.iter().position(|(_, m)| matches!(m, Made::Memory { free, .. } if *free >= bytes));
                 let from = match lender {
                     Some(i) if rng.chance(50) || boot_folios + bytes > GIB => {
                         if let Made::Memory { free, lending } = &mut made[i].1 {
-                            *free -= (4096 << order) * count;
+                            *free -= bytes;
                             *lending += 1;
                         }
                         Some(made[i].0.clone())
@@ -127,7 +126,7 @@ pub fn generate(seed: u64, index: u64, bug_knobs: &[Knob]) -> FuzzCase {
                 boot_folios += boot_bytes;
                 let zone = rng.pick(&[Zone::Normal, Zone::Movable]);
                 made.push((name.clone(), Made::HugeTlb { optimized: false, from: from.clone(), boot_bytes }));
-                Step::HugetlbAlloc { region: name, order, count, zone, from }
+                Step::HugetlbAlloc { region: name, folio_size, count, zone, from }
             }
             2 => {
                 let Some(i) = made.iter().position(|(_, m)| matches!(m, Made::HugeTlb { optimized: false, .. })) else {
@@ -182,7 +181,7 @@ pub fn generate(seed: u64, index: u64, bug_knobs: &[Knob]) -> FuzzCase {
                 Step::HotAdd {
                     region: name,
                     size,
-                    order: compound.trailing_zeros() - 12,
+                    compound_size: compound,
                     zone: Zone::Device,
                     layout,
                     device: if pmem { DaxDevice::Pmem } else { DaxDevice::Dimm },
@@ -231,10 +230,10 @@ fn step_toml(out: &mut String, s: &FuzzStep) {
     let q = |s: &str| format!("\"{s}\"");
     let size = |b: u64| q(&Size(b).to_string());
     match &s.step {
-        Step::HugetlbAlloc { region, order, count, zone, from } => {
+        Step::HugetlbAlloc { region, folio_size, count, zone, from } => {
             kv("action", q("hugetlb-alloc"));
             kv("region", q(region));
-            kv("size", size(4096 << order));
+            kv("size", size(*folio_size));
             kv("count", count.to_string());
             kv("zone", q(zone.name()));
             if let Some(f) = from {
@@ -254,11 +253,11 @@ fn step_toml(out: &mut String, s: &FuzzStep) {
             kv("action", q("hugetlb-free"));
             kv("region", q(region));
         }
-        Step::HotAdd { region, size: bytes, order, zone, layout, device, altmap, backend } => {
+        Step::HotAdd { region, size: bytes, compound_size, zone, layout, device, altmap, backend } => {
             kv("action", q("hot-add"));
             kv("region", q(region));
             kv("size", size(*bytes));
-            kv("compound", size(4096 << order));
+            kv("compound", size(*compound_size));
             kv("zone", q(zone.name()));
             kv("layout", q(layout.name()));
             match device {
@@ -409,7 +408,7 @@ fn uses(step: &Step, name: &str) -> bool {
 mod tests {
     use super::*;
 
-    const ALL: [&str; 3] = ["x86_64", "aarch64", "ppc64le"];
+    const ALL: [&str; 4] = ["x86_64", "aarch64", "ppc64le", "ppc64le-64k"];
 
     #[test]
     fn a_seed_always_gives_the_same_scenarios_and_seeds_differ() {
@@ -446,7 +445,7 @@ mod tests {
             boot_pmem: 0,
             steps: vec![
                 FuzzStep {
-                    step: Step::HugetlbAlloc { region: "a".into(), order: 9, count: 8, zone: Zone::Normal, from: None },
+                    step: Step::HugetlbAlloc { region: "a".into(), folio_size: 2 * MIB, count: 8, zone: Zone::Normal, from: None },
                     sweep_failures: true,
                 },
                 FuzzStep {

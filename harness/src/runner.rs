@@ -144,6 +144,9 @@ struct Run<'a> {
     guest_exited: bool,
     /// Scenario region names -> the guest's region ids.
     regions: HashMap<String, u32>,
+    /// The layout last asked of each live region, by id (`verify` checks the
+    /// guest optimized exactly those it could).
+    requested: verify::Requested,
     /// DIMMs plugged so far (they name their memory backends).
     dimms: u32,
     /// Region name -> the DIMM it was hot-added on.
@@ -204,6 +207,7 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
         metrics: Default::default(),
         guest_exited: false,
         regions: HashMap::new(),
+        requested: verify::Requested::new(),
         expect_refusal: false,
         dimms: 0,
         dimm_of: HashMap::new(),
@@ -395,9 +399,12 @@ impl Run<'_> {
             self.pmem_start = Some(PhysAddr(start));
         }
         for g in &self.scenario.boot_gigantic {
-            let reply = self.request(Command::ReserveGigantic { order: g.order, count: g.count, zone: g.zone }).await?;
+            let order = self.order(g.size);
+            let reply = self.request(Command::ReserveGigantic { order, count: g.count, zone: g.zone }).await?;
             let id = reply_field(&reply, "region").ok_or_else(|| Abort::Fail(format!("no region id in `{reply}`")))?;
             self.regions.insert(g.region.clone(), id as u32);
+            // Reserved at boot to be populated already optimized.
+            self.requested.insert(id as u32, Layout::Unified);
         }
         if self.scenario.needs_vmemmap() {
             let reply = self.request(Command::BootMemmap).await?;
@@ -568,45 +575,51 @@ impl Run<'_> {
             }
             Step::VerifyManifest => self.verify_manifest().await,
             Step::Exit { status } => self.exit(*status).await,
-            Step::HugetlbAlloc { region, order, count, zone, from } => {
+            Step::HugetlbAlloc { region, folio_size, count, zone, from } => {
                 let from = from.as_deref().map(|f| self.region_id(f)).transpose()?;
-                let reply =
-                    self.request(Command::HugetlbAlloc { order: *order, count: *count, zone: *zone, from }).await?;
-                self.record_region(region, &reply)
+                let order = self.order(*folio_size);
+                let reply = self.request(Command::HugetlbAlloc { order, count: *count, zone: *zone, from }).await?;
+                self.record_region(region, &reply, Layout::None)
             }
             Step::Optimize { region, layout } => {
-                let region = self.region_id(region)?;
-                self.request(Command::Optimize { region, layout: *layout }).await.map(drop)
+                let id = self.region_id(region)?;
+                self.request(Command::Optimize { region: id, layout: *layout }).await?;
+                self.record_request(id, *layout);
+                Ok(())
             }
             Step::Restore { region } => {
-                let region = self.region_id(region)?;
-                self.request(Command::Restore { region }).await.map(drop)
+                let id = self.region_id(region)?;
+                self.request(Command::Restore { region: id }).await?;
+                self.record_request(id, Layout::None);
+                Ok(())
             }
             Step::HugetlbFree { region: name } => {
                 let region = self.region_id(name)?;
                 self.request(Command::HugetlbFree { region }).await?;
-                self.regions.remove(name);
+                if let Some(id) = self.regions.remove(name) {
+                    self.requested.remove(&id);
+                }
                 Ok(())
             }
             Step::Verify => self.verify().await,
-            Step::HotAdd { region, size, order, zone, layout, device, altmap, backend } => {
+            Step::HotAdd { region, size, compound_size, zone, layout, device, altmap, backend } => {
                 let start = self.hot_add_range(region, *size, *device, *backend).await?;
                 let reply = self
                     .request(Command::HotAdd {
                         start: start.0,
                         size: *size,
-                        order: *order,
+                        order: self.order(*compound_size),
                         zone: *zone,
                         layout: *layout,
                         altmap: *altmap,
                     })
                     .await?;
-                self.record_region(region, &reply)
+                self.record_region(region, &reply, *layout)
             }
             Step::HotAddMemory { region, size, zone, backend } => {
                 let start = self.hot_add_range(region, *size, DaxDevice::Dimm, *backend).await?;
                 let reply = self.request(Command::HotAddMemory { start: start.0, size: *size, zone: *zone }).await?;
-                self.record_region(region, &reply)
+                self.record_region(region, &reply, Layout::None)
             }
             Step::HotRemove { region: name } => {
                 let region = self.region_id(name)?;
@@ -623,7 +636,9 @@ impl Run<'_> {
                     self.request(Command::HotRemove { region, slot: Some(dimm.slot) }).await?;
                     self.finish_unplug(dimm).await?;
                 }
-                self.regions.remove(name);
+                if let Some(id) = self.regions.remove(name) {
+                    self.requested.remove(&id);
+                }
                 Ok(())
             }
             Step::FailAllocation { nth } => self.request(Command::FailAlloc { nth: *nth }).await.map(drop),
@@ -761,8 +776,8 @@ impl Run<'_> {
         for nth in 1..=MAX_SWEEP {
             self.request(Command::FailAlloc { nth }).await?;
             let command = match step {
-                Step::HugetlbAlloc { order, count, zone, from, .. } => Command::HugetlbAlloc {
-                    order: *order,
+                Step::HugetlbAlloc { folio_size, count, zone, from, .. } => Command::HugetlbAlloc {
+                    order: self.order(*folio_size),
                     count: *count,
                     zone: *zone,
                     from: from.as_deref().map(|f| self.region_id(f)).transpose()?,
@@ -771,10 +786,10 @@ impl Run<'_> {
                     Command::Optimize { region: self.region_id(region)?, layout: *layout }
                 }
                 Step::Restore { region } => Command::Restore { region: self.region_id(region)? },
-                Step::HotAdd { size, order, zone, layout, altmap, .. } => Command::HotAdd {
+                Step::HotAdd { size, compound_size, zone, layout, altmap, .. } => Command::HotAdd {
                     start: hot_add_start.map(|s| s.0).unwrap_or(0),
                     size: *size,
-                    order: *order,
+                    order: self.order(*compound_size),
                     zone: *zone,
                     layout: *layout,
                     altmap: *altmap,
@@ -786,8 +801,12 @@ impl Run<'_> {
                 Some(reply) => {
                     // This allocation was never reached: disarm it.
                     self.request(Command::FailAlloc { nth: 0 }).await?;
-                    if let Step::HugetlbAlloc { region, .. } | Step::HotAdd { region, .. } = step {
-                        self.record_region(region, &reply)?;
+                    match step {
+                        Step::HugetlbAlloc { region, .. } => self.record_region(region, &reply, Layout::None)?,
+                        Step::HotAdd { region, layout, .. } => self.record_region(region, &reply, *layout)?,
+                        Step::Optimize { region, layout } => self.record_request(self.region_id(region)?, *layout),
+                        Step::Restore { region } => self.record_request(self.region_id(region)?, Layout::None),
+                        _ => {}
                     }
                     let swept = self.metrics.get("allocation_failures_swept").and_then(|v| v.as_u64()).unwrap_or(0);
                     self.metrics.insert("allocation_failures_swept".into(), json!(swept + nth - 1));
@@ -809,15 +828,29 @@ impl Run<'_> {
         }
     }
 
-    /// Names the region a step created after the guest's `region=<id>` reply;
-    /// a step the guest refused as expected created none.
-    fn record_region(&mut self, name: &str, reply: &str) -> Result<(), Abort> {
+    /// Names the region a step created after the guest's `region=<id>` reply,
+    /// with the layout asked of it; a step the guest refused as expected
+    /// created none.
+    fn record_region(&mut self, name: &str, reply: &str, layout: Layout) -> Result<(), Abort> {
         if self.expect_refusal {
             return Ok(());
         }
         let id = reply_field(reply, "region").ok_or_else(|| Abort::Fail(format!("no region id in `{reply}`")))?;
         self.regions.insert(name.to_string(), id as u32);
+        self.requested.insert(id as u32, layout);
         Ok(())
+    }
+
+    /// The layout a step that the guest did not refuse asked of a region.
+    fn record_request(&mut self, id: u32, layout: Layout) {
+        if !self.expect_refusal {
+            self.requested.insert(id, layout);
+        }
+    }
+
+    /// The page order of `bytes` on this architecture.
+    fn order(&self, bytes: u64) -> u32 {
+        crate::scenario::order_of(bytes, self.profile.page_shift)
     }
 
     fn region_id(&self, name: &str) -> Result<u32, Abort> {
@@ -843,9 +876,9 @@ impl Run<'_> {
         let manifest = self.read_manifest()?;
         // Seconds of CPU at scale: off the async workers, so the console and
         // QMP tasks of runs in parallel keep being served meanwhile.
-        let (arch, memory) = (self.arch, &self.memory);
+        let (arch, memory, requested) = (self.arch, &self.memory, &self.requested);
         let (checks, map, costs) = tokio::task::block_in_place(|| {
-            verify::check(arch, &manifest, memory).map(|(checks, map)| {
+            verify::check(arch, &manifest, memory, requested).map(|(checks, map)| {
                 let costs = verify::region_costs(&manifest, &map);
                 (checks, map, costs)
             })
@@ -877,12 +910,18 @@ impl Run<'_> {
                 continue;
             };
             let base = manifest.struct_page_va(head);
-            let pages = ((1u64 << region.order) * 64 / verify::PAGE).max(1);
+            let page = manifest.page_size;
+            let pages = verify::vmemmap_pages_per_compound(region.order, page).max(1);
             let read_only_tails = region.optimized && matches!(region.layout, Layout::Unified | Layout::LegacyHugetlb);
-            let mut samples = vec![(0, false), (1, read_only_tails), (pages - 1, read_only_tails)];
-            samples.dedup();
+            // The head page, the first tail page and the last (one page when
+            // compound pages are smaller than a vmemmap page's worth).
+            let mut samples = vec![(0, false)];
+            if pages > 1 {
+                samples.extend([(1, read_only_tails), (pages - 1, read_only_tails)]);
+                samples.dedup();
+            }
             for (i, must_fault) in samples {
-                let va = base + i * verify::PAGE + 8;
+                let va = base + i * page + 8;
                 let reply = self.request(Command::ProbeWrite { va }).await?;
                 probed += 1;
                 let faulted = reply == "faulted";
@@ -913,13 +952,18 @@ impl Run<'_> {
         for region in manifest.regions.iter().filter(|r| r.kind != hvo_abi::model::RegionKind::Memory) {
             if let Some(head) = region.heads().next() {
                 let base = manifest.struct_page_va(head);
-                samples.extend([base, base + verify::PAGE]);
+                samples.push(base);
+                if verify::vmemmap_pages_per_compound(region.order, manifest.page_size) > 1 {
+                    samples.push(base + manifest.page_size);
+                }
             }
         }
         let mut wrong = Vec::new();
         for va in &samples {
             let by_qemu = qmp.gva2gpa(VirtAddr(*va)).await.map_err(qmp_abort)?;
-            let by_host = map.lookup(*va).map(|(_, frame)| frame);
+            // The walker gives the page's frame; QEMU the byte's address.
+            let offset = va % manifest.page_size;
+            let by_host = map.lookup(*va).map(|(_, frame)| PhysAddr(frame.0 + offset));
             if by_qemu != by_host {
                 wrong.push(format!("vmemmap {va:#x}: host walker {}, QEMU {}", show(by_host), show(by_qemu)));
             }
@@ -1084,8 +1128,8 @@ fn manifest_problems(m: &Manifest, arch: Arch, profile: &Profile, boot_memory: u
     if m.arch != arch {
         problems.push(format!("architecture {} instead of {arch}", m.arch));
     }
-    if m.page_size != 4096 {
-        problems.push(format!("page size {:#x}, expected 4 KiB", m.page_size));
+    if m.page_size != profile.page_size() {
+        problems.push(format!("page size {:#x}, expected {} KiB", m.page_size, profile.page_size() >> 10));
     }
     if m.linear_map_base != profile.linear_map_base {
         problems.push(format!("linear map at {:#x}, expected {:#x}", m.linear_map_base, profile.linear_map_base));

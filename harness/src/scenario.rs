@@ -244,10 +244,10 @@ impl RawStep {
                         )
                     })?,
                 };
-                let order = bytes.trailing_zeros() - 12;
+
                 let from = self.from.as_ref().map(|f| f.get_ref().clone());
                 (
-                    Step::HugetlbAlloc { region: region()?, order, count, zone, from },
+                    Step::HugetlbAlloc { region: region()?, folio_size: bytes, count, zone, from },
                     &["region", "size", "count", "zone", "from", "expect-failure", "sweep-failures"],
                 )
             }
@@ -375,7 +375,7 @@ impl RawStep {
                     Step::HotAdd {
                         region: region()?,
                         size: size.get_ref().0,
-                        order: compound.0.trailing_zeros() - 12,
+                        compound_size: compound.0,
                         zone,
                         layout,
                         device,
@@ -448,7 +448,8 @@ struct RawBootGigantic {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootGigantic {
     pub region: String,
-    pub order: u32,
+    /// Bytes per folio.
+    pub size: u64,
     pub count: u64,
     pub zone: Zone,
 }
@@ -478,6 +479,13 @@ pub enum Outcome {
     Fail,
 }
 
+/// The page order of `bytes` with base pages of `2^page_shift` bytes: sizes
+/// in scenario files are bytes, so one file means the same compound pages
+/// on every architecture, whatever its base page.
+pub fn order_of(bytes: u64, page_shift: u32) -> u32 {
+    bytes.trailing_zeros().saturating_sub(page_shift)
+}
+
 /// One thing the runner does, in order. The machine boots before the first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -489,9 +497,9 @@ pub enum Step {
     VerifyManifest,
     /// Ask the guest to exit with `status` and check QEMU ends with it.
     Exit { status: u8 },
-    /// Allocate `count` HugeTLB folios of `order` in `zone`, named `region`,
-    /// from boot memory or from the hot-added memory region `from`.
-    HugetlbAlloc { region: String, order: u32, count: u64, zone: Zone, from: Option<String> },
+    /// Allocate `count` HugeTLB folios of `folio_size` bytes in `zone`, named
+    /// `region`, from boot memory or from the hot-added memory region `from`.
+    HugetlbAlloc { region: String, folio_size: u64, count: u64, zone: Zone, from: Option<String> },
     /// Optimize a region's vmemmap under `layout`.
     Optimize { region: String, layout: Layout },
     /// Restore a region's vmemmap.
@@ -504,12 +512,12 @@ pub enum Step {
     FailAllocation { nth: u64 },
     /// Hotplug `size` bytes of memory on `device` (or take the persistent
     /// memory set aside at boot) and make it device DAX with compound pages
-    /// of `order`, its vmemmap under `layout`, its struct pages on the
-    /// device itself with `altmap`.
+    /// of `compound_size` bytes, its vmemmap under `layout`, its struct pages
+    /// on the device itself with `altmap`.
     HotAdd {
         region: String,
         size: u64,
-        order: u32,
+        compound_size: u64,
         zone: Zone,
         layout: Layout,
         device: DaxDevice,
@@ -771,7 +779,7 @@ impl Scenario {
                         loc.error(
                             a.span(),
                             Some("architectures"),
-                            format!("unknown architecture `{}` (known: x86_64, aarch64, ppc64le)", a.get_ref()),
+                            format!("unknown architecture `{}` (known: {})", a.get_ref(), Arch::known_names()),
                         )
                     })?;
                     if out.contains(&arch) {
@@ -889,7 +897,7 @@ impl Scenario {
                     loc.error(z.span(), Some(&field("zone")), format!("unknown zone `{}`", z.get_ref()))
                 })?,
             };
-            boot_gigantic.push(BootGigantic { region: name.clone(), order: bytes.trailing_zeros() - 12, count, zone });
+            boot_gigantic.push(BootGigantic { region: name.clone(), size: bytes, count, zone });
         }
 
         let mut steps = Vec::with_capacity(raw.step.len());
@@ -1344,7 +1352,7 @@ status = 0
         .unwrap();
         assert_eq!(
             s.steps[0].step,
-            Step::HugetlbAlloc { region: "a".into(), order: 18, count: 2, zone: Zone::Movable, from: None }
+            Step::HugetlbAlloc { region: "a".into(), folio_size: 1 << 30, count: 2, zone: Zone::Movable, from: None }
         );
         assert_eq!(s.steps[1].step, Step::Optimize { region: "a".into(), layout: Layout::Unified });
 

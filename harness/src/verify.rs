@@ -7,15 +7,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use hvo_abi::manifest::{Manifest, Region};
-use hvo_abi::model::{Layout, RegionKind, StructPage, MIGRATE_MOVABLE, PAGEBLOCK_PAGES, STRUCT_PAGE_SIZE};
+use hvo_abi::model::{pageblock_pages, Layout, RegionKind, StructPage, MIGRATE_MOVABLE, STRUCT_PAGE_SIZE};
 use hvo_images::Arch;
 
 use crate::addr::{PhysAddr, VirtAddr};
 use crate::memory::GuestMemory;
 use crate::pgtable::{self, Leaf, Perms, WalkError};
 use crate::report::Check;
-
-pub const PAGE: u64 = 4096;
 
 /// The invariants, by the names reports and scenario files use.
 pub const HEAD_PRIVATE: &str = "head-private";
@@ -51,8 +49,9 @@ impl PageMapping {
 }
 
 /// Consecutive vmemmap pages mapped alike: by one leaf (a 2 MiB leaf is one
-/// run of 512 pages), or by base-page PTEs that all map one frame (a
-/// compound page's tails on the shared page) or consecutive frames.
+/// run of 512 pages of 4 KiB, or 32 of 64 KiB), or by base-page PTEs that
+/// all map one frame (a compound page's tails on the shared page) or
+/// consecutive frames.
 #[derive(Clone, Copy, Debug)]
 struct Run {
     va: u64,
@@ -61,24 +60,26 @@ struct Run {
     pa: u64,
     stride: u64,
     mapping: PageMapping,
+    /// The base page size.
+    page: u64,
 }
 
 impl Run {
     fn end(&self) -> u64 {
-        self.va + self.pages * PAGE
+        self.va + self.pages * self.page
     }
 
     fn frame(&self, va: u64) -> PhysAddr {
-        PhysAddr(self.pa + (va - self.va) / PAGE * self.stride)
+        PhysAddr(self.pa + (va - self.va) / self.page * self.stride)
     }
 
     /// Extends the run by a base-page leaf if it continues it.
     fn absorb(&mut self, leaf: &Leaf) -> bool {
         let mapping = PageMapping { shift: leaf.shift, perms: leaf.perms };
-        if leaf.shift != 12 || self.mapping != mapping || leaf.va.0 != self.end() {
+        if leaf.size() != self.page || self.mapping != mapping || leaf.va.0 != self.end() {
             return false;
         }
-        if self.pages == 1 && (leaf.pa.0 == self.pa || leaf.pa.0 == self.pa + PAGE) {
+        if self.pages == 1 && (leaf.pa.0 == self.pa || leaf.pa.0 == self.pa + self.page) {
             self.stride = leaf.pa.0 - self.pa;
         } else if leaf.pa.0 != self.pa + self.pages * self.stride {
             return false;
@@ -89,13 +90,16 @@ impl Run {
 }
 
 /// The vmemmap as the page tables map it, as runs of pages in VA order, and
-/// for every 4 KiB frame mapped how many vmemmap pages map it and where.
+/// for every base-page frame mapped how many vmemmap pages map it and where.
 pub struct VmemmapMap {
     /// The vmemmap range walked.
     pub start: VirtAddr,
     pub end: VirtAddr,
+    /// The base page size the manifest states (the profile's, checked by
+    /// `verify-manifest`): the unit of vmemmap pages and frames.
+    pub page: u64,
     runs: Vec<Run>,
-    /// Frame (4 KiB) -> who maps it.
+    /// Frame -> who maps it.
     frames: HashMap<u64, FrameSummary, BuildFrameHasher>,
 }
 
@@ -132,21 +136,24 @@ struct FrameSummary {
 impl VmemmapMap {
     /// Walks the vmemmap of all RAM and of every region.
     pub fn walk(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<VmemmapMap, WalkError> {
+        let page = manifest.page_size;
         let mut lo = u64::MAX;
         let mut hi = 0;
         for r in manifest.ram() {
-            lo = lo.min(r.start / PAGE);
-            hi = hi.max(r.end() / PAGE);
+            lo = lo.min(r.start / page);
+            hi = hi.max(r.end() / page);
         }
         for r in manifest.regions.iter() {
             lo = lo.min(r.start_pfn - r.altmap_pfns.min(r.start_pfn));
             hi = hi.max(r.start_pfn + r.nr_pages);
         }
         let section = 1u64 << manifest.section_size_bits.min(40);
-        let lo = (lo * PAGE / section * section) / PAGE;
-        let hi = (hi * PAGE).div_ceil(section) * section / PAGE;
-        let start = VirtAddr(manifest.struct_page_va(lo));
-        let end = VirtAddr(manifest.struct_page_va(hi));
+        let lo = (lo * page / section * section) / page;
+        let hi = (hi * page).div_ceil(section) * section / page;
+        // Whole vmemmap pages: with 64 KiB pages a section's struct pages
+        // take a quarter of one.
+        let start = VirtAddr(manifest.struct_page_va(lo) / page * page);
+        let end = VirtAddr(manifest.struct_page_va(hi).div_ceil(page) * page);
         let walker = pgtable::walker_for(arch, mem, manifest, start)?;
         let mut runs: Vec<Run> = Vec::new();
         walker.for_each_leaf(mem, start, end, &mut |leaf| {
@@ -155,10 +162,11 @@ impl VmemmapMap {
             }
             runs.push(Run {
                 va: leaf.va.0,
-                pages: leaf.size() / PAGE,
+                pages: (leaf.size() / page).max(1),
                 pa: leaf.pa.0,
-                stride: PAGE,
+                stride: page,
                 mapping: PageMapping { shift: leaf.shift, perms: leaf.perms },
+                page,
             });
         })?;
         let mut frames: HashMap<u64, FrameSummary, BuildFrameHasher> = HashMap::default();
@@ -172,17 +180,17 @@ impl VmemmapMap {
         for r in &runs {
             let writable = r.mapping.perms.write;
             if r.stride == 0 {
-                note(r.pa, r.pages, r.va, r.end() - PAGE, writable);
+                note(r.pa, r.pages, r.va, r.end() - page, writable);
             } else {
                 for i in 0..r.pages {
-                    note(r.pa + i * r.stride, 1, r.va + i * PAGE, r.va + i * PAGE, writable);
+                    note(r.pa + i * r.stride, 1, r.va + i * page, r.va + i * page, writable);
                 }
             }
         }
-        Ok(VmemmapMap { start, end, runs, frames })
+        Ok(VmemmapMap { start, end, page, runs, frames })
     }
 
-    /// How the vmemmap page at `va` is mapped, and the 4 KiB frame it maps.
+    /// How the vmemmap page at `va` is mapped, and the base-page frame it maps.
     pub fn lookup(&self, va: u64) -> Option<(PageMapping, PhysAddr)> {
         let after = self.runs.partition_point(|r| r.va <= va);
         let run = self.runs.get(after.checked_sub(1)?)?;
@@ -195,7 +203,7 @@ impl VmemmapMap {
         let mut run = self.runs.partition_point(|r| r.end() <= base);
         (0..n)
             .map(|i| {
-                let va = base + i * PAGE;
+                let va = base + i * self.page;
                 while self.runs.get(run).is_some_and(|r| r.end() <= va) {
                     run += 1;
                 }
@@ -210,12 +218,12 @@ impl VmemmapMap {
         self.frames.get(&frame.0).map(|s| s.mappers).unwrap_or(0)
     }
 
-    /// Distinct 4 KiB frames the vmemmap maps.
+    /// Distinct base-page frames the vmemmap maps.
     pub fn frames(&self) -> u64 {
         self.frames.len() as u64
     }
 
-    /// Vmemmap pages mapped (4 KiB each; a 2 MiB leaf counts 512).
+    /// Vmemmap pages mapped (base pages; a 2 MiB leaf counts 512 of 4 KiB).
     pub fn ptes(&self) -> u64 {
         self.runs.iter().map(|r| r.pages).sum()
     }
@@ -225,24 +233,47 @@ impl VmemmapMap {
         let first = self.runs.partition_point(|r| r.end() <= start);
         self.runs[first..].iter().take_while(move |r| r.va < end).flat_map(move |r| {
             (0..r.pages)
-                .map(move |i| r.va + i * PAGE)
+                .map(move |i| r.va + i * r.page)
                 .filter(move |va| *va >= start && *va < end)
                 .map(move |va| (va, r.mapping, r.frame(va)))
         })
     }
 }
 
+/// Vmemmap pages one compound page of `order` fills; 0 when its struct pages
+/// take less than a page (2 MiB with 64 KiB pages: 2 KiB), and it shares its
+/// one vmemmap page with its neighbours.
+pub fn vmemmap_pages_per_compound(order: u32, page: u64) -> u64 {
+    (1u64 << order) * STRUCT_PAGE_SIZE / page
+}
+
 /// One compound page's vmemmap pages as the tables map them.
 struct CompoundView {
     head_pfn: u64,
+    /// Where its head struct page is in the first vmemmap page, counted in
+    /// struct pages (0 unless compound pages share vmemmap pages).
+    first: usize,
+    /// Its struct pages in the first vmemmap page.
+    in_first: usize,
     pages: Vec<(u64, Option<(PageMapping, PhysAddr)>)>,
+    /// The base page size.
+    page: u64,
 }
 
 impl CompoundView {
     fn new(manifest: &Manifest, map: &VmemmapMap, region: &Region, head_pfn: u64) -> CompoundView {
-        let n = ((1u64 << region.order) * STRUCT_PAGE_SIZE / PAGE).max(1);
-        let base = manifest.struct_page_va(head_pfn);
-        CompoundView { head_pfn, pages: map.span(base, n) }
+        let n = vmemmap_pages_per_compound(region.order, map.page).max(1);
+        let head_va = manifest.struct_page_va(head_pfn);
+        let base = head_va / map.page * map.page;
+        let per_page = map.page / STRUCT_PAGE_SIZE;
+        let first = ((head_va - base) / STRUCT_PAGE_SIZE) as usize;
+        let in_first = (1u64 << region.order).min(per_page) as usize;
+        CompoundView { head_pfn, first, in_first, pages: map.span(base, n), page: map.page }
+    }
+
+    /// This compound page's struct pages among those of its first vmemmap page.
+    fn own<'p>(&self, page: &'p [StructPage]) -> &'p [StructPage] {
+        page.get(self.first..self.first + self.in_first).unwrap_or(&[])
     }
 
     /// A small picture of the layout, in the style of vmemmap_dedup.rst: each
@@ -262,7 +293,11 @@ impl CompoundView {
                     out,
                     "\n    vmemmap[{i}] {va:#x} -> {frame} {}{}{}",
                     if leaf.perms.write { "RW" } else { "RO" },
-                    if leaf.shift > 12 { format!(" in a {} KiB leaf", leaf.size() >> 10) } else { String::new() },
+                    if leaf.size() > self.page {
+                        format!(" in a {} KiB leaf", leaf.size() >> 10)
+                    } else {
+                        String::new()
+                    },
                     if Some(*frame) == shared { " (shared tail)" } else { "" },
                 ),
             };
@@ -271,8 +306,8 @@ impl CompoundView {
     }
 }
 
-fn read_page(mem: &dyn GuestMemory, frame: PhysAddr) -> Option<Vec<StructPage>> {
-    let mut bytes = vec![0u8; PAGE as usize];
+fn read_page(mem: &dyn GuestMemory, frame: PhysAddr, page: u64) -> Option<Vec<StructPage>> {
+    let mut bytes = vec![0u8; page as usize];
     mem.read(frame, &mut bytes).ok()?;
     Some(bytes.chunks_exact(64).map(|c| StructPage::from_le_bytes(c.try_into().unwrap_or(&[0; 64]))).collect())
 }
@@ -317,10 +352,56 @@ impl Findings {
     }
 }
 
+/// The layout the scenario last asked of each region, by region id: `none`
+/// for HugeTLB folios never optimized or restored since.
+pub type Requested = HashMap<u32, Layout>;
+
 /// Checks every static invariant (all but those needing the live guest).
-pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(Vec<Check>, VmemmapMap), VerifyError> {
+/// Regions in `requested` must also be optimized exactly when the host's own
+/// arithmetic says they can be.
+pub fn check(
+    arch: Arch,
+    manifest: &Manifest,
+    mem: &dyn GuestMemory,
+    requested: &Requested,
+) -> Result<(Vec<Check>, VmemmapMap), VerifyError> {
     let map = VmemmapMap::walk(arch, manifest, mem)?;
+    let page = map.page;
     let mut f = Findings::default();
+
+    // Optimized exactly when it can be: the layout asked for, room to share,
+    // struct pages in system memory (altmap-unoptimized judges the others)
+    // and not in a boot section's memmap.
+    for region in manifest.regions.iter().filter(|r| r.kind != RegionKind::Memory && r.altmap_pfns == 0) {
+        let Some(&asked) = requested.get(&region.id) else { continue };
+        f.cover(TAILS_SHARED, 1);
+        let reason = why_not_optimizable(manifest, region, asked, page);
+        let problem = match (&reason, region.optimized) {
+            (None, false) => Some(format!(
+                "region {} was to be optimized under {}, its {} compound pages spanning {} vmemmap pages of {} KiB, but the guest left it unoptimized",
+                region.id,
+                asked.name(),
+                size_name(page << region.order),
+                vmemmap_pages_per_compound(region.order, page),
+                page >> 10
+            )),
+            (Some(why), true) => Some(format!(
+                "region {} claims to be optimized under {}, but it cannot be: {why}",
+                region.id,
+                region.layout.name()
+            )),
+            (None, true) if region.layout != asked => Some(format!(
+                "region {} is optimized under {}, but {} was asked for",
+                region.id,
+                region.layout.name(),
+                asked.name()
+            )),
+            _ => None,
+        };
+        if let Some(p) = problem {
+            f.fail(TAILS_SHARED, p);
+        }
+    }
 
     // Distinct (zone, order) pairs never share a frame.
     let tails: Vec<_> = manifest.shared_tails.iter().collect();
@@ -367,7 +448,8 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
 
     // Device ranges: every pageblock tagged movable, 1 GiB compound pages too.
     for region in manifest.regions.iter().filter(|r| r.kind == RegionKind::Dax && r.pageblock_tags != 0) {
-        let count = region.nr_pages.div_ceil(PAGEBLOCK_PAGES) as usize;
+        let pageblock = pageblock_pages(page);
+        let count = region.nr_pages.div_ceil(pageblock) as usize;
         let mut tags = vec![0u8; count];
         f.cover(CONTENTS, count as u64);
         if mem.read(PhysAddr(region.pageblock_tags), &mut tags).is_err() {
@@ -383,7 +465,7 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
                 "region {}: {} of {count} pageblocks are not movable, the first pageblock {first} (pfn {:#x}) has migratetype {}",
                 region.id,
                 wrong.len(),
-                region.start_pfn + first as u64 * PAGEBLOCK_PAGES,
+                region.start_pfn + first as u64 * pageblock,
                 tags[first]
             ));
         }
@@ -396,7 +478,7 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
 
     // Every present page has its struct page mapped: boot memory and
     // hot-added memory (device ranges are checked page by page above).
-    let present = manifest.ram().map(|r| (r.start / PAGE, r.end().div_ceil(PAGE), "boot memory".to_string())).chain(
+    let present = manifest.ram().map(|r| (r.start / page, r.end().div_ceil(page), "boot memory".to_string())).chain(
         manifest
             .regions
             .iter()
@@ -404,10 +486,10 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
             .map(|r| (r.start_pfn, r.start_pfn + r.nr_pages, format!("hot-added memory region {}", r.id))),
     );
     for (first_pfn, end_pfn, what) in present {
-        let first = manifest.struct_page_va(first_pfn) / PAGE * PAGE;
-        let end = manifest.struct_page_va(end_pfn).div_ceil(PAGE) * PAGE;
-        let unmapped: Vec<u64> = (first..end).step_by(PAGE as usize).filter(|va| map.lookup(*va).is_none()).collect();
-        f.cover(MEMMAP_PRESENT, (end - first) / PAGE);
+        let first = manifest.struct_page_va(first_pfn) / page * page;
+        let end = manifest.struct_page_va(end_pfn).div_ceil(page) * page;
+        let unmapped: Vec<u64> = (first..end).step_by(page as usize).filter(|va| map.lookup(*va).is_none()).collect();
+        f.cover(MEMMAP_PRESENT, (end - first) / page);
         if let Some(va) = unmapped.first() {
             let pfn = (va - manifest.vmemmap_base) / STRUCT_PAGE_SIZE + manifest.memstart_pfn;
             f.fail(
@@ -415,7 +497,7 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
                 format!(
                     "{what}: {} of its {} vmemmap pages are unmapped, the first at {va:#x} (struct pages of pfn {pfn:#x} on)",
                     unmapped.len(),
-                    (end - first) / PAGE
+                    (end - first) / page
                 ),
             );
         }
@@ -427,7 +509,7 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
     let altmap_frames = manifest
         .regions
         .iter()
-        .map(|r| r.altmap().filter(|pfn| map.mappers(PhysAddr(pfn * PAGE)) > 0).count() as u64)
+        .map(|r| r.altmap().filter(|pfn| map.mappers(PhysAddr(pfn * page)) > 0).count() as u64)
         .sum::<u64>();
     let system_frames = map.frames() - altmap_frames;
     f.cover(ACCOUNTING, 2);
@@ -445,7 +527,9 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
     for t in &trees {
         tables.extend(t.tables(mem)?);
     }
-    let table_frames: u64 = tables.values().map(|bytes| bytes / PAGE).sum();
+    // The guest gives every table at least a frame of its own (a 64 KiB-page
+    // radix PTE table is 256 bytes).
+    let table_frames: u64 = tables.values().map(|bytes| bytes.div_ceil(page)).sum();
     if manifest.counters.pagetable_live() != table_frames {
         f.fail(
             ACCOUNTING,
@@ -515,6 +599,48 @@ pub fn check(arch: Arch, manifest: &Manifest, mem: &dyn GuestMemory) -> Result<(
     ))
 }
 
+/// Why a region asked to take `asked` cannot be optimized, by the host's own
+/// arithmetic; `None` when it can and must be.
+fn why_not_optimizable(manifest: &Manifest, region: &Region, asked: Layout, page: u64) -> Option<String> {
+    let n = vmemmap_pages_per_compound(region.order, page);
+    // Pages each compound page keeps private (VMEMMAP_RESERVE_NR).
+    let private = if asked == Layout::LegacyDax { 2 } else { 1 };
+    if asked == Layout::None {
+        return Some("no layout was asked for".into());
+    }
+    if n <= private {
+        return Some(format!(
+            "its {} compound pages have {} of struct pages, {} vmemmap pages of {} KiB, and {} stays private under {}: nothing is left to share",
+            size_name(page << region.order),
+            size_name((1u64 << region.order) * STRUCT_PAGE_SIZE),
+            if n == 0 { "less than one".to_string() } else { n.to_string() },
+            page >> 10,
+            private,
+            asked.name()
+        ));
+    }
+    if region.kind == RegionKind::Dax {
+        // A range starting in a section boot RAM shares reuses that
+        // section's memmap, populated whole at boot (section_activate).
+        let section = 1u64 << manifest.section_size_bits.min(40);
+        let start = region.start_pfn * page / section * section;
+        if manifest.ram().any(|r| r.start < start + section && r.end() > start) {
+            return Some(format!("it starts in the boot memory section at {start:#x}, whose memmap it reuses"));
+        }
+    }
+    None
+}
+
+/// "2M", "1G", "2K": a size for messages.
+pub fn size_name(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
+        b => format!("{b}B"),
+    }
+}
+
 /// A region whose struct pages live on the device: every vmemmap page its
 /// own writable frame, inside the device's altmap, nothing shared.
 fn check_altmap(f: &mut Findings, manifest: &Manifest, map: &VmemmapMap, region: &Region) {
@@ -538,7 +664,7 @@ fn check_altmap(f: &mut Findings, manifest: &Manifest, map: &VmemmapMap, region:
             match m {
                 None => f.fail_in(ALTMAP_UNOPTIMIZED, &view, None, format!("{where_}: unmapped")),
                 Some((leaf, frame)) => {
-                    let problem = if !altmap.contains(&(frame.0 / PAGE)) {
+                    let problem = if !altmap.contains(&(frame.0 / map.page)) {
                         Some(format!(
                             "maps {frame}, outside the device's altmap (pfns {:#x}..{:#x})",
                             altmap.start, altmap.end
@@ -575,12 +701,13 @@ fn check_compound(
 
     // Contents of the head page: the head struct page then its tails.
     f.cover(CONTENTS, 1);
-    match read_page(mem, head_frame) {
+    match read_page(mem, head_frame, view.page) {
         None => f.fail(CONTENTS, format!("{}: head page {head_frame} unreadable", where_(0))),
-        Some(pages) => {
+        Some(page) => {
+            let pages = view.own(&page);
             let expect_tail = StructPage::tail(region.zone, region.order);
-            if pages[0] != StructPage::head(region.zone, region.order) {
-                f.fail(CONTENTS, format!("{}: head struct page is {:?}", where_(0), pages[0]));
+            if pages.first() != Some(&StructPage::head(region.zone, region.order)) {
+                f.fail(CONTENTS, format!("{}: head struct page is {:?}", where_(0), pages.first()));
             } else if let Some(k) = pages[1..].iter().position(|p| *p != expect_tail) {
                 f.fail(
                     CONTENTS,
@@ -624,7 +751,7 @@ fn check_compound(
     for (i, (_, m)) in view.pages.iter().enumerate() {
         f.cover(PTE_GRANULARITY, 1);
         if let Some((leaf, _)) = m {
-            if leaf.shift != 12 {
+            if leaf.size() != view.page {
                 f.fail_in(
                     PTE_GRANULARITY,
                     view,
@@ -714,7 +841,7 @@ fn check_compound(
     if let (Layout::Unified, Some(page)) = (region.layout, shared) {
         f.cover(CONTENTS, 1);
         let expect = StructPage::tail(region.zone, region.order);
-        match read_page(mem, page) {
+        match read_page(mem, page, view.page) {
             Some(pages) if pages.iter().all(|p| *p == expect) => {}
             Some(pages) => {
                 let k = pages.iter().position(|p| *p != expect).unwrap_or(0);
@@ -738,13 +865,13 @@ fn check_compound(
 /// order's tail, not poison nor anything else.
 fn check_unoptimized_contents(f: &mut Findings, mem: &dyn GuestMemory, region: &Region, view: &CompoundView) {
     let expect_tail = StructPage::tail(region.zone, region.order);
-    let per_page = PAGE / STRUCT_PAGE_SIZE;
+    let per_page = view.page / STRUCT_PAGE_SIZE;
     let mut wrong = 0u64;
     let mut first = None;
     for (i, (_, m)) in view.pages.iter().enumerate().skip(1) {
         let Some((_, frame)) = m else { continue };
         f.cover(CONTENTS, 1);
-        match read_page(mem, *frame) {
+        match read_page(mem, *frame, view.page) {
             None => {
                 f.fail(
                     CONTENTS,
@@ -810,8 +937,8 @@ pub fn dump(manifest: &Manifest, map: &VmemmapMap) -> String {
             if r.optimized { "optimized" } else { "not optimized" },
             if r.altmap_pfns > 0 { format!(", altmap of {} pages", r.altmap_pfns) } else { String::new() },
         );
-        let start = manifest.struct_page_va(r.start_pfn) / PAGE * PAGE;
-        let end = manifest.struct_page_va(r.start_pfn + r.nr_pages).div_ceil(PAGE) * PAGE;
+        let start = manifest.struct_page_va(r.start_pfn) / map.page * map.page;
+        let end = manifest.struct_page_va(r.start_pfn + r.nr_pages).div_ceil(map.page) * map.page;
         for (va, leaf, frame) in map.pages_in(start, end) {
             if listed == MAX_DUMP_PAGES {
                 let _ = writeln!(out, "  ... (the rest left out: {MAX_DUMP_PAGES} pages listed)");
@@ -838,6 +965,10 @@ pub struct RegionCost {
     pub kind: &'static str,
     pub zone: &'static str,
     pub order: u32,
+    /// The compound page's size in bytes (`page_size << order`).
+    pub compound_bytes: u64,
+    /// The base page size it was measured with.
+    pub page_size: u64,
     pub layout: &'static str,
     pub optimized: bool,
     pub compound_pages: u64,
@@ -852,16 +983,31 @@ pub struct RegionCost {
 /// Per region: private vmemmap bytes per compound page and shared pages,
 /// counted from which vmemmap pages map which frames (not from a formula).
 pub fn region_costs(manifest: &Manifest, map: &VmemmapMap) -> Vec<RegionCost> {
+    let page = map.page;
     let mut out = Vec::new();
     for region in manifest.regions.iter().filter(|r| r.kind != RegionKind::Memory) {
-        let pages = ((1u64 << region.order) * STRUCT_PAGE_SIZE / PAGE).max(1);
-        let mut private_frames = 0;
+        let struct_bytes = (1u64 << region.order) * STRUCT_PAGE_SIZE;
+        let pages = vmemmap_pages_per_compound(region.order, page);
+        let mut private_bytes = 0;
         let mut shared = std::collections::BTreeSet::new();
         let mut compound_pages = 0;
         for head in region.heads() {
             compound_pages += 1;
             let base = manifest.struct_page_va(head);
-            let own = base..base + pages * PAGE;
+            if pages == 0 {
+                // Less than a page of struct pages: neighbours share the
+                // vmemmap page, and each owns its part of it, if the page is
+                // private and writable.
+                match map.lookup(base) {
+                    Some((leaf, frame)) if leaf.perms.write && map.mappers(frame) == 1 => private_bytes += struct_bytes,
+                    Some((_, frame)) => {
+                        shared.insert(frame.0);
+                    }
+                    None => {}
+                }
+                continue;
+            }
+            let own = base..base + pages * page;
             let mut frames: Vec<u64> =
                 map.span(base, pages).into_iter().filter_map(|(_, m)| m.map(|(_, f)| f.0)).collect();
             frames.sort_unstable();
@@ -873,7 +1019,7 @@ pub fn region_costs(manifest: &Manifest, map: &VmemmapMap) -> Vec<RegionCost> {
                 let Some(summary) = map.frames.get(&frame) else { continue };
                 let exclusive = own.contains(&summary.lowest_va) && own.contains(&summary.highest_va);
                 if exclusive && summary.writable {
-                    private_frames += 1;
+                    private_bytes += page;
                 } else {
                     shared.insert(frame);
                 }
@@ -883,12 +1029,14 @@ pub fn region_costs(manifest: &Manifest, map: &VmemmapMap) -> Vec<RegionCost> {
             kind: if region.zone == hvo_abi::model::Zone::Device { "dax" } else { "hugetlb" },
             zone: region.zone.name(),
             order: region.order,
+            compound_bytes: page << region.order,
+            page_size: page,
             layout: if region.optimized { region.layout.name() } else { Layout::None.name() },
             optimized: region.optimized,
             compound_pages,
-            private_vmemmap_bytes: (private_frames * PAGE).checked_div(compound_pages).unwrap_or(0),
+            private_vmemmap_bytes: private_bytes.checked_div(compound_pages).unwrap_or(0),
             shared_tail_pages: shared.len() as u64,
-            unoptimized_vmemmap_bytes: pages * PAGE,
+            unoptimized_vmemmap_bytes: struct_bytes,
         });
     }
     out
@@ -901,7 +1049,7 @@ mod tests {
     use crate::synth::SynthVmemmap;
 
     fn failing(s: &SynthVmemmap) -> Vec<(String, String)> {
-        let (checks, _) = check(Arch::X86_64, &s.manifest(), &s.mem).unwrap();
+        let (checks, _) = check(Arch::X86_64, &s.manifest(), &s.mem, &Requested::new()).unwrap();
         checks.into_iter().filter(|c| c.status == CheckStatus::Fail).map(|c| (c.name, c.detail)).collect()
     }
 
@@ -911,7 +1059,7 @@ mod tests {
         s.add_unified_dax(0x10_0000, 16, 9);
         s.add_unified_dax(0x14_0000, 1, 18);
         assert_eq!(failing(&s), vec![]);
-        let (_, map) = check(Arch::X86_64, &s.manifest(), &s.mem).unwrap();
+        let (_, map) = check(Arch::X86_64, &s.manifest(), &s.mem, &Requested::new()).unwrap();
         assert_eq!(map.ptes(), 8 + 16 * 8 + 4096);
     }
 

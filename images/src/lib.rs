@@ -66,12 +66,31 @@ impl GuestExit {
     }
 }
 
+/// The page-table format the MMU walks: which of the host's walkers reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mmu {
+    /// x86_64 4-level paging.
+    X86_64,
+    /// AArch64 VMSAv8-64, 4 KiB granule, 48-bit addresses.
+    Aarch64,
+    /// Power ISA v3.0 radix, shaped by the tree's own size fields.
+    Radix,
+}
+
 /// Everything per architecture.
 #[derive(Clone, Copy, Debug)]
 pub struct Profile {
     pub arch: Arch,
     /// The Rust target the guest is built for.
     pub rust_target: &'static str,
+    /// Guest cargo features this profile builds with (the base page size).
+    pub guest_features: &'static [&'static str],
+    /// log2 of the base page size the guest runs with.
+    pub page_shift: u32,
+    pub mmu: Mmu,
+    /// The linker script, relative to `images/` (profiles that differ only
+    /// in features share one).
+    pub linker_script: &'static str,
     /// Code-generation flags beyond the linker script (added by [`build_guest`]).
     pub rustflags: &'static [&'static str],
     pub qemu_binary: &'static str,
@@ -119,12 +138,51 @@ pub struct RamPiece {
 
 const MIB: u64 = 1 << 20;
 
+/// ppc64le on pseries with the radix MMU; the 64 KiB profile differs only in
+/// its base page.
+const PPC64LE: Profile = Profile {
+    arch: Arch::Ppc64le,
+    rust_target: "powerpc64le-unknown-linux-gnu",
+    guest_features: &[],
+    page_shift: 12,
+    mmu: Mmu::Radix,
+    linker_script: "ppc64le/link.ld",
+    rustflags: &[
+        "-Clinker=rust-lld",
+        "-Clinker-flavor=ld.lld",
+        "-Crelocation-model=static",
+        "-Ctarget-cpu=pwr9",
+        "-Clink-arg=-static",
+        "-Clink-arg=--no-pie",
+    ],
+    qemu_binary: "qemu-system-ppc64",
+    qemu_package: "qemu-system-ppc",
+    // VOF boots in 0.18 s where SLOF takes 15-22 s; the spectre caps
+    // are set to what TCG can provide so QEMU does not refuse to start.
+    machine: "pseries,x-vof=on,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
+    cpu: "power9",
+    loader: Loader::Kernel { bios: None },
+    exit: ExitDevice::Rtas,
+    extra_args: &["-action", "panic=exit-failure"],
+    ram_base: 0,
+    ram_granule: 256 * MIB,
+    dimm_granule: 256 * MIB,
+    ram_layout: RamLayout::Contiguous,
+    nvdimm_hotplug: false,
+    linear_map_base: 0xc000_0000_0000_0000,
+    vmemmap_base: 0xc00c_0000_0000_0000,
+};
+
 /// The one table of per-architecture facts (sources: QEMU-FACTS.md).
 pub const fn profile(arch: Arch) -> &'static Profile {
     match arch {
         Arch::X86_64 => &Profile {
             arch: Arch::X86_64,
             rust_target: "x86_64-unknown-none",
+            guest_features: &[],
+            page_shift: 12,
+            mmu: Mmu::X86_64,
+            linker_script: "x86_64/link.ld",
             rustflags: &["-Crelocation-model=static", "-Clink-arg=--no-pie"],
             qemu_binary: "qemu-system-x86_64",
             qemu_package: "qemu-system-x86",
@@ -145,6 +203,10 @@ pub const fn profile(arch: Arch) -> &'static Profile {
         Arch::Aarch64 => &Profile {
             arch: Arch::Aarch64,
             rust_target: "aarch64-unknown-none",
+            guest_features: &[],
+            page_shift: 12,
+            mmu: Mmu::Aarch64,
+            linker_script: "aarch64/link.ld",
             rustflags: &["-Crelocation-model=static"],
             qemu_binary: "qemu-system-aarch64",
             qemu_package: "qemu-system-arm",
@@ -161,34 +223,11 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             linear_map_base: 0xffff_0000_0000_0000,
             vmemmap_base: 0xffff_fdff_c000_0000,
         },
-        Arch::Ppc64le => &Profile {
-            arch: Arch::Ppc64le,
-            rust_target: "powerpc64le-unknown-linux-gnu",
-            rustflags: &[
-                "-Clinker=rust-lld",
-                "-Clinker-flavor=ld.lld",
-                "-Crelocation-model=static",
-                "-Ctarget-cpu=pwr9",
-                "-Clink-arg=-static",
-                "-Clink-arg=--no-pie",
-            ],
-            qemu_binary: "qemu-system-ppc64",
-            qemu_package: "qemu-system-ppc",
-            // VOF boots in 0.18 s where SLOF takes 15-22 s; the spectre caps
-            // are set to what TCG can provide so QEMU does not refuse to start.
-            machine: "pseries,x-vof=on,cap-cfpc=broken,cap-sbbc=broken,cap-ibs=broken,cap-ccf-assist=off",
-            cpu: "power9",
-            loader: Loader::Kernel { bios: None },
-            exit: ExitDevice::Rtas,
-            extra_args: &["-action", "panic=exit-failure"],
-            ram_base: 0,
-            ram_granule: 256 * MIB,
-            dimm_granule: 256 * MIB,
-            ram_layout: RamLayout::Contiguous,
-            nvdimm_hotplug: false,
-            linear_map_base: 0xc000_0000_0000_0000,
-            vmemmap_base: 0xc00c_0000_0000_0000,
-        },
+        Arch::Ppc64le => &PPC64LE,
+        // The same machine; the radix tree is 13/9/9/5 with 64 KiB leaves.
+        Arch::Ppc64le64k => {
+            &Profile { arch: Arch::Ppc64le64k, guest_features: &["page-64k"], page_shift: 16, ..PPC64LE }
+        }
     }
 }
 
@@ -215,13 +254,23 @@ impl Profile {
         }
     }
 
+    /// The base page size, in bytes.
+    pub const fn page_size(&self) -> u64 {
+        1 << self.page_shift
+    }
+
     pub fn linker_script(&self) -> PathBuf {
-        images_dir().join(self.arch.name()).join("link.ld")
+        images_dir().join(self.linker_script)
+    }
+
+    /// Each profile builds into its own target directory: features change the guest.
+    fn target_dir(&self) -> PathBuf {
+        Path::new("target/guest").join(self.arch.name())
     }
 
     /// Where [`build_guest`] leaves the guest ELF.
     pub fn guest_elf(&self) -> PathBuf {
-        workspace_root().join("target/guest").join(self.rust_target).join("release/hvo-guest")
+        workspace_root().join(self.target_dir()).join(self.rust_target).join("release/hvo-guest")
     }
 
     /// The arm virt stub firmware: `ldr x0, #8; br x0; .quad entry`.
@@ -244,7 +293,11 @@ impl Profile {
         cmd.current_dir(workspace_root())
             .args([subcommand, "--release", "--manifest-path", "guest/Cargo.toml", "--target"])
             .arg(self.rust_target)
-            .args(["--target-dir", "target/guest"]);
+            .arg("--target-dir")
+            .arg(self.target_dir());
+        if !self.guest_features.is_empty() {
+            cmd.args(["--features", &self.guest_features.join(",")]);
+        }
         let mut flags: Vec<String> = self.rustflags.iter().map(|s| s.to_string()).collect();
         flags.push(format!("-Clink-arg=-T{}", self.linker_script().display()));
         // CARGO_ENCODED_RUSTFLAGS applies to the target only (not build scripts)

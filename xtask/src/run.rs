@@ -70,7 +70,7 @@ pub fn in_shard(shard: Option<Shard>, position: usize) -> bool {
 }
 
 pub fn parse_arch(s: &str) -> Result<Arch, String> {
-    Arch::from_name(s).ok_or_else(|| format!("unknown architecture `{s}` (known: x86_64, aarch64, ppc64le)"))
+    Arch::from_name(s).ok_or_else(|| format!("unknown architecture `{s}` (known: {})", Arch::known_names()))
 }
 
 #[derive(Args)]
@@ -111,9 +111,10 @@ pub fn repro(args: ReproArgs) -> Result<ExitCode> {
         }
         for g in &scenario.boot_gigantic {
             println!(
-                "boot: reserve {} gigantic pages of order {} in {} as `{}`",
+                "boot: reserve {} gigantic pages of {} (order {}) in {} as `{}`",
                 g.count,
-                g.order,
+                hvo_harness::verify::size_name(g.size),
+                hvo_harness::scenario::order_of(g.size, profile.page_shift),
                 g.zone.name(),
                 g.region
             );

@@ -9,6 +9,7 @@ use clap::Args;
 use hvo_harness::report::Status;
 use hvo_harness::runner::{run_scenario, RunConfig};
 use hvo_harness::scenario::Scenario;
+use hvo_harness::verify::size_name;
 use hvo_images::{workspace_root, Arch};
 use serde_json::{json, Value};
 
@@ -49,6 +50,8 @@ pub fn savings(args: SavingsArgs) -> Result<ExitCode> {
                 "arch": arch.name(),
                 "kind": field("kind"),
                 "order": field("order"),
+                "compound_bytes": field("compound_bytes"),
+                "page_size": field("page_size"),
                 "layout": field("layout"),
                 "compound_pages": field("compound_pages"),
                 "private_vmemmap_bytes": field("private_vmemmap_bytes"),
@@ -62,13 +65,12 @@ pub fn savings(args: SavingsArgs) -> Result<ExitCode> {
         "arch", "kind", "size", "layout", "compound", "private/page", "shared tails", "unoptimized"
     );
     for r in &rows {
-        let order = r["order"].as_u64().unwrap_or(0);
-        let bytes = |v: &Value| human(v.as_u64().unwrap_or(0));
+        let bytes = |v: &Value| size_name(v.as_u64().unwrap_or(0));
         println!(
             "{:<8} {:<8} {:>6} {:<15} {:>8} {:>14} {:>12} {:>14}",
             r["arch"].as_str().unwrap_or(""),
             r["kind"].as_str().unwrap_or(""),
-            human(4096 << order),
+            bytes(&r["compound_bytes"]),
             r["layout"].as_str().unwrap_or(""),
             r["compound_pages"].as_u64().unwrap_or(0),
             bytes(&r["private_vmemmap_bytes"]),
@@ -81,13 +83,4 @@ pub fn savings(args: SavingsArgs) -> Result<ExitCode> {
         std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn human(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
-        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
-        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
-        b => format!("{b}B"),
-    }
 }

@@ -3,8 +3,8 @@
 //! Each architecture module provides exactly these items, and nothing outside
 //! `arch/` knows which architecture it runs on:
 //!
-//! - `ARCH: hvo_abi::Arch`, `LINEAR_MAP_BASE`, `VMEMMAP_BASE`, `SECTION_SIZE_BITS`,
-//!   `MEMSTART_ALIGN` (DESIGN.md section 3),
+//! - `ARCH: hvo_abi::Arch`, `BASE_PAGE: mm::PageSize`, `LINEAR_MAP_BASE`,
+//!   `VMEMMAP_BASE`, `SECTION_SIZE_BITS`, `MEMSTART_ALIGN` (DESIGN.md section 3),
 //!   `IDENTITY_IS_LINEAR_MAP` (ppc64le radix: quadrants 0 and 3 walk one tree, so
 //!   mapping the linear map also maps the identity range), and
 //!   `SEPARATE_IDENTITY_ROOT` (arm64: TTBR0 holds the identity half).

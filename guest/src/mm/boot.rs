@@ -3,7 +3,7 @@
 //! MMIO identity-mapped as device memory.
 
 use super::frames::FrameAllocator;
-use super::pagetable::{MapError, PageTable, Prot};
+use super::pagetable::{self, MapError, PageTable, Prot};
 use super::{PageSize, PhysAddr, Range, VirtAddr};
 use crate::arch::{self, Platform};
 
@@ -31,24 +31,13 @@ fn map_range(
         let va = va_base.wrapping_add(pa);
         let size = PageSize::DESCENDING
             .into_iter()
+            .filter(|s| pagetable::supports::<arch::Format>(*s))
             .find(|s| {
                 let b = s.bytes();
                 pa.is_multiple_of(b) && va.is_multiple_of(b) && pa + b <= range.end
             })
             .ok_or(MapError::Misaligned)?;
-        let result = table.map(frames, VirtAddr(va), PhysAddr(pa), size, prot);
-        // 1 GiB leaves are optional in some formats; fall back to smaller ones.
-        match result {
-            Err(MapError::SizeNotSupported) if size != PageSize::Size4K => {
-                let smaller = if size == PageSize::Size1G { PageSize::Size2M } else { PageSize::Size4K };
-                let mut off = 0;
-                while off < size.bytes() {
-                    table.map(frames, VirtAddr(va + off), PhysAddr(pa + off), smaller, prot)?.ignore();
-                    off += smaller.bytes();
-                }
-            }
-            other => other?.ignore(),
-        }
+        table.map(frames, VirtAddr(va), PhysAddr(pa), size, prot)?.ignore();
         pa += size.bytes();
     }
     Ok(())

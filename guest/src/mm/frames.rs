@@ -1,7 +1,7 @@
 //! The physical frame allocator: bump allocation over boot RAM with a free list
-//! of returned 4 KiB frames, counting what it hands out per purpose.
+//! of returned base-page frames, counting what it hands out per purpose.
 
-use super::{PageSize, PhysAddr, Range, RangeList};
+use super::{PageSize, PhysAddr, Range, RangeList, PAGE};
 
 /// What a frame is for; the counters are kept per purpose and published.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -30,7 +30,7 @@ pub enum AllocError {
     Injected,
 }
 
-/// Frame counts in units of 4 KiB, per purpose.
+/// Frame counts in base pages, per purpose.
 #[derive(Clone, Copy, Default, Debug)]
 pub struct Counters {
     allocated: [u64; Purpose::COUNT],
@@ -47,7 +47,7 @@ impl Counters {
 }
 
 /// Free RAM that has never been handed out, one cursor per range, and the
-/// 4 KiB frames given back.
+/// base-page frames given back.
 ///
 /// Freed frames are kept on a stack inside the allocator rather than linked
 /// through the frames themselves: writing a link into a just-freed vmemmap
@@ -70,7 +70,7 @@ pub struct FrameAllocator {
     fail_in: Option<u64>,
 }
 
-const FRAME: u64 = PageSize::Size4K.bytes();
+const FRAME: u64 = PAGE;
 const RECYCLE_BYTES: u64 = 64 * 1024;
 const RECYCLE_SLOTS: usize = (RECYCLE_BYTES / 8) as usize;
 
@@ -142,7 +142,7 @@ impl FrameAllocator {
         self.alloc_bytes(size.bytes(), purpose)
     }
 
-    /// A zeroed block of `bytes` (a power of two, at least 4 KiB), aligned to its
+    /// A zeroed block of `bytes` (a power of two, at least a base page), aligned to its
     /// size: page-table roots larger than a page (ppc64le radix) come from here.
     pub fn alloc_bytes(&mut self, bytes: u64, purpose: Purpose) -> Result<PhysAddr, AllocError> {
         debug_assert!(bytes.is_power_of_two() && bytes >= FRAME);
@@ -167,7 +167,7 @@ impl FrameAllocator {
         Ok(pa)
     }
 
-    /// Takes memory back: a 4 KiB frame onto the recycle stack, a larger
+    /// Takes memory back: a base-page frame onto the recycle stack, a larger
     /// block (a HugeTLB region) back into the free ranges whole, without
     /// touching its pages.
     pub fn free(&mut self, pa: PhysAddr, bytes: u64, purpose: Purpose) {

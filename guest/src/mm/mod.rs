@@ -49,21 +49,24 @@ impl fmt::Debug for VirtAddr {
     }
 }
 
-/// The sizes a page-table leaf can map.
+/// The sizes a page-table leaf can map. Which of them an architecture's
+/// tables hold is its format's business; its base page is `arch::BASE_PAGE`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PageSize {
     Size4K,
+    Size64K,
     Size2M,
     Size1G,
 }
 
 impl PageSize {
     /// Largest first: the order `boot` tries them in.
-    pub const DESCENDING: [PageSize; 3] = [PageSize::Size1G, PageSize::Size2M, PageSize::Size4K];
+    pub const DESCENDING: [PageSize; 4] = [PageSize::Size1G, PageSize::Size2M, PageSize::Size64K, PageSize::Size4K];
 
     pub const fn shift(self) -> u32 {
         match self {
             PageSize::Size4K => 12,
+            PageSize::Size64K => 16,
             PageSize::Size2M => 21,
             PageSize::Size1G => 30,
         }
@@ -71,7 +74,13 @@ impl PageSize {
     pub const fn bytes(self) -> u64 {
         1 << self.shift()
     }
+    pub fn from_shift(shift: u32) -> Option<PageSize> {
+        PageSize::DESCENDING.into_iter().find(|s| s.shift() == shift)
+    }
 }
+
+/// The base page: the frame allocator's unit and the vmemmap's page.
+pub const PAGE: u64 = crate::arch::BASE_PAGE.bytes();
 
 /// A physical range.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]

@@ -58,8 +58,11 @@ pub trait Format {
         unsafe { slot.write_volatile(raw) }
     }
 
+    /// What a table at `level` takes from the frame allocator: its entries,
+    /// in at least one base page (a 64 KiB-page radix PTE table is 256 bytes;
+    /// Linux packs those as fragments, the firmware does not bother).
     fn table_bytes(level: usize) -> u64 {
-        8 << Self::INDEX_BITS[level]
+        (8u64 << Self::INDEX_BITS[level]).max(super::PAGE)
     }
 }
 
@@ -106,7 +109,7 @@ pub struct Translation {
 }
 
 fn level_size<F: Format>(level: usize) -> Option<PageSize> {
-    PageSize::DESCENDING.into_iter().find(|s| s.shift() == F::SHIFTS[level])
+    PageSize::from_shift(F::SHIFTS[level])
 }
 
 /// One page-table tree.
@@ -117,6 +120,11 @@ pub struct PageTable<F: Format> {
 
 fn leaf_level<F: Format>(size: PageSize) -> Option<usize> {
     (0..F::LEVELS).find(|&l| F::SHIFTS[l] == size.shift() && F::leaf_allowed(l))
+}
+
+/// Whether the format can map a leaf of `size` at all.
+pub fn supports<F: Format>(size: PageSize) -> bool {
+    leaf_level::<F>(size).is_some()
 }
 
 impl<F: Format> PageTable<F> {
@@ -210,35 +218,36 @@ impl<F: Format> PageTable<F> {
         Some(Translation { pa: pa.add(va.0 & (size.bytes() - 1)), size, prot })
     }
 
-    /// Points the 4 KiB leaf mapping `va` at `pa` with `prot`; returns the frame
-    /// it mapped before.
+    /// Points the base-page leaf mapping `va` at `pa` with `prot`; returns the
+    /// frame it mapped before.
     pub fn remap(&mut self, va: VirtAddr, pa: PhysAddr, prot: Prot) -> Result<(PhysAddr, Flush), MapError> {
         let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
         let Entry::Leaf { pa: old, .. } = F::decode(F::load(slot), level) else {
             return Err(MapError::NotMapped);
         };
-        if level_size::<F>(level) != Some(PageSize::Size4K) {
+        if level_size::<F>(level) != Some(crate::arch::BASE_PAGE) {
             return Err(MapError::SizeNotSupported);
         }
         F::store(slot, F::encode_leaf(pa, level, prot));
         Ok((old, Flush(va)))
     }
 
-    /// Replaces the 2 MiB leaf covering `va` with a table of 512 base pages
-    /// mapping the same frames with the same protection. A no-op when `va` is
-    /// already mapped by base pages.
+    /// Replaces the 2 MiB leaf covering `va` with a table of base pages (512
+    /// of 4 KiB or 32 of 64 KiB) mapping the same frames with the same
+    /// protection. A no-op when `va` is already mapped by base pages.
     pub fn split(&mut self, frames: &mut FrameAllocator, va: VirtAddr) -> Result<Option<Flush>, MapError> {
         let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
         let Entry::Leaf { pa, prot } = F::decode(F::load(slot), level) else {
             return Err(MapError::NotMapped);
         };
+        let base = crate::arch::BASE_PAGE;
         match level_size::<F>(level) {
-            Some(PageSize::Size4K) => return Ok(None),
-            Some(PageSize::Size2M) => {}
+            Some(size) if size == base => return Ok(None),
+            Some(PageSize::Size2M) if level_size::<F>(level + 1) == Some(base) => {}
             _ => return Err(MapError::SizeNotSupported),
         }
         let table = frames.alloc_bytes(F::table_bytes(level + 1), Purpose::PageTable)?;
-        let step = PageSize::Size4K.bytes();
+        let step = base.bytes();
         for i in 0..PageSize::Size2M.bytes() / step {
             F::store(table.add(i * 8).as_mut_ptr(), F::encode_leaf(pa.add(i * step), level + 1, prot));
         }

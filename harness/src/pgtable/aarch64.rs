@@ -23,15 +23,11 @@ impl Format for Aarch64 {
         9
     }
 
-    fn shift(&self, level: usize) -> u32 {
-        39 - 9 * level as u32
-    }
-
     fn va_bits(&self) -> u32 {
         48
     }
 
-    fn decode(&self, raw: u64, level: usize) -> Decoded {
+    fn decode(&self, raw: u64, level: usize, shift: u32) -> Decoded {
         if raw & VALID == 0 {
             return Decoded::Invalid;
         }
@@ -45,7 +41,7 @@ impl Format for Aarch64 {
             // A level 0 block needs 52-bit addresses; a level 3 "block" is reserved.
             (0, false) | (3, false) => Decoded::Invalid,
             _ => {
-                let size_mask = (1u64 << self.shift(level)) - 1;
+                let size_mask = (1u64 << shift) - 1;
                 Decoded::Leaf {
                     pa: PhysAddr(raw & OUTPUT_ADDRESS & !size_mask),
                     perms: Perms { write: raw & AP_READ_ONLY == 0, exec: raw & PXN == 0 },

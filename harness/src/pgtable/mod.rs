@@ -3,7 +3,11 @@
 //! through [`GuestMemory`], so they are tested on hand-built tables.
 //!
 //! Each architecture describes how it decodes one entry at one level; the
-//! traversal and the accumulation of permissions through the levels are here.
+//! traversal, the accumulation of permissions through the levels and the
+//! tree's shape are here. The shape comes from the tables themselves: the
+//! root covers `va_bits`, and each level takes the index bits its parent
+//! entry gives (fixed 9 on x86_64 and arm64, the NLS field on radix), so a
+//! leaf's size is whatever bits are left below it.
 
 mod aarch64;
 mod ppc64;
@@ -12,7 +16,7 @@ mod x86_64;
 use std::fmt;
 
 use hvo_abi::manifest::{Manifest, RootKind};
-use hvo_images::Arch;
+use hvo_images::{profile, Arch, Mmu};
 
 use crate::addr::{PhysAddr, VirtAddr};
 use crate::memory::{GuestMemory, MemoryError};
@@ -92,10 +96,8 @@ pub enum WalkError {
 pub trait Format: Send + Sync {
     /// log2 of the entries of the root table.
     fn root_index_bits(&self) -> u32;
-    /// The lowest virtual-address bit the given level indexes.
-    fn shift(&self, level: usize) -> u32;
-    /// Decodes the raw entry at `level`.
-    fn decode(&self, raw: u64, level: usize) -> Decoded;
+    /// Decodes the raw entry at `level`, an entry spanning `2^shift` bytes.
+    fn decode(&self, raw: u64, level: usize, shift: u32) -> Decoded;
     /// Entries are big-endian in memory (ppc64 radix) rather than little-endian.
     fn big_endian(&self) -> bool {
         false
@@ -128,7 +130,12 @@ impl<'a> Walker<'a> {
     /// What a root entry means, ignoring bits the MMU itself sets (accessed,
     /// referenced, changed) so two copies of one entry compare equal.
     pub fn decode_root_entry(&self, raw: u64) -> Decoded {
-        self.format.decode(raw, 0)
+        self.format.decode(raw, 0, self.root_shift())
+    }
+
+    /// What one root entry spans: the address bits below the root's index.
+    fn root_shift(&self) -> u32 {
+        self.format.va_bits() - self.root_index_bits
     }
 
     /// A walker of another root of the same shape.
@@ -153,28 +160,29 @@ impl<'a> Walker<'a> {
             .collect())
     }
 
-    fn index(&self, va: VirtAddr, level: usize, index_bits: u32) -> u64 {
-        (va.0 >> self.format.shift(level)) & ((1 << index_bits) - 1)
+    fn index(va: VirtAddr, shift: u32, index_bits: u32) -> u64 {
+        (va.0 >> shift) & ((1 << index_bits) - 1)
     }
 
     /// Translates one address; `None` when it is not mapped.
     pub fn translate(&self, mem: &dyn GuestMemory, va: VirtAddr) -> Result<Option<Leaf>, WalkError> {
         let mut table = self.root;
         let mut index_bits = self.root_index_bits;
+        let mut shift = self.root_shift();
         let mut allows = ALL;
         for level in 0.. {
-            let index = self.index(va, level, index_bits);
+            let index = Self::index(va, shift, index_bits);
             let entry_pa = PhysAddr(table.0 + index * 8);
             let raw = self.read_table(mem, entry_pa, 1)?[0];
-            match self.format.decode(raw, level) {
+            match self.format.decode(raw, level, shift) {
                 Decoded::Invalid => return Ok(None),
                 Decoded::Table { pa, index_bits: next, allows: here } => {
                     table = pa;
                     index_bits = next;
+                    shift -= next;
                     allows = allows.and(here);
                 }
                 Decoded::Leaf { pa, perms } => {
-                    let shift = self.format.shift(level);
                     let base = VirtAddr(va.0 & !((1u64 << shift) - 1));
                     return Ok(Some(Leaf { va: base, pa, shift, perms: allows.and(perms), level, entry_pa, raw }));
                 }
@@ -204,7 +212,8 @@ impl<'a> Walker<'a> {
         let va_mask = if self.format.va_bits() >= 64 { u64::MAX } else { (1u64 << self.format.va_bits()) - 1 };
         // The bits above the translated ones are carried into every leaf's VA.
         let high = start.0 & !va_mask;
-        self.collect(mem, self.root, self.root_index_bits, 0, high, start, end, ALL, visit)
+        let top = Level { table: self.root, index_bits: self.root_index_bits, level: 0, shift: self.root_shift() };
+        self.collect(mem, top, high, start, end, ALL, visit)
     }
 
     /// The raw root entries whose span meets `[start, end)`, by index.
@@ -215,30 +224,24 @@ impl<'a> Walker<'a> {
         end: VirtAddr,
     ) -> Result<Vec<(u64, u64)>, WalkError> {
         let entries = self.read_table(mem, self.root, 1 << self.root_index_bits)?;
-        let first = self.index(start, 0, self.root_index_bits);
-        let last = self.index(VirtAddr(end.0.saturating_sub(1)), 0, self.root_index_bits);
+        let first = Self::index(start, self.root_shift(), self.root_index_bits);
+        let last = Self::index(VirtAddr(end.0.saturating_sub(1)), self.root_shift(), self.root_index_bits);
         Ok((first..=last).map(|i| (i, entries[i as usize])).collect())
     }
 
     /// Every table of the tree (the root included): its address and size in bytes.
     pub fn tables(&self, mem: &dyn GuestMemory) -> Result<Vec<(PhysAddr, u64)>, WalkError> {
         let mut out = Vec::new();
-        self.collect_tables(mem, self.root, self.root_index_bits, 0, &mut out)?;
+        let top = Level { table: self.root, index_bits: self.root_index_bits, level: 0, shift: self.root_shift() };
+        self.collect_tables(mem, top, &mut out)?;
         Ok(out)
     }
 
-    fn collect_tables(
-        &self,
-        mem: &dyn GuestMemory,
-        table: PhysAddr,
-        index_bits: u32,
-        level: usize,
-        out: &mut Vec<(PhysAddr, u64)>,
-    ) -> Result<(), WalkError> {
-        out.push((table, 8 << index_bits));
-        for raw in self.read_table(mem, table, 1 << index_bits)? {
-            if let Decoded::Table { pa, index_bits: next, .. } = self.format.decode(raw, level) {
-                self.collect_tables(mem, pa, next, level + 1, out)?;
+    fn collect_tables(&self, mem: &dyn GuestMemory, at: Level, out: &mut Vec<(PhysAddr, u64)>) -> Result<(), WalkError> {
+        out.push((at.table, 8 << at.index_bits));
+        for raw in self.read_table(mem, at.table, 1 << at.index_bits)? {
+            if let Decoded::Table { pa, index_bits, .. } = self.format.decode(raw, at.level, at.shift) {
+                self.collect_tables(mem, at.below(pa, index_bits), out)?;
             }
         }
         Ok(())
@@ -248,30 +251,28 @@ impl<'a> Walker<'a> {
     fn collect(
         &self,
         mem: &dyn GuestMemory,
-        table: PhysAddr,
-        index_bits: u32,
-        level: usize,
+        at: Level,
         prefix: u64,
         start: VirtAddr,
         end: VirtAddr,
         allows: Perms,
         visit: &mut dyn FnMut(Leaf),
     ) -> Result<(), WalkError> {
-        let shift = self.format.shift(level);
+        let (shift, level) = (at.shift, at.level);
         let span = 1u64 << shift;
-        let entries = self.read_table(mem, table, 1 << index_bits)?;
+        let entries = self.read_table(mem, at.table, 1 << at.index_bits)?;
         for (i, &raw) in entries.iter().enumerate() {
             let va = prefix | ((i as u64) << shift);
             let last = va.wrapping_add(span - 1);
             if last < start.0 || va >= end.0 {
                 continue;
             }
-            let entry_pa = PhysAddr(table.0 + i as u64 * 8);
-            match self.format.decode(raw, level) {
+            let entry_pa = PhysAddr(at.table.0 + i as u64 * 8);
+            match self.format.decode(raw, level, shift) {
                 Decoded::Invalid => {}
-                Decoded::Table { pa, index_bits: next, allows: here } => {
+                Decoded::Table { pa, index_bits, allows: here } => {
                     let allows = allows.and(here);
-                    self.collect(mem, pa, next, level + 1, va, start, end, allows, visit)?;
+                    self.collect(mem, at.below(pa, index_bits), va, start, end, allows, visit)?;
                 }
                 Decoded::Leaf { pa, perms } => {
                     visit(Leaf { va: VirtAddr(va), pa, shift, perms: allows.and(perms), level, entry_pa, raw })
@@ -282,12 +283,29 @@ impl<'a> Walker<'a> {
     }
 }
 
+/// One table on the way down: where it is, its index bits, its level, and
+/// the address bits one of its entries spans.
+#[derive(Clone, Copy)]
+struct Level {
+    table: PhysAddr,
+    index_bits: u32,
+    level: usize,
+    shift: u32,
+}
+
+impl Level {
+    /// The table an entry of this one points at, with `index_bits` entries.
+    fn below(&self, table: PhysAddr, index_bits: u32) -> Level {
+        Level { table, index_bits, level: self.level + 1, shift: self.shift.saturating_sub(index_bits) }
+    }
+}
+
 /// The format of an architecture's tables.
 pub fn format(arch: Arch) -> &'static dyn Format {
-    match arch {
-        Arch::X86_64 => &X86_64,
-        Arch::Aarch64 => &Aarch64,
-        Arch::Ppc64le => &Radix::FOUR_K,
+    match profile(arch).mmu {
+        Mmu::X86_64 => &X86_64,
+        Mmu::Aarch64 => &Aarch64,
+        Mmu::Radix => &Radix,
     }
 }
 
@@ -320,13 +338,13 @@ pub fn walker_for<'a>(
     va: VirtAddr,
 ) -> Result<Walker<'a>, WalkError> {
     let root = |kind| manifest.root(kind).map(|r| PhysAddr(r.pa)).ok_or(WalkError::NoRoot(kind));
-    match arch {
-        Arch::X86_64 => Ok(Walker::new(&X86_64, root(RootKind::Kernel)?)),
-        Arch::Aarch64 => {
+    match profile(arch).mmu {
+        Mmu::X86_64 => Ok(Walker::new(&X86_64, root(RootKind::Kernel)?)),
+        Mmu::Aarch64 => {
             let kind = if va.0 >> 63 == 1 { RootKind::Kernel } else { RootKind::Identity };
             Ok(Walker::new(&Aarch64, root(kind)?))
         }
-        Arch::Ppc64le => {
+        Mmu::Radix => {
             let (tree, root_bits) = Radix::from_process_table(mem, root(RootKind::ProcessTable)?)?;
             let published = root(RootKind::Kernel)?;
             if tree != published {
@@ -334,7 +352,7 @@ pub fn walker_for<'a>(
                     "process table entry 0 points at {tree}, the manifest says the kernel root is {published}"
                 )));
             }
-            let mut w = Walker::new(&Radix::FOUR_K, tree);
+            let mut w = Walker::new(&Radix, tree);
             w.root_index_bits = root_bits;
             Ok(w)
         }

@@ -6,15 +6,12 @@ use super::{Decoded, Format, Perms, WalkError};
 use crate::addr::PhysAddr;
 use crate::memory::GuestMemory;
 
-pub struct Radix {
-    /// Virtual-address bit each level indexes from, root first.
-    shifts: [u32; 4],
-}
+/// The radix format. Its shape is not fixed: the root's size comes from the
+/// process table and every directory's from its NLS field, so one walker reads
+/// the 4 KiB tree (13/9/9/9) and the 64 KiB one (13/9/9/5) alike.
+pub struct Radix;
 
 impl Radix {
-    /// The tree for 4 KiB pages: 13/9/9/9 index bits.
-    pub const FOUR_K: Radix = Radix { shifts: [39, 30, 21, 12] };
-
     /// The root of process-table entry 0 (PID 0: the kernel's, and with PIDR 0
     /// also quadrant 0's) and its index bits.
     pub fn from_process_table(mem: &dyn GuestMemory, table: PhysAddr) -> Result<(PhysAddr, u32), WalkError> {
@@ -46,13 +43,20 @@ const REAL_PAGE: u64 = 0x01ff_ffff_ffff_f000;
 const READ_WRITE: u64 = 1 << 1;
 const EXECUTE: u64 = 1 << 0;
 
+/// Index bits a directory at `level` may give the table below it: the
+/// layouts POWER9 and POWER10 walk (ISA v3.0B 6.7.10.2, Table 23), which are
+/// the only ones QEMU accepts: 13/9/9/9 for 4 KiB pages, 13/9/9/5 for 64 KiB.
+fn valid_next_level_size(level: usize, nls: u32) -> bool {
+    match level {
+        0 | 1 => nls == 9,
+        2 => nls == 9 || nls == 5,
+        _ => false,
+    }
+}
+
 impl Format for Radix {
     fn root_index_bits(&self) -> u32 {
         13
-    }
-
-    fn shift(&self, level: usize) -> u32 {
-        self.shifts[level.min(3)]
     }
 
     fn big_endian(&self) -> bool {
@@ -63,26 +67,28 @@ impl Format for Radix {
         52
     }
 
-    fn decode(&self, raw: u64, level: usize) -> Decoded {
+    fn decode(&self, raw: u64, level: usize, shift: u32) -> Decoded {
         if raw & VALID == 0 {
             return Decoded::Invalid;
         }
         if raw & LEAF != 0 {
-            let size_mask = (1u64 << self.shift(level)) - 1;
+            // Leaves exist below the root only (Linux never maps 512 GiB).
+            if level == 0 {
+                return Decoded::Invalid;
+            }
+            let size_mask = (1u64 << shift) - 1;
             return Decoded::Leaf {
                 pa: PhysAddr(raw & REAL_PAGE & !size_mask),
                 perms: Perms { write: raw & READ_WRITE != 0, exec: raw & EXECUTE != 0 },
             };
         }
-        if level == 3 {
-            // The last level holds only leaves; QEMU faults on anything else.
+        // A directory with a size the MMU does not walk faults (the last
+        // level holds only leaves).
+        let nls = (raw & NEXT_LEVEL_SIZE) as u32;
+        if !valid_next_level_size(level, nls) {
             return Decoded::Invalid;
         }
         // Directory entries carry no permissions: only leaves do.
-        Decoded::Table {
-            pa: PhysAddr(raw & NEXT_LEVEL_BASE),
-            index_bits: (raw & NEXT_LEVEL_SIZE) as u32,
-            allows: Perms { write: true, exec: true },
-        }
+        Decoded::Table { pa: PhysAddr(raw & NEXT_LEVEL_BASE), index_bits: nls, allows: Perms { write: true, exec: true } }
     }
 }

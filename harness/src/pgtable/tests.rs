@@ -124,7 +124,7 @@ fn ppc64_radix_reads_big_endian_entries_through_the_process_table() {
 
     let (tree, bits) = Radix::from_process_table(&mem, PhysAddr(prtb)).unwrap();
     assert_eq!((tree, bits), (PhysAddr(root), 13));
-    let w = Walker::new(&Radix::FOUR_K, tree);
+    let w = Walker::new(&Radix, tree);
     let page = w.translate(&mem, VirtAddr(va + 0x10)).unwrap().unwrap();
     assert_eq!((page.pa, page.shift, page.perms), (PhysAddr(0x5000), 12, RO));
     assert_eq!(w.translate(&mem, VirtAddr(va + 0x2000)).unwrap(), None);
@@ -140,6 +140,49 @@ fn ppc64_radix_reads_big_endian_entries_through_the_process_table() {
 
     mem.write_u64_be(PhysAddr(prtb), 2 << 61 | root | 5 << 5 | 9);
     assert!(matches!(Radix::from_process_table(&mem, PhysAddr(prtb)), Err(WalkError::BadRoot(_))));
+}
+
+#[test]
+fn ppc64_radix_takes_the_64k_shape_from_the_next_level_sizes() {
+    let mut mem = SparseMemory::new();
+    let (prtb, root, l1, l2, l3) = (0x10000u64, 0x20000u64, 0x30000, 0x31000, 0x32000);
+    mem.write(PhysAddr(root), &[0; 0x10000]);
+    for t in [l1, l2] {
+        mem.write(PhysAddr(t), &[0; 4096]);
+    }
+    // A 64 KiB-page PTE table: 32 entries, 256 bytes.
+    mem.write(PhysAddr(l3), &[0; 256]);
+    mem.write_u64_be(PhysAddr(prtb), 2 << 61 | root | 5 << 5 | 13);
+    let va = 0xc00c_0000_0000_0000u64;
+    let dir = |pa: u64, nls: u64| 1 << 63 | pa | nls;
+    let leaf_bits = 1u64 << 63 | 1 << 62 | 0x8 | 0x4;
+    put(&mut mem, root, idx(va, 39, 13), dir(l1, 9), true);
+    put(&mut mem, l1, idx(va, 30, 9), dir(l2, 9), true);
+    put(&mut mem, l2, 0, dir(l3, 5), true);
+    put(&mut mem, l3, 0, leaf_bits | 0x40_0000 | 0x2, true);
+    put(&mut mem, l3, 1, leaf_bits | 0x41_0000, true);
+    put(&mut mem, l3, 31, leaf_bits | 0x50_0000, true);
+    // The next 2 MiB: a PMD leaf.
+    put(&mut mem, l2, 1, leaf_bits | 0x60_0000 | 0x2, true);
+    // A directory of 2^7 entries is no layout POWER9 walks: it faults.
+    put(&mut mem, l2, 2, dir(0x34000, 7), true);
+
+    let (tree, _) = Radix::from_process_table(&mem, PhysAddr(prtb)).unwrap();
+    let w = Walker::new(&Radix, tree);
+    let page = w.translate(&mem, VirtAddr(va + 0x1_2345)).unwrap().unwrap();
+    assert_eq!((page.va.0, page.pa, page.shift, page.perms), (va + 0x1_0000, PhysAddr(0x41_0000), 16, RO));
+    assert_eq!(page.translate(VirtAddr(va + 0x1_2345)), PhysAddr(0x41_2345));
+    let pmd = w.translate(&mem, VirtAddr(va + 0x20_1000)).unwrap().unwrap();
+    assert_eq!((pmd.pa, pmd.shift, pmd.level), (PhysAddr(0x60_0000), 21, 2));
+    assert_eq!(w.translate(&mem, VirtAddr(va + 0x40_0000)).unwrap(), None);
+    let leaves = w.leaves(&mem, VirtAddr(va), VirtAddr(va + 0x60_0000)).unwrap();
+    assert_eq!(
+        leaves.iter().map(|l| (l.va.0 - va, l.pa.0, l.shift)).collect::<Vec<_>>(),
+        vec![(0, 0x40_0000, 16), (0x1_0000, 0x41_0000, 16), (0x1f_0000, 0x50_0000, 16), (0x20_0000, 0x60_0000, 21)]
+    );
+    // The PTE table counts at its real size.
+    let tables = w.tables(&mem).unwrap();
+    assert!(tables.contains(&(PhysAddr(l3), 256)), "{tables:?}");
 }
 
 #[test]

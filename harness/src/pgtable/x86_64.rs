@@ -18,15 +18,11 @@ impl Format for X86_64 {
         9
     }
 
-    fn shift(&self, level: usize) -> u32 {
-        39 - 9 * level as u32
-    }
-
     fn va_bits(&self) -> u32 {
         48
     }
 
-    fn decode(&self, raw: u64, level: usize) -> Decoded {
+    fn decode(&self, raw: u64, level: usize, shift: u32) -> Decoded {
         if raw & PRESENT == 0 {
             return Decoded::Invalid;
         }
@@ -36,7 +32,7 @@ impl Format for X86_64 {
         let leaf = level == 3 || (matches!(level, 1 | 2) && raw & PAGE_SIZE != 0);
         if leaf {
             // In large pages bit 12 is PAT and the frame is aligned to the size.
-            let size_mask = (1u64 << self.shift(level)) - 1;
+            let size_mask = (1u64 << shift) - 1;
             Decoded::Leaf { pa: PhysAddr(raw & ADDRESS & !size_mask), perms }
         } else {
             Decoded::Table { pa: PhysAddr(raw & ADDRESS), index_bits: 9, allows: perms }

@@ -6,7 +6,7 @@ mod platform;
 mod traps;
 
 use crate::mm::pagetable::{Entry, Format as PageTableFormat, Prot};
-use crate::mm::{boot::Tables, PhysAddr, RangeList, VirtAddr};
+use crate::mm::{boot::Tables, PageSize, PhysAddr, RangeList, VirtAddr};
 
 pub use platform::{console_read, console_write, eject_memory_slot, exit};
 pub use traps::probe_write;
@@ -21,6 +21,8 @@ pub const SECTION_SIZE_BITS: u32 = 27;
 /// arm64 indexes the vmemmap from memstart_addr: the start of RAM rounded
 /// down to ARM64_MEMSTART_ALIGN (1 GiB with 4 KiB pages and 48-bit VAs).
 pub const MEMSTART_ALIGN: Option<u64> = Some(1 << 30);
+/// The base page size.
+pub const BASE_PAGE: PageSize = PageSize::Size4K;
 pub const IDENTITY_IS_LINEAR_MAP: bool = false;
 pub const SEPARATE_IDENTITY_ROOT: bool = true;
 

@@ -1,5 +1,6 @@
 //! ppc64le on pseries: VOF boot, hypercall console, RTAS power-off, and the
-//! radix MMU with 4 KiB pages (Power ISA v3.0B Book III 6.7.10).
+//! radix MMU (Power ISA v3.0B Book III 6.7.10) with 4 KiB pages, or with
+//! 64 KiB pages under the `page-64k` feature, as Linux runs by default.
 
 mod boot;
 mod libc;
@@ -7,12 +8,20 @@ mod platform;
 mod traps;
 
 use crate::mm::pagetable::{Entry, Format as PageTableFormat, Prot};
-use crate::mm::{boot::Tables, PhysAddr, Range, RangeList, VirtAddr};
+use crate::mm::{boot::Tables, PageSize, PhysAddr, Range, RangeList, VirtAddr};
 
 pub use platform::{console_read, console_write, eject_memory_slot, exit};
 pub use traps::probe_write;
 
+#[cfg(not(feature = "page-64k"))]
 pub const ARCH: hvo_abi::Arch = hvo_abi::Arch::Ppc64le;
+#[cfg(feature = "page-64k")]
+pub const ARCH: hvo_abi::Arch = hvo_abi::Arch::Ppc64le64k;
+/// The base page size.
+#[cfg(not(feature = "page-64k"))]
+pub const BASE_PAGE: PageSize = PageSize::Size4K;
+#[cfg(feature = "page-64k")]
+pub const BASE_PAGE: PageSize = PageSize::Size64K;
 /// Linux's PAGE_OFFSET on ppc64 (quadrant 3).
 pub const LINEAR_MAP_BASE: u64 = 0xc000_0000_0000_0000;
 /// Linux's radix vmemmap base.
@@ -28,8 +37,12 @@ pub const SEPARATE_IDENTITY_ROOT: bool = false;
 
 pub type Format = RadixTree;
 
-/// Radix tree, 4 KiB pages: 13/9/9/9 index bits, entries big-endian.
+/// Radix tree, entries big-endian: 13/9/9/9 index bits with 4 KiB pages,
+/// 13/9/9/5 with 64 KiB pages (the only two shapes POWER9 and QEMU walk).
 pub enum RadixTree {}
+
+/// Index bits of the last level: what is left of the 21 bits a PMD entry spans.
+const PTE_INDEX_BITS: u32 = 21 - BASE_PAGE.shift();
 
 const VALID: u64 = 1 << 63;
 const LEAF: u64 = 1 << 62;
@@ -49,8 +62,8 @@ const REAL_PAGE: u64 = 0x01ff_ffff_ffff_f000;
 
 impl PageTableFormat for RadixTree {
     const LEVELS: usize = 4;
-    const SHIFTS: [u32; 4] = [39, 30, 21, 12];
-    const INDEX_BITS: [u32; 4] = [13, 9, 9, 9];
+    const SHIFTS: [u32; 4] = [39, 30, 21, BASE_PAGE.shift()];
+    const INDEX_BITS: [u32; 4] = [13, 9, 9, PTE_INDEX_BITS];
 
     fn leaf_allowed(level: usize) -> bool {
         level >= 1
@@ -108,8 +121,13 @@ static mut PROCESS_TABLE: ProcessTable = ProcessTable([0; 512]);
 
 pub fn flush_tlb_va(va: VirtAddr) {
     // tlbie RB, RS, RIC=0 (TLB only), PRS=1 (process scoped), R=1 (radix):
-    // RB holds the page's effective address with AP=0 (4 KiB), RS the PID (0).
-    let rb = va.0 & !0xfff;
+    // RB holds the page's effective address and its actual page size (AP,
+    // bits 58:56 in ISA numbering), RS the PID (0).
+    let actual_page_size: u64 = match BASE_PAGE {
+        PageSize::Size64K => 0b101,
+        _ => 0b000,
+    };
+    let rb = (va.0 & !(BASE_PAGE.bytes() - 1)) | actual_page_size << 5;
     // SAFETY: invalidating a translation has no other effect.
     unsafe {
         core::arch::asm!(

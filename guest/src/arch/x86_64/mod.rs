@@ -5,7 +5,7 @@ mod platform;
 mod traps;
 
 use crate::mm::pagetable::{Entry, Format as PageTableFormat, Prot};
-use crate::mm::{boot::Tables, PhysAddr, RangeList, VirtAddr};
+use crate::mm::{boot::Tables, PageSize, PhysAddr, RangeList, VirtAddr};
 
 pub use platform::{console_read, console_write, eject_memory_slot, exit};
 pub use traps::probe_write;
@@ -19,6 +19,8 @@ pub const VMEMMAP_BASE: u64 = 0xffff_ea00_0000_0000;
 pub const SECTION_SIZE_BITS: u32 = 27;
 /// The vmemmap is indexed by pfn from 0.
 pub const MEMSTART_ALIGN: Option<u64> = None;
+/// The base page size.
+pub const BASE_PAGE: PageSize = PageSize::Size4K;
 pub const IDENTITY_IS_LINEAR_MAP: bool = false;
 pub const SEPARATE_IDENTITY_ROOT: bool = false;
 
