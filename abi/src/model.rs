@@ -234,10 +234,15 @@ pub enum Knob {
     /// A range whose struct pages live on the device (altmap) is optimized
     /// anyway, its tails on the shared page in system memory.
     OptimizeAltmap = 15,
+    /// DAX whose compound pages have too few struct pages to share any
+    /// (2 MiB with 64 KiB pages: 2 KiB, less than one vmemmap page) is
+    /// taken for optimizable: vmemmap_can_optimize without the check that
+    /// there are more vmemmap pages than the layout keeps private.
+    SmallCompoundOptimized = 16,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 16] = [
+    pub const ALL: [Knob; 17] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -254,6 +259,7 @@ impl Knob {
         Knob::BootSectionPartialInit,
         Knob::SubsectionRemoveFreesLeaf,
         Knob::OptimizeAltmap,
+        Knob::SmallCompoundOptimized,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -274,6 +280,7 @@ impl Knob {
             Knob::BootSectionPartialInit => "boot-section-partial-init",
             Knob::SubsectionRemoveFreesLeaf => "subsection-remove-frees-leaf",
             Knob::OptimizeAltmap => "optimize-altmap",
+            Knob::SmallCompoundOptimized => "small-compound-optimized",
         }
     }
 

@@ -791,9 +791,10 @@ impl Vmemmap {
         if reserve >= size {
             return Err(VmemmapError::NoRoomForAltmap);
         }
-        // vmemmap_can_optimize: more vmemmap pages than the layout keeps private.
-        let optimizable =
-            layout != Layout::None && (1u64 << order) / STRUCT_PAGES_PER_PAGE > reserved_vmemmap_pages(layout);
+        // vmemmap_can_optimize: more vmemmap pages than the layout keeps
+        // private (knob `small-compound-optimized` forgets to ask).
+        let room = (1u64 << order) / STRUCT_PAGES_PER_PAGE > reserved_vmemmap_pages(layout);
+        let optimizable = layout != Layout::None && (room || self.knob(Knob::SmallCompoundOptimized));
         // Knob `optimize-altmap`: the altmap is no obstacle.
         let optimized =
             optimizable && (!altmap || self.knob(Knob::OptimizeAltmap)) && !self.sections.is_early(start.0 + reserve);

@@ -108,8 +108,7 @@ pub fn generate(seed: u64, index: u64, bug_knobs: &[Knob]) -> FuzzCase {
                 let gigantic = rng.chance(15);
                 let (folio_size, count) = if gigantic { (GIB, 1) } else { (2 * MIB, 1 + rng.below(16)) };
                 let bytes = folio_size * count;
-                let lender =
-                    made.iter().position(|(_, m)| matches!(m, Made::Memory { free, .. } if *free >= bytes));
+                let lender = made.iter().position(|(_, m)| matches!(m, Made::Memory { free, .. } if *free >= bytes));
                 let from = match lender {
                     Some(i) if rng.chance(50) || boot_folios + bytes > GIB => {
                         if let Made::Memory { free, lending } = &mut made[i].1 {
@@ -445,7 +444,13 @@ mod tests {
             boot_pmem: 0,
             steps: vec![
                 FuzzStep {
-                    step: Step::HugetlbAlloc { region: "a".into(), folio_size: 2 * MIB, count: 8, zone: Zone::Normal, from: None },
+                    step: Step::HugetlbAlloc {
+                        region: "a".into(),
+                        folio_size: 2 * MIB,
+                        count: 8,
+                        zone: Zone::Normal,
+                        from: None,
+                    },
                     sweep_failures: true,
                 },
                 FuzzStep {

@@ -610,10 +610,14 @@ fn why_not_optimizable(manifest: &Manifest, region: &Region, asked: Layout, page
     }
     if n <= private {
         return Some(format!(
-            "its {} compound pages have {} of struct pages, {} vmemmap pages of {} KiB, and {} stays private under {}: nothing is left to share",
+            "its {} compound pages have {} of struct pages, {} of {} KiB, and {} stays private under {}: nothing is left to share",
             size_name(page << region.order),
             size_name((1u64 << region.order) * STRUCT_PAGE_SIZE),
-            if n == 0 { "less than one".to_string() } else { n.to_string() },
+            match n {
+                0 => "less than one vmemmap page".to_string(),
+                1 => "one vmemmap page".to_string(),
+                n => format!("{n} vmemmap pages"),
+            },
             page >> 10,
             private,
             asked.name()
@@ -1091,6 +1095,25 @@ mod tests {
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!(f[0].0, ACCOUNTING);
         assert!(f[0].1.contains("the guest counts 20 live vmemmap frames, the page tables map 13"), "{}", f[0].1);
+    }
+
+    #[test]
+    fn a_region_optimized_other_than_asked_is_caught_by_tails_shared() {
+        let mut s = SynthVmemmap::new();
+        s.add_unified_dax(0x10_0000, 4, 9);
+        let id = s.manifest().regions.iter().next().unwrap().id;
+        let asked = |layout| Requested::from([(id, layout)]);
+        let checks = |r: &Requested| {
+            let (checks, _) = check(Arch::X86_64, &s.manifest(), &s.mem, r).unwrap();
+            checks.into_iter().filter(|c| c.status == CheckStatus::Fail).map(|c| (c.name, c.detail)).collect::<Vec<_>>()
+        };
+        assert_eq!(checks(&asked(Layout::Unified)), vec![]);
+        let f = checks(&asked(Layout::LegacyDax));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].0, TAILS_SHARED);
+        assert!(f[0].1.contains("is optimized under unified, but legacy-dax was asked for"), "{}", f[0].1);
+        let f = checks(&asked(Layout::None));
+        assert!(f[0].1.contains("claims to be optimized under unified, but it cannot be: no layout was asked for"));
     }
 
     #[test]

@@ -61,13 +61,13 @@ pub fn savings(args: SavingsArgs) -> Result<ExitCode> {
         }
     }
     println!(
-        "{:<8} {:<8} {:>6} {:<15} {:>8} {:>14} {:>12} {:>14}",
+        "{:<12} {:<8} {:>6} {:<15} {:>8} {:>14} {:>12} {:>14}",
         "arch", "kind", "size", "layout", "compound", "private/page", "shared tails", "unoptimized"
     );
     for r in &rows {
         let bytes = |v: &Value| size_name(v.as_u64().unwrap_or(0));
         println!(
-            "{:<8} {:<8} {:>6} {:<15} {:>8} {:>14} {:>12} {:>14}",
+            "{:<12} {:<8} {:>6} {:<15} {:>8} {:>14} {:>12} {:>14}",
             r["arch"].as_str().unwrap_or(""),
             r["kind"].as_str().unwrap_or(""),
             bytes(&r["compound_bytes"]),

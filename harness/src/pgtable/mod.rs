@@ -237,7 +237,12 @@ impl<'a> Walker<'a> {
         Ok(out)
     }
 
-    fn collect_tables(&self, mem: &dyn GuestMemory, at: Level, out: &mut Vec<(PhysAddr, u64)>) -> Result<(), WalkError> {
+    fn collect_tables(
+        &self,
+        mem: &dyn GuestMemory,
+        at: Level,
+        out: &mut Vec<(PhysAddr, u64)>,
+    ) -> Result<(), WalkError> {
         out.push((at.table, 8 << at.index_bits));
         for raw in self.read_table(mem, at.table, 1 << at.index_bits)? {
             if let Decoded::Table { pa, index_bits, .. } = self.format.decode(raw, at.level, at.shift) {

@@ -89,6 +89,10 @@ impl Format for Radix {
             return Decoded::Invalid;
         }
         // Directory entries carry no permissions: only leaves do.
-        Decoded::Table { pa: PhysAddr(raw & NEXT_LEVEL_BASE), index_bits: nls, allows: Perms { write: true, exec: true } }
+        Decoded::Table {
+            pa: PhysAddr(raw & NEXT_LEVEL_BASE),
+            index_bits: nls,
+            allows: Perms { write: true, exec: true },
+        }
     }
 }
