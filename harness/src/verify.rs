@@ -1053,7 +1053,12 @@ mod tests {
     use crate::synth::SynthVmemmap;
 
     fn failing(s: &SynthVmemmap) -> Vec<(String, String)> {
-        let (checks, _) = check(Arch::X86_64, &s.manifest(), &s.mem, &Requested::new()).unwrap();
+        failing_asked(s, &Requested::new())
+    }
+
+    /// The failing checks when the scenario asked `requested` of the regions.
+    fn failing_asked(s: &SynthVmemmap, requested: &Requested) -> Vec<(String, String)> {
+        let (checks, _) = check(Arch::X86_64, &s.manifest(), &s.mem, requested).unwrap();
         checks.into_iter().filter(|c| c.status == CheckStatus::Fail).map(|c| (c.name, c.detail)).collect()
     }
 
@@ -1102,17 +1107,13 @@ mod tests {
         let mut s = SynthVmemmap::new();
         s.add_unified_dax(0x10_0000, 4, 9);
         let id = s.manifest().regions.iter().next().unwrap().id;
-        let asked = |layout| Requested::from([(id, layout)]);
-        let checks = |r: &Requested| {
-            let (checks, _) = check(Arch::X86_64, &s.manifest(), &s.mem, r).unwrap();
-            checks.into_iter().filter(|c| c.status == CheckStatus::Fail).map(|c| (c.name, c.detail)).collect::<Vec<_>>()
-        };
-        assert_eq!(checks(&asked(Layout::Unified)), vec![]);
-        let f = checks(&asked(Layout::LegacyDax));
+        let checks = |layout| failing_asked(&s, &Requested::from([(id, layout)]));
+        assert_eq!(checks(Layout::Unified), vec![]);
+        let f = checks(Layout::LegacyDax);
         assert_eq!(f.len(), 1, "{f:?}");
         assert_eq!(f[0].0, TAILS_SHARED);
         assert!(f[0].1.contains("is optimized under unified, but legacy-dax was asked for"), "{}", f[0].1);
-        let f = checks(&asked(Layout::None));
+        let f = checks(Layout::None);
         assert!(f[0].1.contains("claims to be optimized under unified, but it cannot be: no layout was asked for"));
     }
 

@@ -21,7 +21,7 @@ pub struct BenchArgs {
     /// Runs of each measurement (min, median and max are reported).
     #[arg(long, default_value_t = 7)]
     pub runs: usize,
-    /// Architectures (default: all three).
+    /// Architectures (default: all four).
     #[arg(long, value_delimiter = ',', value_parser = parse_arch)]
     pub arch: Option<Vec<Arch>>,
     /// Write every figure as JSON here.

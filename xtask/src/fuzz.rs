@@ -22,7 +22,7 @@ pub struct FuzzArgs {
     /// Scenarios to draw.
     #[arg(long, default_value_t = 20)]
     pub count: u64,
-    /// Architectures to run each on (default: all three).
+    /// Architectures to run each on (default: all four).
     #[arg(long, value_delimiter = ',', value_parser = parse_arch)]
     pub arch: Option<Vec<Arch>>,
     /// Turn this bug knob on in every scenario: to watch the fuzzer find a

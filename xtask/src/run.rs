@@ -17,7 +17,7 @@ use hvo_images::{workspace_root, Arch};
 pub struct RunArgs {
     /// Scenario files or directories (default: scenarios/).
     pub paths: Vec<PathBuf>,
-    /// Architectures to run on (default: all three).
+    /// Architectures to run on (default: all four).
     #[arg(long, value_delimiter = ',', value_parser = parse_arch)]
     pub arch: Option<Vec<Arch>>,
     /// Only scenarios whose name contains this.

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 #[derive(Args)]
 pub struct SavingsArgs {
-    /// Architectures to measure (default: all three).
+    /// Architectures to measure (default: all four).
     #[arg(long, value_delimiter = ',', value_parser = crate::run::parse_arch)]
     pub arch: Option<Vec<Arch>>,
     /// Write the rows as JSON here.
