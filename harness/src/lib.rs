@@ -6,6 +6,7 @@ pub mod bench;
 pub mod console;
 pub mod fuzz;
 pub mod image;
+pub mod invariant;
 pub mod memory;
 pub mod pgtable;
 pub mod qemu;

@@ -12,8 +12,8 @@ use hvo_images::{profile, Arch};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::invariant::Invariant;
 use crate::qemu::MachineSpec;
-use crate::verify;
 
 /// A scenario file larger than this is refused before parsing.
 pub const MAX_FILE_BYTES: u64 = 256 * 1024;
@@ -594,25 +594,19 @@ pub enum Expect {
     },
 }
 
-/// The names of the checks a scenario can expect to fail.
-pub const CHECK_NAMES: &[&str] = &[
-    "guest-ready",
-    "ping",
-    "manifest",
-    "exit-status",
-    verify::HEAD_PRIVATE,
-    verify::TAILS_SHARED,
-    verify::TAILS_READONLY,
-    verify::PTE_GRANULARITY,
-    verify::CONTENTS,
-    verify::ACCOUNTING,
-    verify::NO_LEAK,
-    verify::TRANSLATION_AGREES,
-    verify::WRITE_FAULTS,
-    verify::ROOTS_IN_SYNC,
-    verify::MEMMAP_PRESENT,
-    verify::ALTMAP_UNOPTIMIZED,
-];
+/// The checks a run makes besides the invariants (a scenario can expect
+/// these to fail too).
+pub const RUN_CHECKS: &[&str] = &["guest-ready", "ping", "manifest", "exit-status"];
+
+/// Whether a scenario can name `name` as a check that must fail.
+fn is_check_name(name: &str) -> bool {
+    RUN_CHECKS.contains(&name) || Invariant::from_name(name).is_some()
+}
+
+/// Every check name, comma-separated.
+fn known_check_names() -> String {
+    format!("{}, {}", RUN_CHECKS.join(", "), Invariant::known_names())
+}
 
 #[derive(Debug, Clone)]
 pub struct PlacedStep {
@@ -807,13 +801,13 @@ impl Scenario {
         let machine = machine(&loc, &raw.machine, &architectures)?;
 
         let known_check = |c: &Spanned<String>, field: &str| -> Result<String, ScenarioError> {
-            if CHECK_NAMES.contains(&c.get_ref().as_str()) {
+            if is_check_name(c.get_ref()) {
                 Ok(c.get_ref().clone())
             } else {
                 Err(loc.error(
                     c.span(),
                     Some(field),
-                    format!("unknown invariant `{}` (known: {})", c.get_ref(), CHECK_NAMES.join(", ")),
+                    format!("unknown invariant `{}` (known: {})", c.get_ref(), known_check_names()),
                 ))
             }
         };

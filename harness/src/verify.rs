@@ -11,23 +11,24 @@ use hvo_abi::model::{pageblock_pages, Layout, RegionKind, StructPage, MIGRATE_MO
 use hvo_images::Arch;
 
 use crate::addr::{PhysAddr, VirtAddr};
+use crate::invariant::Invariant;
 use crate::memory::GuestMemory;
 use crate::pgtable::{self, Leaf, Perms, WalkError};
 use crate::report::Check;
 
-/// The invariants, by the names reports and scenario files use.
-pub const HEAD_PRIVATE: &str = "head-private";
-pub const TAILS_SHARED: &str = "tails-shared";
-pub const TAILS_READONLY: &str = "tails-readonly";
-pub const PTE_GRANULARITY: &str = "pte-granularity";
-pub const CONTENTS: &str = "contents";
-pub const ACCOUNTING: &str = "accounting";
-pub const NO_LEAK: &str = "no-leak";
-pub const TRANSLATION_AGREES: &str = "translation-agrees";
-pub const WRITE_FAULTS: &str = "write-faults";
-pub const ROOTS_IN_SYNC: &str = "roots-in-sync";
-pub const MEMMAP_PRESENT: &str = "memmap-present";
-pub const ALTMAP_UNOPTIMIZED: &str = "altmap-unoptimized";
+/// The invariants' names, as the verifier reports them.
+pub const HEAD_PRIVATE: &str = Invariant::HeadPrivate.name();
+pub const TAILS_SHARED: &str = Invariant::TailsShared.name();
+pub const TAILS_READONLY: &str = Invariant::TailsReadonly.name();
+pub const PTE_GRANULARITY: &str = Invariant::PteGranularity.name();
+pub const CONTENTS: &str = Invariant::Contents.name();
+pub const ACCOUNTING: &str = Invariant::Accounting.name();
+pub const NO_LEAK: &str = Invariant::NoLeak.name();
+pub const TRANSLATION_AGREES: &str = Invariant::TranslationAgrees.name();
+pub const WRITE_FAULTS: &str = Invariant::WriteFaults.name();
+pub const ROOTS_IN_SYNC: &str = Invariant::RootsInSync.name();
+pub const MEMMAP_PRESENT: &str = Invariant::MemmapPresent.name();
+pub const ALTMAP_UNOPTIMIZED: &str = Invariant::AltmapUnoptimized.name();
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {

@@ -1,0 +1,111 @@
+//! The invariants the harness checks, as one table: the names reports and
+//! scenario files use, what each one catches, and the order checks are listed
+//! in all derive from here.
+
+use std::fmt;
+
+/// One named invariant of the vmemmap optimization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Invariant {
+    HeadPrivate,
+    TailsShared,
+    TailsReadonly,
+    PteGranularity,
+    Contents,
+    Accounting,
+    NoLeak,
+    TranslationAgrees,
+    WriteFaults,
+    RootsInSync,
+    MemmapPresent,
+    AltmapUnoptimized,
+}
+
+impl Invariant {
+    /// Every invariant, in the order reports list them.
+    pub const ALL: [Invariant; 12] = [
+        Invariant::HeadPrivate,
+        Invariant::TailsShared,
+        Invariant::TailsReadonly,
+        Invariant::PteGranularity,
+        Invariant::Contents,
+        Invariant::Accounting,
+        Invariant::NoLeak,
+        Invariant::TranslationAgrees,
+        Invariant::WriteFaults,
+        Invariant::RootsInSync,
+        Invariant::MemmapPresent,
+        Invariant::AltmapUnoptimized,
+    ];
+
+    /// The name reports and scenario files use.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Invariant::HeadPrivate => "head-private",
+            Invariant::TailsShared => "tails-shared",
+            Invariant::TailsReadonly => "tails-readonly",
+            Invariant::PteGranularity => "pte-granularity",
+            Invariant::Contents => "contents",
+            Invariant::Accounting => "accounting",
+            Invariant::NoLeak => "no-leak",
+            Invariant::TranslationAgrees => "translation-agrees",
+            Invariant::WriteFaults => "write-faults",
+            Invariant::RootsInSync => "roots-in-sync",
+            Invariant::MemmapPresent => "memmap-present",
+            Invariant::AltmapUnoptimized => "altmap-unoptimized",
+        }
+    }
+
+    /// What it holds the page tables to, in one sentence (for help and docs).
+    pub const fn rule(self) -> &'static str {
+        match self {
+            Invariant::HeadPrivate => "each compound page's head vmemmap page maps a frame no other address maps, writable",
+            Invariant::TailsShared => {
+                "every tail vmemmap page maps the frame its layout says (the (zone, order) shared page, the head's frame, or page 1), distinct (zone, order) pairs never share a frame, and a region is optimized exactly when it can be"
+            }
+            Invariant::TailsReadonly => "tail vmemmap pages are read-only at every level (writable only where the layout keeps them so)",
+            Invariant::PteGranularity => "optimized ranges are mapped with base-page entries, never a block or huge leaf",
+            Invariant::Contents => "head, tail and shared struct pages, and pageblock migratetypes, hold what the model says",
+            Invariant::Accounting => "the guest's counters equal what the host counts in the page tables",
+            Invariant::NoLeak => "no vmemmap or page-table frame is orphaned or still mapped after a teardown",
+            Invariant::TranslationAgrees => "the host's walker and QEMU's MMU (gva2gpa) translate sampled addresses alike",
+            Invariant::WriteFaults => "writes to read-only tails fault and writes to heads succeed, through the guest's own TLB",
+            Invariant::RootsInSync => "every page-table root the guest keeps has the same top-level vmemmap entries",
+            Invariant::MemmapPresent => "every page of memory the guest has has its struct page mapped",
+            Invariant::AltmapUnoptimized => "ranges whose struct pages live on the device (altmap) are never optimized and map only device frames",
+        }
+    }
+
+    /// The invariant with this name.
+    pub fn from_name(name: &str) -> Option<Invariant> {
+        Invariant::ALL.into_iter().find(|i| i.name() == name)
+    }
+
+    /// Every name, comma-separated, for "known: ..." lists.
+    pub fn known_names() -> String {
+        Invariant::ALL.map(Invariant::name).join(", ")
+    }
+}
+
+impl fmt::Display for Invariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_distinct_and_round_trip() {
+        for i in Invariant::ALL {
+            assert_eq!(Invariant::from_name(i.name()), Some(i));
+        }
+        let mut names: Vec<_> = Invariant::ALL.map(Invariant::name).to_vec();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Invariant::ALL.len());
+        assert_eq!(Invariant::from_name("tails-writable"), None);
+    }
+}
