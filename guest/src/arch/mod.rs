@@ -13,7 +13,8 @@
 //! - `exit(status: u8) -> !`: ends the VM; 0 means success.
 //! - `enable_mmu(&mm::boot::Tables)`: load the roots and turn translation on
 //!   (the identity range stays mapped, so execution carries on).
-//! - `flush_tlb_va(VirtAddr)`: invalidate one page's translation everywhere.
+//! - `flush_tlb_va(VirtAddr)`: invalidate one page's translation everywhere
+//!   (the page-table code reaches it as [`Tlb`]).
 //! - `process_table() -> Option<PhysAddr>`: ppc64le's registered process table.
 //! - `eject_memory_slot(slot)`: complete the platform's removal of a DIMM.
 //! - `probe_write(VirtAddr) -> bool`: read the byte there and write it back;
@@ -37,6 +38,20 @@ mod imp;
 mod imp;
 
 pub use imp::*;
+
+use crate::mm::VirtAddr;
+
+/// The base page: the frame allocator's unit and the vmemmap's page.
+pub const PAGE: u64 = BASE_PAGE.bytes();
+
+/// This machine's TLB, for the page-table code.
+pub struct Tlb;
+
+impl hvo_guest::mm::pagetable::Tlb for Tlb {
+    fn invalidate(&self, va: VirtAddr) {
+        flush_tlb_va(va);
+    }
+}
 
 /// What the platform told the architecture code at boot.
 pub struct Platform {
