@@ -77,6 +77,10 @@ impl Pfn {
     pub const fn add(self, pages: u64) -> Pfn {
         Pfn(self.0 + pages)
     }
+    /// The frame `pages` frames back.
+    pub const fn sub(self, pages: u64) -> Pfn {
+        Pfn(self.0 - pages)
+    }
     /// How many frames `self` is past `earlier`.
     pub const fn pages_since(self, earlier: Pfn) -> u64 {
         self.0 - earlier.0

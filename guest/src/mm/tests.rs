@@ -163,5 +163,6 @@ fn frame_numbers_convert_in_the_page_size_they_name() {
     assert_eq!(Pfn::containing(pa, PageSize::Size64K), Pfn(0x4_0001));
     assert_eq!(Pfn(0x4_0001).start(PageSize::Size64K), PhysAddr(0x4_0001_0000));
     assert_eq!(Pfn(7).add(3).pages_since(Pfn(7)), 3);
+    assert_eq!(Pfn(7).sub(3), Pfn(4));
     assert_eq!(Pfn(2).up_to(Pfn(5)).collect::<Vec<_>>(), [Pfn(2), Pfn(3), Pfn(4)]);
 }

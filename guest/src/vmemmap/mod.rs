@@ -85,12 +85,12 @@ pub struct Mm<'a> {
     pub frames: &'a mut FrameAllocator,
 }
 
-/// The frame holding `pa`, in base pages.
+/// The frame holding the byte address `pa`, in base pages (`arch::BASE_PAGE`).
 fn pfn_of(pa: u64) -> Pfn {
     Pfn::containing(PhysAddr(pa), arch::BASE_PAGE)
 }
 
-/// The first byte of `pfn`, in base pages.
+/// The byte address of `pfn`, a frame in base pages (`arch::BASE_PAGE`).
 fn addr_of(pfn: Pfn) -> u64 {
     pfn.start(arch::BASE_PAGE).0
 }
@@ -130,13 +130,13 @@ impl Region {
 
     /// Whether `frame` is one of the device pages holding the struct pages.
     fn in_altmap(&self, frame: PhysAddr) -> bool {
-        let altmap = Pfn(self.start_pfn.0 - self.altmap_pfns);
+        let altmap = self.start_pfn.sub(self.altmap_pfns);
         (altmap..self.start_pfn).contains(&Pfn::containing(frame, arch::BASE_PAGE))
     }
 
     /// The whole device range in bytes: the altmap, then the compound pages.
     fn device_range(&self) -> (u64, u64) {
-        (addr_of(Pfn(self.start_pfn.0 - self.altmap_pfns)), addr_of(self.end_pfn()))
+        (addr_of(self.start_pfn.sub(self.altmap_pfns)), addr_of(self.end_pfn()))
     }
 }
 
