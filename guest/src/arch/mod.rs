@@ -8,10 +8,11 @@
 //!   `IDENTITY_IS_LINEAR_MAP` (ppc64le radix: quadrants 0 and 3 walk one tree, so
 //!   mapping the linear map also maps the identity range), and
 //!   `SEPARATE_IDENTITY_ROOT` (arm64: TTBR0 holds the identity half).
-//! - `type Format: mm::pagetable::Format`: the page-table entry encoding.
+//! - `type Format: mm::pagetable::Format`: the page-table entry encoding, one
+//!   of the library's `formats` (its source is the architecture's pagetable.rs).
 //! - `console_write(&[u8])`, `console_read() -> Option<u8>` (never blocks).
 //! - `exit(status: u8) -> !`: ends the VM; 0 means success.
-//! - `enable_mmu(&mm::boot::Tables)`: load the roots and turn translation on
+//! - `enable_mmu(&paging::Tables)`: load the roots and turn translation on
 //!   (the identity range stays mapped, so execution carries on).
 //! - `flush_tlb_va(VirtAddr)`: invalidate one page's translation everywhere
 //!   (the page-table code reaches it as [`Tlb`]).

@@ -104,7 +104,8 @@ impl fmt::Debug for VirtAddr {
 }
 
 /// The sizes a page-table leaf can map. Which of them an architecture's
-/// tables hold is its format's business; its base page is `arch::BASE_PAGE`.
+/// tables hold is its format's business, and so is its base page
+/// (`pagetable::Format::BASE_PAGE`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PageSize {
     Size4K,
