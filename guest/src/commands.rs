@@ -3,8 +3,10 @@
 use hvo_abi::protocol::{parse_request, write_reply_head, Command};
 
 use crate::console::{Console, LineError, LineReader};
-use crate::mm::{PhysAddr, VirtAddr, PAGE};
-use crate::vmemmap::VmemmapError;
+use crate::mm::frames::FrameAllocator;
+use crate::mm::{Pfn, PhysAddr, VirtAddr};
+use crate::paging::Table;
+use crate::vmemmap::{DaxRequest, Mm, VmemmapError};
 use crate::{arch, manifest, Kernel};
 
 /// Answers commands until told to exit.
@@ -33,12 +35,14 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                     }
                     Command::HugetlbFree { region } => {
                         let k = &mut *kernel;
-                        let done = k.vmemmap.hugetlb_free(&mut k.tables.kernel, &mut k.frames, region as usize);
+                        let done =
+                            k.vmemmap.hugetlb_free(&mut mm(&mut k.tables.kernel, &mut k.frames), region as usize);
                         changed(kernel, req.seq, done.map(|()| u64::from(region)), "freed")
                     }
                     Command::Optimize { region, layout } => {
                         let k = &mut *kernel;
-                        let done = k.vmemmap.optimize(&mut k.tables.kernel, &mut k.frames, region as usize, layout);
+                        let mut mm = mm(&mut k.tables.kernel, &mut k.frames);
+                        let done = k.vmemmap.optimize(&mut mm, region as usize, layout);
                         changed(kernel, req.seq, done.map(|()| u64::from(region)), "optimized")
                     }
                     Command::ReserveGigantic { order, count, zone } => {
@@ -56,35 +60,25 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                     }
                     Command::HotAdd { start, size, order, zone, layout, altmap } => {
                         let k = &mut *kernel;
-                        let done = k.vmemmap.hot_add(
-                            &mut k.tables.kernel,
-                            &mut k.frames,
-                            PhysAddr(start),
-                            size,
-                            order,
-                            zone,
-                            layout,
-                            altmap,
-                        );
+                        let request = DaxRequest { start: PhysAddr(start), size, order, zone, layout, altmap };
+                        let done = k.vmemmap.hot_add(&mut mm(&mut k.tables.kernel, &mut k.frames), request);
                         if done.is_ok() {
-                            let (first, end) = (k.vmemmap.va(start / PAGE), k.vmemmap.va((start + size) / PAGE));
-                            sync_process_root(k, first, end);
+                            sync_process_root_over(k, start, size);
                         }
                         changed(kernel, req.seq, done.map(|id| id as u64), "region")
                     }
                     Command::HotAddMemory { start, size, zone } => {
                         let k = &mut *kernel;
-                        let done =
-                            k.vmemmap.hot_add_memory(&mut k.tables.kernel, &mut k.frames, PhysAddr(start), size, zone);
+                        let mut mm = mm(&mut k.tables.kernel, &mut k.frames);
+                        let done = k.vmemmap.hot_add_memory(&mut mm, PhysAddr(start), size, zone);
                         if done.is_ok() {
-                            let (first, end) = (k.vmemmap.va(start / PAGE), k.vmemmap.va((start + size) / PAGE));
-                            sync_process_root(k, first, end);
+                            sync_process_root_over(k, start, size);
                         }
                         changed(kernel, req.seq, done.map(|id| id as u64), "region")
                     }
                     Command::HotRemove { region, slot } => {
                         let k = &mut *kernel;
-                        let done = k.vmemmap.hot_remove(&mut k.tables.kernel, &mut k.frames, region as usize);
+                        let done = k.vmemmap.hot_remove(&mut mm(&mut k.tables.kernel, &mut k.frames), region as usize);
                         if let (Ok(()), Some(slot)) = (done, slot) {
                             arch::eject_memory_slot(slot);
                         }
@@ -103,7 +97,7 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                     }
                     Command::Restore { region } => {
                         let k = &mut *kernel;
-                        let done = k.vmemmap.restore(&mut k.tables.kernel, &mut k.frames, region as usize);
+                        let done = k.vmemmap.restore(&mut mm(&mut k.tables.kernel, &mut k.frames), region as usize);
                         changed(kernel, req.seq, done.map(|()| u64::from(region)), "restored")
                     }
                     Command::ProbeWrite { va } => {
@@ -124,11 +118,23 @@ pub fn serve(kernel: &mut Kernel) -> ! {
 /// Populates the boot vmemmap, runs memmap init, and copies the new
 /// top-level vmemmap entries into the process root (sync_global_pgds).
 fn boot_memmap(kernel: &mut Kernel) -> Result<(), VmemmapError> {
-    kernel.vmemmap.populate_boot(&mut kernel.tables.kernel, &mut kernel.frames, &kernel.ram)?;
+    kernel.vmemmap.populate_boot(&mut mm(&mut kernel.tables.kernel, &mut kernel.frames), &kernel.ram)?;
     kernel.vmemmap.memmap_init(&kernel.ram);
     let (start, end) = kernel.vmemmap.range(&kernel.ram);
     sync_process_root(kernel, start, end);
     Ok(())
+}
+
+/// What vmemmap changes work on.
+fn mm<'a>(table: &'a mut Table, frames: &'a mut FrameAllocator) -> Mm<'a> {
+    Mm { table, frames }
+}
+
+/// `sync_process_root` over the vmemmap of the hot-added `[start, start + size)`.
+fn sync_process_root_over(kernel: &mut Kernel, start: u64, size: u64) {
+    let pfn = |pa: u64| Pfn::containing(PhysAddr(pa), arch::BASE_PAGE);
+    let (first, end) = (kernel.vmemmap.va(pfn(start)), kernel.vmemmap.va(pfn(start + size)));
+    sync_process_root(kernel, first, end);
 }
 
 /// Copies the kernel root's new top-level entries over the vmemmap `[first,

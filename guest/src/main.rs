@@ -8,13 +8,13 @@ mod arch;
 mod commands;
 mod console;
 mod manifest;
-mod mm;
-mod sparse;
+mod paging;
 mod vmemmap;
 
-use mm::boot::{Table, Tables};
+use hvo_guest::mm;
 use mm::frames::FrameAllocator;
 use mm::{Range, RangeList};
+use paging::{Table, Tables};
 use vmemmap::Vmemmap;
 
 extern "C" {
@@ -45,8 +45,8 @@ pub fn main(platform: arch::Platform) -> ! {
     let image = image_range();
     let mut reserved = platform.reserved;
     reserved.push(image);
-    let mut frames = FrameAllocator::new(&platform.ram, &reserved);
-    let tables = match mm::boot::build(&mut frames, &platform) {
+    let mut frames = FrameAllocator::new(&platform.ram, &reserved, arch::BASE_PAGE);
+    let tables = match paging::build(&mut frames, &platform) {
         Ok(t) => t,
         Err(e) => panic!("building the boot page tables failed: {e:?}"),
     };

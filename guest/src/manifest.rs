@@ -52,7 +52,7 @@ pub fn publish(kernel: &Kernel) -> u64 {
 
     let vm = &kernel.vmemmap;
     m.section_size_bits = arch::SECTION_SIZE_BITS;
-    m.memstart_pfn = vm.memstart_pfn();
+    m.memstart_pfn = vm.memstart_pfn().0;
     let c = &kernel.frames.counters;
     m.counters = Counters {
         vmemmap_allocated: c.allocated(Purpose::Vmemmap),
@@ -62,10 +62,10 @@ pub fn publish(kernel: &Kernel) -> u64 {
         struct_pages_initialized: vm.struct_pages_initialized,
     };
     let mut n = 0;
-    for (id, r) in vm.regions.iter().enumerate() {
-        if let Some(r) = r {
+    for (id, slot) in vm.slots.iter().enumerate() {
+        if let Some(r) = slot.region {
             m.regions[n] = RawRegion {
-                start_pfn: r.start_pfn,
+                start_pfn: r.start_pfn.0,
                 nr_pages: r.nr_pages,
                 kind: r.kind as u32,
                 zone: r.zone as u32,
@@ -73,7 +73,7 @@ pub fn publish(kernel: &Kernel) -> u64 {
                 layout: r.layout as u32,
                 optimized: r.optimized as u32,
                 id: id as u32,
-                pageblock_tags: vm.pageblock_tags[id].map(|(pa, _)| pa.0).unwrap_or(0),
+                pageblock_tags: slot.pageblock_tags.map(|(pa, _)| pa.0).unwrap_or(0),
                 altmap_pfns: r.altmap_pfns,
             };
             n += 1;
@@ -82,7 +82,7 @@ pub fn publish(kernel: &Kernel) -> u64 {
     m.region_count = n as u32;
     m.knobs = vm.knobs;
     let mut n = 0;
-    for t in vm.shared_tails.iter().flatten() {
+    for t in vm.shared_tails.iter() {
         m.shared_tails[n] = RawSharedTail { pa: t.pa.0, zone: t.zone as u32, order: t.order, users: t.users };
         n += 1;
     }

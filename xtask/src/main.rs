@@ -152,6 +152,9 @@ fn test(no_lint: bool) -> Result<ExitCode> {
         }
     }
     cargo(&["test", "--workspace", "--quiet"])?;
+    // The firmware's memory code (its library) on the host: the guest
+    // workspace sets no default target, so this builds for the host.
+    cargo(&["test", "--manifest-path", "guest/Cargo.toml", "--lib", "--quiet", "--target-dir", "target/guest/host"])?;
     // The scenario suite last: its closing line is the run's summary.
     run::run_scenarios(run::RunArgs::default())
 }

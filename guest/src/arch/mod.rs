@@ -8,12 +8,14 @@
 //!   `IDENTITY_IS_LINEAR_MAP` (ppc64le radix: quadrants 0 and 3 walk one tree, so
 //!   mapping the linear map also maps the identity range), and
 //!   `SEPARATE_IDENTITY_ROOT` (arm64: TTBR0 holds the identity half).
-//! - `type Format: mm::pagetable::Format`: the page-table entry encoding.
+//! - `type Format: mm::pagetable::Format`: the page-table entry encoding, one
+//!   of the library's `formats` (its source is the architecture's pagetable.rs).
 //! - `console_write(&[u8])`, `console_read() -> Option<u8>` (never blocks).
 //! - `exit(status: u8) -> !`: ends the VM; 0 means success.
-//! - `enable_mmu(&mm::boot::Tables)`: load the roots and turn translation on
+//! - `enable_mmu(&paging::Tables)`: load the roots and turn translation on
 //!   (the identity range stays mapped, so execution carries on).
-//! - `flush_tlb_va(VirtAddr)`: invalidate one page's translation everywhere.
+//! - `flush_tlb_va(VirtAddr)`: invalidate one page's translation everywhere
+//!   (the page-table code reaches it as [`Tlb`]).
 //! - `process_table() -> Option<PhysAddr>`: ppc64le's registered process table.
 //! - `eject_memory_slot(slot)`: complete the platform's removal of a DIMM.
 //! - `probe_write(VirtAddr) -> bool`: read the byte there and write it back;
@@ -37,6 +39,20 @@ mod imp;
 mod imp;
 
 pub use imp::*;
+
+use crate::mm::VirtAddr;
+
+/// The base page: the frame allocator's unit and the vmemmap's page.
+pub const PAGE: u64 = BASE_PAGE.bytes();
+
+/// This machine's TLB, for the page-table code.
+pub struct Tlb;
+
+impl hvo_guest::mm::pagetable::Tlb for Tlb {
+    fn invalidate(&self, va: VirtAddr) {
+        flush_tlb_va(va);
+    }
+}
 
 /// What the platform told the architecture code at boot.
 pub struct Platform {

@@ -1,7 +1,7 @@
 //! The physical frame allocator: bump allocation over boot RAM with a free list
 //! of returned base-page frames, counting what it hands out per purpose.
 
-use super::{PageSize, PhysAddr, Range, RangeList, PAGE};
+use super::{PageSize, PhysAddr, Range, RangeList};
 
 /// What a frame is for; the counters are kept per purpose and published.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -57,6 +57,8 @@ impl Counters {
 /// Only when the stack is full (freeing whole HugeTLB regions) are frames
 /// linked through themselves.
 pub struct FrameAllocator {
+    /// The unit: the base page.
+    frame: u64,
     free: RangeList,
     /// The recycled-frame stack: `RECYCLE_SLOTS` addresses, `recycled_len` used.
     recycled: *mut u64,
@@ -70,29 +72,30 @@ pub struct FrameAllocator {
     fail_in: Option<u64>,
 }
 
-const FRAME: u64 = PAGE;
 const RECYCLE_BYTES: u64 = 64 * 1024;
 const RECYCLE_SLOTS: usize = (RECYCLE_BYTES / 8) as usize;
 
 impl FrameAllocator {
-    /// Everything in `ram` that is not in `reserved`.
-    pub fn new(ram: &RangeList, reserved: &RangeList) -> FrameAllocator {
+    /// Everything in `ram` that is not in `reserved`, in frames of the base page `frame`.
+    pub fn new(ram: &RangeList, reserved: &RangeList, frame: PageSize) -> FrameAllocator {
         let mut free = RangeList::new();
+        let unit = frame.bytes();
         for r in ram.iter() {
             // Cut every reserved range out of r, left to right (both lists are sorted).
-            let mut start = align_up(r.start, FRAME);
+            let mut start = align_up(r.start, unit);
             for res in reserved.iter().filter(|res| res.overlaps(&r)) {
                 if res.start > start {
-                    free.push(Range { start, end: align_down(res.start, FRAME) });
+                    free.push(Range { start, end: align_down(res.start, unit) });
                 }
-                start = start.max(align_up(res.end, FRAME));
+                start = start.max(align_up(res.end, unit));
             }
-            let end = align_down(r.end, FRAME);
+            let end = align_down(r.end, unit);
             if start < end {
                 free.push(Range { start, end });
             }
         }
         let mut allocator = FrameAllocator {
+            frame: unit,
             free,
             recycled: core::ptr::null_mut(),
             recycled_len: 0,
@@ -145,16 +148,17 @@ impl FrameAllocator {
     /// A zeroed block of `bytes` (a power of two, at least a base page), aligned to its
     /// size: page-table roots larger than a page (ppc64le radix) come from here.
     pub fn alloc_bytes(&mut self, bytes: u64, purpose: Purpose) -> Result<PhysAddr, AllocError> {
-        debug_assert!(bytes.is_power_of_two() && bytes >= FRAME);
+        debug_assert!(bytes.is_power_of_two() && bytes >= self.frame);
         self.injected_failure()?;
-        let pa = match (bytes, self.overflow) {
-            (FRAME, Some(head)) => {
+        let one_frame = bytes == self.frame;
+        let pa = match (one_frame, self.overflow) {
+            (true, Some(head)) => {
                 // SAFETY: an overflowed frame is ours and identity-mapped; its
                 // first word links to the next one.
                 self.overflow = unsafe { head.as_mut_ptr::<Option<PhysAddr>>().read() };
                 head
             }
-            (FRAME, None) if self.recycled_len > 0 => {
+            (true, None) if self.recycled_len > 0 => {
                 self.recycled_len -= 1;
                 // SAFETY: below `recycled_len`, inside the stack's storage.
                 PhysAddr(unsafe { self.recycled.add(self.recycled_len).read() })
@@ -163,7 +167,7 @@ impl FrameAllocator {
         };
         // SAFETY: the frame was free RAM that nothing else references.
         unsafe { core::ptr::write_bytes(pa.as_mut_ptr::<u8>(), 0, bytes as usize) };
-        self.counters.allocated[purpose.index()] += bytes / FRAME;
+        self.counters.allocated[purpose.index()] += bytes / self.frame;
         Ok(pa)
     }
 
@@ -171,13 +175,13 @@ impl FrameAllocator {
     /// block (a HugeTLB region) back into the free ranges whole, without
     /// touching its pages.
     pub fn free(&mut self, pa: PhysAddr, bytes: u64, purpose: Purpose) {
-        if bytes > FRAME {
+        if bytes > self.frame {
             self.free.push(Range { start: pa.0, end: pa.0 + bytes });
             self.count_free(purpose, bytes);
             return;
         }
-        for i in 0..bytes / FRAME {
-            let frame = pa.add(i * FRAME);
+        for i in 0..bytes / self.frame {
+            let frame = pa.add(i * self.frame);
             if self.recycled_len < RECYCLE_SLOTS {
                 // SAFETY: below the stack's capacity.
                 unsafe { self.recycled.add(self.recycled_len).write(frame.0) };
@@ -193,7 +197,7 @@ impl FrameAllocator {
 
     fn count_free(&mut self, purpose: Purpose, bytes: u64) {
         if !(self.forget_vmemmap_frees && purpose == Purpose::Vmemmap) {
-            self.counters.freed[purpose.index()] += bytes / FRAME;
+            self.counters.freed[purpose.index()] += bytes / self.frame;
         }
     }
 
@@ -213,7 +217,7 @@ impl FrameAllocator {
     pub fn alloc_data(&mut self, bytes: u64, align: u64, purpose: Purpose) -> Result<PhysAddr, AllocError> {
         self.injected_failure()?;
         let pa = self.bump_aligned(bytes, align)?;
-        self.counters.allocated[purpose.index()] += bytes / FRAME;
+        self.counters.allocated[purpose.index()] += bytes / self.frame;
         Ok(pa)
     }
 

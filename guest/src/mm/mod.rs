@@ -1,9 +1,10 @@
 //! Memory management common to every architecture: address types, the frame
 //! allocator, and a page-table mapper written over an architecture's entry format.
 
-pub mod boot;
 pub mod frames;
 pub mod pagetable;
+#[cfg(test)]
+pub mod test_memory;
 
 use core::fmt;
 
@@ -24,16 +25,69 @@ impl PhysAddr {
     pub const fn is_aligned(self, size: PageSize) -> bool {
         self.0 & (size.bytes() - 1) == 0
     }
-    /// The address the firmware reaches this frame at: it keeps all RAM
-    /// identity-mapped, before and after the MMU is on.
+    /// Where this physical address is reached (see [`FrameAccess`]).
     pub fn as_mut_ptr<T>(self) -> *mut T {
-        self.0 as usize as *mut T
+        Memory::ptr(self).cast()
     }
 }
+
+/// How the memory code reaches physical memory it owns (page tables, the
+/// section table, the allocator's own lists).
+pub trait FrameAccess {
+    fn ptr(pa: PhysAddr) -> *mut u8;
+}
+
+/// The firmware keeps all RAM identity-mapped, before and after the MMU is on.
+pub enum IdentityMapped {}
+
+impl FrameAccess for IdentityMapped {
+    fn ptr(pa: PhysAddr) -> *mut u8 {
+        pa.0 as usize as *mut u8
+    }
+}
+
+#[cfg(not(test))]
+type Memory = IdentityMapped;
+/// Host tests: a pool in a Vec standing for a range of physical memory.
+#[cfg(test)]
+type Memory = test_memory::TestMemory;
 
 impl VirtAddr {
     pub const fn is_aligned(self, size: PageSize) -> bool {
         self.0 & (size.bytes() - 1) == 0
+    }
+}
+
+/// A page frame number: a physical address in units of a base page. The
+/// conversions name the page size they divide or multiply by.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+#[repr(transparent)]
+pub struct Pfn(pub u64);
+
+impl Pfn {
+    /// The frame holding `pa`, in pages of `page`.
+    pub const fn containing(pa: PhysAddr, page: PageSize) -> Pfn {
+        Pfn(pa.0 >> page.shift())
+    }
+    /// The first byte of the frame, in pages of `page`.
+    pub const fn start(self, page: PageSize) -> PhysAddr {
+        PhysAddr(self.0 << page.shift())
+    }
+    /// The frame `pages` frames on.
+    pub const fn add(self, pages: u64) -> Pfn {
+        Pfn(self.0 + pages)
+    }
+    /// The frame `pages` frames back.
+    pub const fn sub(self, pages: u64) -> Pfn {
+        Pfn(self.0 - pages)
+    }
+    /// How many frames `self` is past `earlier`.
+    pub const fn pages_since(self, earlier: Pfn) -> u64 {
+        self.0 - earlier.0
+    }
+    /// The frames from `self` up to, not including, `end`.
+    pub fn up_to(self, end: Pfn) -> impl Iterator<Item = Pfn> {
+        (self.0..end.0).map(Pfn)
     }
 }
 
@@ -50,7 +104,8 @@ impl fmt::Debug for VirtAddr {
 }
 
 /// The sizes a page-table leaf can map. Which of them an architecture's
-/// tables hold is its format's business; its base page is `arch::BASE_PAGE`.
+/// tables hold is its format's business, and so is its base page
+/// (`pagetable::Format::BASE_PAGE`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PageSize {
     Size4K,
@@ -78,9 +133,6 @@ impl PageSize {
         PageSize::DESCENDING.into_iter().find(|s| s.shift() == shift)
     }
 }
-
-/// The base page: the frame allocator's unit and the vmemmap's page.
-pub const PAGE: u64 = crate::arch::BASE_PAGE.bytes();
 
 /// A physical range.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -158,4 +210,17 @@ impl RangeList {
     pub fn len(&self) -> usize {
         self.len
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
+
+impl Default for RangeList {
+    fn default() -> RangeList {
+        RangeList::new()
+    }
+}
+
+#[cfg(test)]
+mod tests;

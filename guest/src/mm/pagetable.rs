@@ -41,6 +41,8 @@ pub trait Format {
     const SHIFTS: [u32; 4];
     /// Index bits at each level, root first.
     const INDEX_BITS: [u32; 4];
+    /// The size the last level's leaves map.
+    const BASE_PAGE: PageSize;
 
     /// Whether a leaf of the level's size may be placed at `level`.
     fn leaf_allowed(level: usize) -> bool;
@@ -49,32 +51,40 @@ pub trait Format {
     fn encode_leaf(pa: PhysAddr, level: usize, prot: Prot) -> u64;
 
     /// Entries are stored in the byte order the MMU reads (big-endian on radix).
-    fn load(slot: *const u64) -> u64 {
+    fn load(slot: PhysAddr) -> u64 {
         // SAFETY: callers pass a slot inside a live table.
-        unsafe { slot.read_volatile() }
+        unsafe { slot.as_mut_ptr::<u64>().read_volatile() }
     }
-    fn store(slot: *mut u64, raw: u64) {
+    fn store(slot: PhysAddr, raw: u64) {
         // SAFETY: as for `load`.
-        unsafe { slot.write_volatile(raw) }
+        unsafe { slot.as_mut_ptr::<u64>().write_volatile(raw) }
     }
 
     /// What a table at `level` takes from the frame allocator: its entries,
     /// in at least one base page (a 64 KiB-page radix PTE table is 256 bytes;
     /// Linux packs those as fragments, the firmware does not bother).
     fn table_bytes(level: usize) -> u64 {
-        (8u64 << Self::INDEX_BITS[level]).max(super::PAGE)
+        (8u64 << Self::INDEX_BITS[level]).max(Self::BASE_PAGE.bytes())
     }
+}
+
+/// Invalidates cached translations: the architecture's instructions in the
+/// firmware, a record of what was asked in tests.
+pub trait Tlb {
+    /// Invalidates one page's translation (and walk caches over it) everywhere.
+    fn invalidate(&self, va: VirtAddr);
 }
 
 /// A TLB invalidation owed after a page-table change. Boot mappings are made
 /// before the MMU uses the table, so they `ignore()` it; changes to live
 /// tables (vmemmap optimization) must `flush()`.
 #[must_use = "a page-table change is not visible until its TLB entry is flushed"]
+#[derive(PartialEq, Eq, Debug)]
 pub struct Flush(VirtAddr);
 
 impl Flush {
-    pub fn flush(self) {
-        crate::arch::flush_tlb_va(self.0);
+    pub fn flush(self, tlb: &impl Tlb) {
+        tlb.invalidate(self.0);
     }
 
     /// For changes made before the MMU uses this table, where no TLB entry
@@ -137,13 +147,14 @@ impl<F: Format> PageTable<F> {
         self.root
     }
 
-    fn slot(table: PhysAddr, level: usize, va: VirtAddr) -> *mut u64 {
+    /// Where the entry for `va` is in `table`, a table at `level`.
+    fn slot(table: PhysAddr, level: usize, va: VirtAddr) -> PhysAddr {
         let index = (va.0 >> F::SHIFTS[level]) & ((1 << F::INDEX_BITS[level]) - 1);
-        table.add(index * 8).as_mut_ptr()
+        table.add(index * 8)
     }
 
     /// The slot at `level` for `va`, allocating intermediate tables on the way.
-    fn walk_create(&mut self, frames: &mut FrameAllocator, va: VirtAddr, level: usize) -> Result<*mut u64, MapError> {
+    fn walk_create(&mut self, frames: &mut FrameAllocator, va: VirtAddr, level: usize) -> Result<PhysAddr, MapError> {
         let mut table = self.root;
         for l in 0..level {
             let slot = Self::slot(table, l, va);
@@ -181,7 +192,7 @@ impl<F: Format> PageTable<F> {
     }
 
     /// The slot holding the leaf for `va`, and its level.
-    fn find_leaf(&self, va: VirtAddr) -> Option<(*mut u64, usize)> {
+    fn find_leaf(&self, va: VirtAddr) -> Option<(PhysAddr, usize)> {
         let mut table = self.root;
         for l in 0..F::LEVELS {
             let slot = Self::slot(table, l, va);
@@ -225,7 +236,7 @@ impl<F: Format> PageTable<F> {
         let Entry::Leaf { pa: old, .. } = F::decode(F::load(slot), level) else {
             return Err(MapError::NotMapped);
         };
-        if level_size::<F>(level) != Some(crate::arch::BASE_PAGE) {
+        if level_size::<F>(level) != Some(F::BASE_PAGE) {
             return Err(MapError::SizeNotSupported);
         }
         F::store(slot, F::encode_leaf(pa, level, prot));
@@ -240,7 +251,7 @@ impl<F: Format> PageTable<F> {
         let Entry::Leaf { pa, prot } = F::decode(F::load(slot), level) else {
             return Err(MapError::NotMapped);
         };
-        let base = crate::arch::BASE_PAGE;
+        let base = F::BASE_PAGE;
         match level_size::<F>(level) {
             Some(size) if size == base => return Ok(None),
             Some(PageSize::Size2M) if level_size::<F>(level + 1) == Some(base) => {}
@@ -249,7 +260,7 @@ impl<F: Format> PageTable<F> {
         let table = frames.alloc_bytes(F::table_bytes(level + 1), Purpose::PageTable)?;
         let step = base.bytes();
         for i in 0..PageSize::Size2M.bytes() / step {
-            F::store(table.add(i * 8).as_mut_ptr(), F::encode_leaf(pa.add(i * step), level + 1, prot));
+            F::store(table.add(i * 8), F::encode_leaf(pa.add(i * step), level + 1, prot));
         }
         F::store(slot, F::encode_table(table, level));
         let base = VirtAddr(va.0 & !(PageSize::Size2M.bytes() - 1));
@@ -286,12 +297,12 @@ impl<F: Format> PageTable<F> {
     /// Frees the tables below the root's children over `[start, end)` that
     /// map nothing any more. Root entries stay: other roots point at the
     /// same next-level tables, as Linux keeps its top-level vmemmap entries.
-    pub fn free_empty_tables(&mut self, frames: &mut FrameAllocator, start: VirtAddr, end: VirtAddr) {
+    pub fn free_empty_tables(&mut self, frames: &mut FrameAllocator, tlb: &impl Tlb, start: VirtAddr, end: VirtAddr) {
         let mut va = start.0;
         while va < end.0 {
             let span = 1u64 << F::SHIFTS[0];
             if let Entry::Table(child) = F::decode(F::load(Self::slot(self.root, 0, VirtAddr(va))), 0) {
-                Self::prune(frames, child, 1, VirtAddr(va), start, end);
+                Self::prune(frames, tlb, child, 1, VirtAddr(va), start, end);
             }
             va = match (va & !(span - 1)).checked_add(span) {
                 Some(next) => next,
@@ -304,6 +315,7 @@ impl<F: Format> PageTable<F> {
     /// returns whether `table` itself is now empty.
     fn prune(
         frames: &mut FrameAllocator,
+        tlb: &impl Tlb,
         table: PhysAddr,
         level: usize,
         base: VirtAddr,
@@ -315,16 +327,16 @@ impl<F: Format> PageTable<F> {
         let table_base = base.0 & !((span << F::INDEX_BITS[level]) - 1);
         let mut empty = true;
         for i in 0..entries {
-            let slot = table.add(i * 8).as_mut_ptr::<u64>();
+            let slot = table.add(i * 8);
             let va = table_base.wrapping_add(i * span);
             let inside = va.wrapping_add(span) > start.0 && va < end.0;
             match F::decode(F::load(slot), level) {
                 Entry::Empty => {}
                 Entry::Table(child) if inside && level + 1 < F::LEVELS => {
-                    if Self::prune(frames, child, level + 1, VirtAddr(va), start, end) {
+                    if Self::prune(frames, tlb, child, level + 1, VirtAddr(va), start, end) {
                         F::store(slot, 0);
                         // Walk caches may still hold the cleared entry.
-                        crate::arch::flush_tlb_va(VirtAddr(va));
+                        tlb.invalidate(VirtAddr(va));
                         frames.free(child, F::table_bytes(level + 1), Purpose::PageTable);
                     } else {
                         empty = false;
@@ -336,3 +348,7 @@ impl<F: Format> PageTable<F> {
         empty
     }
 }
+
+#[cfg(test)]
+#[path = "pagetable_tests.rs"]
+mod tests;

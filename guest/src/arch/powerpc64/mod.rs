@@ -7,8 +7,8 @@ mod libc;
 mod platform;
 mod traps;
 
-use crate::mm::pagetable::{Entry, Format as PageTableFormat, Prot};
-use crate::mm::{boot::Tables, PageSize, PhysAddr, Range, RangeList, VirtAddr};
+use crate::mm::{PageSize, PhysAddr, Range, RangeList, VirtAddr};
+use crate::paging::Tables;
 
 pub use platform::{console_read, console_write, eject_memory_slot, exit};
 pub use traps::probe_write;
@@ -35,83 +35,8 @@ pub const MEMSTART_ALIGN: Option<u64> = None;
 pub const IDENTITY_IS_LINEAR_MAP: bool = true;
 pub const SEPARATE_IDENTITY_ROOT: bool = false;
 
-pub type Format = RadixTree;
-
-/// Radix tree, entries big-endian: 13/9/9/9 index bits with 4 KiB pages,
-/// 13/9/9/5 with 64 KiB pages (the only two shapes POWER9 and QEMU walk).
-pub enum RadixTree {}
-
-/// Index bits of the last level: what is left of the 21 bits a PMD entry spans.
-const PTE_INDEX_BITS: u32 = 21 - BASE_PAGE.shift();
-
-const VALID: u64 = 1 << 63;
-const LEAF: u64 = 1 << 62;
-/// Referenced and changed, preset so TCG never writes them back.
-const REFERENCED: u64 = 1 << 8;
-const CHANGED: u64 = 1 << 7;
-/// Cache-inhibited, guarded (ATT = 0b11 in bits 5:4).
-const NON_IDEMPOTENT_IO: u64 = 3 << 4;
-const PRIVILEGED: u64 = 1 << 3;
-const READ: u64 = 1 << 2;
-const READ_WRITE: u64 = 1 << 1;
-const EXECUTE: u64 = 1 << 0;
-/// Next-level base, ISA bits 4:55.
-const NEXT_LEVEL_BASE: u64 = 0x0fff_ffff_ffff_ff00;
-/// Real page number, ISA bits 7:51.
-const REAL_PAGE: u64 = 0x01ff_ffff_ffff_f000;
-
-impl PageTableFormat for RadixTree {
-    const LEVELS: usize = 4;
-    const SHIFTS: [u32; 4] = [39, 30, 21, BASE_PAGE.shift()];
-    const INDEX_BITS: [u32; 4] = [13, 9, 9, PTE_INDEX_BITS];
-
-    fn leaf_allowed(level: usize) -> bool {
-        level >= 1
-    }
-
-    fn decode(raw: u64, level: usize) -> Entry {
-        if raw & VALID == 0 {
-            return Entry::Empty;
-        }
-        if raw & LEAF == 0 {
-            return Entry::Table(PhysAddr(raw & NEXT_LEVEL_BASE));
-        }
-        let size_mask = (1u64 << Self::SHIFTS[level]) - 1;
-        Entry::Leaf {
-            pa: PhysAddr(raw & REAL_PAGE & !size_mask),
-            prot: Prot { write: raw & READ_WRITE != 0, exec: raw & EXECUTE != 0, device: raw & NON_IDEMPOTENT_IO != 0 },
-        }
-    }
-
-    fn encode_table(pa: PhysAddr, level: usize) -> u64 {
-        // NLS: log2 of the next table's entries.
-        VALID | pa.0 | Self::INDEX_BITS[level + 1] as u64
-    }
-
-    fn encode_leaf(pa: PhysAddr, _level: usize, prot: Prot) -> u64 {
-        let mut raw = VALID | LEAF | pa.0 | REFERENCED | CHANGED | PRIVILEGED | READ;
-        if prot.write {
-            raw |= READ_WRITE;
-        }
-        if prot.exec {
-            raw |= EXECUTE;
-        }
-        if prot.device {
-            raw |= NON_IDEMPOTENT_IO;
-        }
-        raw
-    }
-
-    fn load(slot: *const u64) -> u64 {
-        // SAFETY: callers pass a slot inside a live table.
-        u64::from_be(unsafe { slot.read_volatile() })
-    }
-
-    fn store(slot: *mut u64, raw: u64) {
-        // SAFETY: as for `load`.
-        unsafe { slot.write_volatile(raw.to_be()) }
-    }
-}
+/// Its entry format (pagetable.rs) is built into the library, see formats.rs.
+pub type Format = hvo_guest::formats::powerpc64::RadixTree<{ BASE_PAGE.shift() }>;
 
 /// The process table registered with the hypervisor: 4 KiB, entry 0 (PID 0).
 #[repr(C, align(4096))]
@@ -151,7 +76,7 @@ pub fn enable_mmu(tables: &Tables) {
     // Entry 0, doubleword 0: RTS = 0b10_101 (a 2^52-byte tree, split as
     // RTS1 in bits 62:61 and RTS2 in bits 7:5), the root, RPDS = 13.
     let root = tables.kernel.root().0;
-    let entry = 2 << 61 | root | 5 << 5 | RadixTree::INDEX_BITS[0] as u64;
+    let entry = 2 << 61 | root | 5 << 5 | <Format as hvo_guest::mm::pagetable::Format>::INDEX_BITS[0] as u64;
     // SAFETY: single-threaded boot, before the table is registered.
     unsafe { (*core::ptr::addr_of_mut!(PROCESS_TABLE)).0[0] = entry.to_be() };
     // Flags: new table, radix, guest translation shootdown enabled.

@@ -2,10 +2,10 @@
 //! firmware is linked there) and again at the architecture's linear-map base,
 //! MMIO identity-mapped as device memory.
 
-use super::frames::FrameAllocator;
-use super::pagetable::{self, MapError, PageTable, Prot};
-use super::{PageSize, PhysAddr, Range, VirtAddr};
 use crate::arch::{self, Platform};
+use crate::mm::frames::FrameAllocator;
+use crate::mm::pagetable::{self, MapError, PageTable, Prot};
+use crate::mm::{PageSize, PhysAddr, Range, VirtAddr};
 
 pub type Table = PageTable<arch::Format>;
 
