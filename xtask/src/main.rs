@@ -150,6 +150,20 @@ fn test(no_lint: bool) -> Result<ExitCode> {
                 bail!("clippy found problems in the {arch} guest");
             }
         }
+        // The firmware library's host tests are code too.
+        cargo(&[
+            "clippy",
+            "--manifest-path",
+            "guest/Cargo.toml",
+            "--lib",
+            "--tests",
+            "--quiet",
+            "--target-dir",
+            "target/guest/host",
+            "--",
+            "-D",
+            "warnings",
+        ])?;
     }
     cargo(&["test", "--workspace", "--quiet"])?;
     // The firmware's memory code (its library) on the host: the guest
