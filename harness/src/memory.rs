@@ -174,18 +174,19 @@ impl GuestMemory for MappedMemory {
 /// `src..src + buf.len()` must be mapped and readable.
 unsafe fn volatile_copy(src: *const u8, buf: &mut [u8]) {
     const WORD: usize = std::mem::size_of::<u64>();
+    let (len, dst) = (buf.len(), buf.as_mut_ptr());
     let mut i = 0;
-    while i < buf.len() && !(src.add(i) as usize).is_multiple_of(WORD) {
-        buf[i] = std::ptr::read_volatile(src.add(i));
+    while i < len && !(src.add(i) as usize).is_multiple_of(WORD) {
+        dst.add(i).write(std::ptr::read_volatile(src.add(i)));
         i += 1;
     }
-    while buf.len() - i >= WORD {
+    while len - i >= WORD {
         let word = std::ptr::read_volatile(src.add(i).cast::<u64>());
-        buf[i..i + WORD].copy_from_slice(&word.to_ne_bytes());
+        dst.add(i).cast::<u64>().write_unaligned(word);
         i += WORD;
     }
-    while i < buf.len() {
-        buf[i] = std::ptr::read_volatile(src.add(i));
+    while i < len {
+        dst.add(i).write(std::ptr::read_volatile(src.add(i)));
         i += 1;
     }
 }

@@ -327,4 +327,29 @@ mod tests {
         let transcript = qmp.transcript().text();
         assert!(transcript.contains("event HVO_NO_SUCH_EVENT skipped"), "{transcript}");
     }
+
+    /// A peer that greets, answers `qmp_capabilities`, then never answers again.
+    async fn silent_qemu(listener: UnixListener) -> std::io::Result<()> {
+        let (stream, _) = listener.accept().await?;
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}, \"package\": \"\"}, \"capabilities\": []}}\n").await?;
+        lines.next_line().await?;
+        write.write_all(b"{\"return\": {}}\n").await?;
+        while lines.next_line().await?.is_some() {}
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn after_a_command_times_out_later_ones_are_refused_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let _peer = tokio::spawn(silent_qemu(UnixListener::bind(&path).unwrap()));
+        let stream = UnixStream::connect(&path).await.unwrap();
+        let qmp = Qmp::handshake(stream, Duration::from_secs(30), Instant::now()).await.expect("handshake");
+        let first = qmp.execute_within(qmp::query_status {}, Duration::from_millis(50)).await;
+        assert!(matches!(first, Err(QmpError::Timeout { command: "query-status", .. })), "{first:?}");
+        let second = qmp.execute_within(qmp::quit {}, Duration::from_secs(30)).await;
+        assert!(matches!(second, Err(QmpError::Unanswered { command: "quit", earlier: "query-status" })), "{second:?}");
+    }
 }
