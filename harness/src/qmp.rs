@@ -282,18 +282,26 @@ mod tests {
     use tokio::io::AsyncBufReadExt;
     use tokio::net::UnixListener;
 
-    /// A QMP peer speaking like QEMU: greeting, capabilities, then an event
-    /// no schema knows, then answers to the client's next commands.
-    async fn fake_qemu(listener: UnixListener) -> std::io::Result<Vec<String>> {
+    type PeerLines = tokio::io::Lines<BufReader<OwnedReadHalf>>;
+
+    /// Accepts the client and does QEMU's side of the handshake: greeting,
+    /// then the answer to `qmp_capabilities` (returned with the command).
+    async fn greet(listener: UnixListener) -> std::io::Result<(PeerLines, OwnedWriteHalf, Vec<String>)> {
         let (stream, _) = listener.accept().await?;
         let (read, mut write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
-        let mut received = Vec::new();
         write
             .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}, \"package\": \"\"}, \"capabilities\": []}}\n")
             .await?;
-        received.extend(lines.next_line().await?);
+        let received = lines.next_line().await?.into_iter().collect();
         write.write_all(b"{\"return\": {}}\n").await?;
+        Ok((lines, write, received))
+    }
+
+    /// A QMP peer speaking like QEMU: the handshake, then an event no schema
+    /// knows, then answers to the client's next commands.
+    async fn fake_qemu(listener: UnixListener) -> std::io::Result<Vec<String>> {
+        let (mut lines, mut write, mut received) = greet(listener).await?;
         write
             .write_all(b"{\"event\": \"HVO_NO_SUCH_EVENT\", \"data\": {\"x\": 1}, \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\n")
             .await?;
@@ -328,14 +336,9 @@ mod tests {
         assert!(transcript.contains("event HVO_NO_SUCH_EVENT skipped"), "{transcript}");
     }
 
-    /// A peer that greets, answers `qmp_capabilities`, then never answers again.
+    /// A peer that does the handshake, then never answers again.
     async fn silent_qemu(listener: UnixListener) -> std::io::Result<()> {
-        let (stream, _) = listener.accept().await?;
-        let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
-        write.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}, \"package\": \"\"}, \"capabilities\": []}}\n").await?;
-        lines.next_line().await?;
-        write.write_all(b"{\"return\": {}}\n").await?;
+        let (mut lines, _write, _) = greet(listener).await?;
         while lines.next_line().await?.is_some() {}
         Ok(())
     }
