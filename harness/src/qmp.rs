@@ -315,14 +315,27 @@ mod tests {
         Ok(received)
     }
 
-    #[tokio::test]
-    async fn an_event_the_schema_does_not_know_is_logged_and_skipped() {
+    /// A client connected to `peer` listening in a fresh directory (kept
+    /// alive by the returned guard), and the peer's task.
+    async fn connect<F>(
+        peer: impl FnOnce(UnixListener) -> F,
+    ) -> (Qmp, tokio::task::JoinHandle<F::Output>, tempfile::TempDir)
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
-        let peer = tokio::spawn(fake_qemu(UnixListener::bind(&path).unwrap()));
+        let task = tokio::spawn(peer(UnixListener::bind(&path).unwrap()));
         let stream = UnixStream::connect(&path).await.unwrap();
+        let qmp = Qmp::handshake(stream, Duration::from_secs(30), Instant::now()).await.expect("handshake");
+        (qmp, task, dir)
+    }
+
+    #[tokio::test]
+    async fn an_event_the_schema_does_not_know_is_logged_and_skipped() {
+        let (qmp, peer, _dir) = connect(fake_qemu).await;
         let limit = Duration::from_secs(30);
-        let qmp = Qmp::handshake(stream, limit, Instant::now()).await.expect("handshake");
 
         let version = qmp.execute(qmp::query_version {}).await.expect("the client still answers after the event");
         assert_eq!((version.qemu.major, version.qemu.minor), (7, 2));
@@ -345,11 +358,7 @@ mod tests {
 
     #[tokio::test]
     async fn after_a_command_times_out_later_ones_are_refused_not_sent() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qmp.sock");
-        let _peer = tokio::spawn(silent_qemu(UnixListener::bind(&path).unwrap()));
-        let stream = UnixStream::connect(&path).await.unwrap();
-        let qmp = Qmp::handshake(stream, Duration::from_secs(30), Instant::now()).await.expect("handshake");
+        let (qmp, _peer, _dir) = connect(silent_qemu).await;
         let first = qmp.execute_within(qmp::query_status {}, Duration::from_millis(50)).await;
         assert!(matches!(first, Err(QmpError::Timeout { command: "query-status", .. })), "{first:?}");
         let second = qmp.execute_within(qmp::quit {}, Duration::from_secs(30)).await;
