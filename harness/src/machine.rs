@@ -55,8 +55,8 @@ impl Shutdown {
         let how = match self.ending {
             Ending::ByItself => "QEMU had already exited",
             Ending::Quit => "QEMU quit when asked over QMP",
-            Ending::Sigterm => "QEMU ignored `quit` and ended on SIGTERM",
-            Ending::Sigkill => "QEMU ignored `quit` and SIGTERM and needed SIGKILL",
+            Ending::Sigterm => "QEMU did not end on `quit` (or had no QMP to take it) and ended on SIGTERM",
+            Ending::Sigkill => "QEMU ended neither on `quit` nor on SIGTERM and needed SIGKILL",
         };
         format!("{how} ({})", describe_exit(self.exit))
     }

@@ -89,7 +89,7 @@ pub struct Qmp {
     service: Service,
     events: Arc<(Mutex<EventLog>, Notify)>,
     transcript: Transcript,
-    /// A command that timed out, whose reply QEMU still owes.
+    /// A command sent whose reply QEMU still owes.
     unanswered: Mutex<Option<&'static str>>,
     /// Default time limit for one command.
     pub timeout: Duration,
@@ -156,15 +156,23 @@ impl Qmp {
         C::Ok: std::fmt::Debug,
     {
         let name = C::NAME;
-        if let Some(earlier) = *self.unanswered.lock().unwrap_or_else(|e| e.into_inner()) {
-            return Err(QmpError::Unanswered { command: name, earlier });
+        {
+            // Owed from now until its reply: if this future is dropped (a
+            // timeout here or a caller's deadline), the reply stays owed.
+            let mut owed = self.unanswered.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(earlier) = *owed {
+                return Err(QmpError::Unanswered { command: name, earlier });
+            }
+            *owed = Some(name);
         }
         self.transcript.push(format!("-> {command:?}"));
         let reply = tokio::time::timeout(timeout, self.service.execute(command)).await;
+        if reply.is_ok() {
+            *self.unanswered.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
         match reply {
             Err(_) => {
                 self.transcript.push(format!("<- {name}: no reply within {timeout:?}"));
-                *self.unanswered.lock().unwrap_or_else(|e| e.into_inner()) = Some(name);
                 Err(QmpError::Timeout { command: name, timeout })
             }
             Ok(Ok(ok)) => {
