@@ -10,10 +10,9 @@ use hvo_abi::protocol::Command;
 use hvo_images::{profile, Arch};
 
 use crate::addr::PhysAddr;
-use crate::console::Console;
-use crate::memory::{GuestMemory, MappedMemory};
-use crate::qemu::{MachineSpec, QemuCommand, QemuProcess, RunPaths};
-use crate::qmp::Qmp;
+use crate::machine::Machine;
+use crate::memory::GuestMemory;
+use crate::qemu::{BootPayload, MachineSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -25,38 +24,31 @@ pub enum BenchError {
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// A QEMU started with the scenario runner's command line, its console and
-/// QMP accepted, and its guest ready.
-struct Started {
-    qemu: QemuProcess,
-    console: Console,
-    qmp_stream: tokio::net::UnixStream,
-    paths: RunPaths,
-    _dir: tempfile::TempDir,
+/// A machine launched as the scenario runner launches it, its guest ready.
+async fn start(arch: Arch, elf: &Path, spec: &MachineSpec) -> Result<Machine, BenchError> {
+    let payload = BootPayload::Firmware(elf.to_path_buf());
+    let mut machine =
+        Machine::new(profile(arch), spec, &payload, Instant::now()).map_err(|e| BenchError::Setup(e.to_string()))?;
+    machine.launch(LIMIT, LIMIT, false).await.map_err(|e| BenchError::Setup(e.to_string()))?;
+    let console = machine.console().ok_or_else(|| BenchError::Setup("no console".into()))?;
+    console.wait_ready(LIMIT).await.map_err(|e| BenchError::Guest(e.to_string()))?;
+    Ok(machine)
 }
 
-async fn start(arch: Arch, elf: &Path, machine: &MachineSpec) -> Result<Started, BenchError> {
-    let setup = |e: std::io::Error| BenchError::Setup(e.to_string());
-    let dir = tempfile::Builder::new().prefix("hvo-bench-").tempdir_in("/dev/shm").map_err(setup)?;
-    let paths = RunPaths { dir: dir.path().to_path_buf() };
-    let command = QemuCommand::new(profile(arch), machine, elf, &paths);
-    let started = Instant::now();
-    let mut slot = None;
-    let (console, qmp_stream) =
-        crate::qemu::start(profile(arch), &command, &paths, LIMIT, &mut slot).await.map_err(BenchError::Setup)?;
-    let qemu = slot.ok_or_else(|| BenchError::Setup("QEMU did not start".into()))?;
-    let mut console = Console::attach(console, started);
-    console.wait_ready(LIMIT).await.map_err(|e| BenchError::Guest(e.to_string()))?;
-    Ok(Started { qemu, console, qmp_stream, paths, _dir: dir })
+/// Asks the guest to exit and waits for QEMU to end.
+async fn exit(machine: &mut Machine) -> Result<(), BenchError> {
+    let console = machine.console().ok_or_else(|| BenchError::Setup("no console".into()))?;
+    console.request(Command::Exit { status: 0 }, LIMIT).await.map_err(|e| BenchError::Guest(e.to_string()))?;
+    machine.wait_exit(LIMIT).await.ok_or_else(|| BenchError::Guest("QEMU did not exit".into()))?;
+    Ok(())
 }
 
 /// Spawn to exit of the guest image with the runner's QEMU command line and
 /// nothing else: wait for `ready`, ask it to exit, wait for QEMU to end.
 pub async fn bare_boot_to_exit(arch: Arch, elf: &Path, machine: &MachineSpec) -> Result<Duration, BenchError> {
     let t = Instant::now();
-    let mut s = start(arch, elf, machine).await?;
-    s.console.request(Command::Exit { status: 0 }, LIMIT).await.map_err(|e| BenchError::Guest(e.to_string()))?;
-    s.qemu.wait_exit(LIMIT).await.ok_or_else(|| BenchError::Guest("QEMU did not exit".into()))?;
+    let mut m = start(arch, elf, machine).await?;
+    exit(&mut m).await?;
     Ok(t.elapsed())
 }
 
@@ -70,18 +62,13 @@ pub async fn memory_read_throughput(
     bytes: usize,
     rounds: usize,
 ) -> Result<(f64, f64), BenchError> {
-    let mut s = start(arch, elf, machine).await?;
-    let qmp =
-        Qmp::handshake(s.qmp_stream, LIMIT, Instant::now()).await.map_err(|e| BenchError::Setup(e.to_string()))?;
+    let mut m = start(arch, elf, machine).await?;
+    m.map_boot_ram(machine.boot_memory).map_err(BenchError::Setup)?;
     let p = profile(arch);
     let piece = p.boot_ram_pieces(machine.boot_memory).into_iter().next().ok_or(BenchError::Setup("no RAM".into()))?;
     let at = PhysAddr(piece.gpa);
-    let file = std::fs::File::open(s.paths.boot_ram()).map_err(|e| BenchError::Setup(e.to_string()))?;
-    let mut mapped = MappedMemory::new();
-    mapped
-        .add_at_offset(at, &file, piece.file_offset, piece.len as usize)
-        .map_err(|e| BenchError::Setup(e.to_string()))?;
-    let scratch = s.paths.dir.join("pmemsave.bin");
+    let scratch = m.paths().dir.join("pmemsave.bin");
+    let qmp = m.qmp().ok_or_else(|| BenchError::Setup("no QMP connection".into()))?;
     let (mut by_qmp, mut by_map) = (f64::MAX, f64::MAX);
     let mut buf = vec![0u8; bytes];
     for _ in 0..rounds.max(1) {
@@ -91,13 +78,12 @@ pub async fn memory_read_throughput(
         let read = qmp.pmemsave(at, bytes, &scratch).await.map_err(|e| BenchError::Setup(e.to_string()))?;
         by_qmp = by_qmp.min(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        mapped.read(at, &mut buf).map_err(|e| BenchError::Setup(e.to_string()))?;
+        m.memory().read(at, &mut buf).map_err(|e| BenchError::Setup(e.to_string()))?;
         by_map = by_map.min(t.elapsed().as_secs_f64());
         if read.len() != buf.len() {
             return Err(BenchError::Setup("pmemsave returned a short read".into()));
         }
     }
-    let _ = s.console.request(Command::Exit { status: 0 }, LIMIT).await;
-    s.qemu.wait_exit(LIMIT).await;
+    exit(&mut m).await?;
     Ok((bytes as f64 / by_qmp, bytes as f64 / by_map))
 }

@@ -4,9 +4,12 @@
 pub mod addr;
 pub mod bench;
 pub mod console;
+pub mod fault;
 pub mod fuzz;
+pub mod hotplug;
 pub mod image;
 pub mod invariant;
+pub mod machine;
 pub mod memory;
 pub mod pgtable;
 pub mod qemu;

@@ -123,7 +123,7 @@ impl MappedMemory {
         let size = NonZeroUsize::new(len)
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty mapping"))?;
         // SAFETY: a fresh shared read-only mapping of a file we opened; Rust code
-        // only ever reads it through copies (volatile-free reads of plain bytes).
+        // only ever reads it through volatile copies (`volatile_copy`).
         let offset = i64::try_from(offset)
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "offset too large"))?;
         let ptr = unsafe { mmap(None, size, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, file, offset) }
@@ -138,22 +138,56 @@ impl MappedMemory {
     }
 }
 
+impl MappedMemory {
+    /// The mapping holding `pa`, if any.
+    fn mapping_at(&self, pa: u64) -> Option<&Mapping> {
+        self.mappings.iter().find(|m| pa >= m.base.0 && pa - m.base.0 < m.len as u64)
+    }
+}
+
 impl GuestMemory for MappedMemory {
+    /// Reads across adjacent mappings (the pieces of q35's boot RAM, a DIMM
+    /// next to boot RAM) as one range.
     fn read(&self, pa: PhysAddr, buf: &mut [u8]) -> Result<(), MemoryError> {
         let unbacked = MemoryError::Unbacked { pa, len: buf.len() };
-        let m = self
-            .mappings
-            .iter()
-            .find(|m| pa.0 >= m.base.0 && pa.0 - m.base.0 < m.len as u64)
-            .ok_or(unbacked.clone())?;
-        let offset = (pa.0 - m.base.0) as usize;
-        if buf.len() > m.len - offset {
-            return Err(unbacked);
+        let mut done = 0;
+        while done < buf.len() {
+            let at = pa.0.checked_add(done as u64).ok_or(unbacked.clone())?;
+            let m = self.mapping_at(at).ok_or(unbacked.clone())?;
+            let offset = (at - m.base.0) as usize;
+            let n = (m.len - offset).min(buf.len() - done);
+            // SAFETY: offset..offset+n lies inside the mapping (`mapping_at`
+            // and the `min` above), which stays mapped while `self` lives.
+            unsafe { volatile_copy(m.ptr.as_ptr().add(offset), &mut buf[done..done + n]) };
+            done += n;
         }
-        // SAFETY: offset..offset+len is inside the mapping (checked above). The
-        // guest may be writing concurrently; we copy whatever bytes are there.
-        unsafe { std::ptr::copy_nonoverlapping(m.ptr.as_ptr().add(offset), buf.as_mut_ptr(), buf.len()) };
         Ok(())
+    }
+}
+
+/// Copies guest RAM the vCPUs may be writing at the same time. The compiler
+/// may not assume the bytes stay put (which a plain copy from a `&[u8]`
+/// would let it), so every load is volatile: whole aligned words where it
+/// can, single bytes at the unaligned ends.
+///
+/// # Safety
+/// `src..src + buf.len()` must be mapped and readable.
+unsafe fn volatile_copy(src: *const u8, buf: &mut [u8]) {
+    const WORD: usize = std::mem::size_of::<u64>();
+    let (len, dst) = (buf.len(), buf.as_mut_ptr());
+    let mut i = 0;
+    while i < len && !(src.add(i) as usize).is_multiple_of(WORD) {
+        dst.add(i).write(std::ptr::read_volatile(src.add(i)));
+        i += 1;
+    }
+    while len - i >= WORD {
+        let word = std::ptr::read_volatile(src.add(i).cast::<u64>());
+        dst.add(i).cast::<u64>().write_unaligned(word);
+        i += WORD;
+    }
+    while i < len {
+        dst.add(i).write(std::ptr::read_volatile(src.add(i)));
+        i += 1;
     }
 }
 
@@ -184,5 +218,40 @@ mod tests {
         assert_eq!(mem.read_u64_le(PhysAddr(0x4000_0008)), Ok(0xdead_beef));
         assert!(mem.read_u64_le(PhysAddr(0x4000_0ffc)).is_err(), "crosses the end");
         assert!(mem.read_u64_le(PhysAddr(0x3fff_f000)).is_err(), "below the range");
+    }
+
+    #[test]
+    fn a_read_across_two_adjacent_mappings_is_one_read() {
+        let mut low = tempfile::tempfile().unwrap();
+        low.write_all(&[0x11u8; 4096]).unwrap();
+        let mut high = tempfile::tempfile().unwrap();
+        high.write_all(&[0x22u8; 4096]).unwrap();
+        let mut mem = MappedMemory::new();
+        mem.add_at_offset(PhysAddr(0x1_0000), &low, 0, 4096).unwrap();
+        mem.add_at_offset(PhysAddr(0x1_1000), &high, 0, 4096).unwrap();
+
+        let mut across = [0u8; 16];
+        mem.read(PhysAddr(0x1_0ff8), &mut across).unwrap();
+        assert_eq!(across, [[0x11u8; 8], [0x22u8; 8]].concat()[..]);
+        let mut whole = vec![0u8; 8192];
+        mem.read(PhysAddr(0x1_0000), &mut whole).unwrap();
+        assert!(whole[..4096].iter().all(|b| *b == 0x11) && whole[4096..].iter().all(|b| *b == 0x22));
+        assert!(mem.read(PhysAddr(0x1_1ff8), &mut across).is_err(), "runs past the upper mapping");
+    }
+
+    #[test]
+    fn unaligned_reads_of_every_length_copy_exactly_the_bytes_asked() {
+        let mut file = tempfile::tempfile().unwrap();
+        let bytes: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        file.write_all(&bytes).unwrap();
+        let mut mem = MappedMemory::new();
+        mem.add_at_offset(PhysAddr(0), &file, 0, 4096).unwrap();
+        for start in 0..9 {
+            for len in 0..33 {
+                let mut buf = vec![0u8; len];
+                mem.read(PhysAddr(start as u64), &mut buf).unwrap();
+                assert_eq!(buf, bytes[start..start + len], "{start}+{len}");
+            }
+        }
     }
 }

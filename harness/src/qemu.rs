@@ -4,8 +4,10 @@
 //! (never from raw arguments in a scenario file). QEMU runs in its own process
 //! group, dies with the harness (`PR_SET_PDEATHSIG`), and is killed with SIGKILL
 //! when its handle is dropped, so no path leaves a QEMU process behind.
+//! Signals only ever go to QEMU's own group ([`ProcessGroup`]), never to the
+//! harness's.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,7 +16,7 @@ use hvo_images::{Loader, Profile};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinHandle;
 
 /// The memory a scenario's machine has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +61,14 @@ impl RunPaths {
     }
 }
 
+/// What a machine boots, as one value: the command line's boot arguments
+/// all follow from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BootPayload {
+    /// Our firmware ELF, loaded the way the profile's loader says.
+    Firmware(PathBuf),
+}
+
 /// A QEMU invocation: the program and its arguments.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QemuCommand {
@@ -69,7 +79,7 @@ pub struct QemuCommand {
 const BOOT_RAM_ID: &str = "boot-ram";
 
 impl QemuCommand {
-    pub fn new(profile: &Profile, machine: &MachineSpec, guest_elf: &Path, paths: &RunPaths) -> QemuCommand {
+    pub fn new(profile: &Profile, machine: &MachineSpec, payload: &BootPayload, paths: &RunPaths) -> QemuCommand {
         let mut args: Vec<String> = Vec::new();
         let mut push = |a: &[&str]| args.extend(a.iter().map(|s| s.to_string()));
         let mib = machine.boot_memory >> 20;
@@ -97,12 +107,19 @@ impl QemuCommand {
         push(&["-serial", "chardev:console"]);
         push(&["-chardev", &format!("socket,id=qmp,path={}", paths.qmp_socket().display())]);
         push(&["-mon", "chardev=qmp,mode=control"]);
-        let elf = guest_elf.display().to_string();
-        match profile.loader {
-            Loader::Kernel { bios: Some(bios) } => push(&["-bios", bios, "-kernel", &elf]),
-            Loader::Kernel { bios: None } => push(&["-kernel", &elf]),
-            Loader::StubFirmware { .. } => {
-                push(&["-bios", &paths.firmware_stub().display().to_string(), "-device", &format!("loader,file={elf}")])
+        match payload {
+            BootPayload::Firmware(elf) => {
+                let elf = elf.display().to_string();
+                match profile.loader {
+                    Loader::Kernel { bios: Some(bios) } => push(&["-bios", bios, "-kernel", &elf]),
+                    Loader::Kernel { bios: None } => push(&["-kernel", &elf]),
+                    Loader::StubFirmware { .. } => push(&[
+                        "-bios",
+                        &paths.firmware_stub().display().to_string(),
+                        "-device",
+                        &format!("loader,file={elf}"),
+                    ]),
+                }
             }
         }
         push(profile.extra_args);
@@ -145,15 +162,62 @@ pub enum QemuError {
     NotInstalled { binary: String, package: String },
     #[error("could not start {binary}: {source}")]
     Spawn { binary: String, source: std::io::Error },
+    /// A process id QEMU's group cannot be named by: signalling "group 0"
+    /// would reach the harness's own group instead.
+    #[error("{binary} has no process id to signal its group by (got {pid:?})")]
+    NoProcessGroup { binary: String, pid: Option<u32> },
+}
+
+/// QEMU's own process group (it leads it: `process_group(0)` at spawn). Only
+/// a real pid makes one, so a signal to it can never reach the harness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessGroup(Pid);
+
+impl ProcessGroup {
+    /// The group led by the process `pid`; refused for no pid, 0 (the
+    /// caller's own group) and pids that are no pid (negative as `pid_t`).
+    pub fn led_by(binary: &str, pid: Option<u32>) -> Result<ProcessGroup, QemuError> {
+        match pid.and_then(|p| i32::try_from(p).ok()) {
+            Some(p) if p > 0 => Ok(ProcessGroup(Pid::from_raw(p))),
+            _ => Err(QemuError::NoProcessGroup { binary: binary.to_string(), pid }),
+        }
+    }
+
+    fn signal(self, signal: Signal) {
+        // The group may already be gone; there is nothing more to do then.
+        let _ = killpg(self.0, signal);
+    }
+}
+
+/// How QEMU came to end when it was stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// It had already exited (the guest asked, or it died).
+    ByItself,
+    /// It obeyed QMP `quit`.
+    Quit,
+    /// It obeyed SIGTERM.
+    Sigterm,
+    /// It ignored `quit` and SIGTERM and needed SIGKILL (QEMU 7.2 hung in
+    /// `device_add`, or a stopped process).
+    Sigkill,
 }
 
 /// A running QEMU. Dropping it kills the whole process group.
 pub struct QemuProcess {
     child: tokio::process::Child,
-    pgid: Pid,
+    group: ProcessGroup,
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// The task copying QEMU's stderr, joined once QEMU has exited so that
+    /// nothing it printed last is missing.
+    stderr_reader: Option<JoinHandle<()>>,
     exit: Option<ExitStatus>,
 }
+
+/// How long the stderr reader gets to reach the end of the pipe after QEMU exited.
+const STDERR_DRAIN: Duration = Duration::from_secs(1);
+/// How long SIGKILL gets to end QEMU.
+const KILL_WAIT: Duration = Duration::from_secs(5);
 
 impl QemuProcess {
     pub fn spawn(cmd: &QemuCommand, package: &str) -> Result<QemuProcess, QemuError> {
@@ -176,9 +240,10 @@ impl QemuProcess {
                 QemuError::Spawn { binary: cmd.program.clone(), source }
             }
         })?;
-        let pid = child.id().map(|id| Pid::from_raw(id as i32)).unwrap_or(Pid::from_raw(0));
+        // Without a group to signal, the child is dropped here: kill_on_drop ends it.
+        let group = ProcessGroup::led_by(&cmd.program, child.id())?;
         let stderr = Arc::new(Mutex::new(Vec::new()));
-        if let Some(mut pipe) = child.stderr.take() {
+        let stderr_reader = child.stderr.take().map(|mut pipe| {
             let sink = stderr.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
@@ -188,14 +253,27 @@ impl QemuProcess {
                     }
                     sink.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&buf[..n]);
                 }
-            });
-        }
-        Ok(QemuProcess { child, pgid: pid, stderr, exit: None })
+            })
+        });
+        Ok(QemuProcess { child, group, stderr, stderr_reader, exit: None })
     }
 
     /// What QEMU printed on standard error so far.
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// Everything QEMU printed on standard error: once it has exited, the
+    /// reader is first let run to the end of the pipe.
+    pub async fn drained_stderr(&mut self) -> String {
+        if self.try_exit().is_some() {
+            if let Some(reader) = self.stderr_reader.take() {
+                // A reader still blocked after the grace (a grandchild holding
+                // the pipe) is left to end with the pipe; what it has is kept.
+                let _ = tokio::time::timeout(STDERR_DRAIN, reader).await;
+            }
+        }
+        self.stderr()
     }
 
     /// The exit status, if QEMU has exited.
@@ -217,68 +295,30 @@ impl QemuProcess {
         self.exit
     }
 
-    /// Stops QEMU: SIGTERM, then SIGKILL if it has not gone within `grace`
-    /// (QEMU 7.2 can ignore SIGTERM while stuck in `device_add`).
-    pub async fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+    /// Stops QEMU by signal: SIGTERM, then SIGKILL if it has not gone within
+    /// `grace` (QEMU 7.2 can ignore SIGTERM while stuck in `device_add`).
+    /// Says which it took.
+    pub async fn terminate(&mut self, grace: Duration) -> (Ending, Option<ExitStatus>) {
         if self.try_exit().is_some() {
-            return self.exit;
+            return (Ending::ByItself, self.exit);
         }
-        let _ = killpg(self.pgid, Signal::SIGTERM);
+        self.group.signal(Signal::SIGTERM);
         if self.wait_exit(grace).await.is_some() {
-            return self.exit;
+            return (Ending::Sigterm, self.exit);
         }
-        let _ = killpg(self.pgid, Signal::SIGKILL);
-        self.wait_exit(Duration::from_secs(5)).await
+        self.group.signal(Signal::SIGKILL);
+        (Ending::Sigkill, self.wait_exit(KILL_WAIT).await)
     }
 
     /// Stops QEMU dead without ending it (SIGSTOP): the harness's test of a
     /// QEMU that hangs. Dropping it still kills it.
     pub fn freeze(&self) {
-        let _ = killpg(self.pgid, Signal::SIGSTOP);
+        self.group.signal(Signal::SIGSTOP);
     }
 
     /// Kills QEMU at once (for tests and for giving up on a hung VM).
     pub fn kill_now(&mut self) {
-        let _ = killpg(self.pgid, Signal::SIGKILL);
-    }
-}
-
-/// Starts QEMU with `command` for the run in `paths` (the profile's firmware
-/// stub written first) and accepts the console and QMP connections QEMU
-/// makes to the harness's sockets during its start-up. The process goes into
-/// `slot` as soon as it exists, so that after a failure it is still killed
-/// when dropped and its stderr can be read. Errors say what went wrong.
-pub async fn start(
-    profile: &Profile,
-    command: &QemuCommand,
-    paths: &RunPaths,
-    timeout: Duration,
-    slot: &mut Option<QemuProcess>,
-) -> Result<(UnixStream, UnixStream), String> {
-    if let Some(stub) = profile.stub_firmware() {
-        std::fs::write(paths.firmware_stub(), stub).map_err(|e| format!("cannot write the firmware stub: {e}"))?;
-    }
-    let bind = |p: PathBuf| UnixListener::bind(&p).map_err(|e| format!("cannot listen on {}: {e}", p.display()));
-    let console_listener = bind(paths.console_socket())?;
-    let qmp_listener = bind(paths.qmp_socket())?;
-    let qemu = QemuProcess::spawn(command, profile.qemu_package)
-        .map_err(|e| format!("{e}; run `cargo xtask setup` to install it"))?;
-    let qemu = slot.insert(qemu);
-    // QEMU connects to the console first, then to QMP, during its start-up.
-    let accept = async {
-        let (console, _) = console_listener.accept().await?;
-        let (qmp, _) = qmp_listener.accept().await?;
-        Ok::<(UnixStream, UnixStream), std::io::Error>((console, qmp))
-    };
-    tokio::select! {
-        accepted = tokio::time::timeout(timeout, accept) => match accepted {
-            Ok(Ok(streams)) => Ok(streams),
-            Ok(Err(e)) => Err(format!("accepting QEMU's connections failed: {e}")),
-            Err(_) => Err(format!("QEMU did not connect its console and QMP within {timeout:?}")),
-        },
-        status = qemu.wait_exit(timeout) => {
-            Err(format!("QEMU exited during start-up ({}): {}", describe_exit(status), qemu.stderr().trim()))
-        }
+        self.group.signal(Signal::SIGKILL);
     }
 }
 
@@ -298,7 +338,7 @@ pub fn describe_exit(status: Option<ExitStatus>) -> String {
 impl Drop for QemuProcess {
     fn drop(&mut self) {
         if self.try_exit().is_none() {
-            let _ = killpg(self.pgid, Signal::SIGKILL);
+            self.group.signal(Signal::SIGKILL);
         }
     }
 }
@@ -311,7 +351,7 @@ mod tests {
     fn command(arch: Arch) -> QemuCommand {
         let machine = MachineSpec { boot_memory: 512 << 20, slots: 4, max_memory: 8 << 30, nvdimm: false };
         let paths = RunPaths { dir: PathBuf::from("/run/x") };
-        QemuCommand::new(profile(arch), &machine, Path::new("/g/hvo-guest"), &paths)
+        QemuCommand::new(profile(arch), &machine, &BootPayload::Firmware("/g/hvo-guest".into()), &paths)
     }
 
     fn has_pair(cmd: &QemuCommand, flag: &str, value: &str) -> bool {
@@ -323,7 +363,7 @@ mod tests {
         let c = command(Arch::X86_64);
         assert_eq!(c.program, "qemu-system-x86_64");
         assert!(has_pair(&c, "-M", "q35,memory-backend=boot-ram"));
-        assert!(has_pair(&c, "-bios", "/usr/share/qemu/qboot.rom"));
+        assert!(has_pair(&c, "-bios", "qboot.rom"), "by name: QEMU finds it in its own data directory");
         assert!(has_pair(&c, "-kernel", "/g/hvo-guest"));
         assert!(has_pair(&c, "-device", "isa-debug-exit,iobase=0xf4,iosize=4"));
         assert!(has_pair(&c, "-m", "512M,slots=4,maxmem=8192M"));
@@ -366,7 +406,7 @@ mod tests {
     fn without_slots_there_is_no_hotplug_memory() {
         let machine = MachineSpec { boot_memory: 1 << 30, slots: 0, max_memory: 1 << 30, nvdimm: true };
         let paths = RunPaths { dir: PathBuf::from("/r") };
-        let c = QemuCommand::new(profile(Arch::Ppc64le), &machine, Path::new("/g"), &paths);
+        let c = QemuCommand::new(profile(Arch::Ppc64le), &machine, &BootPayload::Firmware("/g".into()), &paths);
         assert!(has_pair(&c, "-m", "1024M"));
         assert!(c.args.iter().any(|a| a.ends_with("memory-backend=boot-ram,nvdimm=on")), "{:?}", c.args);
     }
@@ -375,5 +415,38 @@ mod tests {
     fn shell_line_quotes_what_needs_it() {
         let c = QemuCommand { program: "qemu".into(), args: vec!["-a".into(), "x y".into(), "it's".into()] };
         assert_eq!(c.shell_line(), "qemu -a 'x y' 'it'\\''s'");
+    }
+
+    #[test]
+    fn without_a_real_pid_there_is_no_group_to_signal() {
+        for pid in [None, Some(0), Some(u32::MAX)] {
+            assert!(matches!(ProcessGroup::led_by("qemu", pid), Err(QemuError::NoProcessGroup { .. })), "{pid:?}");
+        }
+        assert!(ProcessGroup::led_by("qemu", Some(4242)).is_ok());
+    }
+
+    fn sh(script: &str) -> QemuProcess {
+        let cmd = QemuCommand { program: "sh".into(), args: vec!["-c".into(), script.into()] };
+        QemuProcess::spawn(&cmd, "dash").expect("sh runs")
+    }
+
+    #[tokio::test]
+    async fn a_process_ignoring_sigterm_is_killed_and_says_so() {
+        let mut p = sh("trap '' TERM; echo ignoring >&2; sleep 60");
+        while p.stderr().is_empty() {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (ending, exit) = p.terminate(Duration::from_millis(200)).await;
+        assert_eq!(ending, Ending::Sigkill);
+        assert_eq!(describe_exit(exit), "killed by signal 9");
+    }
+
+    #[tokio::test]
+    async fn stderr_is_complete_once_the_process_has_exited() {
+        let mut p = sh("echo first >&2; echo last >&2; exit 3");
+        assert_eq!(describe_exit(p.wait_exit(Duration::from_secs(10)).await), "exit code 3");
+        assert_eq!(p.drained_stderr().await, "first\nlast\n");
+        assert_eq!(p.terminate(Duration::from_millis(200)).await.0, Ending::ByItself);
     }
 }

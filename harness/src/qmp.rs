@@ -3,7 +3,8 @@
 //! every command has a timeout, the handshake runs in its own task (it can
 //! panic when QEMU dies during start-up), events are drained continuously
 //! (the event stream also carries command replies), and every command and
-//! reply is kept in a transcript for the run's artifacts.
+//! reply is kept in a transcript for the run's artifacts. Events the crate's
+//! schema does not know are logged and skipped ([`known_messages`]).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use qapi::futures::{QapiService, QmpStreamTokio};
 use qapi::qmp;
-use tokio::io::WriteHalf;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
 
@@ -26,6 +28,11 @@ pub enum QmpError {
     Handshake(String),
     #[error("QMP command {command} got no reply within {timeout:?}")]
     Timeout { command: &'static str, timeout: Duration },
+    /// Without out-of-band support every command goes out with the same id,
+    /// so a second one while a reply is owed would be taken for the first
+    /// (the `qapi` crate panics on it).
+    #[error("QMP command {command} not sent: {earlier} is still unanswered")]
+    Unanswered { command: &'static str, earlier: &'static str },
     #[error("QMP command {command} failed: {message}")]
     Command { command: &'static str, message: String },
     #[error("QMP connection lost during {command}: {message}")]
@@ -36,7 +43,7 @@ pub enum QmpError {
     Io(#[from] std::io::Error),
 }
 
-type Service = QapiService<QmpStreamTokio<WriteHalf<UnixStream>>>;
+type Service = QapiService<QmpStreamTokio<OwnedWriteHalf>>;
 
 #[derive(Default)]
 struct EventLog {
@@ -82,6 +89,8 @@ pub struct Qmp {
     service: Service,
     events: Arc<(Mutex<EventLog>, Notify)>,
     transcript: Transcript,
+    /// A command sent whose reply QEMU still owes.
+    unanswered: Mutex<Option<&'static str>>,
     /// Default time limit for one command.
     pub timeout: Duration,
 }
@@ -89,8 +98,11 @@ pub struct Qmp {
 impl Qmp {
     /// Negotiates QMP on a connection QEMU made to us.
     pub async fn handshake(stream: UnixStream, timeout: Duration, start: Instant) -> Result<Qmp, QmpError> {
+        let transcript = Transcript { lines: Default::default(), start: Some(start), echo: Default::default() };
+        let (read, write) = stream.into_split();
+        let read = known_messages(read, transcript.clone());
         let task = tokio::spawn(async move {
-            let negotiation = QmpStreamTokio::open(stream).await?;
+            let negotiation = QmpStreamTokio::open_split(read, write).await?;
             negotiation.negotiate().await
         });
         let stream = match tokio::time::timeout(timeout, task).await {
@@ -100,7 +112,6 @@ impl Qmp {
             Ok(Ok(Ok(stream))) => stream,
         };
         let (service, mut event_stream) = stream.into_parts();
-        let transcript = Transcript { lines: Default::default(), start: Some(start), echo: Default::default() };
         let events: Arc<(Mutex<EventLog>, Notify)> = Default::default();
         {
             let events = events.clone();
@@ -123,7 +134,7 @@ impl Qmp {
                 events.1.notify_waiters();
             });
         }
-        Ok(Qmp { service, events, transcript, timeout })
+        Ok(Qmp { service, events, transcript, unanswered: Mutex::new(None), timeout })
     }
 
     pub fn transcript(&self) -> &Transcript {
@@ -145,8 +156,20 @@ impl Qmp {
         C::Ok: std::fmt::Debug,
     {
         let name = C::NAME;
+        {
+            // Owed from now until its reply: if this future is dropped (a
+            // timeout here or a caller's deadline), the reply stays owed.
+            let mut owed = self.unanswered.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(earlier) = *owed {
+                return Err(QmpError::Unanswered { command: name, earlier });
+            }
+            *owed = Some(name);
+        }
         self.transcript.push(format!("-> {command:?}"));
         let reply = tokio::time::timeout(timeout, self.service.execute(command)).await;
+        if reply.is_ok() {
+            *self.unanswered.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
         match reply {
             Err(_) => {
                 self.transcript.push(format!("<- {name}: no reply within {timeout:?}"));
@@ -220,5 +243,133 @@ impl Qmp {
                 return None;
             }
         }
+    }
+}
+
+/// QEMU's QMP output with the events the `qapi` crate cannot decode taken
+/// out and logged in the transcript. The crate's line decoder ends the whole
+/// stream at the first line it cannot decode, and QEMU sends events its
+/// schema does not know (newer QEMU, or ones it never listed).
+fn known_messages(read: OwnedReadHalf, transcript: Transcript) -> DuplexStream {
+    let (mut forward, filtered) = tokio::io::duplex(64 << 10);
+    tokio::spawn(async move {
+        let mut read = BufReader::new(read);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match read.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if let Some(name) = undecodable_event(&line) {
+                let text = String::from_utf8_lossy(&line);
+                transcript.push(format!("<- event {name} skipped (not in the QMP schema): {}", text.trim_end()));
+                continue;
+            }
+            if forward.write_all(&line).await.is_err() {
+                break;
+            }
+        }
+    });
+    filtered
+}
+
+/// The event's name when `line` is a QMP event that `qapi` cannot decode.
+fn undecodable_event(line: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct AnyEvent {
+        event: String,
+    }
+    let event: AnyEvent = serde_json::from_slice(line).ok()?;
+    serde_json::from_slice::<qmp::Event>(line).is_err().then_some(event.event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncBufReadExt;
+    use tokio::net::UnixListener;
+
+    type PeerLines = tokio::io::Lines<BufReader<OwnedReadHalf>>;
+
+    /// Accepts the client and does QEMU's side of the handshake: greeting,
+    /// then the answer to `qmp_capabilities` (returned with the command).
+    async fn greet(listener: UnixListener) -> std::io::Result<(PeerLines, OwnedWriteHalf, Vec<String>)> {
+        let (stream, _) = listener.accept().await?;
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write
+            .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}, \"package\": \"\"}, \"capabilities\": []}}\n")
+            .await?;
+        let received = lines.next_line().await?.into_iter().collect();
+        write.write_all(b"{\"return\": {}}\n").await?;
+        Ok((lines, write, received))
+    }
+
+    /// A QMP peer speaking like QEMU: the handshake, then an event no schema
+    /// knows, then answers to the client's next commands.
+    async fn fake_qemu(listener: UnixListener) -> std::io::Result<Vec<String>> {
+        let (mut lines, mut write, mut received) = greet(listener).await?;
+        write
+            .write_all(b"{\"event\": \"HVO_NO_SUCH_EVENT\", \"data\": {\"x\": 1}, \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\n")
+            .await?;
+        received.extend(lines.next_line().await?);
+        write
+            .write_all(b"{\"return\": {\"qemu\": {\"major\": 7, \"minor\": 2, \"micro\": 0}, \"package\": \"\"}}\n")
+            .await?;
+        write.write_all(b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 3}}\n").await?;
+        received.extend(lines.next_line().await?);
+        write.write_all(b"{\"return\": {}}\n").await?;
+        Ok(received)
+    }
+
+    /// A client connected to `peer` listening in a fresh directory (kept
+    /// alive by the returned guard), and the peer's task.
+    async fn connect<F>(
+        peer: impl FnOnce(UnixListener) -> F,
+    ) -> (Qmp, tokio::task::JoinHandle<F::Output>, tempfile::TempDir)
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let task = tokio::spawn(peer(UnixListener::bind(&path).unwrap()));
+        let stream = UnixStream::connect(&path).await.unwrap();
+        let qmp = Qmp::handshake(stream, Duration::from_secs(30), Instant::now()).await.expect("handshake");
+        (qmp, task, dir)
+    }
+
+    #[tokio::test]
+    async fn an_event_the_schema_does_not_know_is_logged_and_skipped() {
+        let (qmp, peer, _dir) = connect(fake_qemu).await;
+        let limit = Duration::from_secs(30);
+
+        let version = qmp.execute(qmp::query_version {}).await.expect("the client still answers after the event");
+        assert_eq!((version.qemu.major, version.qemu.minor), (7, 2));
+        let stop = qmp.wait_event(|e| matches!(e, qmp::Event::STOP { .. }), limit).await;
+        assert!(stop.is_some(), "later known events still arrive");
+        qmp.execute(qmp::cont {}).await.expect("and later commands too");
+
+        let received = peer.await.unwrap().unwrap();
+        assert!(received[0].contains("qmp_capabilities") && received[1].contains("query-version"), "{received:?}");
+        let transcript = qmp.transcript().text();
+        assert!(transcript.contains("event HVO_NO_SUCH_EVENT skipped"), "{transcript}");
+    }
+
+    /// A peer that does the handshake, then never answers again.
+    async fn silent_qemu(listener: UnixListener) -> std::io::Result<()> {
+        let (mut lines, _write, _) = greet(listener).await?;
+        while lines.next_line().await?.is_some() {}
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn after_a_command_times_out_later_ones_are_refused_not_sent() {
+        let (qmp, _peer, _dir) = connect(silent_qemu).await;
+        let first = qmp.execute_within(qmp::query_status {}, Duration::from_millis(50)).await;
+        assert!(matches!(first, Err(QmpError::Timeout { command: "query-status", .. })), "{first:?}");
+        let second = qmp.execute_within(qmp::quit {}, Duration::from_secs(30)).await;
+        assert!(matches!(second, Err(QmpError::Unanswered { command: "quit", earlier: "query-status" })), "{second:?}");
     }
 }

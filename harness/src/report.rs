@@ -82,6 +82,60 @@ pub struct Phases {
     pub shutdown_ms: u64,
 }
 
+/// A run's measurements, each taken at most once (a sweep's count adds up).
+/// Written into [`ScenarioResult::metrics`] under the keys the JSON output
+/// has always had; one not taken is left out.
+#[derive(Serialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// From the run's start until QEMU's console and QMP were connected.
+    pub qemu_start_ms: Option<u64>,
+    /// From the run's start until the guest said `ready`.
+    pub ready_ms: Option<u64>,
+    /// Struct pages the guest initialized at boot.
+    pub struct_pages_initialized: Option<u64>,
+    /// From the run's start until boot-time set-up was done.
+    pub boot_ms: Option<u64>,
+    /// All the steps, verification included.
+    pub steps_ms: Option<u64>,
+    /// The last `verify`'s page-table checks.
+    pub verify_static_ms: Option<u64>,
+    pub vmemmap_ptes: Option<u64>,
+    /// The last `verify`'s measure of each region's vmemmap.
+    pub regions: Option<Vec<crate::verify::RegionCost>>,
+    /// The last `verify`, live checks included.
+    pub verify_ms: Option<u64>,
+    /// Allocation failures injected by sweeps, over all of them.
+    pub allocation_failures_swept: Option<u64>,
+    pub shutdown_ms: Option<u64>,
+}
+
+impl Metrics {
+    /// The phases, given the time spent in all `verify` steps.
+    pub fn phases(&self, verify_total_ms: u64) -> Phases {
+        let qemu_start_ms = self.qemu_start_ms.unwrap_or(0);
+        Phases {
+            qemu_start_ms,
+            boot_ms: self.boot_ms.unwrap_or(0).saturating_sub(qemu_start_ms),
+            steps_ms: self.steps_ms.unwrap_or(0).saturating_sub(verify_total_ms),
+            verify_ms: verify_total_ms,
+            shutdown_ms: self.shutdown_ms.unwrap_or(0),
+        }
+    }
+
+    /// The measurements as the JSON object results carry, leaving out
+    /// those not taken.
+    pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(mut map)) => {
+                map.retain(|_, v| !v.is_null());
+                map
+            }
+            // A struct of numbers and plain records always serializes to an object.
+            _ => serde_json::Map::new(),
+        }
+    }
+}
+
 /// The outcome of one scenario on one architecture.
 #[derive(Serialize, Clone, Debug)]
 pub struct ScenarioResult {
@@ -92,7 +146,7 @@ pub struct ScenarioResult {
     pub duration_ms: u64,
     pub phases: Phases,
     pub checks: Vec<Check>,
-    /// Measurements: phase durations now, vmemmap figures later.
+    /// Measurements ([`Metrics`], by their JSON keys).
     pub metrics: serde_json::Map<String, serde_json::Value>,
     /// Why the scenario did not pass, in one paragraph.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -355,5 +409,25 @@ mod tests {
         }
         assert_eq!(v["status"], "skip");
         assert_eq!(v["checks"][0]["status"], "pass");
+    }
+
+    #[test]
+    fn metrics_keep_their_json_keys_and_make_the_phases() {
+        let m = Metrics {
+            qemu_start_ms: Some(100),
+            boot_ms: Some(350),
+            steps_ms: Some(900),
+            shutdown_ms: Some(20),
+            allocation_failures_swept: Some(7),
+            ..Default::default()
+        };
+        let json = m.to_json();
+        let mut keys: Vec<&str> = json.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["allocation_failures_swept", "boot_ms", "qemu_start_ms", "shutdown_ms", "steps_ms"]);
+        assert_eq!(
+            m.phases(400),
+            Phases { qemu_start_ms: 100, boot_ms: 250, steps_ms: 500, verify_ms: 400, shutdown_ms: 20 }
+        );
     }
 }

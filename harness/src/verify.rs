@@ -16,6 +16,8 @@ use crate::memory::GuestMemory;
 use crate::pgtable::{self, Leaf, Perms, WalkError};
 use crate::report::Check;
 
+pub mod live;
+
 /// The invariants' names, as the verifier reports them.
 pub const HEAD_PRIVATE: &str = Invariant::HeadPrivate.name();
 pub const TAILS_SHARED: &str = Invariant::TailsShared.name();

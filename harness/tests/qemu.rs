@@ -56,6 +56,7 @@ async fn boot_scenario_passes_on_every_architecture() {
             );
         }
         assert!(r.metrics.contains_key("boot_ms"), "{arch}: {:?}", r.metrics);
+        assert!(r.phases.boot_ms > 0, "{arch}: {:?}", r.phases);
         assert_nothing_left(&r);
     }
 }
@@ -69,7 +70,7 @@ async fn qemu_killed_mid_scenario_is_a_qemu_crash_with_console_tail_and_artifact
     assert!(r.console_tail.iter().any(|l| l.starts_with("@hvo ready")), "{:?}", r.console_tail);
     let dir = r.artifacts.clone().expect("artifacts written");
     assert!(dir.starts_with(artifacts.path()));
-    for file in ["console.log", "qemu-stderr.log", "qemu-command.txt", "qmp-transcript.log"] {
+    for file in ["console.log", "qemu-stderr.log", "qemu-command.txt", "qmp-transcript.log", "shutdown.txt"] {
         assert!(dir.join(file).is_file(), "{file} missing");
     }
     let command = std::fs::read_to_string(dir.join("qemu-command.txt")).unwrap();
@@ -105,6 +106,10 @@ async fn a_hung_qemu_is_a_timeout_that_names_qemu_and_is_still_killed() {
     assert_eq!(r.status, Status::Timeout, "{r:#?}");
     let message = r.message.clone().unwrap_or_default();
     assert!(message.contains("QEMU hung"), "{message}");
+    // A stopped QEMU ignores `quit` and SIGTERM: only SIGKILL ends it, and the artifacts say so.
+    let dir = r.artifacts.clone().expect("artifacts written");
+    let shutdown = std::fs::read_to_string(dir.join("shutdown.txt")).expect("shutdown.txt written");
+    assert!(shutdown.contains("needed SIGKILL") && shutdown.contains("signal 9"), "{shutdown}");
     assert_nothing_left(&r);
 }
 

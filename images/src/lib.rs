@@ -12,7 +12,9 @@ pub use hvo_abi::Arch;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Loader {
     /// `-kernel guest.elf`, with the given `-bios` firmware when set (q35 with
-    /// qboot via PVH; pseries with VOF, which needs no firmware file).
+    /// qboot via PVH; pseries with VOF, which needs no firmware file). The
+    /// firmware is named, not pathed: QEMU looks it up in its own data
+    /// directory, wherever the installed QEMU keeps it.
     Kernel { bios: Option<&'static str> },
     /// arm virt: plain `-kernel` leaves out the ACPI GED device memory hotplug
     /// needs, so a tiny generated firmware (`-bios`) jumps to `entry` and the ELF
@@ -189,7 +191,7 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             machine: "q35",
             cpu: "max",
             // qboot halves boot time against SeaBIOS; it boots PVH kernels.
-            loader: Loader::Kernel { bios: Some("/usr/share/qemu/qboot.rom") },
+            loader: Loader::Kernel { bios: Some("qboot.rom") },
             exit: ExitDevice::IsaDebugExit,
             extra_args: &["-device", "isa-debug-exit,iobase=0xf4,iosize=4"],
             ram_base: 0,

@@ -99,7 +99,8 @@ pub fn repro(args: ReproArgs) -> Result<ExitCode> {
     let profile = hvo_images::profile(args.arch);
     if args.dry_run {
         let paths = hvo_harness::qemu::RunPaths { dir: PathBuf::from("<run-dir>") };
-        let command = hvo_harness::qemu::QemuCommand::new(profile, &scenario.machine, &profile.guest_elf(), &paths)
+        let payload = hvo_harness::qemu::BootPayload::Firmware(profile.guest_elf());
+        let command = hvo_harness::qemu::QemuCommand::new(profile, &scenario.machine, &payload, &paths)
             .with_inspection(&paths, args.gdb);
         println!("qemu: {}", command.shell_line());
         println!("boot: wait for `ready` within {} ms", scenario.boot_timeout_ms);

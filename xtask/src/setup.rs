@@ -77,7 +77,9 @@ fn ensure_qemu(arches: &[Arch]) -> Result<()> {
     let mut packages: Vec<&str> = Vec::new();
     for &a in arches {
         let p = profile(a);
-        let firmware_missing = matches!(p.loader, Loader::Kernel { bios: Some(f) } if !Path::new(f).is_file());
+        // Firmware is named by file (QEMU finds it in its data directory, Debian's /usr/share/qemu).
+        let firmware_missing =
+            matches!(p.loader, Loader::Kernel { bios: Some(f) } if !Path::new("/usr/share/qemu").join(f).is_file());
         if (!on_path(p.qemu_binary) || firmware_missing) && !packages.contains(&p.qemu_package) {
             packages.push(p.qemu_package);
         }

@@ -1,0 +1,381 @@
+//! The step interpreter's state and its dealings with the machine: boot,
+//! guest requests, failures turned into verdicts, `verify`, `exit`, and a
+//! failed run held for inspection. The steps themselves are in `steps`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hvo_abi::manifest::{Manifest, MANIFEST_SIZE};
+use hvo_abi::model::Layout;
+use hvo_abi::protocol::Command;
+use hvo_images::{profile, Arch, Profile};
+
+use super::{qmp_abort, Abort, Repro, NO_QMP};
+use crate::addr::PhysAddr;
+use crate::console::ConsoleError;
+use crate::fault::{self, FaultError, HarnessFault};
+use crate::hotplug::{HotplugError, PluggedDimm};
+use crate::image::GuestImage;
+use crate::machine::{LaunchError, Machine, QMP_PROBE};
+use crate::memory::GuestMemory;
+use crate::qemu::describe_exit;
+use crate::report::{Check, CheckStatus, Metrics, Status};
+use crate::scenario::Scenario;
+use crate::verify::live::{self, LiveError};
+use crate::verify::{self, Requested};
+
+/// What the host keeps track of in the guest, by the scenario's names.
+#[derive(Default)]
+pub(super) struct Tracked {
+    /// Scenario region names -> the guest's region ids.
+    pub regions: HashMap<String, u32>,
+    /// The layout last asked of each live region, by id (`verify` checks the
+    /// guest optimized exactly those it could).
+    pub requested: Requested,
+    /// DIMMs plugged so far (they number the next one).
+    pub dimms: u32,
+    /// Region name -> the DIMM it was hot-added on.
+    pub dimm_of: HashMap<String, PluggedDimm>,
+    /// Where the persistent memory set aside at boot starts, once it is.
+    pub pmem_start: Option<PhysAddr>,
+    /// The region made of that persistent memory, while it is added.
+    pub pmem_region: Option<String>,
+}
+
+/// What the run found and measured.
+#[derive(Default)]
+pub(super) struct Findings {
+    pub checks: Vec<Check>,
+    pub metrics: Metrics,
+    /// The last verify's picture of the vmemmap (regions, shared pages and
+    /// each region's leaves), written with a failure's artifacts.
+    pub last_vmemmap: Option<String>,
+    /// Milliseconds spent in all `verify` steps.
+    pub verify_ms: u64,
+}
+
+pub(super) struct Run<'a> {
+    pub scenario: &'a Scenario,
+    pub arch: Arch,
+    pub profile: &'static Profile,
+    start: Instant,
+    image: GuestImage,
+    /// Show the console and QMP as they happen (`xtask repro`).
+    echo: bool,
+    pub machine: Machine,
+    pub tracked: Tracked,
+    pub findings: Findings,
+    /// The current step must be refused (an allocation was set to fail).
+    pub expect_refusal: bool,
+}
+
+impl<'a> Run<'a> {
+    pub fn new(
+        scenario: &'a Scenario,
+        arch: Arch,
+        start: Instant,
+        image: GuestImage,
+        machine: Machine,
+        echo: bool,
+    ) -> Run<'a> {
+        Run {
+            scenario,
+            arch,
+            profile: profile(arch),
+            start,
+            image,
+            echo,
+            machine,
+            tracked: Tracked::default(),
+            findings: Findings::default(),
+            expect_refusal: false,
+        }
+    }
+
+    pub fn step_timeout(&self) -> Duration {
+        Duration::from_millis(self.scenario.step_timeout_ms)
+    }
+
+    pub fn elapsed_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    pub async fn execute(&mut self, inject: Option<HarnessFault>) -> Result<(), Abort> {
+        self.boot().await?;
+        if let Some(fault) = inject {
+            let timeout = self.step_timeout();
+            if let Err(e) = fault::inject(fault, &mut self.machine, timeout).await {
+                return Err(match e {
+                    FaultError::Console(e) => self.console_abort(e).await,
+                    FaultError::Qmp(e) => qmp_abort(e),
+                });
+            }
+        }
+        let steps_start = Instant::now();
+        for placed in &self.scenario.steps {
+            self.expect_refusal = placed.expect_failure;
+            (if placed.sweep_failures { self.sweep(&placed.step).await } else { self.step(&placed.step).await })
+                .map_err(|abort| abort.context(&format!("step {} (line {})", placed.step.name(), placed.line)))?;
+        }
+        self.findings.metrics.steps_ms = Some(steps_start.elapsed().as_millis() as u64);
+        Ok(())
+    }
+
+    /// Launches the machine and waits for the guest's `ready`, then does the
+    /// scenario's boot-time set-up.
+    async fn boot(&mut self) -> Result<(), Abort> {
+        let boot_timeout = Duration::from_millis(self.scenario.boot_timeout_ms);
+        self.machine.launch(boot_timeout, self.step_timeout(), self.echo).await.map_err(|e| match e {
+            LaunchError::Start(m) => Abort::Infra(m),
+            LaunchError::Qmp(e) => qmp_abort(e),
+        })?;
+        self.findings.metrics.qemu_start_ms = Some(self.elapsed_ms());
+
+        let Some(console) = self.machine.console() else {
+            return Err(Abort::Infra("no console".into()));
+        };
+        match console.wait_ready(boot_timeout).await {
+            Ok(arch) if arch == self.arch.name() => {
+                self.findings.checks.push(Check::pass("guest-ready", format!("{arch} guest ready")));
+            }
+            Ok(other) => {
+                let expected = self.arch;
+                self.findings
+                    .checks
+                    .push(Check::fail("guest-ready", format!("guest says it is {other}, expected {expected}")));
+                return Err(Abort::Fail(format!("wrong guest image: it says it is {other}")));
+            }
+            Err(e) => {
+                self.findings.checks.push(Check::fail("guest-ready", e.to_string()));
+                return Err(self.console_abort(e).await);
+            }
+        }
+        self.findings.metrics.ready_ms = Some(self.elapsed_ms());
+        self.machine.map_boot_ram(self.scenario.machine.boot_memory).map_err(Abort::Infra)?;
+        self.boot_setup().await?;
+        self.findings.metrics.boot_ms = Some(self.elapsed_ms());
+        Ok(())
+    }
+
+    /// Turns a console failure into a verdict, telling a guest crash or hang
+    /// from QEMU being killed or dying.
+    pub async fn console_abort(&mut self, error: ConsoleError) -> Abort {
+        match error {
+            ConsoleError::Crash(msg) => {
+                // Give the guest a moment to print its registers and exit.
+                self.machine.wait_exit(Duration::from_secs(1)).await;
+                Abort::GuestCrash(format!("guest crashed: {msg}"))
+            }
+            ConsoleError::Closed => {
+                let status = self.machine.wait_exit(Duration::from_secs(1)).await;
+                let stderr = self.machine.stderr().await;
+                match status.and_then(|s| s.code()) {
+                    Some(code) if self.profile.exit.guest_status(code).matches(1) => {
+                        Abort::Fail(format!("the guest exited unasked ({})", describe_exit(status)))
+                    }
+                    _ => Abort::QemuCrash(format!("QEMU died ({}){}", describe_exit(status), stderr_note(&stderr))),
+                }
+            }
+            ConsoleError::Timeout { .. } => {
+                // A silent console is the guest's hang, unless QEMU itself no
+                // longer answers (the device_add hang of QEMU 7.2).
+                let qemu_answers = match self.machine.qmp() {
+                    Some(qmp) => qmp.execute_within(qapi::qmp::query_status {}, QMP_PROBE).await.is_ok(),
+                    None => true,
+                };
+                if qemu_answers {
+                    Abort::Timeout(format!("the guest hung: {error}"))
+                } else {
+                    Abort::Timeout(format!("QEMU hung: neither the console nor QMP answers ({error})"))
+                }
+            }
+            other => Abort::Fail(other.to_string()),
+        }
+    }
+
+    pub async fn live_abort(&mut self, error: LiveError) -> Abort {
+        match error {
+            LiveError::NoQmp => Abort::Infra(NO_QMP.into()),
+            LiveError::Qmp(e) => qmp_abort(e),
+            LiveError::Console(e) => self.console_abort(e).await,
+        }
+    }
+
+    /// Keeps a failed run's QEMU paused for a person to inspect, until they
+    /// press Enter (or end standard input, or Ctrl-C).
+    pub async fn hold(&mut self, repro: &Repro, status: Status, message: Option<&str>, elf: &Path) {
+        if !self.machine.is_running() {
+            eprintln!("{}: {} (QEMU has exited: nothing to inspect)", status.label(), message.unwrap_or(""));
+            return;
+        }
+        if let Some(qmp) = self.machine.qmp() {
+            let _ = qmp.execute(qapi::qmp::stop {}).await;
+        }
+        eprintln!("\n{}: {}", status.label(), message.unwrap_or(""));
+        eprintln!("QEMU is paused for inspection. Its QMP monitor:");
+        eprintln!("    socat - UNIX-CONNECT:{}", self.machine.paths().inspect_socket().display());
+        if let Some(port) = repro.gdb_port {
+            eprintln!("Its gdb stub:");
+            eprintln!("    gdb {} -ex 'target remote 127.0.0.1:{port}'", elf.display());
+        }
+        eprintln!("Press Enter to stop QEMU and clean up.");
+        let mut line = String::new();
+        let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+        tokio::select! {
+            _ = tokio::io::AsyncBufReadExt::read_line(&mut stdin, &mut line) => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+
+    pub async fn request(&mut self, command: Command<'_>) -> Result<String, Abort> {
+        let timeout = self.step_timeout();
+        let Some(console) = self.machine.console() else {
+            return Err(Abort::Infra("no console".into()));
+        };
+        let verb = command.verb();
+        let must_refuse = self.expect_refusal
+            && matches!(verb, "hugetlb-alloc" | "optimize" | "restore" | "hot-add" | "hot-add-memory");
+        match console.request(command, timeout).await {
+            Ok(_) if must_refuse => Err(Abort::Fail(format!(
+                "`{verb}` was expected to fail on the injected allocation failure, but it succeeded"
+            ))),
+            // The refusal expected: the guest must have rolled back, which `verify` checks.
+            Err(ConsoleError::Refused { .. }) if must_refuse => Ok(String::new()),
+            Ok(payload) => Ok(payload),
+            Err(e) => Err(self.console_abort(e).await),
+        }
+    }
+
+    /// A request the guest may refuse: `None` when it did.
+    pub async fn try_request(&mut self, command: Command<'_>) -> Result<Option<String>, Abort> {
+        let timeout = self.step_timeout();
+        let Some(console) = self.machine.console() else { return Err(Abort::Infra("no console".into())) };
+        match console.request(command, timeout).await {
+            Ok(payload) => Ok(Some(payload)),
+            Err(ConsoleError::Refused { .. }) => Ok(None),
+            Err(e) => Err(self.console_abort(e).await),
+        }
+    }
+
+    /// The manifest as the guest last published it (it republishes after every change).
+    fn read_manifest(&self) -> Result<Manifest, Abort> {
+        let mut bytes = vec![0u8; MANIFEST_SIZE];
+        self.machine
+            .memory()
+            .read(self.image.manifest, &mut bytes)
+            .map_err(|e| Abort::Infra(format!("reading the manifest: {e}")))?;
+        Manifest::decode(&bytes).map_err(|e| Abort::Fail(format!("the manifest is unreadable: {e}")))
+    }
+
+    /// Every invariant: from the page tables, then on the live guest (write
+    /// probes and QEMU's own translation).
+    pub async fn verify(&mut self) -> Result<(), Abort> {
+        let started = Instant::now();
+        let manifest = self.read_manifest()?;
+        // Seconds of CPU at scale: off the async workers, so the console and
+        // QMP tasks of runs in parallel keep being served meanwhile.
+        let (arch, memory, requested) = (self.arch, self.machine.memory(), &self.tracked.requested);
+        let (checks, map, costs) = tokio::task::block_in_place(|| {
+            verify::check(arch, &manifest, memory, requested).map(|(checks, map)| {
+                let costs = verify::region_costs(&manifest, &map);
+                (checks, map, costs)
+            })
+        })
+        .map_err(|e| Abort::Fail(format!("the page tables cannot be walked: {e}")))?;
+        let metrics = &mut self.findings.metrics;
+        metrics.verify_static_ms = Some(started.elapsed().as_millis() as u64);
+        metrics.vmemmap_ptes = Some(map.ptes());
+        metrics.regions = Some(costs);
+        if checks.iter().any(|c| c.status == CheckStatus::Fail) {
+            self.findings.last_vmemmap = Some(verify::dump(&manifest, &map));
+        }
+        self.findings.checks.extend(checks);
+        let timeout = self.step_timeout();
+        let Some(console) = self.machine.console() else { return Err(Abort::Infra("no console".into())) };
+        let write_faults = live::write_faults(console, timeout, &manifest).await;
+        let translations = match write_faults {
+            Ok(check) => {
+                self.findings.checks.push(check);
+                live::vmemmap_translations(&self.machine, &manifest, &map).await
+            }
+            Err(e) => Err(e),
+        };
+        match translations {
+            Ok(check) => self.findings.checks.push(check),
+            Err(e) => return Err(self.live_abort(e).await),
+        }
+        let took = started.elapsed().as_millis() as u64;
+        self.findings.metrics.verify_ms = Some(took);
+        self.findings.verify_ms += took;
+        Ok(())
+    }
+
+    /// The manifest, read two ways, and the translations it promises.
+    pub async fn verify_manifest(&mut self) -> Result<(), Abort> {
+        let expected = live::Expected {
+            arch: self.arch,
+            profile: self.profile,
+            boot_memory: self.scenario.machine.boot_memory,
+            at: self.image.manifest,
+        };
+        match live::manifest_checks(&self.machine, expected).await {
+            Ok(checks) => {
+                self.findings.checks.extend(checks);
+                Ok(())
+            }
+            Err(e) => Err(self.live_abort(e).await),
+        }
+    }
+
+    /// Asks the guest to exit with `status`; QEMU's exit code must say so.
+    pub async fn exit(&mut self, status: u8) -> Result<(), Abort> {
+        self.request(Command::Exit { status }).await?;
+        if self.machine.qemu().is_none() {
+            return Err(Abort::Infra("no QEMU".into()));
+        }
+        let exit = self.machine.wait_exit(self.step_timeout()).await;
+        let seen = exit.and_then(|s| s.code()).map(|c| self.profile.exit.guest_status(c));
+        self.findings.checks.push(match seen {
+            Some(g) if g.matches(status) => Check::pass(
+                "exit-status",
+                format!("QEMU exited with {} for guest status {status}", describe_exit(exit)),
+            ),
+            _ => Check::fail(
+                "exit-status",
+                format!("guest asked to exit with {status}, QEMU ended with {}", describe_exit(exit)),
+            ),
+        });
+        Ok(())
+    }
+
+    pub fn hotplug_abort(error: HotplugError) -> Abort {
+        match error {
+            HotplugError::NoQmp => Abort::Infra(NO_QMP.into()),
+            HotplugError::Qmp(e) => qmp_abort(e),
+            e @ HotplugError::NotDeleted { .. } => Abort::Fail(e.to_string()),
+            HotplugError::Host(m) => Abort::Infra(m),
+        }
+    }
+
+    /// The page order of `bytes` on this architecture.
+    pub fn order(&self, bytes: u64) -> u32 {
+        crate::scenario::order_of(bytes, self.profile.page_shift)
+    }
+
+    /// The layout a step that the guest did not refuse asked of a region.
+    pub fn record_request(&mut self, id: u32, layout: Layout) {
+        if !self.expect_refusal {
+            self.tracked.requested.insert(id, layout);
+        }
+    }
+}
+
+fn stderr_note(stderr: &str) -> String {
+    let s = stderr.trim();
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", s.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | "))
+    }
+}
