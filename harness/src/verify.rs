@@ -62,13 +62,25 @@ struct Context<'a> {
     mem: &'a dyn GuestMemory,
     map: &'a VmemmapMap,
     requested: &'a Requested,
+    compounds: Vec<compound::Compound<'a>>,
 }
 
 impl Context<'_> {
     /// Regions of compound pages: all but hot-added memory.
     fn compound_regions(&self) -> impl Iterator<Item = &Region> + '_ {
-        self.manifest.regions.iter().filter(|r| r.kind != RegionKind::Memory)
+        compound_regions(self.manifest)
     }
+
+    /// Every compound page of those regions, in order.
+    fn compounds(&self) -> impl Iterator<Item = &compound::Compound<'_>> + '_ {
+        self.compounds.iter()
+    }
+}
+
+/// Regions of compound pages: all but hot-added memory, which holds plain
+/// pages (accounting and no-leak cover its vmemmap).
+fn compound_regions(manifest: &Manifest) -> impl Iterator<Item = &Region> + '_ {
+    manifest.regions.iter().filter(|r| r.kind != RegionKind::Memory)
 }
 
 /// One invariant's check: pushes its findings, fails only when the tables
@@ -99,7 +111,8 @@ pub fn check(
     requested: &Requested,
 ) -> Result<(Vec<Check>, VmemmapMap), VerifyError> {
     let map = VmemmapMap::walk(arch, manifest, mem)?;
-    let ctx = Context { arch, manifest, mem, map: &map, requested };
+    let compounds = compound::every_compound(manifest, &map);
+    let ctx = Context { arch, manifest, mem, map: &map, requested, compounds };
     let mut checks = Vec::with_capacity(STATIC.len());
     for (invariant, run) in STATIC {
         let mut findings = Findings::default();

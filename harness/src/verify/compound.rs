@@ -10,7 +10,7 @@ use hvo_abi::model::{Layout, StructPage, STRUCT_PAGE_SIZE};
 use super::findings::Findings;
 use super::map::{PageMapping, VmemmapMap};
 use super::pfns::struct_page_va;
-use super::{vmemmap_pages_per_compound, Context, VerifyError};
+use super::{compound_regions, vmemmap_pages_per_compound, Context, VerifyError};
 use crate::addr::{Pfn, PhysAddr};
 use crate::memory::GuestMemory;
 
@@ -94,19 +94,19 @@ impl Compound<'_> {
     }
 }
 
-impl Context<'_> {
-    /// Every compound page of every region of compound pages (hot-added
-    /// memory holds plain pages: accounting and no-leak cover its vmemmap).
-    pub(super) fn compounds(&self) -> impl Iterator<Item = Compound<'_>> + '_ {
-        self.compound_regions().flat_map(move |region| {
-            let shared = self.manifest.shared_tails.find(region.zone, region.order).map(|t| PhysAddr(t.pa));
+/// Every compound page of every region of compound pages, each seen once
+/// and read by every check.
+pub(super) fn every_compound<'a>(manifest: &'a Manifest, map: &VmemmapMap) -> Vec<Compound<'a>> {
+    compound_regions(manifest)
+        .flat_map(|region| {
+            let shared = manifest.shared_tails.find(region.zone, region.order).map(|t| PhysAddr(t.pa));
             region.heads().map(move |head| Compound {
                 region,
-                view: CompoundView::new(self.manifest, self.map, region, Pfn(head)),
+                view: CompoundView::new(manifest, map, region, Pfn(head)),
                 shared,
             })
         })
-    }
+        .collect()
 }
 
 /// A vmemmap page's struct pages, `None` when the frame cannot be read.

@@ -12,11 +12,11 @@ use crate::memory::GuestMemory;
 pub(super) fn contents(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError> {
     for c in ctx.compounds() {
         let Some((_, head_frame)) = c.head() else { continue };
-        head_page(ctx.mem, f, &c, head_frame);
+        head_page(ctx.mem, f, c, head_frame);
         if !c.region.optimized {
-            unoptimized_tails(ctx.mem, f, &c);
+            unoptimized_tails(ctx.mem, f, c);
         } else if let (Layout::Unified, Some(page)) = (c.region.layout, c.shared) {
-            shared_page(ctx.mem, f, &c, page);
+            shared_page(ctx.mem, f, c, page);
         }
     }
     pageblocks(ctx, f);
