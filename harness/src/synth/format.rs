@@ -8,14 +8,6 @@
 use hvo_abi::Arch;
 use hvo_images::{profile, Mmu};
 
-/// How entries are encoded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Entries {
-    X86_64,
-    Aarch64,
-    Radix,
-}
-
 /// One architecture's facts, as the synthetic builder needs them.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Format {
@@ -35,7 +27,8 @@ pub(super) struct Format {
     /// 4 KiB pages (8 vmemmap pages), 1 GiB with 64 KiB pages (16; a 2 MiB
     /// page's 2 KiB of struct pages fit in less than one).
     pub order: u32,
-    entries: Entries,
+    /// How entries are encoded.
+    mmu: Mmu,
 }
 
 /// The level whose entries map 2 MiB: where a block (huge) leaf goes.
@@ -44,13 +37,12 @@ pub(super) const BLOCK_LEVEL: usize = 2;
 impl Format {
     pub fn of(arch: Arch) -> Format {
         let p = profile(arch);
-        let (levels, va_bits, section_size_bits, memstart_align, order, entries) = match arch {
-            Arch::X86_64 => ([9, 9, 9, 9], 48, 27, None, 9, Entries::X86_64),
-            Arch::Aarch64 => ([9, 9, 9, 9], 48, 27, Some(1u64 << 30), 9, Entries::Aarch64),
-            Arch::Ppc64le => ([13, 9, 9, 9], 52, 24, None, 9, Entries::Radix),
-            Arch::Ppc64le64k => ([13, 9, 9, 5], 52, 24, None, 14, Entries::Radix),
+        let (levels, va_bits, section_size_bits, memstart_align, order) = match arch {
+            Arch::X86_64 => ([9, 9, 9, 9], 48, 27, None, 9),
+            Arch::Aarch64 => ([9, 9, 9, 9], 48, 27, Some(1u64 << 30), 9),
+            Arch::Ppc64le => ([13, 9, 9, 9], 52, 24, None, 9),
+            Arch::Ppc64le64k => ([13, 9, 9, 5], 52, 24, None, 14),
         };
-        debug_assert_eq!(p.mmu == Mmu::Radix, entries == Entries::Radix);
         let page = p.page_size();
         let memstart = memstart_align.map(|a| p.ram_base / a * a).unwrap_or(0);
         Format {
@@ -63,7 +55,7 @@ impl Format {
             linear_map_base: p.linear_map_base,
             memstart_pfn: memstart / page,
             order,
-            entries,
+            mmu: p.mmu,
         }
     }
 
@@ -88,39 +80,39 @@ impl Format {
     }
 
     pub fn big_endian(&self) -> bool {
-        self.entries == Entries::Radix
+        self.mmu == Mmu::Radix
     }
 
     /// Whether the kernel root is found through a process table (radix).
     pub fn has_process_table(&self) -> bool {
-        self.entries == Entries::Radix
+        self.mmu == Mmu::Radix
     }
 
     /// A pointer from a table at `level` to the table below it.
     pub fn table_entry(&self, next: u64, level: usize) -> u64 {
-        match self.entries {
+        match self.mmu {
             // Present, writable: permissions narrow at the leaves.
-            Entries::X86_64 => next | 1 | 1 << 1,
+            Mmu::X86_64 => next | 1 | 1 << 1,
             // Valid, table.
-            Entries::Aarch64 => next | 0b11,
+            Mmu::Aarch64 => next | 0b11,
             // Valid, and the next level's size (NLS) in index bits.
-            Entries::Radix => 1 << 63 | next | u64::from(self.levels[level + 1]),
+            Mmu::Radix => 1 << 63 | next | u64::from(self.levels[level + 1]),
         }
     }
 
     /// A leaf at `level` mapping `frame`, never executable.
     pub fn leaf_entry(&self, frame: u64, level: usize, writable: bool) -> u64 {
         let last = level == self.levels.len() - 1;
-        match self.entries {
+        match self.mmu {
             // Present, R/W, PS above the last level, execute-disable.
-            Entries::X86_64 => frame | 1 | u64::from(writable) << 1 | u64::from(!last) << 7 | 1 << 63,
+            Mmu::X86_64 => frame | 1 | u64::from(writable) << 1 | u64::from(!last) << 7 | 1 << 63,
             // Valid, page (bit 1) at level 3 and block below, AttrIndx 1,
             // inner shareable, access flag, AP[2] read-only, PXN and UXN.
-            Entries::Aarch64 => {
+            Mmu::Aarch64 => {
                 frame | 1 | u64::from(last) << 1 | 1 << 2 | 3 << 8 | 1 << 10 | u64::from(!writable) << 7 | 3 << 53
             }
             // Valid, leaf, privileged, read, and read-write when writable.
-            Entries::Radix => 1 << 63 | 1 << 62 | frame | 1 << 3 | 1 << 2 | u64::from(writable) << 1,
+            Mmu::Radix => 1 << 63 | 1 << 62 | frame | 1 << 3 | 1 << 2 | u64::from(writable) << 1,
         }
     }
 
