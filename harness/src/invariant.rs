@@ -4,6 +4,16 @@
 
 use std::fmt;
 
+/// Who checks an invariant, and so where its check lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckedBy {
+    /// The verifier, from the page tables, guest memory and manifest alone
+    /// (`verify::check`, one function per invariant in its table).
+    Tables,
+    /// The runner, on the live guest: it needs QEMU (its MMU, the guest's TLB).
+    LiveGuest,
+}
+
 /// One named invariant of the vmemmap optimization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Invariant {
@@ -73,6 +83,23 @@ impl Invariant {
             Invariant::RootsInSync => "every page-table root the guest keeps has the same top-level vmemmap entries",
             Invariant::MemmapPresent => "every page of memory the guest has has its struct page mapped",
             Invariant::AltmapUnoptimized => "ranges whose struct pages live on the device (altmap) are never optimized and map only device frames",
+        }
+    }
+
+    /// Whether the tables decide it or it needs the live guest.
+    pub const fn checked_by(self) -> CheckedBy {
+        match self {
+            Invariant::TranslationAgrees | Invariant::WriteFaults => CheckedBy::LiveGuest,
+            Invariant::HeadPrivate
+            | Invariant::TailsShared
+            | Invariant::TailsReadonly
+            | Invariant::PteGranularity
+            | Invariant::Contents
+            | Invariant::Accounting
+            | Invariant::NoLeak
+            | Invariant::RootsInSync
+            | Invariant::MemmapPresent
+            | Invariant::AltmapUnoptimized => CheckedBy::Tables,
         }
     }
 

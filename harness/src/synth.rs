@@ -1,181 +1,257 @@
 //! Hand-built guest memories for the verifier's unit tests and benchmarks:
-//! x86_64 4-level page tables, written here from the architecture manual's
-//! entry format (nothing of the guest's mapper), over a vmemmap laid out as
-//! the guest lays it out, with the manifest that describes it.
+//! page tables in each format the host walks (x86_64 4-level, arm64 4 KiB
+//! TTBR1, ppc64 radix with 4 KiB and 64 KiB pages), written from the
+//! architecture manuals (nothing of the guest's mapper), over a vmemmap laid
+//! out as the guest lays it out, with the manifest that describes it.
+//!
+//! The builder counts as a correct guest counts: every vmemmap frame it
+//! allocates, every table, and every frame that no vmemmap page maps any
+//! more as freed. A test breaks one thing on purpose and nothing else.
 
-use hvo_abi::manifest::{Manifest, RawManifest, RawRange, RawRegion, RawRoot, RawSharedTail, RootKind};
-use hvo_abi::model::{Layout, RegionKind, StructPage, Zone};
+mod format;
+mod regions;
+
+use std::collections::HashMap;
+
+use hvo_abi::manifest::{GuestState, RawManifest, RawRange, RawRoot, RootKind};
+use hvo_abi::model::{Layout, RegionKind, StructPage, Zone, STRUCT_PAGE_SIZE};
 use hvo_abi::Arch;
 
-use crate::addr::PhysAddr;
+use crate::addr::{Pfn, PhysAddr};
 use crate::memory::SparseMemory;
+use format::{Format, BLOCK_LEVEL};
+pub use regions::BuiltRegion;
 
-const PAGE: u64 = 4096;
-const PRESENT: u64 = 1;
-const WRITABLE: u64 = 1 << 1;
-const EXECUTE_DISABLE: u64 = 1 << 63;
-/// Where the guest puts x86_64's vmemmap (Linux's VMEMMAP_START).
-pub const VMEMMAP_BASE: u64 = 0xffff_ea00_0000_0000;
+/// A region to build: `count` compound pages of `order`, laid out under
+/// `layout` (`none`: not optimized), their private vmemmap pages on the
+/// device when `altmap`.
+#[derive(Clone, Copy, Debug)]
+pub struct RegionSpec {
+    pub kind: RegionKind,
+    pub zone: Zone,
+    pub order: u32,
+    pub count: u64,
+    pub layout: Layout,
+    pub altmap: bool,
+}
 
 /// A vmemmap being built: page tables and frames in a sparse memory, and the
 /// manifest counting them.
 pub struct SynthVmemmap {
     pub mem: SparseMemory,
+    format: Format,
     raw: RawManifest,
     root: u64,
+    process_root: u64,
     next_frame: u64,
-}
-
-impl Default for SynthVmemmap {
-    fn default() -> Self {
-        Self::new()
-    }
+    /// Where the next region may start.
+    next_pfn: u64,
+    /// Entries pointing at a table the builder made: entry address -> table.
+    tables: HashMap<u64, u64>,
+    /// Base-page leaves: vmemmap address -> frame.
+    leaves: HashMap<u64, u64>,
+    /// System-memory vmemmap frames -> vmemmap pages mapping them.
+    users: HashMap<u64, u64>,
 }
 
 impl SynthVmemmap {
-    /// An empty vmemmap over 2 MiB of boot RAM at 0, its 8 vmemmap pages mapped.
-    pub fn new() -> SynthVmemmap {
-        let mut raw = RawManifest::booting(Arch::X86_64);
-        raw.state = hvo_abi::manifest::GuestState::Ready as u32;
-        raw.page_size = PAGE;
-        raw.linear_map_base = 0xffff_8880_0000_0000;
-        raw.vmemmap_base = VMEMMAP_BASE;
-        raw.section_size_bits = 27;
+    /// An empty vmemmap in `arch`'s format over boot RAM whose memmap fills
+    /// 8 vmemmap pages (2 MiB of RAM with 4 KiB pages), all mapped; a
+    /// process root carries the kernel's top-level entries.
+    pub fn new(arch: Arch) -> SynthVmemmap {
+        let format = Format::of(arch);
+        let page = format.page;
+        let mut raw = RawManifest::booting(arch);
+        raw.state = GuestState::Ready as u32;
+        raw.page_size = page;
+        raw.linear_map_base = format.linear_map_base;
+        raw.vmemmap_base = format.vmemmap_base;
+        raw.section_size_bits = format.section_size_bits;
+        raw.memstart_pfn = format.memstart_pfn;
+        let ram_pages = 8 * page / STRUCT_PAGE_SIZE;
         raw.ram_count = 1;
-        raw.ram[0] = RawRange { start: 0, size: 2 << 20 };
-        // Frames come from 1 GiB up, far from the RAM and the regions.
-        let mut s = SynthVmemmap { mem: SparseMemory::new(), raw, root: 0, next_frame: 1 << 30 };
-        s.root = s.table();
-        s.raw.root_count = 1;
-        s.raw.roots[0] = RawRoot { kind: RootKind::Kernel as u32, _reserved: 0, pa: s.root };
+        raw.ram[0] = RawRange { start: format.ram_base, size: ram_pages * page };
+        let mut s = SynthVmemmap {
+            mem: SparseMemory::new(),
+            format,
+            raw,
+            root: 0,
+            process_root: 0,
+            // Frames come from 1 GiB above RAM's start, regions from 64 GiB:
+            // far from each other and from boot RAM.
+            next_frame: format.ram_base + (1 << 30),
+            next_pfn: (format.ram_base + (64 << 30)) / page,
+            tables: HashMap::new(),
+            leaves: HashMap::new(),
+            users: HashMap::new(),
+        };
+        s.root = s.table(0);
+        s.process_root = s.table(0);
+        s.add_root(RootKind::Kernel, s.root);
+        s.add_root(RootKind::Process, s.process_root);
+        if format.has_process_table() {
+            // The process table is the hypervisor's to read, not a page table.
+            let table = s.frames(1);
+            s.write_entry(table, format.process_table_entry(s.root));
+            s.add_root(RootKind::ProcessTable, table);
+        }
+        let first = Pfn::containing(PhysAddr(format.ram_base), page);
         for i in 0..8 {
-            let frame = s.vmemmap_frame(&[StructPage::free(Zone::Normal); 64]);
-            s.map(VMEMMAP_BASE + i * PAGE, frame, true);
+            let frame = s.vmemmap_frame(&[StructPage::free(Zone::Normal)]);
+            s.map(s.va(first) / page * page + i * page, frame, true);
         }
         s
     }
 
-    fn frame(&mut self) -> u64 {
+    /// The base page size.
+    pub fn page(&self) -> u64 {
+        self.format.page
+    }
+
+    /// The compound order worth optimizing with this page size (2 MiB or 1 GiB).
+    pub fn order(&self) -> u32 {
+        self.format.order
+    }
+
+    /// The struct page address of `pfn`.
+    pub fn va(&self, pfn: Pfn) -> u64 {
+        self.format.vmemmap_base + (pfn.0 - self.format.memstart_pfn) * STRUCT_PAGE_SIZE
+    }
+
+    fn add_root(&mut self, kind: RootKind, pa: u64) {
+        let n = self.raw.root_count as usize;
+        self.raw.roots[n] = RawRoot { kind: kind as u32, _reserved: 0, pa };
+        self.raw.root_count += 1;
+    }
+
+    /// `n` consecutive fresh frames, zeroed.
+    fn frames(&mut self, n: u64) -> u64 {
         let f = self.next_frame;
-        self.next_frame += PAGE;
+        self.next_frame += n * self.format.page;
+        self.mem.write(PhysAddr(f), &vec![0u8; (n * self.format.page) as usize]);
         f
     }
 
-    fn table(&mut self) -> u64 {
-        let t = self.frame();
-        self.mem.write(PhysAddr(t), &[0u8; PAGE as usize]);
-        self.raw.counters.pagetable_allocated += 1;
-        t
+    /// A table for `level`, counted in frames as the guest counts them
+    /// (every table takes whole frames: a radix root of 64 KiB takes 16 of 4 KiB).
+    fn table(&mut self, level: usize) -> u64 {
+        let n = self.format.table_bytes(level).div_ceil(self.format.page);
+        self.raw.counters.pagetable_allocated += n;
+        self.frames(n)
     }
 
-    /// A vmemmap frame holding these 64 struct pages, counted as the guest counts.
-    fn vmemmap_frame(&mut self, pages: &[StructPage; 64]) -> u64 {
-        let f = self.frame();
-        let mut bytes = Vec::with_capacity(PAGE as usize);
-        for p in pages {
-            for w in p.to_words() {
-                bytes.extend_from_slice(&w.to_le_bytes());
-            }
-        }
+    /// A table frame allocated and counted, but reachable from no root.
+    pub fn leak_table(&mut self) {
+        self.table(BLOCK_LEVEL);
+    }
+
+    /// The bytes of a vmemmap page of these struct pages, the last repeated
+    /// to fill it.
+    fn page_bytes(&self, pages: &[StructPage]) -> Vec<u8> {
+        let per_page = (self.format.page / STRUCT_PAGE_SIZE) as usize;
+        let last = pages.last().copied().unwrap_or_default();
+        (0..per_page)
+            .flat_map(|i| pages.get(i).copied().unwrap_or(last).to_words())
+            .flat_map(u64::to_le_bytes)
+            .collect()
+    }
+
+    /// A system-memory vmemmap frame holding `pages`, counted as the guest counts.
+    pub fn vmemmap_frame(&mut self, pages: &[StructPage]) -> u64 {
+        let f = self.frames(1);
+        let bytes = self.page_bytes(pages);
         self.mem.write(PhysAddr(f), &bytes);
         self.raw.counters.vmemmap_allocated += 1;
+        self.users.insert(f, 0);
         f
     }
 
-    fn entry(&self, table: u64, va: u64, level: u32) -> u64 {
-        table + ((va >> (39 - 9 * level)) & 511) * 8
+    fn write_entry(&mut self, at: u64, raw: u64) {
+        if self.format.big_endian() {
+            self.mem.write_u64_be(PhysAddr(at), raw)
+        } else {
+            self.mem.write_u64_le(PhysAddr(at), raw)
+        }
     }
 
-    fn read(&self, at: u64) -> u64 {
-        use crate::memory::GuestMemory;
-        self.mem.read_u64_le(PhysAddr(at)).unwrap_or(0)
-    }
-
-    /// Maps the 4 KiB page at `va` to `frame`, never executable.
-    pub fn map(&mut self, va: u64, frame: u64, writable: bool) {
+    /// The table at `level` on the way to `va`, made (and linked into every
+    /// root, as the kernel syncs its top-level entries) where missing.
+    fn table_for(&mut self, va: u64, level: usize) -> u64 {
         let mut table = self.root;
-        for level in 0..3 {
-            let at = self.entry(table, va, level);
-            let e = self.read(at);
-            table = if e & PRESENT != 0 {
-                e & 0x000f_ffff_ffff_f000
-            } else {
-                let next = self.table();
-                self.mem.write_u64_le(PhysAddr(at), next | PRESENT | WRITABLE);
-                next
+        for l in 0..level {
+            let at = self.format.slot(table, va, l);
+            table = match self.tables.get(&at) {
+                Some(&next) => next,
+                None => {
+                    let next = self.table(l + 1);
+                    let entry = self.format.table_entry(next, l);
+                    self.write_entry(at, entry);
+                    if l == 0 {
+                        let theirs = self.format.slot(self.process_root, va, 0);
+                        self.write_entry(theirs, entry);
+                    }
+                    self.tables.insert(at, next);
+                    next
+                }
             };
         }
-        let leaf = frame | PRESENT | EXECUTE_DISABLE | if writable { WRITABLE } else { 0 };
-        self.mem.write_u64_le(PhysAddr(self.entry(table, va, 3)), leaf);
+        table
     }
 
-    /// Clears the 4 KiB leaf mapping `va` (its tables stay).
+    /// One vmemmap page fewer maps `frame`: the last one gone frees it.
+    fn release(&mut self, frame: u64) {
+        if let Some(n) = self.users.get_mut(&frame) {
+            *n -= 1;
+            if *n == 0 {
+                self.raw.counters.vmemmap_freed += 1;
+                self.users.remove(&frame);
+            }
+        }
+    }
+
+    /// Maps the base page at `va` to `frame`, never executable (a frame it
+    /// mapped before is released).
+    pub fn map(&mut self, va: u64, frame: u64, writable: bool) {
+        let last = self.format.levels.len() - 1;
+        let table = self.table_for(va, last);
+        let entry = self.format.leaf_entry(frame, last, writable);
+        self.write_entry(self.format.slot(table, va, last), entry);
+        if let Some(n) = self.users.get_mut(&frame) {
+            *n += 1;
+        }
+        if let Some(old) = self.leaves.insert(va, frame) {
+            self.release(old);
+        }
+    }
+
+    /// Clears the base-page leaf mapping `va` (its tables stay).
     pub fn unmap(&mut self, va: u64) {
-        let mut table = self.root;
-        for level in 0..3 {
-            let e = self.read(self.entry(table, va, level));
-            if e & PRESENT == 0 {
-                return;
-            }
-            table = e & 0x000f_ffff_ffff_f000;
+        let last = self.format.levels.len() - 1;
+        let table = self.table_for(va, last);
+        self.write_entry(self.format.slot(table, va, last), 0);
+        if let Some(old) = self.leaves.remove(&va) {
+            self.release(old);
         }
-        self.mem.write_u64_le(PhysAddr(self.entry(table, va, 3)), 0);
     }
 
-    /// The struct page VA of `pfn`.
-    pub fn va(pfn: u64) -> u64 {
-        VMEMMAP_BASE + pfn * 64
+    /// The frame the base page at `va` maps.
+    pub fn frame_at(&self, va: u64) -> Option<u64> {
+        self.leaves.get(&va).copied()
     }
 
-    /// A DAX region of `count` compound pages of `order` from `start_pfn`,
-    /// populated under the unified layout: each head vmemmap page private,
-    /// every tail on the region's shared tail page, read-only.
-    pub fn add_unified_dax(&mut self, start_pfn: u64, count: u64, order: u32) -> usize {
-        let zone = Zone::Device;
-        let tail = StructPage::tail(zone, order);
-        let shared = self.vmemmap_frame(&[tail; 64]);
-        let per_compound = (1u64 << order) * 64 / PAGE;
-        for c in 0..count {
-            let head = start_pfn + (c << order);
-            let mut pages = [tail; 64];
-            pages[0] = StructPage::head(zone, order);
-            let frame = self.vmemmap_frame(&pages);
-            let base = Self::va(head);
-            self.map(base, frame, true);
-            for i in 1..per_compound {
-                self.map(base + i * PAGE, shared, false);
-            }
-        }
-        let n = self.raw.shared_tail_count as usize;
-        self.raw.shared_tails[n] = RawSharedTail { pa: shared, zone: zone as u32, order, users: count };
-        self.raw.shared_tail_count += 1;
-        let id = self.raw.region_count as usize;
-        self.raw.regions[id] = RawRegion {
-            start_pfn,
-            nr_pages: count << order,
-            kind: RegionKind::Dax as u32,
-            zone: zone as u32,
-            order,
-            layout: Layout::Unified as u32,
-            optimized: 1,
-            id: id as u32,
-            pageblock_tags: 0,
-            altmap_pfns: 0,
-        };
-        self.raw.region_count += 1;
-        id
+    /// Writes `page` as the struct page of `pfn`, into whatever frame maps it.
+    pub fn write_struct_page(&mut self, pfn: Pfn, page: StructPage) {
+        let va = self.va(pfn);
+        let base = va / self.format.page * self.format.page;
+        let Some(frame) = self.frame_at(base) else { panic!("the struct page of {pfn:?} is not mapped") };
+        let bytes: Vec<u8> = page.to_words().into_iter().flat_map(u64::to_le_bytes).collect();
+        self.mem.write(PhysAddr(frame + va - base), &bytes);
     }
 
-    /// The counters, to be put out of step on purpose.
-    pub fn counters(&mut self) -> &mut hvo_abi::manifest::Counters {
-        &mut self.raw.counters
-    }
-
-    /// The manifest as the guest would publish it now.
-    pub fn manifest(&self) -> Manifest {
-        match Manifest::decode(self.raw.as_bytes()) {
-            Ok(m) => m,
-            Err(e) => panic!("the synthetic manifest does not decode: {e}"),
-        }
+    /// Clears the process root's top-level entry over `va`: it no longer
+    /// carries the kernel's.
+    pub fn desync_process_root(&mut self, va: u64) {
+        let at = self.format.slot(self.process_root, va, 0);
+        self.write_entry(at, 0);
     }
 }

@@ -1,0 +1,224 @@
+//! Compound pages one by one: how each one's vmemmap pages are mapped, and
+//! the invariants read off that alone (head-private, tails-readonly,
+//! pte-granularity).
+
+use std::fmt::Write as _;
+
+use hvo_abi::manifest::{Manifest, Region};
+use hvo_abi::model::{Layout, StructPage, STRUCT_PAGE_SIZE};
+
+use super::findings::Findings;
+use super::map::{PageMapping, VmemmapMap};
+use super::pfns::struct_page_va;
+use super::{compound_regions, vmemmap_pages_per_compound, Context, VerifyError};
+use crate::addr::{Pfn, PhysAddr};
+use crate::memory::GuestMemory;
+
+/// One compound page's vmemmap pages as the tables map them.
+pub(super) struct CompoundView {
+    pub head_pfn: Pfn,
+    /// Where its head struct page is in the first vmemmap page, counted in
+    /// struct pages (0 unless compound pages share vmemmap pages).
+    first: usize,
+    /// Its struct pages in the first vmemmap page.
+    in_first: usize,
+    pub pages: Vec<(u64, Option<(PageMapping, PhysAddr)>)>,
+    /// The base page size.
+    pub page: u64,
+}
+
+impl CompoundView {
+    pub fn new(manifest: &Manifest, map: &VmemmapMap, region: &Region, head_pfn: Pfn) -> CompoundView {
+        let n = vmemmap_pages_per_compound(region.order, map.page).max(1);
+        let head_va = struct_page_va(manifest, head_pfn).0;
+        let base = head_va / map.page * map.page;
+        let per_page = map.page / STRUCT_PAGE_SIZE;
+        let first = ((head_va - base) / STRUCT_PAGE_SIZE) as usize;
+        let in_first = (1u64 << region.order).min(per_page) as usize;
+        CompoundView { head_pfn, first, in_first, pages: map.span(base, n), page: map.page }
+    }
+
+    /// This compound page's struct pages among those of its first vmemmap page.
+    pub fn own<'p>(&self, page: &'p [StructPage]) -> &'p [StructPage] {
+        page.get(self.first..self.first + self.in_first).unwrap_or(&[])
+    }
+
+    /// A small picture of the layout, in the style of vmemmap_dedup.rst: each
+    /// vmemmap page, the frame it maps and how.
+    pub fn diagram(&self, shared: Option<PhysAddr>) -> String {
+        let mut out = format!("\n  compound page at pfn {}:", self.head_pfn);
+        let shown: Vec<usize> =
+            if self.pages.len() <= 6 { (0..self.pages.len()).collect() } else { vec![0, 1, 2, self.pages.len() - 1] };
+        for (k, &i) in shown.iter().enumerate() {
+            if k > 0 && i != shown[k - 1] + 1 {
+                let _ = write!(out, "\n    ...");
+            }
+            let (va, mapping) = &self.pages[i];
+            let _ = match mapping {
+                None => write!(out, "\n    vmemmap[{i}] {va:#x} -> unmapped"),
+                Some((leaf, frame)) => write!(
+                    out,
+                    "\n    vmemmap[{i}] {va:#x} -> {frame} {}{}{}",
+                    if leaf.perms.write { "RW" } else { "RO" },
+                    if leaf.size() > self.page {
+                        format!(" in a {} KiB leaf", leaf.size() >> 10)
+                    } else {
+                        String::new()
+                    },
+                    if Some(*frame) == shared { " (shared tail)" } else { "" },
+                ),
+            };
+        }
+        out
+    }
+}
+
+/// A compound page of a region, with the shared tail page of its zone and
+/// order (if the manifest has one).
+pub(super) struct Compound<'a> {
+    pub region: &'a Region,
+    pub view: CompoundView,
+    pub shared: Option<PhysAddr>,
+}
+
+impl Compound<'_> {
+    /// "region 3 compound page at pfn 0x100200, vmemmap[2]": where a finding is.
+    pub fn at(&self, i: usize) -> String {
+        format!("region {} compound page at pfn {}, vmemmap[{i}]", self.region.id, self.view.head_pfn)
+    }
+
+    /// How the head vmemmap page is mapped; `None` when it is not (which
+    /// head-private reports, and every other check skips).
+    pub fn head(&self) -> Option<(PageMapping, PhysAddr)> {
+        self.view.pages[0].1
+    }
+}
+
+/// Every compound page of every region of compound pages, each seen once
+/// and read by every check.
+pub(super) fn every_compound<'a>(manifest: &'a Manifest, map: &VmemmapMap) -> Vec<Compound<'a>> {
+    compound_regions(manifest)
+        .flat_map(|region| {
+            let shared = manifest.shared_tails.find(region.zone, region.order).map(|t| PhysAddr(t.pa));
+            region.heads().map(move |head| Compound {
+                region,
+                view: CompoundView::new(manifest, map, region, Pfn(head)),
+                shared,
+            })
+        })
+        .collect()
+}
+
+/// A vmemmap page's struct pages, `None` when the frame cannot be read.
+pub(super) fn read_page(mem: &dyn GuestMemory, frame: PhysAddr, page: u64) -> Option<Vec<StructPage>> {
+    let mut bytes = vec![0u8; page as usize];
+    mem.read(frame, &mut bytes).ok()?;
+    Some(bytes.chunks_exact(64).map(|c| StructPage::from_le_bytes(c.try_into().unwrap_or(&[0; 64]))).collect())
+}
+
+/// Each head vmemmap page maps a frame of its own, writable; unoptimized,
+/// every vmemmap page does.
+pub(super) fn head_private(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError> {
+    for c in ctx.compounds() {
+        let (view, shared) = (&c.view, c.shared);
+        let Some((head_leaf, head_frame)) = c.head() else {
+            f.fail_in(view, shared, format!("{}: head vmemmap page unmapped", c.at(0)));
+            continue;
+        };
+        if !c.region.optimized {
+            for (i, (_, m)) in view.pages.iter().enumerate() {
+                f.cover(1);
+                match m {
+                    Some((leaf, frame)) if leaf.perms.write && ctx.map.mappers(*frame) == 1 => {}
+                    Some((leaf, frame)) => f.fail_in(
+                        view,
+                        shared,
+                        format!(
+                            "{}: not optimized, yet it maps {frame} {} shared by {} vmemmap pages",
+                            c.at(i),
+                            if leaf.perms.write { "RW" } else { "RO" },
+                            ctx.map.mappers(*frame)
+                        ),
+                    ),
+                    None => f.fail_in(view, shared, format!("{}: unmapped", c.at(i))),
+                }
+            }
+            continue;
+        }
+        f.cover(1);
+        let head_users = ctx.map.mappers(head_frame);
+        let private_ok = match c.region.layout {
+            // Legacy HugeTLB maps the tails onto the head's own frame.
+            Layout::LegacyHugetlb => head_users == view.pages.len() as u64,
+            _ => head_users == 1,
+        };
+        if !head_leaf.perms.write || !private_ok || Some(head_frame) == shared {
+            f.fail_in(
+                view,
+                shared,
+                format!(
+                    "{}: head page {head_frame} is {} and mapped by {} vmemmap pages{}",
+                    c.at(0),
+                    if head_leaf.perms.write { "writable" } else { "read-only" },
+                    head_users,
+                    if Some(head_frame) == shared { ", and it is the shared tail page" } else { "" }
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The first tail vmemmap page of an optimized compound page under `layout`,
+/// and whether its tails may be writable.
+pub(super) fn tails_under(layout: Layout, pages: usize) -> (usize, bool) {
+    match layout {
+        Layout::Unified | Layout::LegacyHugetlb => (1, false),
+        Layout::LegacyDax => (2, true),
+        Layout::None => (pages, true),
+    }
+}
+
+/// An optimized compound page's tails are read-only unless the layout keeps
+/// them writable.
+pub(super) fn tails_readonly(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError> {
+    for c in ctx.compounds().filter(|c| c.region.optimized && c.head().is_some()) {
+        let (first_tail, writable) = tails_under(c.region.layout, c.view.pages.len());
+        for (i, (_, m)) in c.view.pages.iter().enumerate().skip(first_tail) {
+            f.cover(1);
+            let Some((leaf, _)) = m else { continue };
+            if !writable && (leaf.perms.write || leaf.perms.exec) {
+                f.fail_in(
+                    &c.view,
+                    c.shared,
+                    format!(
+                        "{}: tail is {}{} through the page tables",
+                        c.at(i),
+                        if leaf.perms.write { "writable" } else { "" },
+                        if leaf.perms.exec { " executable" } else { "" }
+                    ),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An optimized compound page's vmemmap is mapped with base pages only.
+pub(super) fn pte_granularity(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError> {
+    for c in ctx.compounds().filter(|c| c.region.optimized && c.head().is_some()) {
+        for (i, (_, m)) in c.view.pages.iter().enumerate() {
+            f.cover(1);
+            if let Some((leaf, _)) = m {
+                if leaf.size() != c.view.page {
+                    f.fail_in(
+                        &c.view,
+                        c.shared,
+                        format!("{}: mapped by a {} KiB leaf, not a base page", c.at(i), leaf.size() >> 10),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

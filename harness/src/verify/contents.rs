@@ -1,0 +1,132 @@
+//! contents: head, tail and shared struct pages, and device pageblocks'
+//! migratetypes, hold what the model says.
+
+use hvo_abi::model::{pageblock_pages, Layout, RegionKind, StructPage, MIGRATE_MOVABLE, STRUCT_PAGE_SIZE};
+
+use super::compound::{read_page, Compound};
+use super::findings::Findings;
+use super::{Context, VerifyError};
+use crate::addr::{Pfn, PhysAddr};
+use crate::memory::GuestMemory;
+
+pub(super) fn contents(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError> {
+    for c in ctx.compounds() {
+        let Some((_, head_frame)) = c.head() else { continue };
+        head_page(ctx.mem, f, c, head_frame);
+        if !c.region.optimized {
+            unoptimized_tails(ctx.mem, f, c);
+        } else if let (Layout::Unified, Some(page)) = (c.region.layout, c.shared) {
+            shared_page(ctx.mem, f, c, page);
+        }
+    }
+    pageblocks(ctx, f);
+    Ok(())
+}
+
+/// The head vmemmap page: the head struct page, then its tails.
+fn head_page(mem: &dyn GuestMemory, f: &mut Findings, c: &Compound, head_frame: PhysAddr) {
+    let region = c.region;
+    f.cover(1);
+    match read_page(mem, head_frame, c.view.page) {
+        None => f.fail(format!("{}: head page {head_frame} unreadable", c.at(0))),
+        Some(page) => {
+            let pages = c.view.own(&page);
+            let expect_tail = StructPage::tail(region.zone, region.order);
+            if pages.first() != Some(&StructPage::head(region.zone, region.order)) {
+                f.fail(format!("{}: head struct page is {:?}", c.at(0), pages.first()));
+            } else if let Some(k) = pages[1..].iter().position(|p| *p != expect_tail) {
+                f.fail(format!(
+                    "{}: struct page {} of the head page is {:?}, expected a tail",
+                    c.at(0),
+                    k + 1,
+                    pages[k + 1]
+                ));
+            }
+        }
+    }
+}
+
+/// Every tail struct page of an unoptimized compound page past its head
+/// vmemmap page: each is this zone and order's tail, not poison nor
+/// anything else.
+fn unoptimized_tails(mem: &dyn GuestMemory, f: &mut Findings, c: &Compound) {
+    let (region, view) = (c.region, &c.view);
+    let expect_tail = StructPage::tail(region.zone, region.order);
+    let per_page = view.page / STRUCT_PAGE_SIZE;
+    let mut wrong = 0u64;
+    let mut first = None;
+    for (i, (_, m)) in view.pages.iter().enumerate().skip(1) {
+        let Some((_, frame)) = m else { continue };
+        f.cover(1);
+        match read_page(mem, *frame, view.page) {
+            None => {
+                f.fail(format!(
+                    "region {} compound page at pfn {}, vmemmap[{i}]: {frame} unreadable",
+                    region.id, view.head_pfn
+                ));
+                return;
+            }
+            Some(pages) => {
+                for (k, p) in pages.iter().enumerate().filter(|(_, p)| **p != expect_tail) {
+                    wrong += 1;
+                    first.get_or_insert((i as u64 * per_page + k as u64, *p));
+                }
+            }
+        }
+    }
+    if let Some((index, page)) = first {
+        let what = if page == StructPage::POISONED { "still poisoned".to_string() } else { format!("{page:?}") };
+        f.fail(format!(
+            "region {} compound page at pfn {}: {wrong} of its {} tail struct pages are not initialized tails; struct page {index} (pfn {}) is {what}",
+            region.id,
+            view.head_pfn,
+            (1u64 << region.order) - 1,
+            view.head_pfn + index
+        ));
+    }
+}
+
+/// The shared page holds identical tails of this zone and order.
+fn shared_page(mem: &dyn GuestMemory, f: &mut Findings, c: &Compound, page: PhysAddr) {
+    let region = c.region;
+    f.cover(1);
+    let expect = StructPage::tail(region.zone, region.order);
+    match read_page(mem, page, c.view.page) {
+        Some(pages) if pages.iter().all(|p| *p == expect) => {}
+        Some(pages) => {
+            let k = pages.iter().position(|p| *p != expect).unwrap_or(0);
+            f.fail(format!(
+                "shared tail page {page} ({}/order {}): struct page {k} is {:?}",
+                region.zone.name(),
+                region.order,
+                pages[k]
+            ));
+        }
+        None => f.fail(format!("shared tail page {page} unreadable")),
+    }
+}
+
+/// Device ranges: every pageblock tagged movable, 1 GiB compound pages too.
+fn pageblocks(ctx: &Context, f: &mut Findings) {
+    let page = ctx.map.page;
+    for region in ctx.manifest.regions.iter().filter(|r| r.kind == RegionKind::Dax && r.pageblock_tags != 0) {
+        let pageblock = pageblock_pages(page);
+        let count = region.nr_pages.div_ceil(pageblock) as usize;
+        let mut tags = vec![0u8; count];
+        f.cover(count as u64);
+        if ctx.mem.read(PhysAddr(region.pageblock_tags), &mut tags).is_err() {
+            f.fail(format!("region {}: pageblock tags at {:#x} unreadable", region.id, region.pageblock_tags));
+            continue;
+        }
+        let wrong: Vec<usize> = (0..count).filter(|&i| tags[i] != MIGRATE_MOVABLE).collect();
+        if let Some(&first) = wrong.first() {
+            f.fail(format!(
+                "region {}: {} of {count} pageblocks are not movable, the first pageblock {first} (pfn {}) has migratetype {}",
+                region.id,
+                wrong.len(),
+                Pfn(region.start_pfn) + first as u64 * pageblock,
+                tags[first]
+            ));
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The verifier on hand-built vmemmaps in every format: a clean build of
+//! every layout passes every static invariant, and each breakage fails its
+//! invariant and nothing else (but what it cannot help breaking too).
+
+use hvo_abi::model::{Layout, RegionKind, StructPage, Zone};
+
+use super::*;
+use crate::addr::Pfn;
+use crate::invariant::CheckedBy;
+use crate::report::CheckStatus;
+use crate::synth::{BuiltRegion, RegionSpec, SynthVmemmap};
+use Invariant::*;
+
+/// The failing checks when the scenario asked `requested` of the regions:
+/// (name, detail).
+fn failing(s: &SynthVmemmap, requested: &Requested) -> Vec<(String, String)> {
+    let arch = s.manifest().arch;
+    let (checks, _) = check(arch, &s.manifest(), &s.mem, requested).unwrap();
+    checks.into_iter().filter(|c| c.status == CheckStatus::Fail).map(|c| (c.name, c.detail)).collect()
+}
+
+fn names(failures: &[(String, String)]) -> Vec<&str> {
+    failures.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+/// One region of each layout, 4 compound pages each, of the order worth
+/// optimizing with the format's page size, and what the scenario asked.
+struct Standard {
+    s: SynthVmemmap,
+    unified: BuiltRegion,
+    requested: Requested,
+}
+
+fn spec(kind: RegionKind, zone: Zone, order: u32, layout: Layout, altmap: bool) -> RegionSpec {
+    RegionSpec { kind, zone, order, count: 4, layout, altmap }
+}
+
+/// Every region the standard build has: each layout, and struct pages on the device.
+fn standard_regions(order: u32) -> [RegionSpec; 5] {
+    [
+        spec(RegionKind::Dax, Zone::Device, order, Layout::Unified, false),
+        spec(RegionKind::HugeTlb, Zone::Movable, order, Layout::LegacyHugetlb, false),
+        spec(RegionKind::Dax, Zone::Device, order, Layout::LegacyDax, false),
+        spec(RegionKind::HugeTlb, Zone::Normal, order, Layout::None, false),
+        spec(RegionKind::Dax, Zone::Device, order, Layout::None, true),
+    ]
+}
+
+fn standard(arch: Arch) -> Standard {
+    let mut s = SynthVmemmap::new(arch);
+    let mut requested = Requested::new();
+    let mut built = Vec::new();
+    for r in standard_regions(s.order()) {
+        let b = s.add_region(r);
+        requested.insert(b.id, r.layout);
+        built.push(b);
+    }
+    Standard { s, unified: built[0], requested }
+}
+
+impl Standard {
+    /// The vmemmap address of page `i` of unified compound page `c`.
+    fn unified_page(&self, c: u64, i: u64) -> u64 {
+        self.s.va(self.unified.head(c)) + i * self.s.page()
+    }
+}
+
+/// One way to break the vmemmap, what must catch it, and what else it
+/// cannot help breaking.
+struct Breakage {
+    invariant: Invariant,
+    also: &'static [Invariant],
+    what: &'static str,
+    apply: fn(&mut Standard),
+}
+
+impl Breakage {
+    const fn only(invariant: Invariant, what: &'static str, apply: fn(&mut Standard)) -> Breakage {
+        Breakage { invariant, also: &[], what, apply }
+    }
+
+    const fn with(
+        invariant: Invariant,
+        also: &'static [Invariant],
+        what: &'static str,
+        apply: fn(&mut Standard),
+    ) -> Breakage {
+        Breakage { invariant, also, what, apply }
+    }
+}
+
+const BREAKAGES: &[Breakage] = &[
+    Breakage::only(HeadPrivate, "a head vmemmap page mapping another compound page's head frame", |t| {
+        let other = t.s.frame_at(t.unified_page(0, 0)).unwrap();
+        t.s.map(t.unified_page(1, 0), other, true);
+    }),
+    Breakage::only(HeadPrivate, "a read-only head vmemmap page", |t| {
+        let own = t.s.frame_at(t.unified_page(0, 0)).unwrap();
+        t.s.map(t.unified_page(0, 0), own, false);
+    }),
+    Breakage::only(TailsShared, "a tail mapping a frame of its own, not the shared page", |t| {
+        let own = t.s.vmemmap_frame(&[StructPage::tail(Zone::Device, t.s.order())]);
+        t.s.map(t.unified_page(0, 2), own, false);
+    }),
+    Breakage::only(TailsReadonly, "a writable tail", |t| {
+        let shared = t.s.frame_at(t.unified_page(0, 1)).unwrap();
+        t.s.map(t.unified_page(0, 3), shared, true);
+    }),
+    // A block leaf maps consecutive frames, writable: the tails under it
+    // cannot be on the shared page, nor read-only.
+    Breakage::with(PteGranularity, &[TailsShared, TailsReadonly], "a 2 MiB leaf over a range marked optimized", |t| {
+        let order = t.s.order();
+        t.s.add_region_in_block(spec(RegionKind::Dax, Zone::Device, order, Layout::Unified, false));
+    }),
+    Breakage::only(Contents, "a tail struct page of the wrong order in a head page", |t| {
+        let wrong = StructPage::tail(Zone::Device, t.s.order() + 1);
+        t.s.write_struct_page(t.unified.head(2) + 1, wrong);
+    }),
+    Breakage::only(Contents, "a device pageblock not movable", |t| t.s.set_pageblock_tag(t.unified.id, 1, 0)),
+    Breakage::only(Accounting, "a vmemmap counter off by 7", |t| t.s.counters().vmemmap_allocated += 7),
+    Breakage::only(Accounting, "a leaked page-table frame", |t| t.s.leak_table()),
+    // Still counted live, and mapped by nothing: the counters disagree too.
+    Breakage::with(NoLeak, &[Accounting], "a shared tail page kept with no users", |t| {
+        let order = t.s.order();
+        t.s.leak_shared_tail(Zone::Normal, order);
+    }),
+    Breakage::only(RootsInSync, "a process root without the kernel's vmemmap entry", |t| {
+        let va = t.unified_page(0, 0);
+        t.s.desync_process_root(va);
+    }),
+    Breakage::only(MemmapPresent, "an unmapped boot memmap page", |t| {
+        let ram = t.s.manifest().ram().next().unwrap();
+        let va = t.s.va(Pfn::containing(crate::addr::PhysAddr(ram.start), t.s.page()));
+        t.s.unmap(va + 2 * t.s.page());
+    }),
+    Breakage::only(AltmapUnoptimized, "a range with its struct pages on the device, optimized", |t| {
+        let order = t.s.order();
+        t.s.add_region(spec(RegionKind::Dax, Zone::Device, order, Layout::Unified, true));
+    }),
+];
+
+#[test]
+fn the_table_checks_exactly_the_invariants_the_tables_decide_in_report_order() {
+    let table: Vec<Invariant> = STATIC.iter().map(|(i, _)| *i).collect();
+    let decided: Vec<Invariant> = Invariant::ALL.into_iter().filter(|i| i.checked_by() == CheckedBy::Tables).collect();
+    assert_eq!(table, decided);
+    let s = SynthVmemmap::new(Arch::X86_64);
+    let (checks, _) = check(Arch::X86_64, &s.manifest(), &s.mem, &Requested::new()).unwrap();
+    let reported: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(reported, decided.iter().map(|i| i.name()).collect::<Vec<_>>());
+}
+
+#[test]
+fn every_layout_built_by_hand_passes_every_invariant_in_every_format() {
+    for arch in Arch::ALL {
+        let t = standard(arch);
+        assert_eq!(failing(&t.s, &t.requested), vec![], "{arch:?}, all layouts");
+        for r in standard_regions(t.s.order()) {
+            let mut s = SynthVmemmap::new(arch);
+            let b = s.add_region(r);
+            let requested = Requested::from([(b.id, r.layout)]);
+            assert_eq!(failing(&s, &requested), vec![], "{arch:?}, {} alone (altmap: {})", r.layout.name(), r.altmap);
+        }
+    }
+}
+
+#[test]
+fn each_breakage_fails_its_invariant_and_no_other_in_every_format() {
+    for arch in Arch::ALL {
+        for b in BREAKAGES {
+            let mut t = standard(arch);
+            (b.apply)(&mut t);
+            let failures = failing(&t.s, &t.requested);
+            let mut expected: Vec<Invariant> = [b.invariant].into_iter().chain(b.also.iter().copied()).collect();
+            expected.sort();
+            let expected: Vec<&str> = expected.iter().map(|i| i.name()).collect();
+            assert_eq!(names(&failures), expected, "{arch:?}: {}\n{failures:#?}", b.what);
+        }
+    }
+}
+
+#[test]
+fn failures_name_the_page_and_picture_its_compound_page() {
+    let mut t = standard(Arch::X86_64);
+    let shared = t.s.frame_at(t.unified_page(0, 1)).unwrap();
+    t.s.map(t.unified_page(0, 3), shared, true);
+    let f = failing(&t.s, &t.requested);
+    let head = t.unified.head(0);
+    assert!(
+        f[0].1.starts_with(&format!("region 0 compound page at pfn {head}, vmemmap[3]: tail is writable")),
+        "{}",
+        f[0].1
+    );
+    assert!(f[0].1.contains(&format!("\n  compound page at pfn {head}:\n    vmemmap[0] ")), "{}", f[0].1);
+    // Eight vmemmap pages: the first three and the last are drawn.
+    let drawn = format!("vmemmap[1] {:#x} -> {shared:#x} RO (shared tail)", t.unified_page(0, 1));
+    assert!(f[0].1.contains(&drawn), "{}", f[0].1);
+    assert!(f[0].1.contains("(shared tail)\n    ...\n    vmemmap[7] "), "{}", f[0].1);
+}
+
+#[test]
+fn a_miscount_says_what_each_side_counted() {
+    let mut t = standard(Arch::Aarch64);
+    let live = t.s.manifest().counters.vmemmap_live();
+    t.s.counters().vmemmap_allocated += 7;
+    let f = failing(&t.s, &t.requested);
+    let want = format!("the guest counts {} live vmemmap frames, the page tables map {live} distinct ones", live + 7);
+    assert!(f[0].1.contains(&want), "{}", f[0].1);
+}
+
+#[test]
+fn a_region_optimized_other_than_asked_is_caught_by_tails_shared() {
+    let t = standard(Arch::Ppc64le64k);
+    let id = t.unified.id;
+    let asked = |layout| {
+        let mut requested = t.requested.clone();
+        requested.insert(id, layout);
+        failing(&t.s, &requested)
+    };
+    let f = asked(Layout::LegacyDax);
+    assert_eq!(names(&f), vec![Invariant::TailsShared.name()]);
+    assert!(f[0].1.contains("region 0 is optimized under unified, but legacy-dax was asked for"), "{}", f[0].1);
+    let f = asked(Layout::None);
+    assert!(f[0].1.contains("claims to be optimized under unified, but it cannot be: no layout was asked for"));
+}
+
+#[test]
+fn an_unmapped_boot_memmap_page_is_reported_with_its_first_pfn() {
+    let mut s = SynthVmemmap::new(Arch::X86_64);
+    s.unmap(s.va(Pfn(0)) + 2 * 4096);
+    let f = failing(&s, &Requested::new());
+    assert_eq!(names(&f), vec![Invariant::MemmapPresent.name()]);
+    assert!(f[0].1.contains("boot memory: 1 of its 8 vmemmap pages are unmapped"), "{}", f[0].1);
+    assert!(f[0].1.contains("(struct pages of pfn 0x80 on)"), "{}", f[0].1);
+}
