@@ -121,7 +121,8 @@ impl PrivateApt {
     fn download(&self, packages: &[String]) -> Result<Vec<PathBuf>> {
         let debs = self.dir.join("debs");
         let before = deb_files(&debs)?;
-        run_visibly(self.apt_get().arg("download").args(packages))?;
+        run_visibly(self.apt_get().arg("download").args(packages))
+            .context("cannot download from Debian's mirror (no network?)")?;
         Ok(deb_files(&debs)?.into_iter().filter(|f| !before.contains(f)).collect())
     }
 }
@@ -251,7 +252,8 @@ pub fn ensure() -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
     let apt = PrivateApt::create()?;
-    run_visibly(apt.apt_get().arg("update")).context(
+    // --error-on=any: a list that cannot be fetched fails here, not later.
+    run_visibly(apt.apt_get().args(["update", "--error-on=any"])).context(
         "cannot read Debian's package lists (no network? on a non-Debian system, install debian-archive-keyring)",
     )?;
     let qemu: Vec<String> = QEMU_PACKAGES.iter().map(|p| format!("{p}/bookworm-backports")).collect();
