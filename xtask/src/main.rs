@@ -17,6 +17,11 @@ use hvo_images::{profile, workspace_root, Arch};
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// Which QEMU runs: `distro` (the one on PATH), `backports` (Debian
+    /// bookworm-backports', unpacked by `setup --qemu backports`) or a
+    /// directory of qemu-system-* binaries. With `setup`: which to fetch.
+    #[arg(long, global = true, value_name = "distro|backports|DIR", value_parser = setup::parse_qemu)]
+    qemu: Option<setup::QemuChoice>,
 }
 
 #[derive(Subcommand)]
@@ -40,7 +45,8 @@ enum Cmd {
     },
     /// Private vmemmap bytes per compound page under each layout, measured.
     Savings(savings::SavingsArgs),
-    /// Install what is missing: the guest targets and QEMU.
+    /// Install what is missing: the guest targets and QEMU (with `--qemu
+    /// backports`, Debian bookworm-backports' QEMU under target/qemu/).
     Setup {
         #[arg(long, value_delimiter = ',', value_parser = run::parse_arch)]
         arch: Option<Vec<Arch>>,
@@ -54,6 +60,14 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let qemu = cli.qemu.unwrap_or(setup::QemuChoice::Distro);
+    // Before any thread starts: choosing a QEMU changes this process's PATH.
+    if !matches!(cli.command, Cmd::Setup { .. }) {
+        if let Err(e) = qemu.select() {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    }
     let outcome = match cli.command {
         Cmd::RunScenarios(args) => run::run_scenarios(args),
         Cmd::Repro(args) => run::repro(args),
@@ -61,7 +75,7 @@ fn main() -> ExitCode {
         Cmd::Bench(args) => bench::bench(args),
         Cmd::Test { no_lint } => test(no_lint),
         Cmd::Savings(args) => savings::savings(args),
-        Cmd::Setup { arch } => setup::ensure(&arch.unwrap_or(Arch::ALL.to_vec())).map(|()| ExitCode::SUCCESS),
+        Cmd::Setup { arch } => setup::setup(&arch.unwrap_or(Arch::ALL.to_vec()), &qemu).map(|()| ExitCode::SUCCESS),
         Cmd::BuildGuest { arches } => build_guests(if arches.is_empty() { &Arch::ALL } else { &arches }).map(|paths| {
             for p in paths {
                 println!("{}", p.display());

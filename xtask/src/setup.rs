@@ -1,8 +1,11 @@
 //! Prerequisites: the guest targets (rustup) and QEMU (Debian packages).
 //! Installs what is missing when it can, saying what it runs; otherwise prints
-//! the exact command and fails with exit status 2.
+//! the exact command and fails with exit status 2. Also which QEMU runs:
+//! the distribution's, or another one put first on PATH (`--qemu`).
 
-use std::path::Path;
+mod backports;
+
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -111,6 +114,72 @@ fn ensure_qemu(arches: &[Arch]) -> Result<()> {
     let mut update = update;
     run_visibly(update.args(["update", "-q"]))?;
     run_visibly(&mut install_cmd)
+}
+
+/// Which QEMU runs the scenarios: the harness starts `qemu-system-*` from
+/// PATH, so choosing one is putting its directory first there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QemuChoice {
+    /// Whatever is on PATH: the distribution's QEMU.
+    Distro,
+    /// Debian bookworm-backports' QEMU as `setup --qemu backports` unpacks it.
+    Backports,
+    /// The `qemu-system-*` binaries in this directory.
+    Dir(PathBuf),
+}
+
+/// `--qemu distro`, `--qemu backports` or `--qemu DIR`.
+pub fn parse_qemu(text: &str) -> Result<QemuChoice, String> {
+    Ok(match text {
+        "distro" => QemuChoice::Distro,
+        "backports" => QemuChoice::Backports,
+        "" => return Err("expected distro, backports or a directory of qemu-system-* binaries".into()),
+        dir => QemuChoice::Dir(PathBuf::from(dir)),
+    })
+}
+
+impl QemuChoice {
+    /// Puts this QEMU first on PATH for this process and every command it
+    /// starts. Call it before any thread starts: it changes the environment.
+    pub fn select(&self) -> Result<()> {
+        let dir = match self {
+            QemuChoice::Distro => return Ok(()),
+            QemuChoice::Backports => backports::root().join("bin"),
+            QemuChoice::Dir(dir) => dir.clone(),
+        };
+        let dir = std::path::absolute(&dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+        if !Arch::ALL.iter().any(|&a| dir.join(profile(a).qemu_binary).is_file()) {
+            return Err(MissingPrerequisite(match self {
+                QemuChoice::Backports => {
+                    "bookworm-backports' QEMU is not unpacked yet: run `cargo xtask setup --qemu backports`".into()
+                }
+                _ => format!("{} holds no qemu-system-* binary the profiles run", dir.display()),
+            })
+            .into());
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let joined = std::env::join_paths(std::iter::once(dir.clone()).chain(std::env::split_paths(&path)))
+            .with_context(|| format!("{} cannot go on PATH", dir.display()))?;
+        eprintln!("qemu: running the qemu-system-* binaries in {}", dir.display());
+        std::env::set_var("PATH", joined);
+        Ok(())
+    }
+}
+
+/// `cargo xtask setup`: what `arches` need, with the chosen QEMU fetched first.
+pub fn setup(arches: &[Arch], qemu: &QemuChoice) -> Result<()> {
+    match qemu {
+        QemuChoice::Distro => {}
+        QemuChoice::Backports => {
+            backports::ensure()?;
+            qemu.select()?;
+        }
+        QemuChoice::Dir(dir) => bail!(
+            "setup fetches a QEMU (--qemu distro or backports); {} is one to run with the other commands",
+            dir.display()
+        ),
+    }
+    ensure(arches)
 }
 
 /// Everything `arches` need to build guests and run scenarios.
