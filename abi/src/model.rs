@@ -137,7 +137,7 @@ impl Zone {
     }
 }
 
-/// How an optimized compound page's vmemmap is laid out (DESIGN.md section 3).
+/// How an optimized compound page's vmemmap is laid out (docs/design.md section 3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum Layout {
@@ -188,7 +188,7 @@ impl Layout {
 }
 
 /// Bug knobs: each reintroduces one known bug on purpose, so every invariant
-/// is shown to fire (DESIGN.md section 7).
+/// is shown to fire (docs/design.md section 6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum Knob {

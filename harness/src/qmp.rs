@@ -1,5 +1,5 @@
 //! Our QMP client: the `qapi` crate behind a small type of our own, so the crate
-//! can be replaced and its caveats (QEMU-FACTS.md) are handled in one place:
+//! can be replaced and its caveats are handled in one place:
 //! every command has a timeout, the handshake runs in its own task (it can
 //! panic when QEMU dies during start-up), events are drained continuously
 //! (the event stream also carries command replies), and every command and

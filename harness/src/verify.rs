@@ -1,4 +1,4 @@
-//! The verifier: DESIGN.md's invariants, computed from the guest's page tables
+//! The verifier: docs/design.md's invariants, computed from the guest's page tables
 //! (walked by the host's own walker), its memory and its manifest. Nothing
 //! here trusts the guest's page-table code; the manifest only says what the
 //! guest claims to have built, and every claim is checked against the tables.

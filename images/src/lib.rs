@@ -116,7 +116,7 @@ pub struct Profile {
     pub nvdimm_hotplug: bool,
     /// The kernel's PAGE_OFFSET: where all RAM is mapped again.
     pub linear_map_base: u64,
-    /// Base of the vmemmap region (DESIGN.md section 3).
+    /// Base of the vmemmap region (docs/design.md section 3).
     pub vmemmap_base: u64,
 }
 
@@ -175,7 +175,7 @@ const PPC64LE: Profile = Profile {
     vmemmap_base: 0xc00c_0000_0000_0000,
 };
 
-/// The one table of per-architecture facts (sources: QEMU-FACTS.md).
+/// The one table of per-architecture facts (docs/design.md section 5 explains them).
 pub const fn profile(arch: Arch) -> &'static Profile {
     match arch {
         Arch::X86_64 => &Profile {

@@ -4,7 +4,7 @@
 //! `arch/` knows which architecture it runs on:
 //!
 //! - `ARCH: hvo_abi::Arch`, `BASE_PAGE: mm::PageSize`, `LINEAR_MAP_BASE`,
-//!   `VMEMMAP_BASE`, `SECTION_SIZE_BITS`, `MEMSTART_ALIGN` (DESIGN.md section 3),
+//!   `VMEMMAP_BASE`, `SECTION_SIZE_BITS`, `MEMSTART_ALIGN` (docs/design.md section 3),
 //!   `IDENTITY_IS_LINEAR_MAP` (ppc64le radix: quadrants 0 and 3 walk one tree, so
 //!   mapping the linear map also maps the identity range), and
 //!   `SEPARATE_IDENTITY_ROOT` (arm64: TTBR0 holds the identity half).
