@@ -7,6 +7,7 @@ pub mod console;
 pub mod fuzz;
 pub mod image;
 pub mod invariant;
+pub mod kernel;
 pub mod memory;
 pub mod pgtable;
 pub mod qemu;
