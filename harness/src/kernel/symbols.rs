@@ -19,6 +19,8 @@ pub enum SymbolError {
     StubSystemMap { path: PathBuf, says: String },
     #[error("System.map line {line}: {text:?} is not `<hex address> <type> <name>`")]
     BadLine { line: usize, text: String },
+    #[error("{path} is a boot image, not an ELF vmlinux: it carries no symbols")]
+    NotElf { path: PathBuf },
     #[error("not an ELF file we can read: {0}")]
     BadElf(String),
     #[error("the ELF file has no symbol table (stripped, or a compressed image)")]
@@ -52,6 +54,14 @@ impl std::fmt::Display for SymbolSource {
     }
 }
 
+fn read(path: &Path) -> Result<Vec<u8>, SymbolError> {
+    std::fs::read(path).map_err(|source| SymbolError::Read { path: path.to_path_buf(), source })
+}
+
+fn is_elf(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"\x7fELF")
+}
+
 /// What one name resolves to: a global definition wins over file-local
 /// ones (static variables of the same name in several files).
 #[derive(Clone, Debug)]
@@ -69,11 +79,15 @@ pub struct KernelSymbols {
 impl KernelSymbols {
     /// Reads `path`: an ELF file's symbol table, or else a System.map.
     pub fn load(path: &Path) -> Result<KernelSymbols, SymbolError> {
-        let bytes = std::fs::read(path).map_err(|source| SymbolError::Read { path: path.to_path_buf(), source })?;
-        let symbols = if bytes.starts_with(b"\x7fELF") {
-            KernelSymbols::from_elf(&bytes)?
+        let bytes = read(path)?;
+        KernelSymbols::parse(path, &bytes)
+    }
+
+    fn parse(path: &Path, bytes: &[u8]) -> Result<KernelSymbols, SymbolError> {
+        let symbols = if is_elf(bytes) {
+            KernelSymbols::from_elf(bytes)?
         } else {
-            let text = String::from_utf8_lossy(&bytes);
+            let text = String::from_utf8_lossy(bytes);
             KernelSymbols::from_system_map(&text).map_err(|e| match e {
                 SymbolError::StubSystemMap { says, .. } => {
                     SymbolError::StubSystemMap { path: path.to_path_buf(), says }
@@ -87,17 +101,28 @@ impl KernelSymbols {
         Ok(symbols)
     }
 
-    /// Where `path`'s symbols would come from, or why they cannot.
+    /// Where `path`'s symbols would come from (an ELF file or a System.map),
+    /// or why they cannot.
     pub fn source_of(path: &Path) -> Result<SymbolSource, SymbolError> {
-        let is_elf = std::fs::read(path)
-            .map_err(|source| SymbolError::Read { path: path.to_path_buf(), source })?
-            .starts_with(b"\x7fELF");
-        KernelSymbols::load(path)?;
-        Ok(if is_elf {
+        let bytes = read(path)?;
+        KernelSymbols::parse(path, &bytes)?;
+        Ok(if is_elf(&bytes) {
             SymbolSource::ElfSymtab(path.to_path_buf())
         } else {
             SymbolSource::SystemMap(path.to_path_buf())
         })
+    }
+
+    /// Like [`KernelSymbols::source_of`] for a kernel image, which gives
+    /// symbols only as an unstripped ELF vmlinux (not as a bzImage or an
+    /// arm64 Image).
+    pub fn source_of_image(path: &Path) -> Result<SymbolSource, SymbolError> {
+        let bytes = read(path)?;
+        if !is_elf(&bytes) {
+            return Err(SymbolError::NotElf { path: path.to_path_buf() });
+        }
+        KernelSymbols::parse(path, &bytes)?;
+        Ok(SymbolSource::ElfSymtab(path.to_path_buf()))
     }
 
     /// Parses System.map text. A stub (Debian's "The real System.map is in
@@ -279,6 +304,10 @@ ffffffff81400000 B counter
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(KernelSymbols::source_of(&path).unwrap(), SymbolSource::ElfSymtab(path.clone()));
         assert!(KernelSymbols::load(&path).unwrap().contains("vmemmap"));
+        assert_eq!(KernelSymbols::source_of_image(&path).unwrap(), SymbolSource::ElfSymtab(path.clone()));
+        let bzimage = dir.path().join("vmlinuz");
+        std::fs::write(&bzimage, b"MZ\0\0 a PE/COFF boot image").unwrap();
+        assert!(matches!(KernelSymbols::source_of_image(&bzimage), Err(SymbolError::NotElf { .. })));
     }
 
     #[test]
