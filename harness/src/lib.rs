@@ -9,6 +9,7 @@ pub mod fuzz;
 pub mod hotplug;
 pub mod image;
 pub mod invariant;
+pub mod kernel;
 pub mod machine;
 pub mod memory;
 pub mod pgtable;

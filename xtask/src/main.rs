@@ -2,6 +2,7 @@
 
 mod bench;
 mod fuzz;
+mod kernels;
 mod run;
 mod savings;
 mod setup;
@@ -51,6 +52,9 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', value_parser = run::parse_arch)]
         arch: Option<Vec<Arch>>,
     },
+    /// Download (or find cached) a Debian kernel, busybox-static and the
+    /// agent's initramfs under target/kernels/, and print their paths.
+    FetchKernel(kernels::FetchKernelArgs),
     /// Build the guest image for each architecture and print its path.
     BuildGuest {
         #[arg(value_parser = run::parse_arch)]
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Cmd::Bench(args) => bench::bench(args),
         Cmd::Test { no_lint } => test(no_lint),
         Cmd::Savings(args) => savings::savings(args),
+        Cmd::FetchKernel(args) => kernels::fetch_kernel(args),
         Cmd::Setup { arch } => setup::setup(&arch.unwrap_or(Arch::ALL.to_vec()), &qemu).map(|()| ExitCode::SUCCESS),
         Cmd::BuildGuest { arches } => build_guests(if arches.is_empty() { &Arch::ALL } else { &arches }).map(|paths| {
             for p in paths {

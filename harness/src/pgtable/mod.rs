@@ -11,6 +11,7 @@
 
 mod aarch64;
 mod ppc64;
+mod select;
 mod x86_64;
 
 use std::fmt;
@@ -23,6 +24,7 @@ use crate::memory::{GuestMemory, MemoryError};
 
 pub use aarch64::Aarch64;
 pub use ppc64::Radix;
+pub use select::{self_translating_format, PagingFormat};
 pub use x86_64::X86_64;
 
 /// Effective permissions of a translation: what every level allows together.
@@ -305,13 +307,9 @@ impl Level {
     }
 }
 
-/// The format of an architecture's tables.
+/// The format of the firmware's tables on an architecture.
 pub fn format(arch: Arch) -> &'static dyn Format {
-    match profile(arch).mmu {
-        Mmu::X86_64 => &X86_64,
-        Mmu::Aarch64 => &Aarch64,
-        Mmu::Radix => &Radix,
-    }
+    PagingFormat::of_mmu(profile(arch).mmu)[0].format()
 }
 
 /// Every root the manifest publishes that the MMU walks (the ppc64 process
@@ -344,10 +342,10 @@ pub fn walker_for<'a>(
 ) -> Result<Walker<'a>, WalkError> {
     let root = |kind| manifest.root(kind).map(|r| PhysAddr(r.pa)).ok_or(WalkError::NoRoot(kind));
     match profile(arch).mmu {
-        Mmu::X86_64 => Ok(Walker::new(&X86_64, root(RootKind::Kernel)?)),
+        Mmu::X86_64 => Ok(Walker::new(format(arch), root(RootKind::Kernel)?)),
         Mmu::Aarch64 => {
             let kind = if va.0 >> 63 == 1 { RootKind::Kernel } else { RootKind::Identity };
-            Ok(Walker::new(&Aarch64, root(kind)?))
+            Ok(Walker::new(format(arch), root(kind)?))
         }
         Mmu::Radix => {
             let (tree, root_bits) = Radix::from_process_table(mem, root(RootKind::ProcessTable)?)?;

@@ -1,0 +1,475 @@
+//! Debian's kernels for real-kernel runs: `cargo xtask fetch-kernel SPEC
+//! --arch A` resolves a spec (`debian-6.12`, `debian-7.2`) to the newest
+//! matching packages, downloads them with `apt-get download` through a
+//! private apt configuration under `target/kernels/apt/<debian arch>/` (its
+//! own sources, lists, cache and empty dpkg status; the machine's sources,
+//! dpkg state and architectures are never read or changed), unpacks them
+//! with `dpkg-deb -x` into `target/kernels/<spec>/<arch>/`, and writes the
+//! initramfs the agent runs from. What is already there is used without
+//! touching the network; a missing network is a bounded error.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use hvo_harness::kernel::agent::build_initramfs;
+use hvo_harness::kernel::symbols::{KernelSymbols, SymbolSource};
+use hvo_images::{workspace_root, Arch};
+
+#[derive(clap::Args)]
+pub struct FetchKernelArgs {
+    /// `debian-6.12` or `debian-7.2`.
+    spec: String,
+    #[arg(long, value_parser = crate::run::parse_arch)]
+    arch: Arch,
+}
+
+/// A Debian kernel series the harness knows how to fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DebianSpec {
+    /// bookworm-security (trixie on ppc64el): `linux-image-6.12.*` holds the
+    /// image, a stub System.map and the config in `boot/`.
+    Debian612,
+    /// sid: `linux-binary-7.2.*` holds the image, `linux-base-7.2.*` the
+    /// config and System.map, in `usr/lib/modules/<release>/`.
+    Debian72,
+}
+
+impl DebianSpec {
+    const ALL: [DebianSpec; 2] = [DebianSpec::Debian612, DebianSpec::Debian72];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DebianSpec::Debian612 => "debian-6.12",
+            DebianSpec::Debian72 => "debian-7.2",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Result<DebianSpec> {
+        DebianSpec::ALL.into_iter().find(|s| s.name() == name).with_context(|| {
+            let known: Vec<&str> = DebianSpec::ALL.iter().map(|s| s.name()).collect();
+            format!("unknown kernel spec {name:?}: known specs are {}", known.join(", "))
+        })
+    }
+
+    /// The upstream series in package names.
+    fn series(self) -> &'static str {
+        match self {
+            DebianSpec::Debian612 => "6.12",
+            DebianSpec::Debian72 => "7.2",
+        }
+    }
+
+    /// The package holding the image, and the one holding config and
+    /// System.map when that is another (same version, other prefix).
+    fn package_kinds(self) -> (&'static str, Option<&'static str>) {
+        match self {
+            DebianSpec::Debian612 => ("linux-image", None),
+            DebianSpec::Debian72 => ("linux-binary", Some("linux-base")),
+        }
+    }
+
+    /// Where the unpacked packages keep the image (first that exists),
+    /// config and System.map, relative to the unpack root.
+    fn layout(self, release: &str) -> (Vec<String>, String, String) {
+        match self {
+            DebianSpec::Debian612 => (
+                vec![format!("boot/vmlinuz-{release}"), format!("boot/vmlinux-{release}")],
+                format!("boot/config-{release}"),
+                format!("boot/System.map-{release}"),
+            ),
+            DebianSpec::Debian72 => {
+                let dir = format!("usr/lib/modules/{release}");
+                (vec![format!("{dir}/vmlinuz")], format!("{dir}/config"), format!("{dir}/System.map"))
+            }
+        }
+    }
+}
+
+/// Debian's names for a profile: the architecture and the kernel flavour.
+fn debian_names(arch: Arch) -> (&'static str, &'static str) {
+    match arch {
+        Arch::X86_64 => ("amd64", "amd64"),
+        Arch::Aarch64 => ("arm64", "arm64"),
+        Arch::Ppc64le => ("ppc64el", "powerpc64le"),
+        Arch::Ppc64le64k => ("ppc64el", "powerpc64le-64k"),
+    }
+}
+
+/// The suites a Debian architecture's packages come from. ppc64el has no
+/// bookworm-security (its index there was inconsistent when measured), so
+/// its 6.12 kernels come from trixie.
+fn suites(debian_arch: &str) -> &'static [(&'static str, &'static str)] {
+    const ARCHIVE: &str = "http://deb.debian.org/debian";
+    const SECURITY: &str = "http://deb.debian.org/debian-security";
+    match debian_arch {
+        "ppc64el" => &[(ARCHIVE, "bookworm"), (ARCHIVE, "trixie"), (ARCHIVE, "sid")],
+        _ => &[(SECURITY, "bookworm-security"), (ARCHIVE, "bookworm"), (ARCHIVE, "sid")],
+    }
+}
+
+/// busybox-static, pinned so every run's userland is the same: bookworm's.
+const BUSYBOX_PACKAGE: &str = "busybox-static";
+const BUSYBOX_VERSION: &str = "1:1.35.0-4+deb12u1+b1";
+const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+/// Bounded network waits: apt gives up on a silent server after this many
+/// seconds and retries once, so a missing network is an error, not a hang.
+const APT_NETWORK: [&str; 4] = ["-o", "Acquire::http::Timeout=20", "-o", "Acquire::Retries=1"];
+
+fn kernels_dir() -> PathBuf {
+    workspace_root().join("target/kernels")
+}
+
+/// The private apt set-up of one Debian architecture.
+struct Apt {
+    dir: PathBuf,
+    debian_arch: &'static str,
+}
+
+impl Apt {
+    fn new(debian_arch: &'static str) -> Apt {
+        Apt { dir: kernels_dir().join("apt").join(debian_arch), debian_arch }
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("apt.conf")
+    }
+
+    fn sources(&self) -> String {
+        suites(self.debian_arch)
+            .iter()
+            .map(|(url, suite)| {
+                format!("deb [arch={} check-valid-until=no signed-by={KEYRING}] {url} {suite} main\n", self.debian_arch)
+            })
+            .collect()
+    }
+
+    /// apt.conf pointing every directory apt reads or writes into `dir`.
+    fn config(&self) -> String {
+        let d = self.dir.display();
+        let a = self.debian_arch;
+        format!(
+            "Dir::Etc \"{d}/etc/\";\nDir::Etc::SourceList \"{d}/etc/sources.list\";\n\
+             Dir::Etc::SourceParts \"{d}/etc/sources.list.d\";\nDir::Etc::Preferences \"{d}/etc/preferences\";\n\
+             Dir::Etc::PreferencesParts \"{d}/etc/preferences.d\";\nDir::Etc::Parts \"{d}/etc/apt.conf.d\";\n\
+             Dir::State \"{d}/state/\";\nDir::State::Lists \"{d}/state/lists/\";\n\
+             Dir::State::status \"{d}/state/status\";\nDir::Cache \"{d}/cache/\";\nDir::Log \"{d}/log/\";\n\
+             Debug::NoLocking \"true\";\nAPT::Architecture \"{a}\";\nAPT::Architectures {{ \"{a}\"; }};\n\
+             Acquire::Check-Valid-Until \"false\";\nAcquire::Languages \"none\";\n\
+             Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled \"false\";\nAPT::Sandbox::User \"root\";\n"
+        )
+    }
+
+    fn write_config(&self) -> Result<()> {
+        if !Path::new(KEYRING).exists() {
+            bail!("{KEYRING} is missing: install the debian-archive-keyring package to check Debian's signatures");
+        }
+        for sub in ["etc/sources.list.d", "etc/preferences.d", "etc/apt.conf.d", "state/lists/partial", "cache", "log"]
+        {
+            fs::create_dir_all(self.dir.join(sub))?;
+        }
+        fs::write(self.dir.join("etc/sources.list"), self.sources())?;
+        let status = self.dir.join("state/status");
+        if !status.exists() {
+            fs::write(status, "")?;
+        }
+        fs::write(self.config_path(), self.config())?;
+        Ok(())
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("APT_CONFIG", self.config_path()).args(APT_NETWORK);
+        c
+    }
+
+    /// Shows the command, runs it, and fails with `what` when it fails,
+    /// or when apt only warns that it could not fetch something (`apt-get
+    /// update` exits 0 when every index failed to download).
+    fn run(&self, mut c: Command, what: &str) -> Result<String> {
+        eprintln!("running: {c:?}");
+        let out = c.output().with_context(|| format!("starting {c:?}"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let fetch_failures: Vec<&str> =
+            stderr.lines().filter(|l| l.starts_with("W: Failed to fetch") || l.starts_with("E: ")).collect();
+        if !out.status.success() || !fetch_failures.is_empty() {
+            let why = if fetch_failures.is_empty() { stderr.trim().to_string() } else { fetch_failures.join("\n") };
+            let status = if out.status.success() { String::new() } else { format!(" ({})", out.status) };
+            bail!("{what} failed{status}; is deb.debian.org reachable?\n{why}");
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Downloads the package indexes of the sources.
+    fn update(&self) -> Result<()> {
+        self.write_config()?;
+        let mut c = self.command("apt-get");
+        c.args(["-q", "update"]);
+        self.run(c, "downloading Debian's package indexes")?;
+        Ok(())
+    }
+
+    fn package_names(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut c = self.command("apt-cache");
+        c.args(["pkgnames", prefix]);
+        Ok(self.run(c, "listing packages")?.lines().map(str::to_string).collect())
+    }
+
+    /// `apt-get download NAME:ARCH[=VERSION]` into `into`.
+    fn download(&self, package: &str, version: Option<&str>, into: &Path) -> Result<()> {
+        fs::create_dir_all(into)?;
+        let mut spec = format!("{package}:{}", self.debian_arch);
+        if let Some(v) = version {
+            spec = format!("{spec}={v}");
+        }
+        eprintln!("downloading {spec} into {}", into.display());
+        let mut c = self.command("apt-get");
+        c.args(["-q", "download", &spec]).current_dir(into);
+        self.run(c, &format!("downloading {spec}"))?;
+        Ok(())
+    }
+}
+
+/// The version key of `name` if it is `<kind>-<series>.<patch>+deb<n>-<flavour>`.
+fn package_version(name: &str, kind: &str, series: &str, flavour: &str) -> Option<(u32, u32)> {
+    let rest = name.strip_prefix(kind)?.strip_prefix('-')?.strip_prefix(series)?.strip_prefix('.')?;
+    let (patch, rest) = rest.split_once("+deb")?;
+    let (debian, rest) = rest.split_once('-')?;
+    (rest == flavour).then_some(())?;
+    Some((patch.parse().ok()?, debian.parse().ok()?))
+}
+
+/// The newest of `names` matching the spec's image package for `flavour`.
+fn newest_package<'a>(names: impl IntoIterator<Item = &'a str>, spec: DebianSpec, flavour: &str) -> Option<&'a str> {
+    let kind = spec.package_kinds().0;
+    names.into_iter().filter_map(|n| Some((package_version(n, kind, spec.series(), flavour)?, n))).max().map(|(_, n)| n)
+}
+
+/// The package a cached `.deb` file holds (`name_version_arch.deb`).
+fn deb_package(file: &Path) -> Option<&str> {
+    let name = file.file_name()?.to_str()?.strip_suffix(".deb")?;
+    name.split('_').next()
+}
+
+fn cached_debs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let mut debs: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| deb_package(p).is_some()).collect();
+    debs.sort();
+    debs
+}
+
+fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
+    cached_debs(dir).into_iter().find(|p| deb_package(p) == Some(package))
+}
+
+fn unpack(deb: &Path, into: &Path) -> Result<()> {
+    fs::create_dir_all(into)?;
+    let mut c = Command::new("dpkg-deb");
+    c.arg("-x").arg(deb).arg(into);
+    eprintln!("running: {c:?}");
+    let status = c.status().context("starting dpkg-deb (Debian's dpkg package)")?;
+    if !status.success() {
+        bail!("dpkg-deb -x {} failed ({status})", deb.display());
+    }
+    Ok(())
+}
+
+/// What `fetch-kernel` found or fetched.
+pub struct FetchedKernel {
+    pub release: String,
+    pub image: PathBuf,
+    pub config: PathBuf,
+    pub symbols: SymbolSource,
+    /// Why the files on the host give no symbols, when they give none.
+    pub symbols_note: Option<String>,
+    pub busybox: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+/// The busybox-static of a Debian architecture, unpacked (fetched if needed).
+fn ensure_busybox(apt: &Apt, debs: &Path) -> Result<PathBuf> {
+    let root = kernels_dir().join("busybox").join(apt.debian_arch);
+    let busybox = root.join("bin/busybox");
+    if busybox.exists() {
+        return Ok(busybox);
+    }
+    let deb = match find_deb(debs, BUSYBOX_PACKAGE) {
+        Some(deb) => deb,
+        None => {
+            if !apt.dir.join("state/lists").read_dir().is_ok_and(|mut d| d.next().is_some()) {
+                apt.update()?;
+            }
+            apt.download(BUSYBOX_PACKAGE, Some(BUSYBOX_VERSION), debs)?;
+            find_deb(debs, BUSYBOX_PACKAGE).context("apt-get download left no busybox-static .deb")?
+        }
+    };
+    unpack(&deb, &root)?;
+    busybox.exists().then_some(busybox).with_context(|| format!("{} holds no bin/busybox", deb.display()))
+}
+
+/// The spec's packages for `flavour`: cached ones if any, else the newest
+/// in the freshly downloaded indexes, downloaded.
+fn ensure_packages(spec: DebianSpec, flavour: &str, apt: &Apt, debs: &Path) -> Result<Vec<PathBuf>> {
+    let (image_kind, base_kind) = spec.package_kinds();
+    let cached = cached_debs(debs);
+    let cached_names = cached.iter().filter_map(|p| deb_package(p));
+    let image = match newest_package(cached_names, spec, flavour) {
+        Some(name) => name.to_string(),
+        None => {
+            apt.update()?;
+            let names = apt.package_names(&format!("{image_kind}-{}.", spec.series()))?;
+            let name = newest_package(names.iter().map(String::as_str), spec, flavour).with_context(|| {
+                format!("no {image_kind}-{}.*-{flavour} package in Debian's indexes", spec.series())
+            })?;
+            name.to_string()
+        }
+    };
+    let mut packages = vec![image.clone()];
+    if let Some(base) = base_kind {
+        packages.push(image.replacen(image_kind, base, 1));
+    }
+    packages
+        .iter()
+        .map(|package| match find_deb(debs, package) {
+            Some(deb) => Ok(deb),
+            None => {
+                apt.download(package, None, debs)?;
+                find_deb(debs, package).with_context(|| format!("apt-get download left no {package} .deb"))
+            }
+        })
+        .collect()
+}
+
+/// Fetches (or finds cached) `spec`'s kernel for `arch`, with busybox and the initramfs.
+pub fn ensure_kernel(spec: DebianSpec, arch: Arch) -> Result<FetchedKernel> {
+    let (debian_arch, flavour) = debian_names(arch);
+    let apt = Apt::new(debian_arch);
+    let debs = kernels_dir().join("debs").join(debian_arch);
+    let out = kernels_dir().join(spec.name()).join(arch.name());
+    let root = out.join("root");
+    let complete = out.join("unpacked");
+    if !complete.exists() {
+        let packages = ensure_packages(spec, flavour, &apt, &debs)?;
+        if root.exists() {
+            fs::remove_dir_all(&root).with_context(|| format!("clearing a partial unpack in {}", root.display()))?;
+        }
+        for deb in &packages {
+            unpack(deb, &root)?;
+        }
+        // linux-image-<release>: the release is what `uname -r` will say.
+        let image_package = packages.first().and_then(|p| deb_package(p)).unwrap_or_default();
+        let release = image_package.strip_prefix(spec.package_kinds().0).and_then(|r| r.strip_prefix('-'));
+        fs::write(&complete, release.context("the image package name holds no release")?)?;
+    }
+    let release = fs::read_to_string(&complete)?.trim().to_string();
+    let (images, config, system_map) = spec.layout(&release);
+    let image = images
+        .iter()
+        .map(|i| root.join(i))
+        .find(|p| p.exists())
+        .with_context(|| format!("no kernel image ({}) under {}", images.join(" or "), root.display()))?;
+    let (symbols, symbols_note) = symbol_source(&root.join(system_map), &image);
+    let busybox = ensure_busybox(&apt, &debs)?;
+    let initramfs = out.join("initramfs.cpio");
+    fs::write(&initramfs, build_initramfs(&busybox, arch)?)?;
+    Ok(FetchedKernel { release, image, config: root.join(config), symbols, symbols_note, busybox, initramfs })
+}
+
+/// Symbols from the System.map if it is real, else from the image if it is
+/// an unstripped ELF, else from the running kernel; with why not the files.
+fn symbol_source(system_map: &Path, image: &Path) -> (SymbolSource, Option<String>) {
+    let map = match KernelSymbols::source_of(system_map) {
+        Ok(source) => return (source, None),
+        Err(e) => e,
+    };
+    match KernelSymbols::source_of_image(image) {
+        Ok(source) => (source, Some(map.to_string())),
+        Err(e) => (SymbolSource::Kallsyms, Some(format!("{map}; {e}"))),
+    }
+}
+
+pub fn fetch_kernel(args: FetchKernelArgs) -> Result<ExitCode> {
+    let spec = DebianSpec::from_name(&args.spec)?;
+    let k = ensure_kernel(spec, args.arch)?;
+    println!("kernel    {} {}: {}", spec.name(), args.arch, k.release);
+    println!("image     {}", k.image.display());
+    println!("config    {}", k.config.display());
+    println!("symbols   {}", k.symbols);
+    if let Some(note) = &k.symbols_note {
+        println!("          ({note})");
+    }
+    println!("busybox   {}", k.busybox.display());
+    println!("initramfs {}", k.initramfs.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_unknown_ones_list_the_known() {
+        assert_eq!(DebianSpec::from_name("debian-7.2").unwrap(), DebianSpec::Debian72);
+        let e = DebianSpec::from_name("debian-5.10").unwrap_err().to_string();
+        assert!(e.contains("debian-6.12, debian-7.2"), "{e}");
+    }
+
+    #[test]
+    fn the_newest_package_of_the_series_and_flavour_is_chosen() {
+        let names = [
+            "linux-image-6.12.117+deb12-amd64",
+            "linux-image-6.12.117+deb12-amd64-unsigned",
+            "linux-image-6.12.117+deb12-amd64-dbg",
+            "linux-image-6.12.9+deb12-amd64",
+            "linux-image-6.12.41+deb13-powerpc64le-64k",
+            "linux-image-6.12.43+deb13-powerpc64le",
+            "linux-image-6.1.0-40-amd64",
+            "linux-image-6.120.1+deb12-amd64",
+        ];
+        assert_eq!(newest_package(names, DebianSpec::Debian612, "amd64"), Some("linux-image-6.12.117+deb12-amd64"));
+        assert_eq!(
+            newest_package(names, DebianSpec::Debian612, "powerpc64le-64k"),
+            Some("linux-image-6.12.41+deb13-powerpc64le-64k")
+        );
+        assert_eq!(newest_package(names, DebianSpec::Debian612, "arm64"), None);
+        let sid =
+            ["linux-binary-7.2.13+deb14-arm64", "linux-base-7.2.13+deb14-arm64", "linux-binary-7.2.9+deb14-arm64"];
+        assert_eq!(newest_package(sid, DebianSpec::Debian72, "arm64"), Some("linux-binary-7.2.13+deb14-arm64"));
+    }
+
+    #[test]
+    fn cached_debs_are_found_by_package_name() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "busybox-static_1%3a1.35.0-4+deb12u1+b1_arm64.deb",
+            "linux-image-6.12.117+deb12-arm64_6.12.117-1_arm64.deb",
+        ] {
+            fs::write(dir.path().join(f), b"").unwrap();
+        }
+        fs::write(dir.path().join("notes.txt"), b"").unwrap();
+        let found = find_deb(dir.path(), "busybox-static").unwrap();
+        assert!(found.ends_with("busybox-static_1%3a1.35.0-4+deb12u1+b1_arm64.deb"));
+        assert_eq!(cached_debs(dir.path()).len(), 2);
+        let names: Vec<PathBuf> = cached_debs(dir.path());
+        let newest = newest_package(names.iter().filter_map(|p| deb_package(p)), DebianSpec::Debian612, "arm64");
+        assert_eq!(newest, Some("linux-image-6.12.117+deb12-arm64"));
+        assert_eq!(find_deb(&dir.path().join("missing"), "x"), None);
+    }
+
+    #[test]
+    fn the_private_apt_configuration_names_only_its_own_directories_and_architecture() {
+        let apt = Apt::new("ppc64el");
+        let config = apt.config();
+        let d = apt.dir.display().to_string();
+        for line in config.lines().filter(|l| l.starts_with("Dir::")) {
+            assert!(line.contains(&d), "{line}");
+        }
+        assert!(config.contains("APT::Architectures { \"ppc64el\"; };"));
+        let sources = apt.sources();
+        assert!(sources.lines().all(|l| l.starts_with("deb [arch=ppc64el ")), "{sources}");
+        assert!(!sources.contains("security"), "ppc64el takes 6.12 from trixie");
+        assert!(Apt::new("amd64").sources().contains("debian-security bookworm-security main"));
+    }
+}
