@@ -159,12 +159,22 @@ impl Console {
 
     /// Sends one command and waits for its reply; returns the reply's payload.
     pub async fn request(&mut self, command: Command<'_>, timeout: Duration) -> Result<String, ConsoleError> {
+        self.request_line(|seq| Request { seq, command }.to_string(), timeout).await
+    }
+
+    /// Sends the line `line(seq)` (a request in the protocol's framing,
+    /// such as a real kernel's agent takes) and waits for its reply.
+    pub async fn request_line(
+        &mut self,
+        line: impl FnOnce(u64) -> String,
+        timeout: Duration,
+    ) -> Result<String, ConsoleError> {
         if let Some(m) = &self.crashed {
             return Err(ConsoleError::Crash(m.clone()));
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let line = Request { seq, command }.to_string();
+        let line = line(seq);
         self.send_raw(format!("{line}\n").as_bytes()).await?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

@@ -65,6 +65,8 @@ impl Shutdown {
 pub struct Machine {
     profile: &'static Profile,
     command: QemuCommand,
+    /// The profile's stub firmware is written before QEMU starts.
+    stub_firmware: bool,
     paths: RunPaths,
     start: Instant,
     // Declared before `_dir`: QEMU is killed before its directory is removed.
@@ -95,6 +97,7 @@ impl Machine {
         Ok(Machine {
             profile,
             command,
+            stub_firmware: payload.needs_stub_firmware(),
             paths,
             start,
             qemu: None,
@@ -145,7 +148,7 @@ impl Machine {
     }
 
     async fn start_qemu(&mut self, timeout: Duration) -> Result<(UnixStream, UnixStream), String> {
-        if let Some(stub) = self.profile.stub_firmware() {
+        if let Some(stub) = self.profile.stub_firmware().filter(|_| self.stub_firmware) {
             std::fs::write(self.paths.firmware_stub(), stub)
                 .map_err(|e| format!("cannot write the firmware stub: {e}"))?;
         }

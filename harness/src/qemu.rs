@@ -67,6 +67,24 @@ impl RunPaths {
 pub enum BootPayload {
     /// Our firmware ELF, loaded the way the profile's loader says.
     Firmware(PathBuf),
+    /// A Linux kernel with the harness's initramfs and command line, loaded
+    /// the way the profile's [`hvo_images::KernelBoot`] says.
+    Kernel { image: PathBuf, initramfs: PathBuf, append: String },
+}
+
+impl BootPayload {
+    /// The CPU QEMU emulates for this payload.
+    fn cpu(&self, profile: &Profile) -> &'static str {
+        match self {
+            BootPayload::Firmware(_) => profile.cpu,
+            BootPayload::Kernel { .. } => profile.kernel.cpu,
+        }
+    }
+
+    /// Whether QEMU needs the profile's stub firmware written for it.
+    pub fn needs_stub_firmware(&self) -> bool {
+        matches!(self, BootPayload::Firmware(_))
+    }
 }
 
 /// A QEMU invocation: the program and its arguments.
@@ -90,7 +108,7 @@ impl QemuCommand {
         };
         let nvdimm = if machine.nvdimm { ",nvdimm=on" } else { "" };
         push(&["-M", &format!("{},memory-backend={BOOT_RAM_ID}{nvdimm}", profile.machine)]);
-        push(&["-cpu", profile.cpu, "-m", &memory]);
+        push(&["-cpu", payload.cpu(profile), "-m", &memory]);
         push(&[
             "-object",
             &format!(
@@ -120,6 +138,13 @@ impl QemuCommand {
                         &format!("loader,file={elf}"),
                     ]),
                 }
+            }
+            BootPayload::Kernel { image, initramfs, append } => {
+                if let Loader::Kernel { bios: Some(bios) } = profile.kernel.loader {
+                    push(&["-bios", bios]);
+                }
+                let (image, initramfs) = (image.display().to_string(), initramfs.display().to_string());
+                push(&["-kernel", &image, "-initrd", &initramfs, "-append", append]);
             }
         }
         push(profile.extra_args);
@@ -376,6 +401,26 @@ mod tests {
         assert!(has_pair(&c, "-device", "loader,file=/g/hvo-guest"));
         assert!(!c.args.iter().any(|a| a == "-kernel"), "plain -kernel has no GED device");
         assert!(has_pair(&c, "-semihosting-config", "enable=on,target=native"));
+    }
+
+    #[test]
+    fn kernels_boot_with_their_initramfs_and_command_line_never_the_stub() {
+        let machine = MachineSpec { boot_memory: 4 << 30, slots: 0, max_memory: 4 << 30, nvdimm: false };
+        let paths = RunPaths { dir: PathBuf::from("/run/x") };
+        let payload = BootPayload::Kernel {
+            image: "/k/Image".into(),
+            initramfs: "/k/initramfs.cpio".into(),
+            append: "console=ttyAMA0 nokaslr".into(),
+        };
+        let c = QemuCommand::new(profile(Arch::Aarch64), &machine, &payload, &paths);
+        assert!(has_pair(&c, "-kernel", "/k/Image"));
+        assert!(has_pair(&c, "-initrd", "/k/initramfs.cpio"));
+        assert!(has_pair(&c, "-append", "console=ttyAMA0 nokaslr"));
+        assert!(!c.args.iter().any(|a| a == "-bios"), "plain -kernel with a device tree");
+        assert!(!payload.needs_stub_firmware());
+        let x86 = QemuCommand::new(profile(Arch::X86_64), &machine, &payload, &paths);
+        assert!(has_pair(&x86, "-bios", "qboot.rom"));
+        assert!(has_pair(&x86, "-cpu", "qemu64,+pdpe1gb"), "1 GiB pages, 4-level tables");
     }
 
     #[test]

@@ -162,9 +162,61 @@ pub struct ScenarioResult {
     /// QEMU's version as QMP reports it.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub qemu_version: String,
+    /// The real kernel the run booted (none for the firmware).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelSummary>,
+}
+
+/// A real kernel as a run found it.
+#[derive(Serialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelSummary {
+    /// How it was named: a spec such as `debian-6.12`, or the image's path.
+    pub spec: String,
+    /// `uname -r`, once the agent said it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub release: String,
+    /// The HugeTLB vmemmap optimization it implements, and why it was judged so.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub generation: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub generation_reason: String,
+    /// The compound pages the last `verify` found, by size and layout.
+    pub regions: Vec<FoundLayout>,
+}
+
+/// Compound pages of one size and layout a kernel's vmemmap showed.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct FoundLayout {
+    pub compound_bytes: u64,
+    pub count: u64,
+    pub layout: String,
+}
+
+impl KernelSummary {
+    /// One line for the terminal: `debian-6.12 6.12.117+deb12-amd64: legacy (64 x 2M legacy-hugetlb)`.
+    pub fn describe(&self) -> String {
+        let regions: Vec<String> = self
+            .regions
+            .iter()
+            .map(|r| format!("{} x {} {}", r.count, crate::scenario::Size(r.compound_bytes), r.layout))
+            .collect();
+        let mut line = format!("{} {}", self.spec, self.release);
+        if !self.generation.is_empty() {
+            line.push_str(&format!(": {}", self.generation));
+        }
+        if !regions.is_empty() {
+            line.push_str(&format!(" ({})", regions.join(", ")));
+        }
+        line
+    }
 }
 
 impl ScenarioResult {
+    /// A run not yet judged (an error until it is).
+    pub fn started(scenario: &str, file: PathBuf, arch: &str) -> ScenarioResult {
+        ScenarioResult { status: Status::Error, message: None, ..ScenarioResult::skipped(scenario, file, arch, "") }
+    }
+
     pub fn skipped(scenario: &str, file: PathBuf, arch: &str, why: &str) -> ScenarioResult {
         ScenarioResult {
             scenario: scenario.into(),
@@ -180,6 +232,7 @@ impl ScenarioResult {
             console_tail: Vec::new(),
             qemu_command: String::new(),
             qemu_version: String::new(),
+            kernel: None,
         }
     }
 }

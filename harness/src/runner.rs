@@ -7,6 +7,8 @@
 //! temporary directory, so no path leaves either behind.
 
 mod interpreter;
+mod kernel;
+mod kernel_verify;
 mod steps;
 
 use std::path::{Path, PathBuf};
@@ -20,7 +22,9 @@ use crate::qemu::BootPayload;
 use crate::qmp::QmpError;
 use crate::report::{Check, CheckStatus, ScenarioResult, Status};
 use crate::scenario::{Expect, Scenario};
-use interpreter::Run;
+use interpreter::{Guest, Run, Timeouts};
+
+pub use kernel::KernelGuest;
 
 pub use crate::fault::HarnessFault;
 
@@ -95,33 +99,78 @@ fn qmp_abort(e: QmpError) -> Abort {
 /// Runs `scenario` on `arch` with the guest image at `guest_elf`.
 pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, config: &RunConfig) -> ScenarioResult {
     let start = Instant::now();
-    let mut result = ScenarioResult::skipped(&scenario.name, scenario.file.clone(), arch.name(), "");
-    result.message = None;
-
-    let p = profile(arch);
-    let payload = BootPayload::Firmware(guest_elf.to_path_buf());
-    let mut machine = match Machine::new(p, &scenario.machine, &payload, start) {
-        Ok(m) => m,
-        Err(e) => return errored(result, start, format!("cannot create a temporary directory: {e}")),
-    };
+    let result = ScenarioResult::started(&scenario.name, scenario.file.clone(), arch.name());
     let image = match GuestImage::load(guest_elf) {
         Ok(i) => i,
         Err(e) => return errored(result, start, e.to_string()),
+    };
+    let payload = BootPayload::Firmware(guest_elf.to_path_buf());
+    let timeouts = Timeouts {
+        boot: Duration::from_millis(scenario.boot_timeout_ms),
+        step: Duration::from_millis(scenario.step_timeout_ms),
+    };
+    let deadline = Duration::from_millis(scenario.deadline_ms);
+    let launch = Launch { payload, guest: Guest::Firmware(image), timeouts, deadline, start };
+    run(scenario, arch, launch, guest_elf, config, result).await
+}
+
+/// Runs `scenario` on `arch` booting the real kernel `kernel` (the shared
+/// machine, console, verdicts and artifacts; the kernel's own steps).
+pub async fn run_kernel_scenario(
+    scenario: &Scenario,
+    arch: Arch,
+    kernel: &KernelGuest,
+    config: &RunConfig,
+) -> ScenarioResult {
+    let start = Instant::now();
+    let mut result = ScenarioResult::started(&scenario.name, scenario.file.clone(), arch.name());
+    if let Some(why) = scenario.firmware_only_because() {
+        result.status = Status::Skip;
+        result.message = Some(format!("firmware-only: {why}"));
+        return result;
+    }
+    let (launch, kernel_summary) = kernel::launch(scenario, arch, kernel, start);
+    result.kernel = Some(kernel_summary);
+    run(scenario, arch, launch, &kernel.image, config, result).await
+}
+
+/// What one run boots and how long it may take.
+struct Launch {
+    payload: BootPayload,
+    guest: Guest,
+    timeouts: Timeouts,
+    deadline: Duration,
+    start: Instant,
+}
+
+/// Launches, interprets, judges and cleans up one run of either guest.
+async fn run(
+    scenario: &Scenario,
+    arch: Arch,
+    launch: Launch,
+    booted: &Path,
+    config: &RunConfig,
+    mut result: ScenarioResult,
+) -> ScenarioResult {
+    let Launch { payload, guest, timeouts, deadline, start } = launch;
+    let p = profile(arch);
+    let mut machine = match Machine::new(p, &scenario.machine, &payload, start) {
+        Ok(m) => m,
+        Err(e) => return errored(result, start, format!("cannot create a temporary directory: {e}")),
     };
     if let Some(repro) = &config.repro {
         machine = machine.with_inspection(repro.gdb_port);
         eprintln!("qemu: {}", machine.command().shell_line());
     }
-    let mut run = Run::new(scenario, arch, start, image, machine, config.repro.is_some());
+    let mut run = Run::new(scenario, arch, start, guest, timeouts, machine, config.repro.is_some());
 
-    let deadline = Duration::from_millis(scenario.deadline_ms);
     let outcome = match tokio::time::timeout(deadline, run.execute(config.inject)).await {
         Ok(outcome) => outcome,
         Err(_) => Err(Abort::Timeout(format!("the scenario ran past its deadline of {deadline:?}"))),
     };
     let (status, message) = judge(&scenario.expect, &run.findings.checks, outcome);
     if let (Some(repro), true) = (&config.repro, status != Status::Pass) {
-        run.hold(repro, status, message.as_deref(), guest_elf).await;
+        run.hold(repro, status, message.as_deref(), booted).await;
     }
     let shutdown_start = Instant::now();
     run.machine.shutdown().await;
@@ -135,6 +184,9 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
     result.qemu_version = run.machine.qemu_version().to_string();
     result.status = status;
     result.message = message;
+    if let (Some(summary), Guest::Kernel(state)) = (result.kernel.as_mut(), &run.guest) {
+        state.summarize(summary);
+    }
     if status != Status::Pass {
         result.console_tail = run.machine.console_log().map(|l| l.tail(CONSOLE_TAIL)).unwrap_or_default();
     }

@@ -7,6 +7,7 @@
 //! it meaning; [`names`] holds every word a field accepts.
 
 mod expect;
+mod linux;
 mod locate;
 mod machine;
 mod names;
@@ -24,6 +25,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::qemu::MachineSpec;
+pub use linux::LINUX_HUGETLB_SIZES;
 use locate::Locator;
 use names::Choice;
 use raw::RawScenario;
@@ -243,6 +245,10 @@ pub struct Scenario {
     pub boot_gigantic: Vec<BootGigantic>,
     /// Bytes at the end of boot memory set aside as persistent memory (0: none).
     pub boot_pmem: u64,
+    /// A real kernel boots with HugeTLB vmemmap optimization on (the
+    /// default) or off (`machine.hugetlb-free-vmemmap = false`: then the
+    /// kernel must optimize nothing, and the verdict says so).
+    pub hugetlb_free_vmemmap: bool,
     pub steps: Vec<PlacedStep>,
 }
 
@@ -289,6 +295,7 @@ impl Scenario {
         let boot_gigantic = steps::boot_gigantic(&loc, &raw.boot_gigantic)?;
         let steps = steps::place_steps(&loc, raw.step, &boot_gigantic)?;
         let (machine, boot_pmem) = machine::machine(&loc, &raw.machine, &architectures, &steps)?;
+        let hugetlb_free_vmemmap = machine::hugetlb_free_vmemmap(&loc, &raw.machine, &steps)?;
         Ok(Scenario {
             name,
             file: file.to_path_buf(),
@@ -302,6 +309,7 @@ impl Scenario {
             bug_knobs: expect::bug_knobs(&loc, raw.bug_knobs.as_ref())?,
             boot_gigantic,
             boot_pmem,
+            hugetlb_free_vmemmap,
             steps,
         })
     }

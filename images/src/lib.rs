@@ -79,6 +79,36 @@ pub enum Mmu {
     Radix,
 }
 
+/// How a real Linux kernel boots on this architecture's machine and where
+/// the host finds what it needs in it (`--kernel` runs).
+#[derive(Clone, Copy, Debug)]
+pub struct KernelBoot {
+    /// The console device QEMU's first serial port is to the kernel.
+    pub console: &'static str,
+    /// How QEMU loads the kernel: never the firmware's stub (arm64 boots
+    /// a Linux Image by plain `-kernel` with a device tree).
+    pub loader: Loader,
+    /// The CPU to emulate for kernels.
+    pub cpu: &'static str,
+    /// The symbol whose address is the kernel's top page table.
+    pub root_symbol: &'static str,
+    /// How to find the address of pfn 0's struct page.
+    pub vmemmap: VmemmapStart,
+}
+
+/// Where a kernel's vmemmap starts (the VA of pfn 0's struct page).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmemmapStart {
+    /// A kernel variable holds it (x86_64 `vmemmap_base`, ppc64 `vmemmap`).
+    Variable(&'static str),
+    /// arm64: `VMEMMAP_START - (memstart_addr >> PAGE_SHIFT) * sizeof(struct
+    /// page)`, `memstart_addr` a signed variable. VMEMMAP_START follows the
+    /// build's VA_BITS, which the host cannot see: the candidates (52-bit,
+    /// 48-bit) are tried in order and the one under which RAM's first
+    /// struct page is mapped wins.
+    Arm64MemstartAddr { symbol: &'static str, vmemmap_starts: &'static [u64] },
+}
+
 /// Everything per architecture.
 #[derive(Clone, Copy, Debug)]
 pub struct Profile {
@@ -118,6 +148,8 @@ pub struct Profile {
     pub linear_map_base: u64,
     /// Base of the vmemmap region (docs/design.md section 3).
     pub vmemmap_base: u64,
+    /// How a real kernel boots here.
+    pub kernel: KernelBoot,
 }
 
 /// How the machine places boot RAM (one backing file) in guest-physical space.
@@ -173,6 +205,14 @@ const PPC64LE: Profile = Profile {
     nvdimm_hotplug: false,
     linear_map_base: 0xc000_0000_0000_0000,
     vmemmap_base: 0xc00c_0000_0000_0000,
+    // SLOF takes 10 s to boot Linux where VOF takes none.
+    kernel: KernelBoot {
+        console: "hvc0",
+        loader: Loader::Kernel { bios: None },
+        cpu: "power9",
+        root_symbol: "swapper_pg_dir",
+        vmemmap: VmemmapStart::Variable("vmemmap"),
+    },
 };
 
 /// The one table of per-architecture facts (docs/design.md section 5 explains them).
@@ -201,6 +241,15 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             nvdimm_hotplug: true,
             linear_map_base: 0xffff_8880_0000_0000,
             vmemmap_base: 0xffff_ea00_0000_0000,
+            // `max` has LA57, on which Debian's kernels run 5-level tables;
+            // 1 GiB HugeTLB pages need pdpe1gb.
+            kernel: KernelBoot {
+                console: "ttyS0",
+                loader: Loader::Kernel { bios: Some("qboot.rom") },
+                cpu: "qemu64,+pdpe1gb",
+                root_symbol: "init_top_pgt",
+                vmemmap: VmemmapStart::Variable("vmemmap_base"),
+            },
         },
         Arch::Aarch64 => &Profile {
             arch: Arch::Aarch64,
@@ -224,6 +273,18 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             nvdimm_hotplug: true,
             linear_map_base: 0xffff_0000_0000_0000,
             vmemmap_base: 0xffff_fdff_c000_0000,
+            // cortex-a57 has no LPA2: Debian's 52-bit kernels run 48-bit
+            // 4-level tables on it.
+            kernel: KernelBoot {
+                console: "ttyAMA0",
+                loader: Loader::Kernel { bios: None },
+                cpu: "cortex-a57",
+                root_symbol: "swapper_pg_dir",
+                vmemmap: VmemmapStart::Arm64MemstartAddr {
+                    symbol: "memstart_addr",
+                    vmemmap_starts: &[0xffff_c1ff_c000_0000, 0xffff_fdff_c000_0000],
+                },
+            },
         },
         Arch::Ppc64le => &PPC64LE,
         // The same machine; the radix tree is 13/9/9/5 with 64 KiB leaves.

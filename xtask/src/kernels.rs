@@ -11,10 +11,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use hvo_harness::kernel::agent::build_initramfs;
 use hvo_harness::kernel::symbols::{KernelSymbols, SymbolSource};
+use hvo_harness::runner::KernelGuest;
 use hvo_images::{workspace_root, Arch};
 
 #[derive(clap::Args)]
@@ -388,6 +390,59 @@ fn symbol_source(system_map: &Path, image: &Path) -> (SymbolSource, Option<Strin
         Ok(source) => (source, Some(map.to_string())),
         Err(e) => (SymbolSource::Kallsyms, Some(format!("{map}; {e}"))),
     }
+}
+
+/// The kernel `--kernel` names for `arch`, ready to boot: a Debian spec
+/// (fetched or cached), or the path of a kernel image the user built (then
+/// only busybox-static is fetched). Symbols come from `system_map` when
+/// given, else the host's files, else the running kernel, cached per build.
+pub fn kernel_guest(kernel: &str, system_map: Option<&Path>, arch: Arch) -> Result<KernelGuest> {
+    let load = |path: &Path| -> Result<Arc<KernelSymbols>> {
+        Ok(Arc::new(KernelSymbols::load(path).with_context(|| format!("kernel symbols from {}", path.display()))?))
+    };
+    let given_map = system_map.map(load).transpose()?;
+    if let Ok(spec) = DebianSpec::from_name(kernel) {
+        let k = ensure_kernel(spec, arch)?;
+        let from_files = match &k.symbols {
+            SymbolSource::SystemMap(p) | SymbolSource::ElfSymtab(p) => Some(load(p)?),
+            SymbolSource::Kallsyms => None,
+        };
+        let cache = kernels_dir().join(spec.name()).join(arch.name()).join("kallsyms.map");
+        return Ok(KernelGuest {
+            spec: spec.name().to_string(),
+            image: k.image,
+            initramfs: k.initramfs,
+            symbols: given_map.or(from_files),
+            symbols_cache: Some(cache),
+        });
+    }
+    let image = Path::new(kernel);
+    if !image.is_file() {
+        DebianSpec::from_name(kernel).with_context(|| format!("{kernel} is neither a kernel spec nor a file"))?;
+    }
+    let image = image.canonicalize().with_context(|| format!("resolving {kernel}"))?;
+    let from_image = KernelSymbols::source_of_image(&image).ok().map(|_| load(&image)).transpose()?;
+    // A build is told by its image's bytes: the cache is named by their hash.
+    let bytes = fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
+    let build = format!("{:016x}", fnv1a(&bytes));
+    let out = kernels_dir().join("custom").join(arch.name()).join(&build);
+    fs::create_dir_all(&out)?;
+    let (debian_arch, _) = debian_names(arch);
+    let busybox = ensure_busybox(&Apt::new(debian_arch), &kernels_dir().join("debs").join(debian_arch))?;
+    let initramfs = out.join("initramfs.cpio");
+    fs::write(&initramfs, build_initramfs(&busybox, arch)?)?;
+    Ok(KernelGuest {
+        spec: image.display().to_string(),
+        image,
+        initramfs,
+        symbols: given_map.or(from_image),
+        symbols_cache: Some(out.join("kallsyms.map")),
+    })
+}
+
+/// FNV-1a, 64-bit: names a kernel build's cache, nothing cryptographic.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 pub fn fetch_kernel(args: FetchKernelArgs) -> Result<ExitCode> {

@@ -1,7 +1,7 @@
 //! `cargo xtask run-scenarios`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hvo_harness::report::{ScenarioResult, Status, Totals};
-use hvo_harness::runner::{run_scenario, RunConfig};
+use hvo_harness::runner::{run_kernel_scenario, run_scenario, KernelGuest, RunConfig};
 use hvo_harness::scenario::{discover, Scenario};
 use hvo_images::{workspace_root, Arch};
 
@@ -45,7 +45,23 @@ pub struct RunArgs {
     /// Keep artifacts of passing runs too (failing runs always keep them).
     #[arg(long)]
     pub keep_artifacts: bool,
+    /// Boot a real Linux kernel instead of the firmware: a Debian spec
+    /// (`debian-6.12`, `debian-7.2`, fetched and cached under
+    /// target/kernels/) or the path of a kernel image (then name one --arch).
+    /// The default scenarios become scenarios/linux/.
+    #[arg(long, value_name = "SPEC|PATH")]
+    pub kernel: Option<String>,
+    /// The kernel's System.map, for a kernel whose symbols the host has no
+    /// other file of (otherwise they are read from the running kernel once
+    /// per build and cached).
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub system_map: Option<PathBuf>,
 }
+
+/// Real-kernel scenarios: the default of `--kernel`, left out of the
+/// firmware's default suite (they are written for Linux's HugeTLB sizes and
+/// memory, and the firmware suite's counts stay its own).
+const LINUX_SCENARIOS: &str = "scenarios/linux";
 
 /// One shard of a run: `index` of `count`, 1-based.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,15 +183,35 @@ struct Job {
     arch: Arch,
 }
 
+/// What the runs of an invocation boot, per architecture.
+#[derive(Clone)]
+enum Guests {
+    Firmware(HashMap<Arch, PathBuf>),
+    Kernel(HashMap<Arch, Arc<KernelGuest>>),
+}
+
+/// Why `scenario` does not run on this invocation's guest, if it does not.
+fn guest_skip(scenario: &Scenario, kernel: bool) -> Option<String> {
+    if kernel {
+        scenario.firmware_only_because().map(|why| format!("firmware-only: {why}"))
+    } else {
+        scenario.kernel_only_because().map(|why| format!("kernel-only: {why}"))
+    }
+}
+
 pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
     let root = workspace_root();
-    let paths = if args.paths.is_empty() { vec![root.join("scenarios")] } else { args.paths.clone() };
+    let default = if args.kernel.is_some() { root.join(LINUX_SCENARIOS) } else { root.join("scenarios") };
+    let paths = if args.paths.is_empty() { vec![default.clone()] } else { args.paths.clone() };
     let mut files = Vec::new();
     for p in &paths {
         if !p.exists() {
             bail!("{}: no such file or directory", p.display());
         }
         files.extend(discover(p).with_context(|| format!("cannot list {}", p.display()))?);
+    }
+    if args.kernel.is_none() && args.paths.is_empty() {
+        files.retain(|f| !f.starts_with(root.join(LINUX_SCENARIOS)));
     }
     // Every file is parsed before anything runs: one bad file stops the run.
     let mut scenarios = Vec::new();
@@ -222,7 +258,9 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
         if !in_shard(args.shard, position) {
             continue;
         }
-        if s.architectures.contains(&arch) {
+        if let Some(why) = guest_skip(s, args.kernel.is_some()) {
+            results.push(ScenarioResult::skipped(&s.name, s.file.clone(), arch.name(), &why));
+        } else if s.architectures.contains(&arch) {
             for _ in 0..args.repeat.max(1) {
                 jobs.push(Job { scenario: s.clone(), arch });
             }
@@ -236,7 +274,21 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
         }
     }
     let needed: Vec<Arch> = arches.iter().copied().filter(|a| jobs.iter().any(|j| j.arch == *a)).collect();
-    let images: HashMap<Arch, PathBuf> = needed.iter().copied().zip(crate::build_guests(&needed)?).collect();
+    let guests = match &args.kernel {
+        None => Guests::Firmware(needed.iter().copied().zip(crate::build_guests(&needed)?).collect()),
+        Some(kernel) => {
+            if !Path::new(kernel).is_file() || needed.len() <= 1 {
+                let mut map = HashMap::new();
+                for &arch in &needed {
+                    let guest = crate::kernels::kernel_guest(kernel, args.system_map.as_deref(), arch)?;
+                    map.insert(arch, Arc::new(guest));
+                }
+                Guests::Kernel(map)
+            } else {
+                bail!("a kernel image given by path boots one architecture: name it with --arch");
+            }
+        }
+    };
 
     let parallel =
         args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
@@ -256,7 +308,7 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let ran = runtime.block_on(run_all(jobs, images, config, parallel, &out));
+    let ran = runtime.block_on(run_all(jobs, guests, config, parallel, &out));
     let Some(ran) = ran else {
         eprintln!("interrupted: every QEMU was stopped");
         return Ok(ExitCode::from(crate::INTERRUPTED));
@@ -302,7 +354,7 @@ pub fn run_scenarios(args: RunArgs) -> Result<ExitCode> {
 /// `None` if interrupted (Ctrl-C), after every run was dropped and so stopped.
 async fn run_all(
     jobs: Vec<Job>,
-    images: HashMap<Arch, PathBuf>,
+    guests: Guests,
     config: RunConfig,
     parallel: usize,
     out: &Output,
@@ -311,11 +363,25 @@ async fn run_all(
     let mut set = tokio::task::JoinSet::new();
     for job in jobs {
         let limit = limit.clone();
-        let image = images.get(&job.arch).cloned().unwrap_or_default();
+        let guests = guests.clone();
         let config = config.clone();
         set.spawn(async move {
             let _slot = limit.acquire_owned().await;
-            run_scenario(&job.scenario, job.arch, &image, &config).await
+            match &guests {
+                Guests::Firmware(images) => {
+                    let image = images.get(&job.arch).cloned().unwrap_or_default();
+                    run_scenario(&job.scenario, job.arch, &image, &config).await
+                }
+                Guests::Kernel(kernels) => match kernels.get(&job.arch) {
+                    Some(kernel) => run_kernel_scenario(&job.scenario, job.arch, kernel, &config).await,
+                    None => ScenarioResult::skipped(
+                        &job.scenario.name,
+                        job.scenario.file.clone(),
+                        job.arch.name(),
+                        "no kernel for this architecture",
+                    ),
+                },
+            }
         });
     }
     let mut results = Vec::new();
@@ -396,6 +462,12 @@ impl Output {
 fn describe(r: &ScenarioResult) -> String {
     let mut line =
         format!("{:<9} {:<32} {:<8} {:>7.2}s", r.status.label(), r.scenario, r.arch, r.duration_ms as f64 / 1000.0);
+    if let (Some(k), false) = (&r.kernel, r.status == Status::Skip) {
+        line.push_str(&format!("\n      kernel {}", k.describe()));
+        if !k.generation_reason.is_empty() {
+            line.push_str(&format!("\n      judged {}", k.generation_reason));
+        }
+    }
     if r.status != Status::Pass && r.status != Status::Skip {
         if let Some(m) = &r.message {
             line.push_str(&format!("\n      {m}"));

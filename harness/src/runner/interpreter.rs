@@ -11,6 +11,7 @@ use hvo_abi::model::Layout;
 use hvo_abi::protocol::Command;
 use hvo_images::{profile, Arch, Profile};
 
+use super::kernel::KernelState;
 use super::{qmp_abort, Abort, Repro, NO_QMP};
 use crate::addr::PhysAddr;
 use crate::console::ConsoleError;
@@ -55,12 +56,28 @@ pub(super) struct Findings {
     pub verify_ms: u64,
 }
 
+/// What the machine boots, and what the run keeps of it.
+pub(super) enum Guest {
+    /// The project's firmware, its manifest where the image says.
+    Firmware(GuestImage),
+    /// A real Linux kernel with the agent.
+    Kernel(Box<KernelState>),
+}
+
+/// How long the guest may take to boot and to answer a step.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Timeouts {
+    pub boot: Duration,
+    pub step: Duration,
+}
+
 pub(super) struct Run<'a> {
     pub scenario: &'a Scenario,
     pub arch: Arch,
     pub profile: &'static Profile,
     start: Instant,
-    image: GuestImage,
+    pub guest: Guest,
+    timeouts: Timeouts,
     /// Show the console and QMP as they happen (`xtask repro`).
     echo: bool,
     pub machine: Machine,
@@ -75,7 +92,8 @@ impl<'a> Run<'a> {
         scenario: &'a Scenario,
         arch: Arch,
         start: Instant,
-        image: GuestImage,
+        guest: Guest,
+        timeouts: Timeouts,
         machine: Machine,
         echo: bool,
     ) -> Run<'a> {
@@ -84,7 +102,8 @@ impl<'a> Run<'a> {
             arch,
             profile: profile(arch),
             start,
-            image,
+            guest,
+            timeouts,
             echo,
             machine,
             tracked: Tracked::default(),
@@ -94,7 +113,7 @@ impl<'a> Run<'a> {
     }
 
     pub fn step_timeout(&self) -> Duration {
-        Duration::from_millis(self.scenario.step_timeout_ms)
+        self.timeouts.step
     }
 
     pub fn elapsed_ms(&self) -> u64 {
@@ -113,6 +132,15 @@ impl<'a> Run<'a> {
             }
         }
         let steps_start = Instant::now();
+        if let Guest::Kernel(_) = self.guest {
+            for placed in &self.scenario.steps {
+                self.kernel_step(&placed.step)
+                    .await
+                    .map_err(|abort| abort.context(&format!("step {} (line {})", placed.step.name(), placed.line)))?;
+            }
+            self.findings.metrics.steps_ms = Some(steps_start.elapsed().as_millis() as u64);
+            return Ok(());
+        }
         for placed in &self.scenario.steps {
             self.expect_refusal = placed.expect_failure;
             (if placed.sweep_failures { self.sweep(&placed.step).await } else { self.step(&placed.step).await })
@@ -125,7 +153,7 @@ impl<'a> Run<'a> {
     /// Launches the machine and waits for the guest's `ready`, then does the
     /// scenario's boot-time set-up.
     async fn boot(&mut self) -> Result<(), Abort> {
-        let boot_timeout = Duration::from_millis(self.scenario.boot_timeout_ms);
+        let boot_timeout = self.timeouts.boot;
         self.machine.launch(boot_timeout, self.step_timeout(), self.echo).await.map_err(|e| match e {
             LaunchError::Start(m) => Abort::Infra(m),
             LaunchError::Qmp(e) => qmp_abort(e),
@@ -153,7 +181,10 @@ impl<'a> Run<'a> {
         }
         self.findings.metrics.ready_ms = Some(self.elapsed_ms());
         self.machine.map_boot_ram(self.scenario.machine.boot_memory).map_err(Abort::Infra)?;
-        self.boot_setup().await?;
+        match self.guest {
+            Guest::Firmware(_) => self.boot_setup().await?,
+            Guest::Kernel(_) => self.kernel_boot_setup().await?,
+        }
         self.findings.metrics.boot_ms = Some(self.elapsed_ms());
         Ok(())
     }
@@ -263,7 +294,7 @@ impl<'a> Run<'a> {
         let mut bytes = vec![0u8; MANIFEST_SIZE];
         self.machine
             .memory()
-            .read(self.image.manifest, &mut bytes)
+            .read(self.firmware_image()?.manifest, &mut bytes)
             .map_err(|e| Abort::Infra(format!("reading the manifest: {e}")))?;
         Manifest::decode(&bytes).map_err(|e| Abort::Fail(format!("the manifest is unreadable: {e}")))
     }
@@ -317,7 +348,7 @@ impl<'a> Run<'a> {
             arch: self.arch,
             profile: self.profile,
             boot_memory: self.scenario.machine.boot_memory,
-            at: self.image.manifest,
+            at: self.firmware_image()?.manifest,
         };
         match live::manifest_checks(&self.machine, expected).await {
             Ok(checks) => {
@@ -325,6 +356,15 @@ impl<'a> Run<'a> {
                 Ok(())
             }
             Err(e) => Err(self.live_abort(e).await),
+        }
+    }
+
+    /// The firmware image; a kernel has none (its scenarios never get here:
+    /// [`Scenario::firmware_only_because`] keeps them out).
+    fn firmware_image(&self) -> Result<&GuestImage, Abort> {
+        match &self.guest {
+            Guest::Firmware(image) => Ok(image),
+            Guest::Kernel(_) => Err(Abort::Infra("a real kernel has no firmware manifest".into())),
         }
     }
 

@@ -81,6 +81,28 @@ pub(super) fn machine(
     Ok((MachineSpec { boot_memory, slots, max_memory, nvdimm }, boot_pmem))
 }
 
+/// Whether a real kernel boots with HugeTLB vmemmap optimization on. Off,
+/// the agent's run-time allocations would turn it on again (it sets the
+/// sysctl first), so a scenario that boots with it off allocates none.
+pub(super) fn hugetlb_free_vmemmap(
+    loc: &Locator,
+    raw: &RawMachine,
+    steps: &[PlacedStep],
+) -> Result<bool, ScenarioError> {
+    match &raw.hugetlb_free_vmemmap {
+        Some(on) if !*on.get_ref() => match steps.iter().find(|p| matches!(p.step, Step::HugetlbAlloc { .. })) {
+            Some(alloc) => Err(loc.at_line(
+                alloc.line,
+                "action",
+                "hugetlb-alloc turns the optimization on: a scenario booting with \
+                 machine.hugetlb-free-vmemmap = false allocates no pages at run time",
+            )),
+            None => Ok(false),
+        },
+        _ => Ok(true),
+    }
+}
+
 fn boot_memory(loc: &Locator, raw: &RawMachine, arches: &[Arch]) -> Result<u64, ScenarioError> {
     let Some((Size(boot_memory), span)) = written(&raw.boot_memory) else {
         return Ok(DEFAULT_BOOT_MEMORY);

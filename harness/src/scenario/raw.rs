@@ -117,6 +117,7 @@ pub(super) struct RawMachine {
     pub slots: Option<Spanned<u32>>,
     pub max_memory: Option<Spanned<Size>>,
     pub boot_pmem: Option<Spanned<Size>>,
+    pub hugetlb_free_vmemmap: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize, Debug)]

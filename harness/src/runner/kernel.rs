@@ -1,0 +1,215 @@
+//! The step interpreter for real Linux kernels, beside the firmware's
+//! (`steps`): the same [`Run`] (machine, console, verdicts, artifacts), the
+//! kernel's own boot set-up and steps. Boot-time gigantic pages come from
+//! the command line; run-time HugeTLB pages from the agent (sysfs); `verify`
+//! is in `kernel_verify`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hvo_images::{profile, Arch};
+
+use super::interpreter::{Guest, Run, Timeouts};
+use super::{Abort, Launch};
+use crate::kernel::agent::{AgentCommand, HstateSize, KernelFacts};
+use crate::kernel::symbols::KernelSymbols;
+use crate::kernel::verify::{FoundRegion, Generation};
+use crate::qemu::{describe_exit, BootPayload};
+use crate::report::{Check, FoundLayout, KernelSummary};
+use crate::scenario::{Scenario, Step};
+
+/// A kernel boots to its initramfs in about 4 s under TCG here; the
+/// firmware's 10 s default is too tight for a loaded machine.
+const KERNEL_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Run-time gigantic pages and a first look-up in /proc/kallsyms take
+/// seconds under TCG.
+const KERNEL_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A real kernel to run scenarios on, as the host found it.
+#[derive(Clone, Debug)]
+pub struct KernelGuest {
+    /// How the user named it: a spec (`debian-6.12`) or the image's path.
+    pub spec: String,
+    pub image: PathBuf,
+    /// The agent's initramfs for this architecture.
+    pub initramfs: PathBuf,
+    /// Symbols from files on the host (a real System.map, an ELF vmlinux).
+    pub symbols: Option<Arc<KernelSymbols>>,
+    /// A System.map-format file keeping symbols once looked up in the
+    /// running kernel: with `nokaslr` they hold for every boot of the build.
+    pub symbols_cache: Option<PathBuf>,
+}
+
+/// What a kernel run keeps.
+pub(super) struct KernelState {
+    pub guest: KernelGuest,
+    pub facts: Option<KernelFacts>,
+    /// Whether the kernel's BTF has `vmemmap_tails`, once asked.
+    pub btf_has_vmemmap_tails: Option<bool>,
+    /// The symbols the host needs, once known.
+    pub symbols: Option<KernelSymbols>,
+    /// Scenario region name -> the HugeTLB pages it holds.
+    pub pages: HashMap<String, (HstateSize, u64)>,
+    /// What the last `verify` judged.
+    pub generation: Option<(Generation, String)>,
+    pub found: Vec<FoundRegion>,
+}
+
+impl KernelState {
+    /// Fills in what the run learnt of the kernel.
+    pub fn summarize(&self, summary: &mut KernelSummary) {
+        if let Some(facts) = &self.facts {
+            summary.release = facts.release.clone();
+        }
+        if let Some((generation, why)) = &self.generation {
+            summary.generation = generation.name().to_string();
+            summary.generation_reason = why.clone();
+        }
+        summary.regions = self
+            .found
+            .iter()
+            .map(|f| FoundLayout { compound_bytes: f.compound_bytes, count: f.count, layout: f.layout.name().into() })
+            .collect();
+    }
+}
+
+/// The kernel command line for `scenario` on `arch`: the console, fixed
+/// addresses (`nokaslr`, so symbols hold across boots), the optimization
+/// on or off as the scenario says, its boot-time gigantic pages, and a
+/// panic that ends QEMU at once (`-no-reboot`).
+pub fn command_line(scenario: &Scenario, arch: Arch) -> String {
+    let hvo = if scenario.hugetlb_free_vmemmap { "on" } else { "off" };
+    let mut line = format!(
+        "console={} nokaslr panic=-1 quiet loglevel=1 hugetlb_free_vmemmap={hvo}",
+        profile(arch).kernel.console
+    );
+    let mut by_size: Vec<(u64, u64)> = Vec::new();
+    for g in &scenario.boot_gigantic {
+        match by_size.iter_mut().find(|(size, _)| *size == g.size) {
+            Some((_, count)) => *count += g.count,
+            None => by_size.push((g.size, g.count)),
+        }
+    }
+    for (size, count) in by_size {
+        line.push_str(&format!(" hugepagesz={} hugepages={count}", crate::scenario::Size(size)));
+    }
+    line
+}
+
+/// How a kernel run starts, and the summary its result carries.
+pub(super) fn launch(scenario: &Scenario, arch: Arch, kernel: &KernelGuest, start: Instant) -> (Launch, KernelSummary) {
+    let payload = BootPayload::Kernel {
+        image: kernel.image.clone(),
+        initramfs: kernel.initramfs.clone(),
+        append: command_line(scenario, arch),
+    };
+    let boot = Duration::from_millis(scenario.boot_timeout_ms).max(KERNEL_BOOT_TIMEOUT);
+    let step = Duration::from_millis(scenario.step_timeout_ms).max(KERNEL_STEP_TIMEOUT);
+    // The deadline grows by what the kernel's boot may take beyond the file's.
+    let deadline = Duration::from_millis(scenario.deadline_ms)
+        + boot.saturating_sub(Duration::from_millis(scenario.boot_timeout_ms));
+    let mut pages = HashMap::new();
+    for g in &scenario.boot_gigantic {
+        pages.insert(g.region.clone(), (HstateSize::from_kib(g.size >> 10), g.count));
+    }
+    let state = KernelState {
+        guest: kernel.clone(),
+        facts: None,
+        btf_has_vmemmap_tails: None,
+        symbols: None,
+        pages,
+        generation: None,
+        found: Vec::new(),
+    };
+    let launch =
+        Launch { payload, guest: Guest::Kernel(Box::new(state)), timeouts: Timeouts { boot, step }, deadline, start };
+    (launch, KernelSummary { spec: kernel.spec.clone(), ..KernelSummary::default() })
+}
+
+impl Run<'_> {
+    pub(super) fn kernel_state(&mut self) -> Result<&mut KernelState, Abort> {
+        match &mut self.guest {
+            Guest::Kernel(state) => Ok(state),
+            Guest::Firmware(_) => Err(Abort::Infra("the firmware has no kernel agent".into())),
+        }
+    }
+
+    /// One request to the agent; its reply's payload.
+    pub(super) async fn agent(&mut self, command: AgentCommand<'_>) -> Result<String, Abort> {
+        let timeout = self.step_timeout();
+        let Some(console) = self.machine.console() else { return Err(Abort::Infra("no console".into())) };
+        match console.request_line(|seq| command.line(seq), timeout).await {
+            Ok(payload) => Ok(payload),
+            Err(e) => Err(self.console_abort(e).await),
+        }
+    }
+
+    /// What the kernel says it is: asked once, right after `ready`.
+    pub(super) async fn kernel_boot_setup(&mut self) -> Result<(), Abort> {
+        let reply = self.agent(AgentCommand::Kernel).await?;
+        let facts = KernelFacts::parse(&reply).map_err(|e| Abort::Fail(e.to_string()))?;
+        self.findings.checks.push(Check::pass(
+            "kernel",
+            format!(
+                "Linux {} ({}, {} KiB pages, hstates {:?})",
+                facts.release,
+                facts.machine,
+                facts.page_kib,
+                facts.hstates.iter().map(|h| h.to_string()).collect::<Vec<_>>()
+            ),
+        ));
+        self.kernel_state()?.facts = Some(facts);
+        Ok(())
+    }
+
+    pub(super) async fn kernel_step(&mut self, step: &Step) -> Result<(), Abort> {
+        match step {
+            Step::Ping => {
+                let token = format!("t{}", self.elapsed_ms());
+                let reply = self.agent(AgentCommand::Ping { token: Some(&token) }).await?;
+                let expected = format!("pong {token}");
+                self.findings.checks.push(if reply == expected {
+                    Check::pass("ping", "the kernel's agent answered")
+                } else {
+                    Check::fail("ping", format!("expected `{expected}`, got `{reply}`"))
+                });
+                Ok(())
+            }
+            Step::HugetlbAlloc { region, folio_size, count, .. } => {
+                let size = HstateSize::from_kib(folio_size >> 10);
+                self.agent(AgentCommand::HugetlbAlloc { size, count: *count }).await?;
+                self.kernel_state()?.pages.insert(region.clone(), (size, *count));
+                Ok(())
+            }
+            Step::HugetlbFree { region } => {
+                let (size, count) = self
+                    .kernel_state()?
+                    .pages
+                    .remove(region)
+                    .ok_or_else(|| Abort::Fail(format!("region `{region}` was freed or never allocated")))?;
+                self.agent(AgentCommand::HugetlbFree { size, count }).await.map(drop)
+            }
+            Step::Verify => self.kernel_verify().await,
+            Step::Exit { .. } => self.kernel_exit().await,
+            other => Err(Abort::Infra(format!("`{}` has no Linux equivalent", other.name()))),
+        }
+    }
+
+    /// The agent powers the machine off: QEMU must end by itself, with 0.
+    async fn kernel_exit(&mut self) -> Result<(), Abort> {
+        self.agent(AgentCommand::Exit).await?;
+        let exit = self.machine.wait_exit(self.step_timeout()).await;
+        self.findings.checks.push(match exit.and_then(|s| s.code()) {
+            Some(0) => {
+                Check::pass("exit-status", format!("the kernel powered off: QEMU exited with {}", describe_exit(exit)))
+            }
+            _ => Check::fail(
+                "exit-status",
+                format!("the kernel was asked to power off, QEMU ended with {}", describe_exit(exit)),
+            ),
+        });
+        Ok(())
+    }
+}
