@@ -29,8 +29,9 @@ use crate::memory::GuestMemory;
 use crate::pgtable::WalkError;
 use crate::report::Check;
 
+pub(crate) use compound::CompoundView;
 pub use costs::{dump, region_costs, size_name, RegionCost};
-use findings::Findings;
+pub(crate) use findings::Findings;
 pub use map::{PageMapping, VmemmapMap};
 
 #[derive(Debug, thiserror::Error)]

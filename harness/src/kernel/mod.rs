@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod initramfs;
 pub mod symbols;
+pub mod verify;
 
 #[cfg(test)]
 mod test_elf;

@@ -15,7 +15,7 @@ use crate::addr::{Pfn, PhysAddr};
 use crate::memory::GuestMemory;
 
 /// One compound page's vmemmap pages as the tables map them.
-pub(super) struct CompoundView {
+pub(crate) struct CompoundView {
     pub head_pfn: Pfn,
     /// Where its head struct page is in the first vmemmap page, counted in
     /// struct pages (0 unless compound pages share vmemmap pages).
@@ -36,6 +36,16 @@ impl CompoundView {
         let first = ((head_va - base) / STRUCT_PAGE_SIZE) as usize;
         let in_first = (1u64 << region.order).min(per_page) as usize;
         CompoundView { head_pfn, first, in_first, pages: map.span(base, n), page: map.page }
+    }
+
+    /// A compound page of whole vmemmap pages, as a real kernel's is found:
+    /// from its vmemmap pages alone.
+    pub(crate) fn of_pages(
+        head_pfn: Pfn,
+        pages: Vec<(u64, Option<(PageMapping, PhysAddr)>)>,
+        page: u64,
+    ) -> CompoundView {
+        CompoundView { head_pfn, first: 0, in_first: (page / STRUCT_PAGE_SIZE) as usize, pages, page }
     }
 
     /// This compound page's struct pages among those of its first vmemmap page.

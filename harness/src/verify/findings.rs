@@ -14,11 +14,13 @@ const LISTED: usize = 3;
 
 /// One invariant's findings.
 #[derive(Default)]
-pub(super) struct Findings {
+pub(crate) struct Findings {
     failures: Vec<String>,
     covered: u64,
     /// Compound pages (by head) already reported with their diagram.
     pictured: HashSet<Pfn>,
+    /// What a pass says it covered, in words (else "N checked").
+    covered_in_words: Option<String>,
 }
 
 impl Findings {
@@ -40,11 +42,17 @@ impl Findings {
         self.covered += n;
     }
 
+    /// Says what a pass covered in words rather than as a count.
+    pub fn covered_as(&mut self, words: String) {
+        self.covered_in_words = Some(words);
+    }
+
     /// The invariant's line in the report.
     pub fn into_check(self, invariant: Invariant) -> Check {
         let f = &self.failures;
         if f.is_empty() {
-            return Check::pass(invariant.name(), format!("{} checked", self.covered));
+            let words = self.covered_in_words.unwrap_or_else(|| format!("{} checked", self.covered));
+            return Check::pass(invariant.name(), words);
         }
         let more = if f.len() > LISTED { format!(" (and {} more)", f.len() - LISTED) } else { String::new() };
         Check::fail(invariant.name(), format!("{}{more}", f[..f.len().min(LISTED)].join("; ")))

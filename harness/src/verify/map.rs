@@ -2,6 +2,7 @@
 //! alike, and who maps each frame. Every invariant reads it; none changes it.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use hvo_abi::manifest::Manifest;
 use hvo_images::Arch;
@@ -9,7 +10,7 @@ use hvo_images::Arch;
 use super::pfns::PfnRange;
 use crate::addr::{PhysAddr, VirtAddr};
 use crate::memory::GuestMemory;
-use crate::pgtable::{self, Leaf, Perms, WalkError};
+use crate::pgtable::{self, Leaf, Perms, WalkError, Walker};
 
 /// How one vmemmap page is mapped: by a leaf of `shift` with `perms`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,7 +111,7 @@ struct FrameSummary {
 }
 
 /// Who maps one frame, for the cost report.
-pub(super) struct FrameUse {
+pub(crate) struct FrameUse {
     pub lowest_va: u64,
     pub highest_va: u64,
     pub writable: bool,
@@ -130,20 +131,37 @@ impl VmemmapMap {
         // take a quarter of one.
         let (start, end) = pfns.to_sections(section, page).vmemmap(manifest, page);
         let walker = pgtable::walker_for(arch, mem, manifest, start)?;
+        VmemmapMap::walk_spans(&walker, mem, &[start..end], page)
+    }
+
+    /// Walks the vmemmap pages of `spans` (in address order) through
+    /// `walker`, with base pages of `page` bytes. A leaf reaching into two
+    /// spans is taken once.
+    pub fn walk_spans(
+        walker: &Walker,
+        mem: &dyn GuestMemory,
+        spans: &[Range<VirtAddr>],
+        page: u64,
+    ) -> Result<VmemmapMap, WalkError> {
         let mut runs: Vec<Run> = Vec::new();
-        walker.for_each_leaf(mem, start, end, &mut |leaf| {
-            if runs.last_mut().is_some_and(|r| r.absorb(&leaf)) {
-                return;
-            }
-            runs.push(Run {
-                va: leaf.va.0,
-                pages: (leaf.size() / page).max(1),
-                pa: leaf.pa.0,
-                stride: page,
-                mapping: PageMapping { shift: leaf.shift, perms: leaf.perms },
-                page,
-            });
-        })?;
+        for span in spans {
+            walker.for_each_leaf(mem, span.start, span.end, &mut |leaf| {
+                if runs.last().is_some_and(|r| leaf.va.0 < r.end()) {
+                    return;
+                }
+                if runs.last_mut().is_some_and(|r| r.absorb(&leaf)) {
+                    return;
+                }
+                runs.push(Run {
+                    va: leaf.va.0,
+                    pages: (leaf.size() / page).max(1),
+                    pa: leaf.pa.0,
+                    stride: page,
+                    mapping: PageMapping { shift: leaf.shift, perms: leaf.perms },
+                    page,
+                });
+            })?;
+        }
         let mut frames: HashMap<u64, FrameSummary, BuildFrameHasher> = HashMap::default();
         let mut note = |frame: u64, mappers: u64, lowest_va: u64, highest_va: u64, writable: bool| {
             let s = frames.entry(frame).or_insert(FrameSummary { mappers: 0, lowest_va, highest_va, writable });
@@ -162,6 +180,8 @@ impl VmemmapMap {
                 }
             }
         }
+        let start = spans.first().map(|s| s.start).unwrap_or_default();
+        let end = spans.last().map(|s| s.end).unwrap_or_default();
         Ok(VmemmapMap { start, end, page, runs, frames })
     }
 
@@ -174,7 +194,7 @@ impl VmemmapMap {
 
     /// The `n` vmemmap pages from `base`, each with how it is mapped: one
     /// search, then a walk along the runs.
-    pub(super) fn span(&self, base: u64, n: u64) -> Vec<(u64, Option<(PageMapping, PhysAddr)>)> {
+    pub(crate) fn span(&self, base: u64, n: u64) -> Vec<(u64, Option<(PageMapping, PhysAddr)>)> {
         let mut run = self.runs.partition_point(|r| r.end() <= base);
         (0..n)
             .map(|i| {
@@ -189,12 +209,12 @@ impl VmemmapMap {
     }
 
     /// How many vmemmap pages map `frame`.
-    pub(super) fn mappers(&self, frame: PhysAddr) -> u64 {
+    pub(crate) fn mappers(&self, frame: PhysAddr) -> u64 {
         self.frames.get(&frame.0).map(|s| s.mappers).unwrap_or(0)
     }
 
     /// Which vmemmap pages map `frame`, and whether any maps it writable.
-    pub(super) fn frame_use(&self, frame: PhysAddr) -> Option<FrameUse> {
+    pub(crate) fn frame_use(&self, frame: PhysAddr) -> Option<FrameUse> {
         let s = self.frames.get(&frame.0)?;
         Some(FrameUse { lowest_va: s.lowest_va, highest_va: s.highest_va, writable: s.writable })
     }
@@ -210,7 +230,7 @@ impl VmemmapMap {
     }
 
     /// The vmemmap pages mapped in `[start, end)`, in order: VA, mapping, frame.
-    pub(super) fn pages_in(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, PageMapping, PhysAddr)> + '_ {
+    pub(crate) fn pages_in(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, PageMapping, PhysAddr)> + '_ {
         let first = self.runs.partition_point(|r| r.end() <= start);
         self.runs[first..].iter().take_while(move |r| r.va < end).flat_map(move |r| {
             (0..r.pages)

@@ -1,0 +1,241 @@
+//! The independent oracle for a real kernel: which HugeTLB vmemmap
+//! optimization it implements, and whether its page tables keep that
+//! generation's contract. Compound pages are found from the pattern of the
+//! vmemmap's mappings alone (the host's walker, never the kernel's
+//! structures); the kernel's own numbers (hstate pools, memmap counters) are
+//! evidence to cross-check, never the verdict.
+//!
+//! The checks report through the project's invariant names, so a real
+//! kernel's verdict reads like the firmware's.
+
+mod checks;
+mod pattern;
+
+use std::fmt::Write as _;
+use std::ops::Range;
+
+use hvo_abi::model::{Layout, STRUCT_PAGE_SIZE};
+
+use super::agent::{HvoSysctl, KernelReport};
+use crate::addr::{Pfn, VirtAddr};
+use crate::invariant::Invariant;
+use crate::memory::GuestMemory;
+use crate::pgtable::{WalkError, Walker};
+use crate::report::{Check, CheckStatus};
+use crate::verify::{size_name, VmemmapMap};
+
+use pattern::FoundCompound;
+
+/// What HugeTLB vmemmap optimization a kernel implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Generation {
+    /// None: every struct page on a private, writable frame.
+    NotOptimizing,
+    /// Linux up to 6.x: a folio's tail vmemmap pages map its head's frame.
+    Legacy,
+    /// The unified series: tails map one shared page per (zone, order).
+    Unified,
+}
+
+impl Generation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Generation::NotOptimizing => "not-optimizing",
+            Generation::Legacy => "legacy",
+            Generation::Unified => "unified",
+        }
+    }
+
+    /// What the kernel showed that makes it this generation, for failures.
+    pub fn evidence(self) -> &'static str {
+        match self {
+            Generation::NotOptimizing => "vm.hugetlb_optimize_vmemmap is absent",
+            Generation::Legacy => "vm.hugetlb_optimize_vmemmap exists, the BTF has no vmemmap_tails",
+            Generation::Unified => "the BTF has vmemmap_tails",
+        }
+    }
+
+    /// The layout its optimized HugeTLB folios have (None: it optimizes none).
+    pub fn layout(self) -> Option<Layout> {
+        match self {
+            Generation::NotOptimizing => None,
+            Generation::Legacy => Some(Layout::LegacyHugetlb),
+            Generation::Unified => Some(Layout::Unified),
+        }
+    }
+}
+
+/// The generation from the kernel's own description of itself: whether the
+/// optimization's sysctl exists (it does exactly where HugeTLB vmemmap
+/// optimization is built) and whether its BTF has `vmemmap_tails` (the
+/// unified series' per-(zone, order) shared pages; only built where the
+/// optimization is). Returns the generation and why, for the verdict.
+pub fn detect_generation(sysctl: &HvoSysctl, btf_has_vmemmap_tails: bool) -> (Generation, String) {
+    let state = match sysctl {
+        HvoSysctl::Absent => "absent",
+        HvoSysctl::Off => "present (0)",
+        HvoSysctl::On => "present (1)",
+    };
+    let tails = if btf_has_vmemmap_tails { "has" } else { "has no" };
+    let (generation, because) = match (sysctl, btf_has_vmemmap_tails) {
+        (HvoSysctl::Absent, false) => (Generation::NotOptimizing, "HugeTLB vmemmap optimization is not built"),
+        (HvoSysctl::Absent, true) => (
+            Generation::NotOptimizing,
+            "without the sysctl HugeTLB vmemmap optimization is not built, whatever the BTF says",
+        ),
+        (_, false) => (Generation::Legacy, "the optimization is built, without the unified series' shared tails"),
+        (_, true) => (Generation::Unified, "the optimization is built with per-(zone, order) shared tail pages"),
+    };
+    let why = format!(
+        "{}: vm.hugetlb_optimize_vmemmap is {state} and the BTF {tails} vmemmap_tails, so {because}",
+        generation.name()
+    );
+    (generation, why)
+}
+
+/// The kernel's vmemmap as the host sees it, supplied by whoever booted it.
+pub struct KernelView<'a> {
+    pub mem: &'a dyn GuestMemory,
+    /// Rooted at the kernel's page-table root, in the format it runs.
+    pub walker: Walker<'a>,
+    /// The VA of pfn 0's struct page.
+    pub vmemmap_start: VirtAddr,
+    /// The guest's RAM, as pfn ranges in ascending order.
+    pub ram: Vec<Range<Pfn>>,
+    /// The base page size.
+    pub page_size: u64,
+}
+
+impl KernelView<'_> {
+    /// The struct page address of `pfn`.
+    pub fn struct_page(&self, pfn: Pfn) -> u64 {
+        self.vmemmap_start.0.wrapping_add(pfn.0 * STRUCT_PAGE_SIZE)
+    }
+
+    /// The vmemmap pages holding the struct pages of `pfns`, whole pages.
+    fn vmemmap_of(&self, pfns: &Range<Pfn>) -> Range<VirtAddr> {
+        let page = self.page_size;
+        let start = self.struct_page(pfns.start) / page * page;
+        let end = self.struct_page(pfns.end).div_ceil(page) * page;
+        VirtAddr(start)..VirtAddr(end)
+    }
+}
+
+/// Compound pages of one size and layout the pattern found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FoundRegion {
+    pub compound_bytes: u64,
+    pub count: u64,
+    /// `Layout::None` = not optimized.
+    pub layout: Layout,
+}
+
+/// The oracle's verdict on one kernel state.
+#[derive(Clone, Debug)]
+pub struct KernelVerdict {
+    pub generation: Generation,
+    /// One per invariant the tables decide for a kernel, in report order.
+    pub checks: Vec<Check>,
+    /// The optimized compound pages found, by size and layout.
+    pub found: Vec<FoundRegion>,
+    /// A human-readable summary of the vmemmap, for artifacts.
+    pub dump: String,
+}
+
+impl KernelVerdict {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.status == CheckStatus::Pass)
+    }
+
+    /// The check of `invariant`, if the kernel verifier makes one.
+    pub fn check(&self, invariant: Invariant) -> Option<&Check> {
+        self.checks.iter().find(|c| c.name == invariant.name())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelVerifyError {
+    #[error("walking the kernel's vmemmap: {0}")]
+    Walk(#[from] WalkError),
+    #[error("the kernel view has no RAM to verify")]
+    NoRam,
+    #[error("base page size {0:#x} is not a power of two of at least 4 KiB")]
+    BadPageSize(u64),
+}
+
+/// The HugeTLB sizes to look for: the kernel's hstates and the two every
+/// architecture here offers, largest first (a 1 GiB folio's first vmemmap
+/// pages look like a 2 MiB one's).
+fn compound_sizes(report: &KernelReport) -> Vec<u64> {
+    let mut sizes: Vec<u64> = report.hstates.iter().map(|h| h.size.bytes()).chain([2 << 20, 1 << 30]).collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    sizes.dedup();
+    sizes
+}
+
+/// Holds the kernel's vmemmap to `generation`'s contract, and the kernel's
+/// own account to what the tables show.
+pub fn verify_kernel(
+    view: &KernelView,
+    report: &KernelReport,
+    generation: Generation,
+) -> Result<KernelVerdict, KernelVerifyError> {
+    if view.page_size < 4096 || !view.page_size.is_power_of_two() {
+        return Err(KernelVerifyError::BadPageSize(view.page_size));
+    }
+    if view.ram.iter().all(|r| r.is_empty()) {
+        return Err(KernelVerifyError::NoRam);
+    }
+    let spans: Vec<Range<VirtAddr>> = view.ram.iter().filter(|r| !r.is_empty()).map(|r| view.vmemmap_of(r)).collect();
+    let map = VmemmapMap::walk_spans(&view.walker, view.mem, &spans, view.page_size)?;
+    let sizes = compound_sizes(report);
+    let compounds = pattern::find(view, &map, &sizes);
+    let found = pattern::summarize(&compounds);
+    let ctx = checks::Context { view, map: &map, report, generation, compounds: &compounds, found: &found };
+    let checks = checks::CHECKS.iter().map(|(invariant, run)| run(&ctx).into_check(*invariant)).collect();
+    let dump = dump(view, &map, &found, &compounds);
+    Ok(KernelVerdict { generation, checks, found, dump })
+}
+
+/// The vmemmap in words: what was walked, how it is mapped, what was found.
+fn dump(view: &KernelView, map: &VmemmapMap, found: &[FoundRegion], compounds: &[FoundCompound]) -> String {
+    let mut out = format!("vmemmap of pfn 0 at {}, base pages of {} KiB\n", view.vmemmap_start, view.page_size >> 10);
+    for r in &view.ram {
+        let span = view.vmemmap_of(r);
+        let _ = writeln!(out, "RAM pfns {}..{}: struct pages {}..{}", r.start, r.end, span.start, span.end);
+        let mut by_mapping: Vec<(u64, bool, u64)> = Vec::new();
+        let mut unmapped = 0;
+        for (_, mapping) in map.span(span.start.0, (span.end.0 - span.start.0) / view.page_size) {
+            let Some((m, _)) = mapping else {
+                unmapped += 1;
+                continue;
+            };
+            match by_mapping.iter_mut().find(|(size, w, _)| *size == m.size() && *w == m.perms.write) {
+                Some(entry) => entry.2 += 1,
+                None => by_mapping.push((m.size(), m.perms.write, 1)),
+            }
+        }
+        by_mapping.sort_unstable();
+        for (size, writable, pages) in by_mapping {
+            let how = if writable { "RW" } else { "RO" };
+            let _ = writeln!(out, "  {pages} vmemmap pages in {} {how} leaves", size_name(size));
+        }
+        if unmapped > 0 {
+            let _ = writeln!(out, "  {unmapped} vmemmap pages unmapped");
+        }
+    }
+    let _ = writeln!(out, "{} distinct frames, {} vmemmap pages mapped", map.frames(), map.ptes());
+    for f in found {
+        let _ = writeln!(
+            out,
+            "found {} x {} compound pages, {} layout",
+            f.count,
+            size_name(f.compound_bytes),
+            f.layout.name()
+        );
+    }
+    if let Some(first) = compounds.first() {
+        let _ = writeln!(out, "first optimized compound page:{}", first.view.diagram(None));
+    }
+    out
+}

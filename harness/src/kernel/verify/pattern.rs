@@ -1,0 +1,135 @@
+//! Compound pages found from the pattern of the vmemmap's mappings alone: a
+//! head vmemmap page followed by tails that are read-only or share a frame.
+//! Nothing the kernel says about its folios is read here.
+
+use hvo_abi::model::{Layout, STRUCT_PAGE_SIZE};
+
+use super::{FoundRegion, KernelView};
+use crate::addr::{Pfn, PhysAddr};
+use crate::verify::{CompoundView, PageMapping, VmemmapMap};
+
+/// One optimized compound page the pattern found.
+pub(crate) struct FoundCompound {
+    pub head: Pfn,
+    pub bytes: u64,
+    /// The layout its first tail says it has (the tails after it are held
+    /// to that layout by the checks).
+    pub layout: Layout,
+    /// How its head vmemmap page is mapped, and the frame it maps.
+    pub head_mapping: PageMapping,
+    pub head_frame: PhysAddr,
+    pub view: CompoundView,
+}
+
+impl FoundCompound {
+    /// "2M compound page at pfn 0x100200, vmemmap[2]": where a finding is.
+    pub fn at(&self, i: usize) -> String {
+        format!("{} compound page at pfn {}, vmemmap[{i}]", crate::verify::size_name(self.bytes), self.head)
+    }
+
+    /// Its tail vmemmap pages that are mapped: index, mapping, frame.
+    pub fn tails(&self) -> impl Iterator<Item = (usize, PageMapping, PhysAddr)> + '_ {
+        self.view.pages.iter().enumerate().skip(1).filter_map(|(i, (_, m))| m.map(|(m, f)| (i, m, f)))
+    }
+
+    /// The frame its first mapped tail maps: under the unified layout, the
+    /// shared tail page it uses.
+    pub fn first_tail_frame(&self) -> Option<PhysAddr> {
+        self.tails().next().map(|(_, _, frame)| frame)
+    }
+}
+
+/// Vmemmap pages one compound page of `bytes` fills with `page`-byte pages
+/// (0 when its struct pages fill less than one: nothing to optimize).
+pub fn vmemmap_pages(bytes: u64, page: u64) -> u64 {
+    bytes / page * STRUCT_PAGE_SIZE / page
+}
+
+/// Every optimized compound page of `sizes` (largest first) over RAM: at
+/// each aligned pfn not inside a larger one already found, the vmemmap
+/// pages read as an optimized compound page's.
+pub fn find(view: &KernelView, map: &VmemmapMap, sizes: &[u64]) -> Vec<FoundCompound> {
+    let page = view.page_size;
+    let mut found: Vec<FoundCompound> = Vec::new();
+    for &bytes in sizes {
+        let n = vmemmap_pages(bytes, page);
+        if n < 2 {
+            continue;
+        }
+        let pfns = bytes / page;
+        let larger: Vec<(u64, u64)> = found.iter().map(|c| (c.head.0, c.head.0 + c.bytes / page)).collect();
+        for ram in &view.ram {
+            let mut head = ram.start.0.div_ceil(pfns) * pfns;
+            while head + pfns <= ram.end.0 {
+                let inside = larger.iter().any(|&(start, end)| head >= start && head < end);
+                if !inside {
+                    let pages = map.span(view.struct_page(Pfn(head)), n);
+                    if let Some((layout, (head_mapping, head_frame))) = classify(map, &pages) {
+                        let view = CompoundView::of_pages(Pfn(head), pages, page);
+                        found.push(FoundCompound { head: Pfn(head), bytes, layout, head_mapping, head_frame, view });
+                    }
+                }
+                head += pfns;
+            }
+        }
+    }
+    found.sort_by_key(|c| c.head);
+    found
+}
+
+/// The layout of one compound page's vmemmap pages, and how its head is
+/// mapped; `None` when they are not optimized (every page private and
+/// writable) or its head is unmapped.
+fn classify(
+    map: &VmemmapMap,
+    pages: &[(u64, Option<(PageMapping, PhysAddr)>)],
+) -> Option<(Layout, (PageMapping, PhysAddr))> {
+    let head = pages.first()?.1?;
+    let head_frame = head.1;
+    let shared = |frame: PhysAddr| map.mappers(frame) > 1;
+    let optimized = shared(head_frame)
+        || pages[1..].iter().any(|(_, m)| m.is_some_and(|(m, frame)| !m.perms.write || shared(frame)));
+    if !optimized {
+        return None;
+    }
+    let (first_tail, frame) = pages[1..].iter().find_map(|(_, m)| *m)?;
+    let layout = if frame == head_frame {
+        Layout::LegacyHugetlb
+    } else if first_tail.perms.write && pages.len() > 2 {
+        Layout::LegacyDax
+    } else {
+        Layout::Unified
+    };
+    Some((layout, head))
+}
+
+/// The compound pages found, counted by size (largest first) and layout.
+pub fn summarize(compounds: &[FoundCompound]) -> Vec<FoundRegion> {
+    let mut regions: Vec<FoundRegion> = Vec::new();
+    for c in compounds {
+        match regions.iter_mut().find(|r| r.compound_bytes == c.bytes && r.layout == c.layout) {
+            Some(r) => r.count += 1,
+            None => regions.push(FoundRegion { compound_bytes: c.bytes, count: 1, layout: c.layout }),
+        }
+    }
+    regions.sort_by(|a, b| b.compound_bytes.cmp(&a.compound_bytes).then(a.layout.name().cmp(b.layout.name())));
+    regions
+}
+
+/// "64 x 2M + 1 x 1G compound pages": what a check covered.
+pub fn describe(found: &[FoundRegion]) -> String {
+    let mut by_size: Vec<(u64, u64)> = Vec::new();
+    for r in found {
+        match by_size.iter_mut().find(|(bytes, _)| *bytes == r.compound_bytes) {
+            Some(entry) => entry.1 += r.count,
+            None => by_size.push((r.compound_bytes, r.count)),
+        }
+    }
+    by_size.sort_unstable();
+    let parts: Vec<String> =
+        by_size.iter().map(|(bytes, count)| format!("{count} x {}", crate::verify::size_name(*bytes))).collect();
+    match parts.is_empty() {
+        true => "no optimized compound pages".to_string(),
+        false => format!("{} compound pages", parts.join(" + ")),
+    }
+}
