@@ -22,6 +22,9 @@ if [ -z "$R" ]; then
   echo 1 > /proc/sys/kernel/printk
   exec </dev/console >/dev/console 2>&1
   stty -echo 2>/dev/null
+  # The firmware's or kernel's last console output may end without a
+  # newline (pseries' VOF): the banner must start a line of its own.
+  echo
 fi
 
 HUGEPAGES=$R/sys/kernel/mm/hugepages
