@@ -188,6 +188,26 @@ fn test(no_lint: bool) -> Result<ExitCode> {
     // The firmware's memory code (its library) on the host: the guest
     // workspace sets no default target, so this builds for the host.
     cargo(&["test", "--manifest-path", "guest/Cargo.toml", "--lib", "--quiet", "--target-dir", "target/guest/host"])?;
-    // The scenario suite last: its closing line is the run's summary.
-    run::run_scenarios(run::RunArgs::default())
+    let firmware = run::run_scenarios(run::RunArgs::default())?;
+    if firmware != ExitCode::SUCCESS {
+        return Ok(firmware);
+    }
+    // Real kernels (fetched once, cached under target/kernels/): the Linux
+    // scenarios on x86_64, where Debian's kernel optimizes, and the
+    // not-optimized verdict on aarch64, where it cannot.
+    for (arch, scenarios) in [(Arch::X86_64, "scenarios/linux"), (Arch::Aarch64, "scenarios/linux/not-optimized.toml")]
+    {
+        eprintln!("test: {scenarios} on debian-6.12 for {arch}");
+        let code = run::run_scenarios(run::RunArgs {
+            paths: vec![hvo_images::workspace_root().join(scenarios)],
+            arch: Some(vec![arch]),
+            jobs: Some(2),
+            kernel: Some("debian-6.12".into()),
+            ..run::RunArgs::default()
+        })?;
+        if code != ExitCode::SUCCESS {
+            return Ok(code);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

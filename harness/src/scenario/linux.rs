@@ -65,3 +65,40 @@ fn linux_pages(size: u64, zone: Zone) -> Option<String> {
     }
     (zone != Zone::Normal).then(|| format!("zone {}: HugeTLB pages come from the normal zone", zone.name()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn parse(source: &str) -> Result<Scenario, crate::scenario::ScenarioError> {
+        Scenario::parse(Path::new("s.toml"), source)
+    }
+
+    #[test]
+    fn a_scenario_runs_on_a_kernel_exactly_when_every_step_has_a_linux_equivalent() {
+        let linux = "[[boot-gigantic]]\nregion = \"b\"\nsize = \"1G\"\n\
+                     [[step]]\naction = \"hugetlb-alloc\"\nregion = \"r\"\nsize = \"2M\"\ncount = 4\n\
+                     [[step]]\naction = \"verify\"\n[[step]]\naction = \"hugetlb-free\"\nregion = \"r\"\n";
+        let s = parse(linux).unwrap();
+        assert_eq!(s.firmware_only_because(), None);
+        assert_eq!(s.kernel_only_because(), None);
+        let optimize = format!("{linux}[[step]]\naction = \"optimize\"\nregion = \"b\"\nlayout = \"unified\"\n");
+        let why = parse(&optimize).unwrap().firmware_only_because().unwrap();
+        assert!(why.contains("`optimize` has no Linux equivalent"), "{why}");
+        let odd = "[[step]]\naction = \"hugetlb-alloc\"\nregion = \"r\"\nsize = \"4M\"\ncount = 1\n";
+        assert!(parse(odd).unwrap().firmware_only_because().unwrap().contains("2M and 1G"));
+    }
+
+    #[test]
+    fn booting_with_the_optimization_off_is_kernel_only_and_allocates_nothing_at_run_time() {
+        let off = "[machine]\nhugetlb-free-vmemmap = false\n[[step]]\naction = \"verify\"\n";
+        let s = parse(off).unwrap();
+        assert!(!s.hugetlb_free_vmemmap);
+        assert!(s.kernel_only_because().unwrap().contains("hugetlb_free_vmemmap=off"));
+        let alloc = format!("{off}[[step]]\naction = \"hugetlb-alloc\"\nregion = \"r\"\nsize = \"2M\"\ncount = 1\n");
+        let e = parse(&alloc).unwrap_err();
+        assert!(e.message.contains("turns the optimization on"), "{e}");
+    }
+}
