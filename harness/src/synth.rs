@@ -9,6 +9,7 @@
 //! more as freed. A test breaks one thing on purpose and nothing else.
 
 mod format;
+pub mod kernel;
 mod regions;
 
 use std::collections::HashMap;

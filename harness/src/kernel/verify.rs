@@ -114,11 +114,32 @@ impl KernelView<'_> {
 
     /// The vmemmap pages holding the struct pages of `pfns`, whole pages.
     fn vmemmap_of(&self, pfns: &Range<Pfn>) -> Range<VirtAddr> {
-        let page = self.page_size;
-        let start = self.struct_page(pfns.start) / page * page;
-        let end = self.struct_page(pfns.end).div_ceil(page) * page;
-        VirtAddr(start)..VirtAddr(end)
+        round_out(self.struct_page(pfns.start)..self.struct_page(pfns.end), self.page_size)
     }
+
+    /// The vmemmap the walk reads: RAM's, rounded out to whole 2 MiB
+    /// granules, ascending and merged. The kernel maps and counts its
+    /// vmemmap a granule at a time, and a granule split into base pages
+    /// keeps the frames past RAM's end that its leaf mapped.
+    fn walked_spans(&self) -> Vec<Range<VirtAddr>> {
+        let mut spans: Vec<Range<VirtAddr>> = Vec::new();
+        for r in self.ram.iter().filter(|r| !r.is_empty()) {
+            let span = round_out(self.struct_page(r.start)..self.struct_page(r.end), VMEMMAP_GRANULE);
+            match spans.last_mut() {
+                Some(last) if span.start <= last.end => last.end = last.end.max(span.end),
+                _ => spans.push(span),
+            }
+        }
+        spans
+    }
+}
+
+/// The largest leaf the kernels here map the vmemmap with (a PMD: 2 MiB in
+/// every format, 4 KiB and 64 KiB pages alike).
+const VMEMMAP_GRANULE: u64 = 2 << 20;
+
+fn round_out(va: Range<u64>, to: u64) -> Range<VirtAddr> {
+    VirtAddr(va.start / to * to)..VirtAddr(va.end.div_ceil(to) * to)
 }
 
 /// Compound pages of one size and layout the pattern found.
@@ -186,8 +207,7 @@ pub fn verify_kernel(
     if view.ram.iter().all(|r| r.is_empty()) {
         return Err(KernelVerifyError::NoRam);
     }
-    let spans: Vec<Range<VirtAddr>> = view.ram.iter().filter(|r| !r.is_empty()).map(|r| view.vmemmap_of(r)).collect();
-    let map = VmemmapMap::walk_spans(&view.walker, view.mem, &spans, view.page_size)?;
+    let map = VmemmapMap::walk_spans(&view.walker, view.mem, &view.walked_spans(), view.page_size)?;
     let sizes = compound_sizes(report);
     let compounds = pattern::find(view, &map, &sizes);
     let found = pattern::summarize(&compounds);
@@ -239,3 +259,6 @@ fn dump(view: &KernelView, map: &VmemmapMap, found: &[FoundRegion], compounds: &
     }
     out
 }
+
+#[cfg(test)]
+mod tests;

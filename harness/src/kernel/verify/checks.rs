@@ -37,7 +37,7 @@ impl Context<'_> {
     fn shared_tails(&self) -> BTreeMap<PhysAddr, Vec<u64>> {
         let mut shared: BTreeMap<PhysAddr, Vec<u64>> = BTreeMap::new();
         for c in self.compounds.iter().filter(|c| c.layout == Layout::Unified) {
-            if let Some(frame) = c.first_tail_frame() {
+            if let Some(frame) = c.shared_tail() {
                 let sizes = shared.entry(frame).or_default();
                 if !sizes.contains(&c.bytes) {
                     sizes.push(c.bytes);
@@ -101,7 +101,7 @@ fn tails_shared(ctx: &Context) -> Findings {
                 c.at(0),
                 c.layout.name()
             );
-            f.fail_in(&c.view, c.first_tail_frame(), what);
+            f.fail_in(&c.view, c.shared_tail(), what);
         }
         stray_pages(ctx, &mut f, "the kernel does not optimize, yet");
         f.covered_as(format!("nothing optimized: {} vmemmap pages, each private and writable", ctx.map.ptes()));
@@ -116,18 +116,18 @@ fn tails_shared(ctx: &Context) -> Findings {
                 ctx.generation.evidence(),
                 c.layout.name()
             );
-            f.fail_in(&c.view, c.first_tail_frame(), what);
+            f.fail_in(&c.view, c.shared_tail(), what);
             continue;
         }
         let (want, whose) = match expected {
             Layout::LegacyHugetlb => (Some(c.head_frame), "the head's frame"),
-            _ => (c.first_tail_frame(), "the shared tail page vmemmap[1] maps"),
+            _ => (c.shared_tail(), "the shared tail page vmemmap[1] maps"),
         };
         for (i, _, frame) in c.tails() {
             if Some(frame) != want {
                 let expected = want.map(|w| w.to_string()).unwrap_or_default();
                 let what = format!("{}: maps {frame}, expected {whose} {expected}", c.at(i));
-                f.fail_in(&c.view, want.filter(|_| expected_is_shared(c)), what);
+                f.fail_in(&c.view, c.shared_tail(), what);
             }
         }
     }
@@ -141,10 +141,6 @@ fn tails_shared(ctx: &Context) -> Findings {
     };
     f.covered_as(words);
     f
-}
-
-fn expected_is_shared(c: &FoundCompound) -> bool {
-    c.layout == Layout::Unified
 }
 
 /// The unified layout's shared pages: one per (zone, order), so never one
@@ -195,8 +191,7 @@ fn stray_pages(ctx: &Context, f: &mut Findings, lead: &str) {
             va >= start && va < start + c.view.pages.len() as u64 * page
         })
     };
-    for ram in &ctx.view.ram {
-        let span = ctx.view.vmemmap_of(ram);
+    for span in ctx.view.walked_spans() {
         for (va, mapping) in ctx.map.span(span.start.0, (span.end.0 - span.start.0) / page) {
             let Some((m, frame)) = mapping else { continue };
             let mappers = ctx.map.mappers(frame);
@@ -225,7 +220,7 @@ fn tails_readonly(ctx: &Context) -> Findings {
                 } else {
                     "on a frame another vmemmap page maps writable"
                 };
-                f.fail_in(&c.view, c.first_tail_frame(), format!("{}: tail {frame} is {how}", c.at(i)));
+                f.fail_in(&c.view, c.shared_tail(), format!("{}: tail {frame} is {how}", c.at(i)));
             }
         }
     }

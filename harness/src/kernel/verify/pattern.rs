@@ -32,10 +32,11 @@ impl FoundCompound {
         self.view.pages.iter().enumerate().skip(1).filter_map(|(i, (_, m))| m.map(|(m, f)| (i, m, f)))
     }
 
-    /// The frame its first mapped tail maps: under the unified layout, the
-    /// shared tail page it uses.
-    pub fn first_tail_frame(&self) -> Option<PhysAddr> {
-        self.tails().next().map(|(_, _, frame)| frame)
+    /// Under the unified layout, the shared tail page it uses: the frame its
+    /// first tail maps.
+    pub fn shared_tail(&self) -> Option<PhysAddr> {
+        let first = self.tails().next().map(|(_, _, frame)| frame);
+        first.filter(|_| self.layout == Layout::Unified)
     }
 }
 
@@ -46,8 +47,8 @@ pub fn vmemmap_pages(bytes: u64, page: u64) -> u64 {
 }
 
 /// Every optimized compound page of `sizes` (largest first) over RAM: at
-/// each aligned pfn not inside a larger one already found, the vmemmap
-/// pages read as an optimized compound page's.
+/// each aligned pfn not inside a larger one already found, vmemmap pages
+/// whose first tails read as an optimized compound page's.
 pub fn find(view: &KernelView, map: &VmemmapMap, sizes: &[u64]) -> Vec<FoundCompound> {
     let page = view.page_size;
     let mut found: Vec<FoundCompound> = Vec::new();
@@ -77,28 +78,25 @@ pub fn find(view: &KernelView, map: &VmemmapMap, sizes: &[u64]) -> Vec<FoundComp
     found
 }
 
-/// The layout of one compound page's vmemmap pages, and how its head is
-/// mapped; `None` when they are not optimized (every page private and
-/// writable) or its head is unmapped.
+/// The layout of one compound page's vmemmap pages, read off its first
+/// tails, and how its head is mapped; `None` when they are not optimized
+/// (the first tail private and writable, as every page of an unoptimized
+/// compound page is) or its head or first tail is unmapped.
 fn classify(
     map: &VmemmapMap,
     pages: &[(u64, Option<(PageMapping, PhysAddr)>)],
 ) -> Option<(Layout, (PageMapping, PhysAddr))> {
     let head = pages.first()?.1?;
-    let head_frame = head.1;
-    let shared = |frame: PhysAddr| map.mappers(frame) > 1;
-    let optimized = shared(head_frame)
-        || pages[1..].iter().any(|(_, m)| m.is_some_and(|(m, frame)| !m.perms.write || shared(frame)));
-    if !optimized {
-        return None;
-    }
-    let (first_tail, frame) = pages[1..].iter().find_map(|(_, m)| *m)?;
-    let layout = if frame == head_frame {
+    let (first_tail, frame) = pages.get(1)?.1?;
+    let second_tail = pages.get(2).and_then(|(_, m)| *m).map(|(_, f)| f);
+    let layout = if frame == head.1 {
         Layout::LegacyHugetlb
-    } else if first_tail.perms.write && pages.len() > 2 {
+    } else if !first_tail.perms.write {
+        Layout::Unified
+    } else if second_tail == Some(frame) && map.mappers(frame) > 1 {
         Layout::LegacyDax
     } else {
-        Layout::Unified
+        return None;
     };
     Some((layout, head))
 }
