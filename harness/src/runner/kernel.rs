@@ -54,6 +54,7 @@ pub(super) struct KernelState {
     pub pages: HashMap<String, (HstateSize, u64)>,
     /// What the last `verify` judged.
     pub generation: Option<(Generation, String)>,
+    /// The optimized compound pages every `verify` found, each kind once.
     pub found: Vec<FoundRegion>,
 }
 

@@ -24,6 +24,8 @@ use crate::report::{Check, CheckStatus};
 
 /// The BTF member only the unified series' kernels have.
 const UNIFIED_BTF_MEMBER: &str = "vmemmap_tails";
+/// Stops at which QEMU is asked to translate the root symbol.
+const ROOT_ATTEMPTS: usize = 10;
 /// Struct pages sampled per RAM range for the translation check.
 const TRANSLATION_SAMPLES: u64 = 8;
 
@@ -36,7 +38,9 @@ impl Run<'_> {
         let symbols = self.needed_symbols().await?;
         let (mut generation, mut why) = detect_generation(&report.hvo_sysctl, tails);
         if !self.scenario.hugetlb_free_vmemmap && generation != Generation::NotOptimizing {
-            why = format!("{why}; booted with hugetlb_free_vmemmap=off, it must optimize nothing");
+            why = format!(
+                "not-optimizing: booted with hugetlb_free_vmemmap=off, it must optimize nothing (it can: {why})"
+            );
             generation = Generation::NotOptimizing;
         }
         let qmp = self.machine.qmp().ok_or_else(|| Abort::Infra(NO_QMP.into()))?;
@@ -55,7 +59,12 @@ impl Run<'_> {
         }
         let state = self.kernel_state()?;
         state.generation = Some((generation, why));
-        state.found = verdict.found;
+        // Every verify's finds: a later one (after freeing) finds fewer.
+        for found in verdict.found {
+            if !state.found.contains(&found) {
+                state.found.push(found);
+            }
+        }
         let took = started.elapsed().as_millis() as u64;
         self.findings.metrics.verify_ms = Some(took);
         self.findings.verify_ms += took;
@@ -74,11 +83,21 @@ impl Run<'_> {
         let qmp = self.machine.qmp().ok_or_else(|| Abort::Infra(NO_QMP.into()))?;
         let mem = self.machine.memory();
         let root_va = symbol(symbols, kernel.root_symbol)?;
-        let root = qmp
-            .gva2gpa(root_va)
-            .await
-            .map_err(qmp_abort)?
-            .ok_or_else(|| Abort::Fail(format!("QEMU cannot translate {} ({root_va})", kernel.root_symbol)))?;
+        // QEMU translates with the stopped CPU's current regime: stopped in
+        // user mode where the kernel is unmapped there (arm64's E0PD, KPTI),
+        // it cannot; run a moment and stop again.
+        let mut root = None;
+        for _ in 0..ROOT_ATTEMPTS {
+            root = qmp.gva2gpa(root_va).await.map_err(qmp_abort)?;
+            if root.is_some() {
+                break;
+            }
+            qmp.execute(qapi::qmp::cont {}).await.map_err(qmp_abort)?;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            qmp.execute(qapi::qmp::stop {}).await.map_err(qmp_abort)?;
+        }
+        let root =
+            root.ok_or_else(|| Abort::Fail(format!("QEMU cannot translate {} ({root_va})", kernel.root_symbol)))?;
         let boot_memory = self.scenario.machine.boot_memory;
         let (verdict, format, samples) = tokio::task::block_in_place(|| {
             judge_tables(self.profile, boot_memory, symbols, mem, root, root_va, report, generation)
