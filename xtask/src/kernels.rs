@@ -19,6 +19,8 @@ use hvo_harness::kernel::symbols::{KernelSymbols, SymbolSource};
 use hvo_harness::runner::KernelGuest;
 use hvo_images::{workspace_root, Arch};
 
+use crate::apt::{PrivateApt, ARCHIVE, SECURITY};
+
 #[derive(clap::Args)]
 pub struct FetchKernelArgs {
     /// `debian-6.12` or `debian-7.2`.
@@ -103,8 +105,6 @@ fn debian_names(arch: Arch) -> (&'static str, &'static str) {
 /// bookworm-security (its index there was inconsistent when measured), so
 /// its 6.12 kernels come from trixie.
 fn suites(debian_arch: &str) -> &'static [(&'static str, &'static str)] {
-    const ARCHIVE: &str = "http://deb.debian.org/debian";
-    const SECURITY: &str = "http://deb.debian.org/debian-security";
     match debian_arch {
         "ppc64el" => &[(ARCHIVE, "bookworm"), (ARCHIVE, "trixie"), (ARCHIVE, "sid")],
         _ => &[(SECURITY, "bookworm-security"), (ARCHIVE, "bookworm"), (ARCHIVE, "sid")],
@@ -114,123 +114,14 @@ fn suites(debian_arch: &str) -> &'static [(&'static str, &'static str)] {
 /// busybox-static, pinned so every run's userland is the same: bookworm's.
 const BUSYBOX_PACKAGE: &str = "busybox-static";
 const BUSYBOX_VERSION: &str = "1:1.35.0-4+deb12u1+b1";
-const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
-/// Bounded network waits: apt gives up on a silent server after this many
-/// seconds and retries once, so a missing network is an error, not a hang.
-const APT_NETWORK: [&str; 4] = ["-o", "Acquire::http::Timeout=20", "-o", "Acquire::Retries=1"];
+
+/// The private apt of one Debian architecture's kernels.
+fn kernel_apt(debian_arch: &'static str) -> PrivateApt {
+    PrivateApt::new(kernels_dir().join("apt").join(debian_arch), debian_arch, suites(debian_arch))
+}
 
 fn kernels_dir() -> PathBuf {
     workspace_root().join("target/kernels")
-}
-
-/// The private apt set-up of one Debian architecture.
-struct Apt {
-    dir: PathBuf,
-    debian_arch: &'static str,
-}
-
-impl Apt {
-    fn new(debian_arch: &'static str) -> Apt {
-        Apt { dir: kernels_dir().join("apt").join(debian_arch), debian_arch }
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.dir.join("apt.conf")
-    }
-
-    fn sources(&self) -> String {
-        suites(self.debian_arch)
-            .iter()
-            .map(|(url, suite)| {
-                format!("deb [arch={} check-valid-until=no signed-by={KEYRING}] {url} {suite} main\n", self.debian_arch)
-            })
-            .collect()
-    }
-
-    /// apt.conf pointing every directory apt reads or writes into `dir`.
-    fn config(&self) -> String {
-        let d = self.dir.display();
-        let a = self.debian_arch;
-        format!(
-            "Dir::Etc \"{d}/etc/\";\nDir::Etc::SourceList \"{d}/etc/sources.list\";\n\
-             Dir::Etc::SourceParts \"{d}/etc/sources.list.d\";\nDir::Etc::Preferences \"{d}/etc/preferences\";\n\
-             Dir::Etc::PreferencesParts \"{d}/etc/preferences.d\";\nDir::Etc::Parts \"{d}/etc/apt.conf.d\";\n\
-             Dir::State \"{d}/state/\";\nDir::State::Lists \"{d}/state/lists/\";\n\
-             Dir::State::status \"{d}/state/status\";\nDir::Cache \"{d}/cache/\";\nDir::Log \"{d}/log/\";\n\
-             Debug::NoLocking \"true\";\nAPT::Architecture \"{a}\";\nAPT::Architectures {{ \"{a}\"; }};\n\
-             Acquire::Check-Valid-Until \"false\";\nAcquire::Languages \"none\";\n\
-             Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled \"false\";\nAPT::Sandbox::User \"root\";\n"
-        )
-    }
-
-    fn write_config(&self) -> Result<()> {
-        if !Path::new(KEYRING).exists() {
-            bail!("{KEYRING} is missing: install the debian-archive-keyring package to check Debian's signatures");
-        }
-        for sub in ["etc/sources.list.d", "etc/preferences.d", "etc/apt.conf.d", "state/lists/partial", "cache", "log"]
-        {
-            fs::create_dir_all(self.dir.join(sub))?;
-        }
-        fs::write(self.dir.join("etc/sources.list"), self.sources())?;
-        let status = self.dir.join("state/status");
-        if !status.exists() {
-            fs::write(status, "")?;
-        }
-        fs::write(self.config_path(), self.config())?;
-        Ok(())
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let mut c = Command::new(program);
-        c.env("APT_CONFIG", self.config_path()).args(APT_NETWORK);
-        c
-    }
-
-    /// Shows the command, runs it, and fails with `what` when it fails,
-    /// or when apt only warns that it could not fetch something (`apt-get
-    /// update` exits 0 when every index failed to download).
-    fn run(&self, mut c: Command, what: &str) -> Result<String> {
-        eprintln!("running: {c:?}");
-        let out = c.output().with_context(|| format!("starting {c:?}"))?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let fetch_failures: Vec<&str> =
-            stderr.lines().filter(|l| l.starts_with("W: Failed to fetch") || l.starts_with("E: ")).collect();
-        if !out.status.success() || !fetch_failures.is_empty() {
-            let why = if fetch_failures.is_empty() { stderr.trim().to_string() } else { fetch_failures.join("\n") };
-            let status = if out.status.success() { String::new() } else { format!(" ({})", out.status) };
-            bail!("{what} failed{status}; is deb.debian.org reachable?\n{why}");
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// Downloads the package indexes of the sources.
-    fn update(&self) -> Result<()> {
-        self.write_config()?;
-        let mut c = self.command("apt-get");
-        c.args(["-q", "update"]);
-        self.run(c, "downloading Debian's package indexes")?;
-        Ok(())
-    }
-
-    fn package_names(&self, prefix: &str) -> Result<Vec<String>> {
-        let mut c = self.command("apt-cache");
-        c.args(["pkgnames", prefix]);
-        Ok(self.run(c, "listing packages")?.lines().map(str::to_string).collect())
-    }
-
-    /// `apt-get download NAME:ARCH[=VERSION]` into `into`.
-    fn download(&self, package: &str, version: Option<&str>, into: &Path) -> Result<()> {
-        fs::create_dir_all(into)?;
-        let mut spec = format!("{package}:{}", self.debian_arch);
-        if let Some(v) = version {
-            spec = format!("{spec}={v}");
-        }
-        eprintln!("downloading {spec} into {}", into.display());
-        let mut c = self.command("apt-get");
-        c.args(["-q", "download", &spec]).current_dir(into);
-        self.run(c, &format!("downloading {spec}"))?;
-        Ok(())
-    }
 }
 
 /// The version key of `name` if it is `<kind>-<series>.<patch>+deb<n>-<flavour>`.
@@ -291,7 +182,7 @@ pub struct FetchedKernel {
 }
 
 /// The busybox-static of a Debian architecture, unpacked (fetched if needed).
-fn ensure_busybox(apt: &Apt, debs: &Path) -> Result<PathBuf> {
+fn ensure_busybox(apt: &PrivateApt, debs: &Path) -> Result<PathBuf> {
     let root = kernels_dir().join("busybox").join(apt.debian_arch);
     let busybox = root.join("bin/busybox");
     if busybox.exists() {
@@ -300,10 +191,10 @@ fn ensure_busybox(apt: &Apt, debs: &Path) -> Result<PathBuf> {
     let deb = match find_deb(debs, BUSYBOX_PACKAGE) {
         Some(deb) => deb,
         None => {
-            if !apt.dir.join("state/lists").read_dir().is_ok_and(|mut d| d.next().is_some()) {
+            if !apt.has_indexes() {
                 apt.update()?;
             }
-            apt.download(BUSYBOX_PACKAGE, Some(BUSYBOX_VERSION), debs)?;
+            apt.download(&[format!("{BUSYBOX_PACKAGE}:{}={BUSYBOX_VERSION}", apt.debian_arch)], debs)?;
             find_deb(debs, BUSYBOX_PACKAGE).context("apt-get download left no busybox-static .deb")?
         }
     };
@@ -313,7 +204,7 @@ fn ensure_busybox(apt: &Apt, debs: &Path) -> Result<PathBuf> {
 
 /// The spec's packages for `flavour`: cached ones if any, else the newest
 /// in the freshly downloaded indexes, downloaded.
-fn ensure_packages(spec: DebianSpec, flavour: &str, apt: &Apt, debs: &Path) -> Result<Vec<PathBuf>> {
+fn ensure_packages(spec: DebianSpec, flavour: &str, apt: &PrivateApt, debs: &Path) -> Result<Vec<PathBuf>> {
     let (image_kind, base_kind) = spec.package_kinds();
     let cached = cached_debs(debs);
     let cached_names = cached.iter().filter_map(|p| deb_package(p));
@@ -337,7 +228,7 @@ fn ensure_packages(spec: DebianSpec, flavour: &str, apt: &Apt, debs: &Path) -> R
         .map(|package| match find_deb(debs, package) {
             Some(deb) => Ok(deb),
             None => {
-                apt.download(package, None, debs)?;
+                apt.download(&[format!("{package}:{}", apt.debian_arch)], debs)?;
                 find_deb(debs, package).with_context(|| format!("apt-get download left no {package} .deb"))
             }
         })
@@ -347,7 +238,7 @@ fn ensure_packages(spec: DebianSpec, flavour: &str, apt: &Apt, debs: &Path) -> R
 /// Fetches (or finds cached) `spec`'s kernel for `arch`, with busybox and the initramfs.
 pub fn ensure_kernel(spec: DebianSpec, arch: Arch) -> Result<FetchedKernel> {
     let (debian_arch, flavour) = debian_names(arch);
-    let apt = Apt::new(debian_arch);
+    let apt = kernel_apt(debian_arch);
     let debs = kernels_dir().join("debs").join(debian_arch);
     let out = kernels_dir().join(spec.name()).join(arch.name());
     let root = out.join("root");
@@ -428,7 +319,7 @@ pub fn kernel_guest(kernel: &str, system_map: Option<&Path>, arch: Arch) -> Resu
     let out = kernels_dir().join("custom").join(arch.name()).join(&build);
     fs::create_dir_all(&out)?;
     let (debian_arch, _) = debian_names(arch);
-    let busybox = ensure_busybox(&Apt::new(debian_arch), &kernels_dir().join("debs").join(debian_arch))?;
+    let busybox = ensure_busybox(&kernel_apt(debian_arch), &kernels_dir().join("debs").join(debian_arch))?;
     let initramfs = out.join("initramfs.cpio");
     fs::write(&initramfs, build_initramfs(&busybox, arch)?)?;
     Ok(KernelGuest {
@@ -514,17 +405,10 @@ mod tests {
     }
 
     #[test]
-    fn the_private_apt_configuration_names_only_its_own_directories_and_architecture() {
-        let apt = Apt::new("ppc64el");
-        let config = apt.config();
-        let d = apt.dir.display().to_string();
-        for line in config.lines().filter(|l| l.starts_with("Dir::")) {
-            assert!(line.contains(&d), "{line}");
-        }
-        assert!(config.contains("APT::Architectures { \"ppc64el\"; };"));
-        let sources = apt.sources();
+    fn ppc64el_kernels_come_from_trixie_the_others_from_bookworm_security() {
+        let sources = kernel_apt("ppc64el").sources();
         assert!(sources.lines().all(|l| l.starts_with("deb [arch=ppc64el ")), "{sources}");
         assert!(!sources.contains("security"), "ppc64el takes 6.12 from trixie");
-        assert!(Apt::new("amd64").sources().contains("debian-security bookworm-security main"));
+        assert!(kernel_apt("amd64").sources().contains("debian-security bookworm-security main"));
     }
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the hvo-harness command line.
 
+mod apt;
 mod bench;
 mod fuzz;
 mod kernels;

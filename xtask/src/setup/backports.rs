@@ -17,9 +17,9 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use hvo_images::{profile, workspace_root, Arch};
 
-use super::{is_root, run_visibly, MissingPrerequisite};
+use super::{run_visibly, MissingPrerequisite};
+use crate::apt::{PrivateApt, ARCHIVE};
 
-const MIRROR: &str = "http://deb.debian.org/debian";
 /// The QEMU packages: the three system emulators the profiles use, and what
 /// they share.
 const QEMU_PACKAGES: &[&str] =
@@ -55,76 +55,34 @@ const LIBRARIES: &[(&str, &str)] = &[
     ("libcap-ng.so.0", "libcap-ng0"),
     ("libasound.so.2", "libasound2"),
 ];
-/// The keyring Debian's archive is signed with, where a non-Debian system
-/// (Ubuntu's `debian-archive-keyring` package) keeps it.
-const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// Where the unpacked QEMU lives; `bin/` under it holds the wrappers.
 pub fn root() -> PathBuf {
     workspace_root().join("target/qemu/backports")
 }
 
-/// The private apt: every directory apt reads or writes, under `target/qemu/apt/`.
-struct PrivateApt {
-    dir: PathBuf,
+/// bookworm-backports' QEMU, with bookworm for the libraries it may need.
+const SUITES: &[(&str, &str)] = &[(ARCHIVE, "bookworm-backports"), (ARCHIVE, "bookworm")];
+
+/// The private apt under `target/qemu/apt/`, for the machine's own architecture.
+fn backports_apt() -> Result<PrivateApt> {
+    let debian_arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "powerpc64" => "ppc64el",
+        other => bail!("no Debian QEMU packages are known for a {other} host"),
+    };
+    Ok(PrivateApt::new(workspace_root().join("target/qemu/apt"), debian_arch, SUITES))
 }
 
-impl PrivateApt {
-    fn create() -> Result<PrivateApt> {
-        let dir = workspace_root().join("target/qemu/apt");
-        // Packages left by an interrupted run would not count as downloaded.
-        if dir.join("debs").exists() {
-            std::fs::remove_dir_all(dir.join("debs")).context("cannot clear the private apt's downloads")?;
-        }
-        for sub in ["etc/sources.list.d", "etc/preferences.d", "state/lists/partial", "cache/archives/partial", "debs"]
-        {
-            std::fs::create_dir_all(dir.join(sub))
-                .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
-        }
-        let signed_by =
-            if Path::new(DEBIAN_KEYRING).is_file() { format!(" [signed-by={DEBIAN_KEYRING}]") } else { String::new() };
-        let sources =
-            format!("deb{signed_by} {MIRROR} bookworm-backports main\ndeb{signed_by} {MIRROR} bookworm main\n");
-        std::fs::write(dir.join("etc/sources.list"), sources).context("cannot write the private sources.list")?;
-        // An empty dpkg status: apt resolves nothing against the machine's packages.
-        std::fs::write(dir.join("state/status"), "").context("cannot write the private dpkg status")?;
-        Ok(PrivateApt { dir })
+/// Downloads `packages` into a fresh `debs` directory and returns the files.
+fn download(apt: &PrivateApt, packages: &[String], debs: &Path) -> Result<Vec<PathBuf>> {
+    // Packages left by an earlier round would be unpacked twice.
+    if debs.exists() {
+        std::fs::remove_dir_all(debs).with_context(|| format!("cannot clear {}", debs.display()))?;
     }
-
-    fn apt_get(&self) -> Command {
-        let d = |p: &str| self.dir.join(p).display().to_string();
-        let mut c = Command::new("apt-get");
-        for (key, value) in [
-            ("Dir::Etc::SourceList", d("etc/sources.list")),
-            ("Dir::Etc::SourceParts", d("etc/sources.list.d")),
-            ("Dir::Etc::Preferences", d("etc/preferences")),
-            ("Dir::Etc::PreferencesParts", d("etc/preferences.d")),
-            ("Dir::State", d("state")),
-            ("Dir::State::status", d("state/status")),
-            ("Dir::Cache", d("cache")),
-            // A missing network is an error within a minute, never a hang.
-            ("Acquire::http::Timeout", "20".into()),
-            ("Acquire::Retries", "1".into()),
-        ] {
-            c.arg("-o").arg(format!("{key}={value}"));
-        }
-        if is_root() {
-            // apt's download sandbox user cannot write into target/.
-            c.args(["-o", "APT::Sandbox::User=root"]);
-        }
-        c.args(["-q"]).current_dir(self.dir.join("debs"));
-        c
-    }
-
-    /// Downloads `packages` (apt's `name/release` allowed) into `debs/` and
-    /// returns the files it got.
-    fn download(&self, packages: &[String]) -> Result<Vec<PathBuf>> {
-        let debs = self.dir.join("debs");
-        let before = deb_files(&debs)?;
-        run_visibly(self.apt_get().arg("download").args(packages))
-            .context("cannot download from Debian's mirror (no network?)")?;
-        Ok(deb_files(&debs)?.into_iter().filter(|f| !before.contains(f)).collect())
-    }
+    apt.download(packages, debs)?;
+    deb_files(debs)
 }
 
 fn deb_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -251,13 +209,11 @@ pub fn ensure() -> Result<PathBuf> {
         std::fs::remove_dir_all(&root).with_context(|| format!("cannot clear {}", root.display()))?;
     }
     std::fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
-    let apt = PrivateApt::create()?;
-    // --error-on=any: a list that cannot be fetched fails here, not later.
-    run_visibly(apt.apt_get().args(["update", "--error-on=any"])).context(
-        "cannot read Debian's package lists (no network? on a non-Debian system, install debian-archive-keyring)",
-    )?;
+    let apt = backports_apt()?;
+    let debs = apt.dir.join("debs");
+    apt.update().context("cannot read Debian's package lists")?;
     let qemu: Vec<String> = QEMU_PACKAGES.iter().map(|p| format!("{p}/bookworm-backports")).collect();
-    unpack(&apt.download(&qemu)?, &root)?;
+    unpack(&download(&apt, &qemu, &debs)?, &root)?;
     // Libraries can need libraries: a few rounds reach the bottom.
     for _ in 0..3 {
         let missing = missing_libraries(&root)?;
@@ -269,7 +225,7 @@ pub fn ensure() -> Result<PathBuf> {
         if packages.is_empty() {
             break;
         }
-        unpack(&apt.download(&packages)?, &root)?;
+        unpack(&download(&apt, &packages, &debs)?, &root)?;
     }
     let missing = missing_libraries(&root)?;
     if !missing.is_empty() {
