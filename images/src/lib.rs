@@ -94,6 +94,9 @@ pub struct KernelBoot {
     pub root_symbol: &'static str,
     /// How to find the address of pfn 0's struct page.
     pub vmemmap: VmemmapStart,
+    /// Linux's `SECTION_SIZE_BITS` (arch/*/include/asm/sparsemem.h): the
+    /// unit its boot memmap counter counts in.
+    pub section_shift: u32,
 }
 
 /// Where a kernel's vmemmap starts (the VA of pfn 0's struct page).
@@ -212,6 +215,7 @@ const PPC64LE: Profile = Profile {
         cpu: "power9",
         root_symbol: "swapper_pg_dir",
         vmemmap: VmemmapStart::Variable("vmemmap"),
+        section_shift: 24,
     },
 };
 
@@ -249,6 +253,7 @@ pub const fn profile(arch: Arch) -> &'static Profile {
                 cpu: "qemu64,+pdpe1gb",
                 root_symbol: "init_top_pgt",
                 vmemmap: VmemmapStart::Variable("vmemmap_base"),
+                section_shift: 27,
             },
         },
         Arch::Aarch64 => &Profile {
@@ -284,6 +289,8 @@ pub const fn profile(arch: Arch) -> &'static Profile {
                     symbol: "memstart_addr",
                     vmemmap_starts: &[0xffff_c1ff_c000_0000, 0xffff_fdff_c000_0000],
                 },
+                // With 4 KiB (and 16 KiB) pages; 29 with 64 KiB.
+                section_shift: 27,
             },
         },
         Arch::Ppc64le => &PPC64LE,

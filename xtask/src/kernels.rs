@@ -133,10 +133,17 @@ fn package_version(name: &str, kind: &str, series: &str, flavour: &str) -> Optio
     Some((patch.parse().ok()?, debian.parse().ok()?))
 }
 
-/// The newest of `names` matching the spec's image package for `flavour`.
-fn newest_package<'a>(names: impl IntoIterator<Item = &'a str>, spec: DebianSpec, flavour: &str) -> Option<&'a str> {
+/// The names among `names` of the spec's image package for `flavour`, newest first.
+fn packages_newest_first<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    spec: DebianSpec,
+    flavour: &str,
+) -> Vec<&'a str> {
     let kind = spec.package_kinds().0;
-    names.into_iter().filter_map(|n| Some((package_version(n, kind, spec.series(), flavour)?, n))).max().map(|(_, n)| n)
+    let mut found: Vec<_> =
+        names.into_iter().filter_map(|n| Some((package_version(n, kind, spec.series(), flavour)?, n))).collect();
+    found.sort_by(|a, b| b.cmp(a));
+    found.into_iter().map(|(_, n)| n).collect()
 }
 
 /// The package a cached `.deb` file holds (`name_version_arch.deb`).
@@ -202,27 +209,21 @@ fn ensure_busybox(apt: &PrivateApt, debs: &Path) -> Result<PathBuf> {
     busybox.exists().then_some(busybox).with_context(|| format!("{} holds no bin/busybox", deb.display()))
 }
 
-/// The spec's packages for `flavour`: cached ones if any, else the newest
-/// in the freshly downloaded indexes, downloaded.
-fn ensure_packages(spec: DebianSpec, flavour: &str, apt: &PrivateApt, debs: &Path) -> Result<Vec<PathBuf>> {
+/// How many versions to try, newest first, when a mirror lists a version
+/// it does not serve (a mirror still syncing, or a partial one).
+const VERSIONS_TRIED: usize = 3;
+
+/// The package set of `image` (the image package, and its base package
+/// when the spec has one).
+fn package_set(spec: DebianSpec, image: &str) -> Vec<String> {
     let (image_kind, base_kind) = spec.package_kinds();
-    let cached = cached_debs(debs);
-    let cached_names = cached.iter().filter_map(|p| deb_package(p));
-    let image = match newest_package(cached_names, spec, flavour) {
-        Some(name) => name.to_string(),
-        None => {
-            apt.update()?;
-            let names = apt.package_names(&format!("{image_kind}-{}.", spec.series()))?;
-            let name = newest_package(names.iter().map(String::as_str), spec, flavour).with_context(|| {
-                format!("no {image_kind}-{}.*-{flavour} package in Debian's indexes", spec.series())
-            })?;
-            name.to_string()
-        }
-    };
-    let mut packages = vec![image.clone()];
-    if let Some(base) = base_kind {
-        packages.push(image.replacen(image_kind, base, 1));
-    }
+    let mut packages = vec![image.to_string()];
+    packages.extend(base_kind.map(|base| image.replacen(image_kind, base, 1)));
+    packages
+}
+
+/// The cached `.deb` files of `packages`, downloading the missing ones.
+fn download_set(packages: &[String], apt: &PrivateApt, debs: &Path) -> Result<Vec<PathBuf>> {
     packages
         .iter()
         .map(|package| match find_deb(debs, package) {
@@ -233,6 +234,38 @@ fn ensure_packages(spec: DebianSpec, flavour: &str, apt: &PrivateApt, debs: &Pat
             }
         })
         .collect()
+}
+
+/// The spec's packages for `flavour`: cached ones if any, else the newest
+/// version in the freshly downloaded indexes that the mirror serves.
+fn ensure_packages(spec: DebianSpec, flavour: &str, apt: &PrivateApt, debs: &Path) -> Result<Vec<PathBuf>> {
+    let cached = cached_debs(debs);
+    if let Some(image) = packages_newest_first(cached.iter().filter_map(|p| deb_package(p)), spec, flavour).first() {
+        return download_set(&package_set(spec, image), apt, debs);
+    }
+    let image_kind = spec.package_kinds().0;
+    apt.update()?;
+    let names = apt.package_names(&format!("{image_kind}-{}.", spec.series()))?;
+    let candidates = packages_newest_first(names.iter().map(String::as_str), spec, flavour);
+    if candidates.is_empty() {
+        bail!("no {image_kind}-{}.*-{flavour} package in Debian's indexes", spec.series());
+    }
+    let mut failures = Vec::new();
+    for image in candidates.iter().take(VERSIONS_TRIED) {
+        match download_set(&package_set(spec, image), apt, debs) {
+            Ok(files) => return Ok(files),
+            Err(e) => {
+                eprintln!("{image} could not be downloaded; trying the next newest version");
+                failures.push(format!("{image}: {e:#}"));
+            }
+        }
+    }
+    bail!(
+        "none of the {} newest {image_kind}-{}.*-{flavour} versions could be downloaded:\n{}",
+        failures.len(),
+        spec.series(),
+        failures.join("\n")
+    )
 }
 
 /// Fetches (or finds cached) `spec`'s kernel for `arch`, with busybox and the initramfs.
@@ -363,7 +396,7 @@ mod tests {
     }
 
     #[test]
-    fn the_newest_package_of_the_series_and_flavour_is_chosen() {
+    fn packages_of_the_series_and_flavour_are_tried_newest_first() {
         let names = [
             "linux-image-6.12.117+deb12-amd64",
             "linux-image-6.12.117+deb12-amd64-unsigned",
@@ -374,15 +407,25 @@ mod tests {
             "linux-image-6.1.0-40-amd64",
             "linux-image-6.120.1+deb12-amd64",
         ];
-        assert_eq!(newest_package(names, DebianSpec::Debian612, "amd64"), Some("linux-image-6.12.117+deb12-amd64"));
         assert_eq!(
-            newest_package(names, DebianSpec::Debian612, "powerpc64le-64k"),
+            packages_newest_first(names, DebianSpec::Debian612, "amd64"),
+            ["linux-image-6.12.117+deb12-amd64", "linux-image-6.12.9+deb12-amd64"]
+        );
+        assert_eq!(
+            packages_newest_first(names, DebianSpec::Debian612, "powerpc64le-64k").first().copied(),
             Some("linux-image-6.12.41+deb13-powerpc64le-64k")
         );
-        assert_eq!(newest_package(names, DebianSpec::Debian612, "arm64"), None);
+        assert!(packages_newest_first(names, DebianSpec::Debian612, "arm64").is_empty());
         let sid =
             ["linux-binary-7.2.13+deb14-arm64", "linux-base-7.2.13+deb14-arm64", "linux-binary-7.2.9+deb14-arm64"];
-        assert_eq!(newest_package(sid, DebianSpec::Debian72, "arm64"), Some("linux-binary-7.2.13+deb14-arm64"));
+        assert_eq!(
+            packages_newest_first(sid, DebianSpec::Debian72, "arm64"),
+            ["linux-binary-7.2.13+deb14-arm64", "linux-binary-7.2.9+deb14-arm64"]
+        );
+        assert_eq!(
+            package_set(DebianSpec::Debian72, "linux-binary-7.2.13+deb14-arm64"),
+            ["linux-binary-7.2.13+deb14-arm64", "linux-base-7.2.13+deb14-arm64"]
+        );
     }
 
     #[test]
@@ -399,8 +442,8 @@ mod tests {
         assert!(found.ends_with("busybox-static_1%3a1.35.0-4+deb12u1+b1_arm64.deb"));
         assert_eq!(cached_debs(dir.path()).len(), 2);
         let names: Vec<PathBuf> = cached_debs(dir.path());
-        let newest = newest_package(names.iter().filter_map(|p| deb_package(p)), DebianSpec::Debian612, "arm64");
-        assert_eq!(newest, Some("linux-image-6.12.117+deb12-arm64"));
+        let found = packages_newest_first(names.iter().filter_map(|p| deb_package(p)), DebianSpec::Debian612, "arm64");
+        assert_eq!(found, ["linux-image-6.12.117+deb12-arm64"]);
         assert_eq!(find_deb(&dir.path().join("missing"), "x"), None);
     }
 

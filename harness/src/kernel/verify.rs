@@ -104,6 +104,9 @@ pub struct KernelView<'a> {
     pub ram: Vec<Range<Pfn>>,
     /// The base page size.
     pub page_size: u64,
+    /// Linux's memory section size (`1 << SECTION_SIZE_BITS`) on this
+    /// architecture: its boot memmap counter counts a section at a time.
+    pub section_size: u64,
 }
 
 impl KernelView<'_> {
@@ -115,6 +118,52 @@ impl KernelView<'_> {
     /// The vmemmap pages holding the struct pages of `pfns`, whole pages.
     fn vmemmap_of(&self, pfns: &Range<Pfn>) -> Range<VirtAddr> {
         round_out(self.struct_page(pfns.start)..self.struct_page(pfns.end), self.page_size)
+    }
+
+    /// RAM's memory sections as section numbers: runs of consecutive
+    /// present sections, ascending.
+    fn section_runs(&self) -> Vec<Range<u64>> {
+        let pfns_per_section = self.section_size / self.page_size;
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        for r in self.ram.iter().filter(|r| !r.is_empty()) {
+            let sections = r.start.0 / pfns_per_section..(r.end.0 - 1) / pfns_per_section + 1;
+            match runs.last_mut() {
+                Some(last) if sections.start <= last.end => last.end = last.end.max(sections.end),
+                _ => runs.push(sections),
+            }
+        }
+        runs
+    }
+
+    /// The vmemmap pages Linux's memmap counters cover: those holding the
+    /// struct pages of RAM's present sections (not the rest of a 2 MiB
+    /// leaf past them).
+    fn counted_spans(&self) -> Vec<Range<VirtAddr>> {
+        let pfns_per_section = self.section_size / self.page_size;
+        self.section_runs()
+            .into_iter()
+            .map(|run| {
+                let pfns = Pfn(run.start * pfns_per_section)..Pfn(run.end * pfns_per_section);
+                self.vmemmap_of(&pfns)
+            })
+            .collect()
+    }
+
+    /// How many more boot memmap pages Linux counts than its vmemmap maps.
+    /// `sparse_init_nid` adds each present section's memmap rounded up to
+    /// a whole page, so where one page holds the memmaps of several
+    /// sections (64 KiB pages and 16 MiB sections: four 16 KiB memmaps a
+    /// page) that page is counted once per section. Zero wherever a
+    /// section's memmap is whole pages.
+    fn boot_memmap_overcount(&self) -> u64 {
+        let memmap_bytes = self.section_size / self.page_size * STRUCT_PAGE_SIZE;
+        self.section_runs()
+            .into_iter()
+            .map(|run| {
+                let sections = run.end - run.start;
+                sections * memmap_bytes.div_ceil(self.page_size) - (sections * memmap_bytes).div_ceil(self.page_size)
+            })
+            .sum()
     }
 
     /// The vmemmap the walk reads: RAM's, rounded out to whole 2 MiB

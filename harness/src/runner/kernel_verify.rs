@@ -204,7 +204,8 @@ fn judge_tables(
         .map(|p| Pfn::containing(PhysAddr(p.gpa), page_size)..Pfn::containing(PhysAddr(p.gpa + p.len), page_size))
         .collect();
     let vmemmap_start = vmemmap_start(profile.kernel.vmemmap, symbols, &walker, mem, &ram, page_size)?;
-    let view = KernelView { mem, walker, vmemmap_start, ram, page_size };
+    let section_size = 1 << profile.kernel.section_shift;
+    let view = KernelView { mem, walker, vmemmap_start, ram, page_size, section_size };
     let verdict = verify_kernel(&view, report, generation)
         .map_err(|e| Abort::Fail(format!("the kernel's vmemmap cannot be verified: {e}")))?;
     let mut samples = Vec::new();

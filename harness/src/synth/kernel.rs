@@ -25,22 +25,31 @@ struct Placement {
     /// The VA of pfn 0's struct page.
     vmemmap_start: u64,
     ram_start: u64,
+    /// Linux's `SECTION_SIZE_BITS`.
+    section_shift: u32,
 }
 
 fn placement(arch: Arch) -> Placement {
     match arch {
-        Arch::X86_64 => {
-            Placement { paging: PagingFormat::X86_64FourLevel, vmemmap_start: 0xffff_ea00_0000_0000, ram_start: 0 }
-        }
+        Arch::X86_64 => Placement {
+            paging: PagingFormat::X86_64FourLevel,
+            vmemmap_start: 0xffff_ea00_0000_0000,
+            ram_start: 0,
+            section_shift: 27,
+        },
         // VMEMMAP_START less memstart_addr's struct pages, on a 48-bit CPU.
         Arch::Aarch64 => Placement {
             paging: PagingFormat::Aarch64Va48,
             vmemmap_start: 0xffff_fdff_bf00_0000,
             ram_start: 0x4000_0000,
+            section_shift: 27,
         },
-        Arch::Ppc64le | Arch::Ppc64le64k => {
-            Placement { paging: PagingFormat::Radix, vmemmap_start: 0xc00c_0000_0000_0000, ram_start: 0 }
-        }
+        Arch::Ppc64le | Arch::Ppc64le64k => Placement {
+            paging: PagingFormat::Radix,
+            vmemmap_start: 0xc00c_0000_0000_0000,
+            ram_start: 0,
+            section_shift: 24,
+        },
     }
 }
 
@@ -163,6 +172,7 @@ impl KernelVmemmap {
             vmemmap_start: VirtAddr(self.placement.vmemmap_start),
             ram: vec![self.ram.clone()],
             page_size: self.format.page,
+            section_size: 1 << self.placement.section_shift,
         }
     }
 
@@ -262,6 +272,18 @@ impl KernelVmemmap {
         }
     }
 
+    /// The kernel's boot memmap counter, kept as Linux keeps it: at boot
+    /// each section of RAM adds its memmap rounded up to whole pages, and
+    /// every boot frame freed since takes one off.
+    fn boot_memmap_pages(&self) -> u64 {
+        let page = self.format.page;
+        let section_pfns = (1u64 << self.placement.section_shift) / page;
+        let sections = self.ram.end.0.div_ceil(section_pfns) - self.ram.start.0 / section_pfns;
+        let at_boot = sections * (section_pfns * STRUCT_PAGE_SIZE).div_ceil(page);
+        let freed = self.frames.boot.iter().filter(|f| !self.frames.users.contains_key(f)).count() as u64;
+        at_boot - freed
+    }
+
     /// The frame the vmemmap page at `va` maps by a base-page entry.
     pub fn frame_at(&self, va: u64) -> Option<u64> {
         self.leaves.get(&va).copied()
@@ -304,13 +326,13 @@ impl KernelVmemmap {
     }
 
     /// What the kernel would report: its pools, and its memmap counters
-    /// from what stays mapped (boot frames, then every other frame but the
-    /// shared tail pages, which the kernel does not count).
+    /// (boot frames as Linux counts them, then every other frame mapped but
+    /// the shared tail pages, which the kernel does not count).
     pub fn report(&self, hvo_sysctl: HvoSysctl) -> KernelReport {
         let shared: HashSet<u64> = self.shared_tails.values().copied().collect();
         let FrameUse { users, boot } = &self.frames;
         let other = users.keys().filter(|f| !boot.contains(f) && !shared.contains(f)).count() as u64;
-        let boot = users.keys().filter(|f| boot.contains(f)).count() as u64;
+        let boot = self.boot_memmap_pages();
         let hstates = self
             .pools
             .iter()

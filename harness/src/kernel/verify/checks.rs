@@ -1,7 +1,7 @@
 //! The contract of each generation, one function per invariant over the
 //! compound pages the pattern found and the walked vmemmap.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use hvo_abi::model::Layout;
 
@@ -277,18 +277,32 @@ fn accounting(ctx: &Context) -> Findings {
     }
     match (ctx.report.nr_memmap_pages, ctx.report.nr_memmap_boot_pages) {
         (Some(memmap), Some(boot)) => {
-            let shared = ctx.shared_tails().len() as u64;
-            let frames = ctx.map.frames() - shared.min(ctx.map.frames());
-            let uncounted =
-                if shared > 0 { format!(" ({shared} shared tail pages not counted)") } else { String::new() };
-            if memmap + boot != frames {
+            let shared_tails = ctx.shared_tails();
+            let shared = shared_tails.len() as u64;
+            let frames = counted_frames(ctx, &shared_tails);
+            let overcount = ctx.view.boot_memmap_overcount();
+            let mut notes = Vec::new();
+            if shared > 0 {
+                notes.push(format!("{shared} shared tail pages not counted"));
+            }
+            if overcount > 0 {
+                notes.push(format!(
+                    "+ {overcount} pages Linux counts again: it rounds each {} section's {} KiB memmap up to a {} KiB page",
+                    size_name(ctx.view.section_size),
+                    (ctx.view.section_size / ctx.view.page_size * hvo_abi::model::STRUCT_PAGE_SIZE) >> 10,
+                    ctx.view.page_size >> 10
+                ));
+            }
+            let notes = if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) };
+            if memmap + boot != frames + overcount {
                 f.fail(format!(
-                    "nr_memmap_pages {memmap} + nr_memmap_boot_pages {boot} = {}, the page tables map {frames} distinct vmemmap frames over RAM{uncounted}",
-                    memmap + boot
+                    "nr_memmap_pages {memmap} + nr_memmap_boot_pages {boot} = {}, where the page tables make it {}: {frames} distinct vmemmap frames over RAM{notes}",
+                    memmap + boot,
+                    frames + overcount
                 ));
             } else {
                 words.push(format!(
-                    "nr_memmap_pages {memmap} + nr_memmap_boot_pages {boot} = {frames} frames mapped{uncounted}"
+                    "nr_memmap_pages {memmap} + nr_memmap_boot_pages {boot} = {frames} frames mapped{notes}"
                 ));
             }
         }
@@ -296,6 +310,16 @@ fn accounting(ctx: &Context) -> Findings {
     }
     f.covered_as(words.join("; "));
     f
+}
+
+/// The distinct frames the vmemmap of RAM's present sections maps, but
+/// the shared tail pages (which no memmap counter counts).
+fn counted_frames(ctx: &Context, shared_tails: &BTreeMap<PhysAddr, Vec<u64>>) -> u64 {
+    let mut frames = HashSet::new();
+    for span in ctx.view.counted_spans() {
+        frames.extend(ctx.map.pages_in(span.start.0, span.end.0).map(|(_, _, frame)| frame));
+    }
+    frames.iter().filter(|f| !shared_tails.contains_key(f)).count() as u64
 }
 
 /// Every RAM pfn's struct page is mapped.
