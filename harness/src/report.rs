@@ -190,6 +190,10 @@ pub struct FoundLayout {
     pub compound_bytes: u64,
     pub count: u64,
     pub layout: String,
+    /// Writable vmemmap only one compound page maps, per compound page.
+    pub private_vmemmap_bytes: u64,
+    /// Read-only or cross-compound-page frames (the shared tail pages).
+    pub shared_tail_pages: u64,
 }
 
 impl KernelSummary {

@@ -30,7 +30,7 @@ use crate::pgtable::WalkError;
 use crate::report::Check;
 
 pub(crate) use compound::CompoundView;
-pub use costs::{dump, region_costs, size_name, RegionCost};
+pub use costs::{compound_cost, dump, region_costs, size_name, CompoundCost, RegionCost};
 pub(crate) use findings::Findings;
 pub use map::{PageMapping, VmemmapMap};
 

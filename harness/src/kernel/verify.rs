@@ -198,6 +198,12 @@ pub struct FoundRegion {
     pub count: u64,
     /// `Layout::None` = not optimized.
     pub layout: Layout,
+    /// Writable vmemmap only one compound page maps, per compound page
+    /// (bytes, the mean over the region).
+    pub private_vmemmap_bytes: u64,
+    /// Frames its compound pages map that are read-only or mapped by
+    /// others too (the shared tail pages).
+    pub shared_tail_pages: u64,
 }
 
 /// The oracle's verdict on one kernel state.
@@ -259,7 +265,7 @@ pub fn verify_kernel(
     let map = VmemmapMap::walk_spans(&view.walker, view.mem, &view.walked_spans(), view.page_size)?;
     let sizes = compound_sizes(report);
     let compounds = pattern::find(view, &map, &sizes);
-    let found = pattern::summarize(&compounds);
+    let found = pattern::summarize(&map, &compounds);
     let ctx = checks::Context { view, map: &map, report, generation, compounds: &compounds, found: &found };
     let checks = checks::CHECKS.iter().map(|(invariant, run)| run(&ctx).into_check(*invariant)).collect();
     let dump = dump(view, &map, &found, &compounds);

@@ -71,7 +71,13 @@ impl KernelState {
         summary.regions = self
             .found
             .iter()
-            .map(|f| FoundLayout { compound_bytes: f.compound_bytes, count: f.count, layout: f.layout.name().into() })
+            .map(|f| FoundLayout {
+                compound_bytes: f.compound_bytes,
+                count: f.count,
+                layout: f.layout.name().into(),
+                private_vmemmap_bytes: f.private_vmemmap_bytes,
+                shared_tail_pages: f.shared_tail_pages,
+            })
             .collect();
     }
 }

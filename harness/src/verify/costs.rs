@@ -9,7 +9,6 @@ use hvo_abi::model::{Layout, RegionKind, Zone, STRUCT_PAGE_SIZE};
 
 use super::map::VmemmapMap;
 use super::pfns::{struct_page_va, PfnRange};
-use super::vmemmap_pages_per_compound;
 use crate::addr::{Pfn, PhysAddr};
 
 /// At most this many vmemmap pages are listed in a dump.
@@ -86,6 +85,53 @@ pub struct RegionCost {
     pub unoptimized_vmemmap_bytes: u64,
 }
 
+/// What one compound page's vmemmap costs, counted from which vmemmap pages
+/// map which frames.
+pub struct CompoundCost {
+    /// Bytes of frames only this compound page maps, writable.
+    pub private_bytes: u64,
+    /// Frames it maps that are read-only or mapped by others too.
+    pub shared_frames: BTreeSet<u64>,
+}
+
+/// The cost of the compound page whose struct pages start at `base` and
+/// take `struct_bytes`.
+pub fn compound_cost(map: &VmemmapMap, base: u64, struct_bytes: u64) -> CompoundCost {
+    let page = map.page;
+    let mut cost = CompoundCost { private_bytes: 0, shared_frames: BTreeSet::new() };
+    let pages = struct_bytes / page;
+    if pages == 0 {
+        // Less than a page of struct pages: neighbours share the vmemmap
+        // page, and each owns its part of it, if the page is private and
+        // writable.
+        match map.lookup(base) {
+            Some((leaf, frame)) if leaf.perms.write && map.mappers(frame) == 1 => cost.private_bytes = struct_bytes,
+            Some((_, frame)) => {
+                cost.shared_frames.insert(frame.0);
+            }
+            None => {}
+        }
+        return cost;
+    }
+    let own = base..base + pages * page;
+    let mut frames: Vec<u64> = map.span(base, pages).into_iter().filter_map(|(_, m)| m.map(|(_, f)| f.0)).collect();
+    frames.sort_unstable();
+    frames.dedup();
+    for frame in frames {
+        // Private: this compound page's alone, and writable (legacy layouts
+        // map tails onto a private page). A frame mapped only read-only is a
+        // shared tail page, even with one user so far.
+        let Some(summary) = map.frame_use(PhysAddr(frame)) else { continue };
+        let exclusive = own.contains(&summary.lowest_va) && own.contains(&summary.highest_va);
+        if exclusive && summary.writable {
+            cost.private_bytes += page;
+        } else {
+            cost.shared_frames.insert(frame);
+        }
+    }
+    cost
+}
+
 /// Per region: private vmemmap bytes per compound page and shared pages,
 /// counted from which vmemmap pages map which frames (not from a formula).
 pub fn region_costs(manifest: &Manifest, map: &VmemmapMap) -> Vec<RegionCost> {
@@ -93,43 +139,15 @@ pub fn region_costs(manifest: &Manifest, map: &VmemmapMap) -> Vec<RegionCost> {
     let mut out = Vec::new();
     for region in manifest.regions.iter().filter(|r| r.kind != RegionKind::Memory) {
         let struct_bytes = (1u64 << region.order) * STRUCT_PAGE_SIZE;
-        let pages = vmemmap_pages_per_compound(region.order, page);
         let mut private_bytes = 0;
         let mut shared = BTreeSet::new();
         let mut compound_pages = 0;
         for head in region.heads() {
             compound_pages += 1;
             let base = struct_page_va(manifest, Pfn(head)).0;
-            if pages == 0 {
-                // Less than a page of struct pages: neighbours share the
-                // vmemmap page, and each owns its part of it, if the page is
-                // private and writable.
-                match map.lookup(base) {
-                    Some((leaf, frame)) if leaf.perms.write && map.mappers(frame) == 1 => private_bytes += struct_bytes,
-                    Some((_, frame)) => {
-                        shared.insert(frame.0);
-                    }
-                    None => {}
-                }
-                continue;
-            }
-            let own = base..base + pages * page;
-            let mut frames: Vec<u64> =
-                map.span(base, pages).into_iter().filter_map(|(_, m)| m.map(|(_, f)| f.0)).collect();
-            frames.sort_unstable();
-            frames.dedup();
-            for frame in frames {
-                // Private: this compound page's alone, and writable (legacy
-                // layouts map tails onto a private page). A frame mapped only
-                // read-only is a shared tail page, even with one user so far.
-                let Some(summary) = map.frame_use(PhysAddr(frame)) else { continue };
-                let exclusive = own.contains(&summary.lowest_va) && own.contains(&summary.highest_va);
-                if exclusive && summary.writable {
-                    private_bytes += page;
-                } else {
-                    shared.insert(frame);
-                }
-            }
+            let cost = compound_cost(map, base, struct_bytes);
+            private_bytes += cost.private_bytes;
+            shared.extend(cost.shared_frames);
         }
         out.push(RegionCost {
             kind: if region.zone == Zone::Device { "dax" } else { "hugetlb" },

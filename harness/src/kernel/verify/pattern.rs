@@ -2,11 +2,13 @@
 //! head vmemmap page followed by tails that are read-only or share a frame.
 //! Nothing the kernel says about its folios is read here.
 
+use std::collections::BTreeSet;
+
 use hvo_abi::model::{Layout, STRUCT_PAGE_SIZE};
 
 use super::{FoundRegion, KernelView};
 use crate::addr::{Pfn, PhysAddr};
-use crate::verify::{CompoundView, PageMapping, VmemmapMap};
+use crate::verify::{compound_cost, CompoundView, PageMapping, VmemmapMap};
 
 /// One optimized compound page the pattern found.
 pub(crate) struct FoundCompound {
@@ -101,15 +103,40 @@ fn classify(
     Some((layout, head))
 }
 
-/// The compound pages found, counted by size (largest first) and layout.
-pub fn summarize(compounds: &[FoundCompound]) -> Vec<FoundRegion> {
-    let mut regions: Vec<FoundRegion> = Vec::new();
+/// The compound pages found, counted by size (largest first) and layout,
+/// with what their vmemmap costs as the tables show it.
+pub fn summarize(map: &VmemmapMap, compounds: &[FoundCompound]) -> Vec<FoundRegion> {
+    let mut regions: Vec<(FoundRegion, u64, BTreeSet<u64>)> = Vec::new();
     for c in compounds {
-        match regions.iter_mut().find(|r| r.compound_bytes == c.bytes && r.layout == c.layout) {
-            Some(r) => r.count += 1,
-            None => regions.push(FoundRegion { compound_bytes: c.bytes, count: 1, layout: c.layout }),
-        }
+        let cost =
+            compound_cost(map, c.view.pages.first().map_or(0, |(va, _)| *va), c.bytes / map.page * STRUCT_PAGE_SIZE);
+        let at = match regions.iter().position(|(r, ..)| r.compound_bytes == c.bytes && r.layout == c.layout) {
+            Some(i) => i,
+            None => {
+                let region = FoundRegion {
+                    compound_bytes: c.bytes,
+                    count: 0,
+                    layout: c.layout,
+                    private_vmemmap_bytes: 0,
+                    shared_tail_pages: 0,
+                };
+                regions.push((region, 0, BTreeSet::new()));
+                regions.len() - 1
+            }
+        };
+        let entry = &mut regions[at];
+        entry.0.count += 1;
+        entry.1 += cost.private_bytes;
+        entry.2.extend(cost.shared_frames);
     }
+    let mut regions: Vec<FoundRegion> = regions
+        .into_iter()
+        .map(|(mut r, private, shared)| {
+            r.private_vmemmap_bytes = private / r.count;
+            r.shared_tail_pages = shared.len() as u64;
+            r
+        })
+        .collect();
     regions.sort_by(|a, b| b.compound_bytes.cmp(&a.compound_bytes).then(a.layout.name().cmp(b.layout.name())));
     regions
 }
