@@ -281,29 +281,28 @@ fn accounting(ctx: &Context) -> Findings {
             let shared = shared_tails.len() as u64;
             let frames = counted_frames(ctx, &shared_tails);
             let overcount = ctx.view.boot_memmap_overcount();
-            let mut notes = Vec::new();
-            if shared > 0 {
-                notes.push(format!("{shared} shared tail pages not counted"));
-            }
-            if overcount > 0 {
-                notes.push(format!(
-                    "+ {overcount} pages Linux counts again: it rounds each {} section's {} KiB memmap up to a {} KiB page",
+            let uncounted = match shared {
+                0 => String::new(),
+                n => format!(" ({n} shared tail pages not counted)"),
+            };
+            let counted_again = match overcount {
+                0 => String::new(),
+                n => format!(
+                    " + {n} Linux counts again (it rounds each {} section's {} KiB memmap up to a {} KiB page)",
                     size_name(ctx.view.section_size),
                     (ctx.view.section_size / ctx.view.page_size * hvo_abi::model::STRUCT_PAGE_SIZE) >> 10,
                     ctx.view.page_size >> 10
-                ));
-            }
-            let notes = if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) };
+                ),
+            };
+            let tables = format!("{frames} distinct vmemmap frames mapped over RAM{uncounted}{counted_again}");
             if memmap + boot != frames + overcount {
                 f.fail(format!(
-                    "nr_memmap_pages {memmap} + nr_memmap_boot_pages {boot} = {}, where the page tables make it {}: {frames} distinct vmemmap frames over RAM{notes}",
+                    "nr_memmap_pages {memmap} + nr_memmap_boot_pages {boot} = {}, where the page tables make it {}: {tables}",
                     memmap + boot,
                     frames + overcount
                 ));
             } else {
-                words.push(format!(
-                    "nr_memmap_pages {memmap} + nr_memmap_boot_pages {boot} = {frames} frames mapped{notes}"
-                ));
+                words.push(format!("nr_memmap_pages {memmap} + nr_memmap_boot_pages {boot} = {tables}"));
             }
         }
         _ => words.push("no memmap counters (Linux before 6.9)".to_string()),
