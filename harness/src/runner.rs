@@ -129,6 +129,11 @@ pub async fn run_kernel_scenario(
         result.message = Some(format!("firmware-only: {why}"));
         return result;
     }
+    if let Some(why) = kernel::unsupported_because(scenario, arch) {
+        result.status = Status::Skip;
+        result.message = Some(format!("not on {arch}'s kernels: {why}"));
+        return result;
+    }
     let (launch, kernel_summary) = kernel::launch(scenario, arch, kernel, start);
     result.kernel = Some(kernel_summary);
     run(scenario, arch, launch, &kernel.image, config, result).await

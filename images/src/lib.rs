@@ -97,6 +97,19 @@ pub struct KernelBoot {
     /// Linux's `SECTION_SIZE_BITS` (arch/*/include/asm/sparsemem.h): the
     /// unit its boot memmap counter counts in.
     pub section_shift: u32,
+    /// Whether a kernel here can make device DAX of persistent memory set
+    /// aside at boot (`memmap=nn!ss`, legacy pmem), and if not, why.
+    pub boot_pmem: KernelSupport,
+    /// Whether a kernel here takes a DIMM hot-plugged over QMP, and if not, why.
+    pub dimm_hotplug: KernelSupport,
+}
+
+/// Whether the kernels of a profile can do something the scenario asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelSupport {
+    Yes,
+    /// No: what is missing (the machine, the firmware, the kernel).
+    No(&'static str),
 }
 
 /// Where a kernel's vmemmap starts (the VA of pfn 0's struct page).
@@ -216,6 +229,11 @@ const PPC64LE: Profile = Profile {
         root_symbol: "swapper_pg_dir",
         vmemmap: VmemmapStart::Variable("vmemmap"),
         section_shift: 24,
+        boot_pmem: KernelSupport::No(
+            "persistent memory set aside at boot needs `memmap=nn!ss`, which only x86 kernels take \
+             (and Debian's ppc64le kernels are built without LIBNVDIMM)",
+        ),
+        dimm_hotplug: KernelSupport::Yes,
     },
 };
 
@@ -254,6 +272,8 @@ pub const fn profile(arch: Arch) -> &'static Profile {
                 root_symbol: "init_top_pgt",
                 vmemmap: VmemmapStart::Variable("vmemmap_base"),
                 section_shift: 27,
+                boot_pmem: KernelSupport::Yes,
+                dimm_hotplug: KernelSupport::Yes,
             },
         },
         Arch::Aarch64 => &Profile {
@@ -291,6 +311,13 @@ pub const fn profile(arch: Arch) -> &'static Profile {
                 },
                 // With 4 KiB (and 16 KiB) pages; 29 with 64 KiB.
                 section_shift: 27,
+                boot_pmem: KernelSupport::No(
+                    "persistent memory set aside at boot needs `memmap=nn!ss`, which only x86 kernels take \
+                     (arm64 sees an nvdimm only through ACPI NFIT, booted by UEFI)",
+                ),
+                dimm_hotplug: KernelSupport::No(
+                    "virt booted by plain -kernel has no ACPI GED for pc-dimm, and Debian's arm64 kernels lack ACPI memory hotplug",
+                ),
             },
         },
         Arch::Ppc64le => &PPC64LE,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hvo_images::{profile, Arch};
+use hvo_images::{profile, Arch, KernelSupport};
 
 use super::interpreter::{Guest, Run, Timeouts};
 use super::{Abort, Launch};
@@ -102,7 +102,38 @@ pub fn command_line(scenario: &Scenario, arch: Arch) -> String {
     for (size, count) in by_size {
         line.push_str(&format!(" hugepagesz={} hugepages={count}", crate::scenario::Size(size)));
     }
+    if let Some(pmem) = boot_pmem_range(scenario, arch) {
+        // Legacy persistent memory (nd_e820): what `memmap=nn!ss` takes out
+        // of RAM, the nd and dax drivers make a DAX device of.
+        line.push_str(&format!(" memmap={}!{:#x}", crate::scenario::Size(pmem.end - pmem.start), pmem.start));
+    }
+    if scenario.steps.iter().any(|p| matches!(p.step, Step::HotAddMemory { .. })) {
+        // Hot-added DIMMs come online by themselves, movable so that they
+        // can be removed again.
+        line.push_str(" memhp_default_state=online_movable");
+    }
     line
+}
+
+/// Why `arch`'s kernels cannot run `scenario` (the profile's facts about
+/// its machine and kernels), before anything boots.
+pub fn unsupported_because(scenario: &Scenario, arch: Arch) -> Option<&'static str> {
+    let kernel = &profile(arch).kernel;
+    let needs_hotplug = scenario.steps.iter().any(|p| matches!(p.step, Step::HotAddMemory { .. }));
+    [(scenario.boot_pmem > 0, kernel.boot_pmem), (needs_hotplug, kernel.dimm_hotplug)].into_iter().find_map(
+        |(needed, support)| match support {
+            KernelSupport::No(why) if needed => Some(why),
+            _ => None,
+        },
+    )
+}
+
+/// The persistent memory `machine.boot-pmem` sets aside: the end of boot
+/// RAM, as the firmware takes it.
+pub fn boot_pmem_range(scenario: &Scenario, arch: Arch) -> Option<std::ops::Range<u64>> {
+    let last = profile(arch).boot_ram_pieces(scenario.machine.boot_memory).pop()?;
+    let end = last.gpa + last.len;
+    (scenario.boot_pmem > 0).then(|| end - scenario.boot_pmem..end)
 }
 
 /// How a kernel run starts, and the summary its result carries.

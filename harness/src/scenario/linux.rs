@@ -1,16 +1,18 @@
 //! Which scenarios a real Linux kernel can run, derived from what they ask:
 //! boot-time gigantic pages (the kernel command line), HugeTLB allocation
-//! and freeing of the sizes every profile's kernel offers (sysfs), `verify`,
-//! `ping` and `exit` have Linux equivalents; on-demand optimize and restore,
-//! bug knobs, injected allocation failures, hotplug, persistent memory and
-//! the firmware's manifest have none, so they keep a scenario firmware-only.
+//! and freeing of the sizes every profile's kernel offers (sysfs), device
+//! DAX on the persistent memory set aside at boot (`memmap=` and the nd/dax
+//! sysfs), DIMMs hot-added as memory and removed again, `verify`, `ping` and
+//! `exit` have Linux equivalents; on-demand optimize and restore, bug knobs,
+//! injected allocation failures, DAX on hot-plugged DIMMs and the firmware's
+//! manifest have none, so they keep a scenario firmware-only.
 //! `machine.hugetlb-free-vmemmap = false` (boot with the optimization off)
 //! exists only for kernels, so it keeps a scenario kernel-only.
 
 use hvo_abi::model::Zone;
 
 use super::raw::Size;
-use super::{Expect, Scenario, Step};
+use super::{DaxDevice, Expect, Scenario, Step};
 
 /// The HugeTLB page sizes the kernels of every profile offer (the 64 KiB
 /// ppc64 kernel's too), in bytes.
@@ -21,9 +23,6 @@ impl Scenario {
     pub fn firmware_only_because(&self) -> Option<String> {
         if let Some(knob) = self.bug_knobs.first() {
             return Some(format!("bug knob `{}` is the firmware's", knob.name()));
-        }
-        if self.boot_pmem > 0 {
-            return Some("persistent memory set aside at boot is the firmware's".into());
         }
         if let Expect::Fail { invariant, .. } = &self.expect {
             return Some(format!("it expects `{invariant}` to fail, which only the firmware's bugs make happen"));
@@ -44,6 +43,10 @@ impl Scenario {
                         Some(format!("allocating from the hot-added region `{from}`"))
                     }
                     Step::HugetlbAlloc { folio_size, zone, .. } => linux_pages(*folio_size, *zone),
+                    Step::HotAdd { device, compound_size, .. } => linux_dax(*device, *compound_size),
+                    Step::HotAddMemory { zone, .. } => (*zone != Zone::Movable)
+                        .then(|| format!("zone {}: Linux onlines hot-added DIMMs movable here", zone.name())),
+                    Step::HotRemove { .. } => None,
                     other => Some(format!("`{}` has no Linux equivalent", other.name())),
                 }
             };
@@ -64,6 +67,19 @@ fn linux_pages(size: u64, zone: Zone) -> Option<String> {
         return Some(format!("{} pages: Linux's HugeTLB sizes here are 2M and 1G", Size(size)));
     }
     (zone != Zone::Normal).then(|| format!("zone {}: HugeTLB pages come from the normal zone", zone.name()))
+}
+
+/// Why device DAX from `device` with compound pages of `compound_size` has
+/// no Linux equivalent here.
+fn linux_dax(device: DaxDevice, compound_size: u64) -> Option<String> {
+    if device != DaxDevice::Pmem {
+        return Some(format!(
+            "DAX on a hot-plugged {}: Linux makes device DAX of persistent memory (set `machine.boot-pmem`, add it with device = \"pmem\")",
+            device.name()
+        ));
+    }
+    (!LINUX_HUGETLB_SIZES.contains(&compound_size))
+        .then(|| format!("{} compound pages: device DAX aligns to 2M or 1G", Size(compound_size)))
 }
 
 #[cfg(test)]
@@ -89,6 +105,22 @@ mod tests {
         assert!(why.contains("`optimize` has no Linux equivalent"), "{why}");
         let odd = "[[step]]\naction = \"hugetlb-alloc\"\nregion = \"r\"\nsize = \"4M\"\ncount = 1\n";
         assert!(parse(odd).unwrap().firmware_only_because().unwrap().contains("2M and 1G"));
+    }
+
+    #[test]
+    fn dax_of_boot_pmem_and_movable_dimms_run_on_a_kernel_dax_of_hot_plugged_dimms_does_not() {
+        let pmem = "[machine]\nboot-memory = \"4G\"\nboot-pmem = \"2G\"\n\
+                    [[step]]\naction = \"hot-add\"\nregion = \"d\"\nsize = \"2G\"\ndevice = \"pmem\"\n\
+                    [[step]]\naction = \"verify\"\n[[step]]\naction = \"hot-remove\"\nregion = \"d\"\n";
+        assert_eq!(parse(pmem).unwrap().firmware_only_because(), None);
+        let memory = "[machine]\nboot-memory = \"1G\"\nslots = 2\nmax-memory = \"4G\"\n\
+                      [[step]]\naction = \"hot-add\"\nregion = \"m\"\nkind = \"memory\"\nsize = \"1G\"\n\
+                      [[step]]\naction = \"hot-remove\"\nregion = \"m\"\n";
+        assert_eq!(parse(memory).unwrap().firmware_only_because(), None);
+        let dimm = "[machine]\nboot-memory = \"1G\"\nslots = 2\nmax-memory = \"4G\"\n\
+                    [[step]]\naction = \"hot-add\"\nregion = \"d\"\nsize = \"1G\"\n";
+        let why = parse(dimm).unwrap().firmware_only_because().unwrap();
+        assert!(why.contains("DAX on a hot-plugged dimm"), "{why}");
     }
 
     #[test]
