@@ -173,7 +173,14 @@ async fn run(
         Ok(outcome) => outcome,
         Err(_) => Err(Abort::Timeout(format!("the scenario ran past its deadline of {deadline:?}"))),
     };
-    let (status, message) = judge(&scenario.expect, &run.findings.checks, outcome);
+    let (expect, note) = expectation(scenario, &run.guest);
+    let (status, mut message) = judge(&expect, &run.findings.checks, outcome);
+    if let Some(note) = note {
+        message = Some(match message {
+            Some(m) => format!("{note}: {m}"),
+            None => note,
+        });
+    }
     if let (Some(repro), true) = (&config.repro, status != Status::Pass) {
         run.hold(repro, status, message.as_deref(), booted).await;
     }
@@ -210,6 +217,24 @@ async fn run(
         }
     }
     result
+}
+
+/// What the run must show: the scenario's expectation, or for a Linux bug
+/// what it means on the kernel that ran (a fixed kernel must pass), with a
+/// note saying which.
+fn expectation(scenario: &Scenario, guest: &Guest) -> (Expect, Option<String>) {
+    let Some(fixed_in) = scenario.fixed_in else { return (scenario.expect.clone(), None) };
+    let release = match guest {
+        Guest::Kernel(state) => state.facts.as_ref().and_then(|f| crate::scenario::LinuxRelease::parse(&f.release)),
+        Guest::Firmware(_) => None,
+    };
+    match release {
+        Some(release) => {
+            let (expect, note) = fixed_in.expectation(&scenario.expect, release);
+            (expect, Some(note))
+        }
+        None => (scenario.expect.clone(), None),
+    }
 }
 
 fn errored(mut result: ScenarioResult, start: Instant, message: String) -> ScenarioResult {

@@ -239,6 +239,10 @@ pub struct Scenario {
     /// The whole run, boot to verdict.
     pub deadline_ms: u64,
     pub expect: Expect,
+    /// For a Linux bug (`expect.fixed-in`): the first release with the fix.
+    /// Kernels before it must fail as `expect` says; kernels from it on must
+    /// pass. Such a scenario is kernel-only.
+    pub fixed_in: Option<LinuxRelease>,
     /// Bugs the guest reintroduces on purpose, turned on right after boot.
     pub bug_knobs: Vec<Knob>,
     /// Gigantic pages reserved before memmap init.
@@ -306,6 +310,7 @@ impl Scenario {
             boot_timeout_ms,
             deadline_ms,
             expect: expect::expect(&loc, raw.expect.as_ref())?,
+            fixed_in: expect::fixed_in(&loc, raw.expect.as_ref())?,
             bug_knobs: expect::bug_knobs(&loc, raw.bug_knobs.as_ref())?,
             boot_gigantic,
             boot_pmem,
@@ -375,6 +380,39 @@ impl Scenario {
             bug_knobs: Vec::new(),
             ..self.clone()
         })
+    }
+}
+
+/// A Linux release as `major.minor`, ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LinuxRelease {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl LinuxRelease {
+    /// `"7.1"`, or the start of a `uname -r` (`"6.12.117+deb12-amd64"`).
+    pub fn parse(text: &str) -> Option<LinuxRelease> {
+        let mut parts = text.split(|c: char| !c.is_ascii_digit());
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some(LinuxRelease { major, minor })
+    }
+
+    /// What `expect` means on a kernel of `release`: as written before the
+    /// fix, a pass from it on; and a note saying which, for the verdict.
+    pub fn expectation(self, expect: &Expect, release: LinuxRelease) -> (Expect, String) {
+        if release < self {
+            (expect.clone(), format!("Linux {release} predates the fix in {self}"))
+        } else {
+            (Expect::Pass, format!("Linux {release} has the fix (in {self} and later): every invariant must hold"))
+        }
+    }
+}
+
+impl std::fmt::Display for LinuxRelease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
     }
 }
 

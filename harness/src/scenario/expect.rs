@@ -6,7 +6,7 @@ use toml::Spanned;
 use super::locate::Locator;
 use super::names::{CheckNames, Choice};
 use super::raw::RawExpect;
-use super::{Expect, Outcome, ScenarioError};
+use super::{Expect, LinuxRelease, Outcome, ScenarioError};
 
 pub(super) const KNOBS: Choice<Knob> = Choice::all("bug knob");
 
@@ -48,4 +48,25 @@ pub(super) fn expect(loc: &Locator, raw: Option<&RawExpect>) -> Result<Expect, S
             also: also.iter().flatten().map(|a| check(loc, a, "expect.also")).collect::<Result<_, _>>()?,
         }),
     }
+}
+
+/// `expect.fixed-in`: the release that fixed the Linux bug a failing
+/// scenario reproduces.
+pub(super) fn fixed_in(loc: &Locator, raw: Option<&RawExpect>) -> Result<Option<LinuxRelease>, ScenarioError> {
+    let Some(e) = raw else { return Ok(None) };
+    let Some(written) = &e.fixed_in else { return Ok(None) };
+    if *e.outcome.get_ref() != Outcome::Fail {
+        return Err(loc.error(
+            written.span(),
+            Some("expect.fixed-in"),
+            "only a scenario expecting `fail` (a Linux bug) names the release that fixed it",
+        ));
+    }
+    LinuxRelease::parse(written.get_ref()).map(Some).ok_or_else(|| {
+        loc.error(
+            written.span(),
+            Some("expect.fixed-in"),
+            format!("`{}` is no Linux release: write major.minor, such as \"7.1\"", written.get_ref()),
+        )
+    })
 }

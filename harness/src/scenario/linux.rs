@@ -24,8 +24,10 @@ impl Scenario {
         if let Some(knob) = self.bug_knobs.first() {
             return Some(format!("bug knob `{}` is the firmware's", knob.name()));
         }
-        if let Expect::Fail { invariant, .. } = &self.expect {
-            return Some(format!("it expects `{invariant}` to fail, which only the firmware's bugs make happen"));
+        if let (Expect::Fail { invariant, .. }, None) = (&self.expect, self.fixed_in) {
+            return Some(format!(
+                "it expects `{invariant}` to fail, which only the firmware's bugs make happen (a Linux bug names `expect.fixed-in`)"
+            ));
         }
         for g in &self.boot_gigantic {
             if let Some(why) = linux_pages(g.size, g.zone) {
@@ -56,6 +58,9 @@ impl Scenario {
 
     /// Why the firmware cannot run this scenario; `None` when it can.
     pub fn kernel_only_because(&self) -> Option<String> {
+        if let Some(fixed_in) = self.fixed_in {
+            return Some(format!("it reproduces a Linux bug fixed in {fixed_in}"));
+        }
         (!self.hugetlb_free_vmemmap)
             .then(|| "it boots a kernel with hugetlb_free_vmemmap=off, which the firmware has no equivalent of".into())
     }

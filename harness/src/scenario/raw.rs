@@ -127,4 +127,6 @@ pub(super) struct RawExpect {
     pub invariant: Option<Spanned<String>>,
     /// Invariants that fire too, as consequences of the same bug.
     pub also: Option<Vec<Spanned<String>>>,
+    /// A Linux bug: the first mainline release with its fix (`"7.1"`).
+    pub fixed_in: Option<Spanned<String>>,
 }
