@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 
 use crate::run::parse_arch;
 
+mod kernel;
+
 #[derive(Args)]
 pub struct BenchArgs {
     /// Runs of each measurement (min, median and max are reported).
@@ -31,8 +33,17 @@ pub struct BenchArgs {
     #[arg(long)]
     pub svg: Option<PathBuf>,
     /// Also time the whole default suite at -j 1 and -j 2 (a few minutes).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kernel")]
     pub suite: bool,
+    /// Measure only what a verdict on this real kernel costs against booting
+    /// it: a Debian spec (`debian-6.12`, `debian-7.2`; default: all four
+    /// architectures) or the path of a kernel image (then name one --arch).
+    #[arg(long, value_name = "SPEC|PATH", conflicts_with = "svg")]
+    pub kernel: Option<String>,
+    /// The kernel's System.map, for a kernel whose symbols the host has no
+    /// other file of.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub system_map: Option<PathBuf>,
 }
 
 /// The null scenario: boot, read the manifest, exit.
@@ -63,6 +74,27 @@ fn spread(mut xs: Vec<f64>) -> Spread {
     Spread { min: xs[0], median: xs[xs.len() / 2], max: xs[xs.len() - 1] }
 }
 
+/// The table's columns; rows of figures follow as `print_row` writes them.
+fn print_header() {
+    println!("{:<8} {:<34} {:>9} {:>9} {:>9}", "arch", "measurement", "min", "median", "max");
+}
+
+fn print_row(arch: Arch, what: &str, s: &Spread) {
+    println!("{:<8} {what:<34} {:>7.0}ms {:>7.0}ms {:>7.0}ms", arch.name(), s.min, s.median, s.max);
+}
+
+fn describe_phases(p: &Phases) -> String {
+    format!(
+        "qemu start {} ms, boot {} ms, steps {} ms, verify {} ms, shutdown {} ms",
+        p.qemu_start_ms, p.boot_ms, p.steps_ms, p.verify_ms, p.shutdown_ms
+    )
+}
+
+/// A row of text in the figures' place (a ratio, the phases).
+fn print_note(arch: Arch, what: &str, text: &str) {
+    println!("{:<8} {what:<34} {text}", arch.name());
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -73,6 +105,23 @@ struct Bench {
 }
 
 impl Bench {
+    /// Two worker threads: the bench runs one QEMU at a time, and its
+    /// console, QMP and the host's verification need no more.
+    fn new() -> Result<Bench> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let config = RunConfig {
+            artifacts_root: workspace_root().join("target/bench/logs"),
+            keep_artifacts: false,
+            inject: None,
+            repro: None,
+        };
+        Ok(Bench { runtime, config })
+    }
+
     /// `runs` runs of a scenario: time to verdict and median phases.
     fn scenario(&self, scenario: &Scenario, arch: Arch, elf: &Path, runs: usize) -> Result<(Spread, Phases)> {
         let mut totals = Vec::new();
@@ -111,21 +160,37 @@ fn median_phases(phases: &[Phases]) -> Phases {
     }
 }
 
+/// The host the figures were taken on.
+fn machine_json() -> Value {
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string())),
+    })
+}
+
+fn write_json(path: &Path, report: &Value) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
 pub fn bench(args: BenchArgs) -> Result<ExitCode> {
+    if let Some(kernel) = &args.kernel {
+        return kernel::bench_kernel(kernel, &args);
+    }
     let root = workspace_root();
     let arches = args.arch.clone().unwrap_or(Arch::ALL.to_vec());
     let images: Vec<PathBuf> = crate::build_guests(&arches)?;
     let runs = args.runs.max(1);
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let config =
-        RunConfig { artifacts_root: root.join("target/bench/logs"), keep_artifacts: false, inject: None, repro: None };
-    let bench = Bench { runtime, config };
+    let bench = Bench::new()?;
     let null = Scenario::parse(Path::new("null.toml"), NULL).map_err(|e| anyhow!("{e}"))?;
     let scale = Scenario::load(&root.join("scenarios/scale-dax.toml")).map_err(|e| anyhow!("{e}"))?;
 
     let mut report = BTreeMap::new();
     let mut chart = Vec::new();
-    println!("{:<8} {:<34} {:>9} {:>9} {:>9}", "arch", "measurement", "min", "median", "max");
+    print_header();
     for (&arch, elf) in arches.iter().zip(&images) {
         // Bare boots and null scenarios alternate, so that a drift in the
         // machine's speed weighs on both alike.
@@ -141,23 +206,12 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         let bare = spread(bare);
         let null_time = spread(nulls);
         let null_phases = median_phases(&phases);
-        let row = |what: &str, s: &Spread| {
-            println!("{:<8} {what:<34} {:>7.0}ms {:>7.0}ms {:>7.0}ms", arch.name(), s.min, s.median, s.max);
-        };
+        let row = |what: &str, s: &Spread| print_row(arch, what, s);
         row("bare boot to exit", &bare);
         row("null scenario, time to verdict", &null_time);
         let ratio = null_time.median / bare.median;
-        println!("{:<8} {:<34} {ratio:>9.2}x", arch.name(), "  null / bare (medians)");
-        println!(
-            "{:<8} {:<34} qemu start {} ms, boot {} ms, steps {} ms, verify {} ms, shutdown {} ms",
-            arch.name(),
-            "  null phases (medians)",
-            null_phases.qemu_start_ms,
-            null_phases.boot_ms,
-            null_phases.steps_ms,
-            null_phases.verify_ms,
-            null_phases.shutdown_ms
-        );
+        print_note(arch, "  null / bare (medians)", &format!("{ratio:>9.2}x"));
+        print_note(arch, "  null phases (medians)", &describe_phases(&null_phases));
         let mut representative = BTreeMap::new();
         for file in REPRESENTATIVE {
             let s = Scenario::load(&root.join(file)).map_err(|e| anyhow!("{e}"))?;
@@ -216,17 +270,8 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
             suite.insert(format!("j{jobs}_seconds"), json!(secs));
         }
     }
-    let machine = json!({
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "cpu_model": std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string())),
-    });
     if let Some(path) = &args.json {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        let text =
-            serde_json::to_string_pretty(&json!({ "machine": machine, "architectures": report, "suite": suite }))?;
-        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+        write_json(path, &json!({ "machine": machine_json(), "architectures": report, "suite": suite }))?;
     }
     let svg_path = args.svg.clone().unwrap_or_else(|| root.join("target/bench/phases.svg"));
     if let Some(dir) = svg_path.parent() {
