@@ -61,6 +61,11 @@ impl Scenario {
         if let Some(fixed_in) = self.fixed_in {
             return Some(format!("it reproduces a Linux bug fixed in {fixed_in}"));
         }
+        if self.steps.iter().any(|p| matches!(p.step, Step::HotAdd { device: DaxDevice::Pmem, altmap: true, .. })) {
+            return Some(
+                "an altmap on boot persistent memory: the firmware keeps its struct pages in the boot memmap".into(),
+            );
+        }
         (!self.hugetlb_free_vmemmap)
             .then(|| "it boots a kernel with hugetlb_free_vmemmap=off, which the firmware has no equivalent of".into())
     }
@@ -118,6 +123,9 @@ mod tests {
                     [[step]]\naction = \"hot-add\"\nregion = \"d\"\nsize = \"2G\"\ndevice = \"pmem\"\n\
                     [[step]]\naction = \"verify\"\n[[step]]\naction = \"hot-remove\"\nregion = \"d\"\n";
         assert_eq!(parse(pmem).unwrap().firmware_only_because(), None);
+        let altmap = pmem.replace("device = \"pmem\"\n", "device = \"pmem\"\naltmap = true\n");
+        let why = parse(&altmap).unwrap().kernel_only_because().unwrap();
+        assert!(why.contains("altmap on boot persistent memory"), "{why}");
         let memory = "[machine]\nboot-memory = \"1G\"\nslots = 2\nmax-memory = \"4G\"\n\
                       [[step]]\naction = \"hot-add\"\nregion = \"m\"\nkind = \"memory\"\nsize = \"1G\"\n\
                       [[step]]\naction = \"hot-remove\"\nregion = \"m\"\n";

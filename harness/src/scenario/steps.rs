@@ -184,11 +184,9 @@ impl StepReader<'_> {
                 "backend",
                 "persistent memory set aside at boot is boot RAM: it has no backend of its own",
             )),
-            (DaxDevice::Pmem, None, true) => Err(self.invalid(
-                self.span_or_action(&self.raw.altmap),
-                "altmap",
-                "boot persistent memory keeps its struct pages in the boot memmap, not an altmap",
-            )),
+            // Boot RAM: the host reads an altmap there as it reads the rest
+            // (only kernels take it: see `Scenario::kernel_only_because`).
+            (DaxDevice::Pmem, None, true) => Ok(Backend::Ram),
             (_, Some(Backend::Ram), true) => Err(self.invalid(
                 self.span_or_action(&self.raw.backend),
                 "backend",
