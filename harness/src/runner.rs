@@ -223,7 +223,7 @@ async fn run(
 /// what it means on the kernel that ran (a fixed kernel must pass), with a
 /// note saying which.
 fn expectation(scenario: &Scenario, guest: &Guest) -> (Expect, Option<String>) {
-    let Some(fixed_in) = scenario.fixed_in else { return (scenario.expect.clone(), None) };
+    let Some(fixed_in) = &scenario.fixed_in else { return (scenario.expect.clone(), None) };
     let release = match guest {
         Guest::Kernel(state) => state.facts.as_ref().and_then(|f| crate::scenario::LinuxRelease::parse(&f.release)),
         Guest::Firmware(_) => None,

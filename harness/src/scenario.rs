@@ -12,6 +12,7 @@ mod locate;
 mod machine;
 mod names;
 mod raw;
+mod release;
 mod steps;
 #[cfg(test)]
 mod tests;
@@ -30,6 +31,7 @@ use locate::Locator;
 use names::Choice;
 use raw::RawScenario;
 pub use raw::Size;
+pub use release::{LinuxFix, LinuxRelease};
 
 /// A scenario file larger than this is refused before parsing.
 pub const MAX_FILE_BYTES: u64 = 256 * 1024;
@@ -242,7 +244,7 @@ pub struct Scenario {
     /// For a Linux bug (`expect.fixed-in`): the first release with the fix.
     /// Kernels before it must fail as `expect` says; kernels from it on must
     /// pass. Such a scenario is kernel-only.
-    pub fixed_in: Option<LinuxRelease>,
+    pub fixed_in: Option<LinuxFix>,
     /// Bugs the guest reintroduces on purpose, turned on right after boot.
     pub bug_knobs: Vec<Knob>,
     /// Gigantic pages reserved before memmap init.
@@ -380,39 +382,6 @@ impl Scenario {
             bug_knobs: Vec::new(),
             ..self.clone()
         })
-    }
-}
-
-/// A Linux release as `major.minor`, ordered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct LinuxRelease {
-    pub major: u32,
-    pub minor: u32,
-}
-
-impl LinuxRelease {
-    /// `"7.1"`, or the start of a `uname -r` (`"6.12.117+deb12-amd64"`).
-    pub fn parse(text: &str) -> Option<LinuxRelease> {
-        let mut parts = text.split(|c: char| !c.is_ascii_digit());
-        let major = parts.next()?.parse().ok()?;
-        let minor = parts.next()?.parse().ok()?;
-        Some(LinuxRelease { major, minor })
-    }
-
-    /// What `expect` means on a kernel of `release`: as written before the
-    /// fix, a pass from it on; and a note saying which, for the verdict.
-    pub fn expectation(self, expect: &Expect, release: LinuxRelease) -> (Expect, String) {
-        if release < self {
-            (expect.clone(), format!("Linux {release} predates the fix in {self}"))
-        } else {
-            (Expect::Pass, format!("Linux {release} has the fix (in {self} and later): every invariant must hold"))
-        }
-    }
-}
-
-impl std::fmt::Display for LinuxRelease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.major, self.minor)
     }
 }
 

@@ -6,7 +6,7 @@ use toml::Spanned;
 use super::locate::Locator;
 use super::names::{CheckNames, Choice};
 use super::raw::RawExpect;
-use super::{Expect, LinuxRelease, Outcome, ScenarioError};
+use super::{Expect, LinuxFix, LinuxRelease, Outcome, ScenarioError};
 
 pub(super) const KNOBS: Choice<Knob> = Choice::all("bug knob");
 
@@ -50,23 +50,25 @@ pub(super) fn expect(loc: &Locator, raw: Option<&RawExpect>) -> Result<Expect, S
     }
 }
 
-/// `expect.fixed-in`: the release that fixed the Linux bug a failing
+/// `expect.fixed-in`: the releases that fixed the Linux bug a failing
 /// scenario reproduces.
-pub(super) fn fixed_in(loc: &Locator, raw: Option<&RawExpect>) -> Result<Option<LinuxRelease>, ScenarioError> {
+pub(super) fn fixed_in(loc: &Locator, raw: Option<&RawExpect>) -> Result<Option<LinuxFix>, ScenarioError> {
     let Some(e) = raw else { return Ok(None) };
     let Some(written) = &e.fixed_in else { return Ok(None) };
+    let refuse = |message: String| Err(loc.error(written.span(), Some("expect.fixed-in"), message));
     if *e.outcome.get_ref() != Outcome::Fail {
-        return Err(loc.error(
-            written.span(),
-            Some("expect.fixed-in"),
-            "only a scenario expecting `fail` (a Linux bug) names the release that fixed it",
-        ));
+        return refuse("only a scenario expecting `fail` (a Linux bug) names the releases that fixed it".into());
     }
-    LinuxRelease::parse(written.get_ref()).map(Some).ok_or_else(|| {
-        loc.error(
-            written.span(),
-            Some("expect.fixed-in"),
-            format!("`{}` is no Linux release: write major.minor, such as \"7.1\"", written.get_ref()),
-        )
-    })
+    let mut releases = Vec::new();
+    for text in written.get_ref() {
+        match LinuxRelease::parse(text) {
+            Some(r) => releases.push(r),
+            None => {
+                return refuse(format!(
+                    "`{text}` is no Linux release: write major.minor (mainline) or major.minor.patch (stable)"
+                ))
+            }
+        }
+    }
+    LinuxFix::new(releases).map(Some).or_else(refuse)
 }

@@ -24,7 +24,7 @@ impl Scenario {
         if let Some(knob) = self.bug_knobs.first() {
             return Some(format!("bug knob `{}` is the firmware's", knob.name()));
         }
-        if let (Expect::Fail { invariant, .. }, None) = (&self.expect, self.fixed_in) {
+        if let (Expect::Fail { invariant, .. }, None) = (&self.expect, &self.fixed_in) {
             return Some(format!(
                 "it expects `{invariant}` to fail, which only the firmware's bugs make happen (a Linux bug names `expect.fixed-in`)"
             ));
@@ -58,7 +58,7 @@ impl Scenario {
 
     /// Why the firmware cannot run this scenario; `None` when it can.
     pub fn kernel_only_because(&self) -> Option<String> {
-        if let Some(fixed_in) = self.fixed_in {
+        if let Some(fixed_in) = &self.fixed_in {
             return Some(format!("it reproduces a Linux bug fixed in {fixed_in}"));
         }
         if self.steps.iter().any(|p| matches!(p.step, Step::HotAdd { device: DaxDevice::Pmem, altmap: true, .. })) {

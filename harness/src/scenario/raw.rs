@@ -127,6 +127,7 @@ pub(super) struct RawExpect {
     pub invariant: Option<Spanned<String>>,
     /// Invariants that fire too, as consequences of the same bug.
     pub also: Option<Vec<Spanned<String>>>,
-    /// A Linux bug: the first mainline release with its fix (`"7.1"`).
-    pub fixed_in: Option<Spanned<String>>,
+    /// A Linux bug: the mainline release with its fix (`"7.1"`) and stable
+    /// releases it was backported to (`"6.12.90"`).
+    pub fixed_in: Option<Spanned<Vec<String>>>,
 }
