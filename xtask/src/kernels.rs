@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use hvo_harness::kernel::agent::build_initramfs;
+use hvo_harness::kernel::modules::{resolve_modules, wanted_modules};
 use hvo_harness::kernel::symbols::{KernelSymbols, SymbolSource};
 use hvo_harness::runner::KernelGuest;
 use hvo_images::{workspace_root, Arch};
@@ -65,30 +66,55 @@ impl DebianSpec {
         }
     }
 
-    /// The package holding the image, and the one holding config and
-    /// System.map when that is another (same version, other prefix).
-    fn package_kinds(self) -> (&'static str, Option<&'static str>) {
+    /// The package holding the image.
+    fn image_kind(self) -> &'static str {
         match self {
-            DebianSpec::Debian612 => ("linux-image", None),
-            DebianSpec::Debian72 => ("linux-binary", Some("linux-base")),
+            DebianSpec::Debian612 => "linux-image",
+            DebianSpec::Debian72 => "linux-binary",
         }
     }
 
-    /// Where the unpacked packages keep the image (first that exists),
-    /// config and System.map, relative to the unpack root.
-    fn layout(self, release: &str) -> (Vec<String>, String, String) {
+    /// The packages of the same version the image needs beside it (other
+    /// prefixes): the one with config and System.map, and the one with the
+    /// modules when `with_modules` (6.12's image package holds both).
+    fn companion_kinds(self, with_modules: bool) -> &'static [&'static str] {
+        match (self, with_modules) {
+            (DebianSpec::Debian612, _) => &[],
+            (DebianSpec::Debian72, false) => &["linux-base"],
+            (DebianSpec::Debian72, true) => &["linux-base", "linux-modules"],
+        }
+    }
+
+    /// Where the unpacked packages keep their files, relative to the unpack root.
+    fn layout(self, release: &str) -> KernelLayout {
         match self {
-            DebianSpec::Debian612 => (
-                vec![format!("boot/vmlinuz-{release}"), format!("boot/vmlinux-{release}")],
-                format!("boot/config-{release}"),
-                format!("boot/System.map-{release}"),
-            ),
+            DebianSpec::Debian612 => KernelLayout {
+                images: vec![format!("boot/vmlinuz-{release}"), format!("boot/vmlinux-{release}")],
+                config: format!("boot/config-{release}"),
+                system_map: format!("boot/System.map-{release}"),
+                modules: format!("lib/modules/{release}"),
+            },
             DebianSpec::Debian72 => {
                 let dir = format!("usr/lib/modules/{release}");
-                (vec![format!("{dir}/vmlinuz")], format!("{dir}/config"), format!("{dir}/System.map"))
+                KernelLayout {
+                    images: vec![format!("{dir}/vmlinuz")],
+                    config: format!("{dir}/config"),
+                    system_map: format!("{dir}/System.map"),
+                    modules: dir,
+                }
             }
         }
     }
+}
+
+/// Where an unpacked kernel's files are, relative to its unpack root.
+struct KernelLayout {
+    /// The image: the first of these that exists.
+    images: Vec<String>,
+    config: String,
+    system_map: String,
+    /// `lib/modules/<release>`, whose `kernel/` holds the module files.
+    modules: String,
 }
 
 /// Debian's names for a profile: the architecture and the kernel flavour.
@@ -139,7 +165,7 @@ fn packages_newest_first<'a>(
     spec: DebianSpec,
     flavour: &str,
 ) -> Vec<&'a str> {
-    let kind = spec.package_kinds().0;
+    let kind = spec.image_kind();
     let mut found: Vec<_> =
         names.into_iter().filter_map(|n| Some((package_version(n, kind, spec.series(), flavour)?, n))).collect();
     found.sort_by(|a, b| b.cmp(a));
@@ -186,6 +212,8 @@ pub struct FetchedKernel {
     pub symbols_note: Option<String>,
     pub busybox: PathBuf,
     pub initramfs: PathBuf,
+    /// The modules the initramfs holds, in load order.
+    pub modules: Vec<String>,
 }
 
 /// The busybox-static of a Debian architecture, unpacked (fetched if needed).
@@ -213,12 +241,12 @@ fn ensure_busybox(apt: &PrivateApt, debs: &Path) -> Result<PathBuf> {
 /// it does not serve (a mirror still syncing, or a partial one).
 const VERSIONS_TRIED: usize = 3;
 
-/// The package set of `image` (the image package, and its base package
-/// when the spec has one).
-fn package_set(spec: DebianSpec, image: &str) -> Vec<String> {
-    let (image_kind, base_kind) = spec.package_kinds();
+/// The package set of `image`: the image package first, then its
+/// companions (base, and modules when `with_modules`).
+fn package_set(spec: DebianSpec, image: &str, with_modules: bool) -> Vec<String> {
+    let image_kind = spec.image_kind();
     let mut packages = vec![image.to_string()];
-    packages.extend(base_kind.map(|base| image.replacen(image_kind, base, 1)));
+    packages.extend(spec.companion_kinds(with_modules).iter().map(|kind| image.replacen(image_kind, kind, 1)));
     packages
 }
 
@@ -229,6 +257,9 @@ fn download_set(packages: &[String], apt: &PrivateApt, debs: &Path) -> Result<Ve
         .map(|package| match find_deb(debs, package) {
             Some(deb) => Ok(deb),
             None => {
+                if !apt.has_indexes() {
+                    apt.update()?;
+                }
                 apt.download(&[format!("{package}:{}", apt.debian_arch)], debs)?;
                 find_deb(debs, package).with_context(|| format!("apt-get download left no {package} .deb"))
             }
@@ -238,12 +269,18 @@ fn download_set(packages: &[String], apt: &PrivateApt, debs: &Path) -> Result<Ve
 
 /// The spec's packages for `flavour`: cached ones if any, else the newest
 /// version in the freshly downloaded indexes that the mirror serves.
-fn ensure_packages(spec: DebianSpec, flavour: &str, apt: &PrivateApt, debs: &Path) -> Result<Vec<PathBuf>> {
+fn ensure_packages(
+    spec: DebianSpec,
+    flavour: &str,
+    with_modules: bool,
+    apt: &PrivateApt,
+    debs: &Path,
+) -> Result<Vec<PathBuf>> {
     let cached = cached_debs(debs);
     if let Some(image) = packages_newest_first(cached.iter().filter_map(|p| deb_package(p)), spec, flavour).first() {
-        return download_set(&package_set(spec, image), apt, debs);
+        return download_set(&package_set(spec, image, with_modules), apt, debs);
     }
-    let image_kind = spec.package_kinds().0;
+    let image_kind = spec.image_kind();
     apt.update()?;
     let names = apt.package_names(&format!("{image_kind}-{}.", spec.series()))?;
     let candidates = packages_newest_first(names.iter().map(String::as_str), spec, flavour);
@@ -252,7 +289,7 @@ fn ensure_packages(spec: DebianSpec, flavour: &str, apt: &PrivateApt, debs: &Pat
     }
     let mut failures = Vec::new();
     for image in candidates.iter().take(VERSIONS_TRIED) {
-        match download_set(&package_set(spec, image), apt, debs) {
+        match download_set(&package_set(spec, image, with_modules), apt, debs) {
             Ok(files) => return Ok(files),
             Err(e) => {
                 eprintln!("{image} could not be downloaded; trying the next newest version");
@@ -276,8 +313,10 @@ pub fn ensure_kernel(spec: DebianSpec, arch: Arch) -> Result<FetchedKernel> {
     let out = kernels_dir().join(spec.name()).join(arch.name());
     let root = out.join("root");
     let complete = out.join("unpacked");
+    let wanted = wanted_modules(arch);
+    let with_modules = !wanted.is_empty();
     if !complete.exists() {
-        let packages = ensure_packages(spec, flavour, &apt, &debs)?;
+        let packages = ensure_packages(spec, flavour, with_modules, &apt, &debs)?;
         if root.exists() {
             fs::remove_dir_all(&root).with_context(|| format!("clearing a partial unpack in {}", root.display()))?;
         }
@@ -286,21 +325,78 @@ pub fn ensure_kernel(spec: DebianSpec, arch: Arch) -> Result<FetchedKernel> {
         }
         // linux-image-<release>: the release is what `uname -r` will say.
         let image_package = packages.first().and_then(|p| deb_package(p)).unwrap_or_default();
-        let release = image_package.strip_prefix(spec.package_kinds().0).and_then(|r| r.strip_prefix('-'));
+        let release = image_package.strip_prefix(spec.image_kind()).and_then(|r| r.strip_prefix('-'));
+        let names: Vec<&str> = packages.iter().filter_map(|p| deb_package(p)).collect();
+        fs::write(out.join(UNPACKED_PACKAGES), names.join("\n") + "\n")?;
         fs::write(&complete, release.context("the image package name holds no release")?)?;
     }
     let release = fs::read_to_string(&complete)?.trim().to_string();
-    let (images, config, system_map) = spec.layout(&release);
-    let image = images
+    unpack_missing_companions(spec, &release, with_modules, &apt, &debs, &out)?;
+    let layout = spec.layout(&release);
+    let image = layout
+        .images
         .iter()
         .map(|i| root.join(i))
         .find(|p| p.exists())
-        .with_context(|| format!("no kernel image ({}) under {}", images.join(" or "), root.display()))?;
-    let (symbols, symbols_note) = symbol_source(&root.join(system_map), &image);
+        .with_context(|| format!("no kernel image ({}) under {}", layout.images.join(" or "), root.display()))?;
+    let (symbols, symbols_note) = symbol_source(&root.join(&layout.system_map), &image);
     let busybox = ensure_busybox(&apt, &debs)?;
+    let modules = resolve_modules(&root.join(&layout.modules), wanted, &out.join("modules"))
+        .with_context(|| format!("the modules {} the agent loads on {arch}", wanted.join(", ")))?;
     let initramfs = out.join("initramfs.cpio");
-    fs::write(&initramfs, build_initramfs(&busybox, arch)?)?;
-    Ok(FetchedKernel { release, image, config: root.join(config), symbols, symbols_note, busybox, initramfs })
+    write_initramfs(&initramfs, &build_initramfs(&busybox, arch, &modules)?)?;
+    Ok(FetchedKernel {
+        release,
+        image,
+        config: root.join(&layout.config),
+        symbols,
+        symbols_note,
+        busybox,
+        initramfs,
+        modules: modules.into_iter().map(|m| m.name).collect(),
+    })
+}
+
+/// The packages unpacked into a kernel's root, one name a line.
+const UNPACKED_PACKAGES: &str = "unpacked-packages";
+
+/// Unpacks the companions of an unpacked kernel that its package set has
+/// gained since (the modules package, once an architecture wants modules).
+/// A root without the list was unpacked before modules were fetched: it
+/// holds the image and base packages.
+fn unpack_missing_companions(
+    spec: DebianSpec,
+    release: &str,
+    with_modules: bool,
+    apt: &PrivateApt,
+    debs: &Path,
+    out: &Path,
+) -> Result<()> {
+    let image = format!("{}-{release}", spec.image_kind());
+    let list = out.join(UNPACKED_PACKAGES);
+    let mut unpacked: Vec<String> = match fs::read_to_string(&list) {
+        Ok(text) => text.lines().map(str::to_string).collect(),
+        Err(_) => package_set(spec, &image, false),
+    };
+    let missing: Vec<String> =
+        package_set(spec, &image, with_modules).into_iter().filter(|p| !unpacked.contains(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for deb in download_set(&missing, apt, debs)? {
+        unpack(&deb, &out.join("root"))?;
+    }
+    unpacked.extend(missing);
+    fs::write(&list, unpacked.join("\n") + "\n")?;
+    Ok(())
+}
+
+/// Writes the initramfs aside and renames it into place, so a VM starting
+/// meanwhile reads the old one or the new one, never half of one.
+fn write_initramfs(path: &Path, bytes: &[u8]) -> Result<()> {
+    let partial = path.with_extension("cpio.partial");
+    fs::write(&partial, bytes).with_context(|| format!("writing {}", partial.display()))?;
+    fs::rename(&partial, path).with_context(|| format!("renaming {} into place", partial.display()))
 }
 
 /// Symbols from the System.map if it is real, else from the image if it is
@@ -353,8 +449,11 @@ pub fn kernel_guest(kernel: &str, system_map: Option<&Path>, arch: Arch) -> Resu
     fs::create_dir_all(&out)?;
     let (debian_arch, _) = debian_names(arch);
     let busybox = ensure_busybox(&kernel_apt(debian_arch), &kernels_dir().join("debs").join(debian_arch))?;
+    // A kernel given by path brings no modules directory the harness could
+    // trust to match it: its initramfs has none, and steps that need them
+    // fail with the agent's reply naming what is missing.
     let initramfs = out.join("initramfs.cpio");
-    fs::write(&initramfs, build_initramfs(&busybox, arch)?)?;
+    write_initramfs(&initramfs, &build_initramfs(&busybox, arch, &[])?)?;
     Ok(KernelGuest {
         spec: image.display().to_string(),
         image,
@@ -381,6 +480,9 @@ pub fn fetch_kernel(args: FetchKernelArgs) -> Result<ExitCode> {
     }
     println!("busybox   {}", k.busybox.display());
     println!("initramfs {}", k.initramfs.display());
+    if !k.modules.is_empty() {
+        println!("modules   {}", k.modules.join(" "));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -423,8 +525,17 @@ mod tests {
             ["linux-binary-7.2.13+deb14-arm64", "linux-binary-7.2.9+deb14-arm64"]
         );
         assert_eq!(
-            package_set(DebianSpec::Debian72, "linux-binary-7.2.13+deb14-arm64"),
+            package_set(DebianSpec::Debian72, "linux-binary-7.2.13+deb14-arm64", false),
             ["linux-binary-7.2.13+deb14-arm64", "linux-base-7.2.13+deb14-arm64"]
+        );
+        assert_eq!(
+            package_set(DebianSpec::Debian72, "linux-binary-7.2.13+deb14-amd64", true),
+            ["linux-binary-7.2.13+deb14-amd64", "linux-base-7.2.13+deb14-amd64", "linux-modules-7.2.13+deb14-amd64"]
+        );
+        assert_eq!(
+            package_set(DebianSpec::Debian612, "linux-image-6.12.117+deb12-amd64", true),
+            ["linux-image-6.12.117+deb12-amd64"],
+            "6.12's image package holds its modules"
         );
     }
 

@@ -17,7 +17,11 @@ use hvo_abi::Arch;
 use object::Object;
 
 use super::initramfs::{Archive, InitramfsError, CONSOLE, NULL};
-use crate::addr::VirtAddr;
+use super::modules::KernelModule;
+use crate::addr::{PhysAddr, VirtAddr};
+
+mod devices;
+pub use devices::{DaxDevice, DaxMode, MemGone, MemOnline, MEM_WAIT_S};
 
 /// The agent's source, with `@ABI@` where the protocol version goes.
 pub const AGENT_SCRIPT: &str = include_str!("agent.sh");
@@ -28,7 +32,13 @@ pub fn agent_script() -> String {
 }
 
 /// The busybox applets the agent calls, linked to busybox in /bin.
-const APPLETS: &[&str] = &["sh", "mount", "stty", "awk", "cat", "uname", "tr", "grep", "sync", "poweroff"];
+const APPLETS: &[&str] =
+    &["sh", "mount", "stty", "awk", "cat", "uname", "tr", "grep", "sync", "poweroff", "insmod", "readlink", "sleep"];
+
+/// Where the initramfs keeps its modules, and the file naming them in the
+/// order the agent loads them (one name a line; `<name>.ko` beside it).
+const MODULES_DIR: &str = "lib/modules";
+const LOAD_ORDER: &str = "lib/modules/load-order";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -77,13 +87,15 @@ fn check_busybox(path: &Path, bytes: &[u8], arch: Arch) -> Result<(), AgentError
 }
 
 /// The initramfs of a real-kernel run: busybox-static for `arch`, its
-/// applets, the console and null devices, and the agent as /init.
-pub fn build_initramfs(busybox: &Path, arch: Arch) -> Result<Vec<u8>, AgentError> {
+/// applets, the console and null devices, the agent as /init, and the
+/// `modules` it loads at start, in the order given (dependencies first:
+/// [`super::modules::resolve_modules`]).
+pub fn build_initramfs(busybox: &Path, arch: Arch, modules: &[KernelModule]) -> Result<Vec<u8>, AgentError> {
     let bytes =
         std::fs::read(busybox).map_err(|source| AgentError::ReadBusybox { path: busybox.to_path_buf(), source })?;
     check_busybox(busybox, &bytes, arch)?;
     let mut archive = Archive::new();
-    for dir in ["bin", "dev", "proc", "sys", "tmp"] {
+    for dir in ["bin", "dev", "proc", "sys", "tmp", "lib", MODULES_DIR] {
         archive.directory(dir, 0o755)?;
     }
     // The kernel opens /dev/console for init before devtmpfs is mounted.
@@ -93,6 +105,13 @@ pub fn build_initramfs(busybox: &Path, arch: Arch) -> Result<Vec<u8>, AgentError
     for applet in APPLETS {
         archive.symlink(&format!("bin/{applet}"), "busybox")?;
     }
+    let mut order = String::new();
+    for module in modules {
+        archive.file(&format!("{MODULES_DIR}/{}.ko", module.name), 0o644, &module.bytes)?;
+        order.push_str(&module.name);
+        order.push('\n');
+    }
+    archive.file(LOAD_ORDER, 0o644, order.as_bytes())?;
     archive.file("init", 0o755, agent_script().as_bytes())?;
     Ok(archive.finish())
 }
@@ -144,6 +163,18 @@ pub enum AgentCommand<'a> {
     Ksyms(Vec<&'a str>),
     /// Whether a type or member of this name is in the kernel's BTF.
     BtfHas(&'a str),
+    /// A device-dax instance over the whole of the first free pmem
+    /// namespace, its struct pages where `mode` says, mapped in `align`
+    /// bytes: [`DaxDevice`]. Needs the nvdimm and dax modules.
+    DaxCreate { mode: DaxMode, align: u64 },
+    /// Tears down the device-dax instance `daxX.Y` (its struct pages go).
+    DaxDestroy { dev: &'a str },
+    /// Waits at most `wait_s` seconds until every memory block of the range
+    /// exists and is online (after the host plugged a DIMM there): [`MemOnline`].
+    MemOnline { start: PhysAddr, size: u64, wait_s: u32 },
+    /// Waits at most `wait_s` seconds until no memory block of the range
+    /// exists any more (after the host unplugged it): [`MemGone`].
+    MemGone { start: PhysAddr, size: u64, wait_s: u32 },
     /// `ok`, then the kernel powers off.
     Exit,
 }
@@ -158,6 +189,10 @@ impl AgentCommand<'_> {
             AgentCommand::HugetlbFree { .. } => "hugetlb-free",
             AgentCommand::Ksyms(_) => "ksyms",
             AgentCommand::BtfHas(_) => "btf-has",
+            AgentCommand::DaxCreate { .. } => "dax-create",
+            AgentCommand::DaxDestroy { .. } => "dax-destroy",
+            AgentCommand::MemOnline { .. } => "mem-online",
+            AgentCommand::MemGone { .. } => "mem-gone",
             AgentCommand::Exit => "exit",
         }
     }
@@ -175,6 +210,11 @@ impl AgentCommand<'_> {
             }
             AgentCommand::Ksyms(names) => format!("{seq} {verb} {}", names.join(" ")),
             AgentCommand::BtfHas(name) => format!("{seq} {verb} {name}"),
+            AgentCommand::DaxCreate { mode, align } => format!("{seq} {verb} {} {align}", mode.name()),
+            AgentCommand::DaxDestroy { dev } => format!("{seq} {verb} {dev}"),
+            AgentCommand::MemOnline { start, size, wait_s } | AgentCommand::MemGone { start, size, wait_s } => {
+                format!("{seq} {verb} {:#x} {size:#x} {wait_s}", start.0)
+            }
         }
     }
 }
@@ -226,6 +266,14 @@ impl<'a> Fields<'a> {
         text.parse().map_err(|_| self.bad(format!("{key}={text} is not a number")))
     }
 
+    /// A `0x` hexadecimal number (an address or a size).
+    fn hex(&self, key: &str) -> Result<u64, AgentError> {
+        let text = self.text(key)?;
+        text.strip_prefix("0x")
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .ok_or_else(|| self.bad(format!("{key}={text} is not a 0x number")))
+    }
+
     fn optional_number(&self, key: &str) -> Result<Option<u64>, AgentError> {
         match self.map.contains_key(key) {
             true => self.number(key).map(Some),
@@ -242,7 +290,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// A comma-separated list (empty when the kernel has no hstate).
+    /// A comma-separated list (empty when there is nothing to list).
     fn list(&self, key: &str) -> Result<Vec<&'a str>, AgentError> {
         Ok(self.text(key)?.split(',').filter(|s| !s.is_empty()).collect())
     }
@@ -274,6 +322,10 @@ pub struct KernelFacts {
     pub hstates: Vec<HstateSize>,
     /// /sys/kernel/btf/vmlinux exists (so `btf-has` can answer).
     pub btf: bool,
+    /// The initramfs's modules the agent loaded at start, in load order.
+    pub modules: Vec<String>,
+    /// Those `insmod` refused (the console shows why, before the banner).
+    pub modules_failed: Vec<String>,
 }
 
 impl KernelFacts {
@@ -287,6 +339,8 @@ impl KernelFacts {
             hvo_sysctl: f.sysctl()?,
             hstates,
             btf: f.text("btf")? == "yes",
+            modules: f.list("modules")?.into_iter().map(str::to_string).collect(),
+            modules_failed: f.list("modules_failed")?.into_iter().map(str::to_string).collect(),
         })
     }
 }

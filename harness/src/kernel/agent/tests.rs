@@ -21,7 +21,11 @@ fn write_temp(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 fn the_initramfs_holds_busybox_its_applets_the_devices_and_the_agent_as_init() {
     let dir = tempfile::tempdir().unwrap();
     let busybox = write_temp(dir.path(), "busybox", &elf(EM_PPC64, false, None));
-    let bytes = build_initramfs(&busybox, Arch::Ppc64le64k).unwrap();
+    let modules = [
+        KernelModule { name: "libnvdimm".into(), bytes: b"\x7fELF lib".to_vec() },
+        KernelModule { name: "nd_e820".into(), bytes: b"\x7fELF e820".to_vec() },
+    ];
+    let bytes = build_initramfs(&busybox, Arch::Ppc64le64k, &modules).unwrap();
     let entries = read_back(&bytes);
     let find = |name: &str| entries.iter().find(|e| e.name == name).unwrap_or_else(|| panic!("no {name}"));
     assert_eq!(find("bin/busybox").data, std::fs::read(&busybox).unwrap());
@@ -35,22 +39,27 @@ fn the_initramfs_holds_busybox_its_applets_the_devices_and_the_agent_as_init() {
     for applet in APPLETS {
         assert_eq!(find(&format!("bin/{applet}")).data, b"busybox", "{applet}");
     }
+    assert_eq!(find("lib/modules/nd_e820.ko").data, b"\x7fELF e820");
+    assert_eq!(find("lib/modules/load-order").data, b"libnvdimm\nnd_e820\n", "dependencies first");
+    let bare = read_back(&build_initramfs(&busybox, Arch::Ppc64le64k, &[]).unwrap());
+    let order = bare.iter().find(|e| e.name == "lib/modules/load-order").unwrap();
+    assert!(order.data.is_empty(), "a kernel without modules loads none");
 }
 
 #[test]
 fn a_busybox_for_another_machine_a_dynamic_one_or_no_program_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let arm = write_temp(dir.path(), "arm", &elf(EM_AARCH64, false, None));
-    match build_initramfs(&arm, Arch::X86_64) {
+    match build_initramfs(&arm, Arch::X86_64, &[]) {
         Err(AgentError::BusyboxArch { arch: Arch::X86_64, found, .. }) => assert!(found.contains("Aarch64"), "{found}"),
         other => panic!("{other:?}"),
     }
     let dynamic = write_temp(dir.path(), "dynamic", &elf(EM_X86_64, true, None));
-    assert!(matches!(build_initramfs(&dynamic, Arch::X86_64), Err(AgentError::BusyboxDynamic { .. })));
+    assert!(matches!(build_initramfs(&dynamic, Arch::X86_64, &[]), Err(AgentError::BusyboxDynamic { .. })));
     let text = write_temp(dir.path(), "text", b"#!/bin/sh\n");
-    assert!(matches!(build_initramfs(&text, Arch::Aarch64), Err(AgentError::BusyboxNotElf { .. })));
+    assert!(matches!(build_initramfs(&text, Arch::Aarch64, &[]), Err(AgentError::BusyboxNotElf { .. })));
     let missing = dir.path().join("missing");
-    assert!(matches!(build_initramfs(&missing, Arch::Aarch64), Err(AgentError::ReadBusybox { .. })));
+    assert!(matches!(build_initramfs(&missing, Arch::Aarch64, &[]), Err(AgentError::ReadBusybox { .. })));
 }
 
 #[test]
@@ -84,10 +93,13 @@ fn ksyms_requests_are_split_so_every_reply_fits_one_line() {
 
 #[test]
 fn replies_parse_into_facts_and_reports() {
-    let facts =
-        KernelFacts::parse("release=6.12.117+deb12-amd64 machine=x86_64 page_kb=4 hvo=1 hstates=1048576,2048 btf=yes")
-            .unwrap();
+    let facts = KernelFacts::parse(
+        "release=6.12.117+deb12-amd64 machine=x86_64 page_kb=4 hvo=1 hstates=1048576,2048 btf=yes \
+         modules=libnvdimm,nd_e820 modules_failed=",
+    )
+    .unwrap();
     assert_eq!(facts.release, "6.12.117+deb12-amd64");
+    assert_eq!((facts.modules, facts.modules_failed), (vec!["libnvdimm".to_string(), "nd_e820".into()], vec![]));
     assert_eq!((facts.page_kib, facts.hvo_sysctl, facts.btf), (4, HvoSysctl::On, true));
     assert_eq!(facts.hstates, vec![HstateSize::from_kib(1 << 20), HstateSize::from_kib(2048)]);
 
@@ -104,7 +116,10 @@ fn replies_parse_into_facts_and_reports() {
     for bad in ["hvo=2 hstates=", "hstates=", "hvo=1 hstates=2048:64", "hvo=1 hstates=2048:x:1"] {
         assert!(matches!(KernelReport::parse(bad), Err(AgentError::BadReply { verb: "report", .. })), "{bad}");
     }
-    assert!(KernelFacts::parse("release=x machine=y page_kb=four hvo=1 hstates= btf=no").is_err());
+    assert!(
+        KernelFacts::parse("release=x machine=y page_kb=four hvo=1 hstates= btf=no modules= modules_failed=").is_err()
+    );
+    assert!(KernelFacts::parse("release=x machine=y page_kb=4 hvo=1 hstates= btf=no").is_err(), "no modules=");
 
     let syms = parse_ksyms("init_top_pgt=0xffffffff82c22000 vmemmap_base=0xffffffff825d5598").unwrap();
     assert_eq!(syms[1], ("vmemmap_base".to_string(), VirtAddr(0xffff_ffff_825d_5598)));
@@ -140,10 +155,16 @@ fn fake_kernel(root: &Path) {
 /// Runs the agent under the host's sh on `root` with `input` lines; returns
 /// the ready banner and the reply to each line, by sequence number.
 fn converse(root: &Path, input: &str) -> (GuestLine<'static>, Vec<String>) {
+    converse_with(root, input, &[])
+}
+
+/// [`converse`] with more environment (`HVO_AGENT_INSMOD`).
+fn converse_with(root: &Path, input: &str, env: &[(&str, &Path)]) -> (GuestLine<'static>, Vec<String>) {
     let mut child = Process::new("sh")
         .arg("-c")
         .arg(agent_script())
         .env("HVO_AGENT_ROOT", root)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -185,6 +206,7 @@ fn the_agent_script_answers_every_verb_against_a_fake_kernel() {
     assert_eq!(reply(1).unwrap(), "pong tok");
     let facts = KernelFacts::parse(&reply(2).unwrap()).unwrap();
     assert_eq!((facts.release.as_str(), facts.page_kib, facts.btf), ("6.12.117+deb12-amd64", 4, true));
+    assert!(facts.modules.is_empty() && facts.modules_failed.is_empty(), "the fake has no modules");
     assert_eq!(facts.hvo_sysctl, HvoSysctl::Off);
     assert_eq!(facts.hstates, vec![HstateSize::from_kib(1048576), HstateSize::from_kib(2048)]);
     let before = KernelReport::parse(&reply(3).unwrap()).unwrap();
@@ -221,3 +243,17 @@ fn the_agent_script_says_so_when_the_console_closes() {
     let (_, replies) = converse(dir.path(), "1 ping\n");
     assert_eq!(replies.last().map(String::as_str), Some("@hvo crash: console closed"));
 }
+
+/// The reply to `seq` among `replies`: Ok(payload) or Err(message).
+fn reply_to(replies: &[String], seq: u64) -> Result<String, String> {
+    for line in replies {
+        if let GuestLine::Reply { seq: Some(s), outcome } = parse_guest_line(line) {
+            if s == seq {
+                return outcome.map(str::to_string).map_err(str::to_string);
+            }
+        }
+    }
+    panic!("no reply to {seq} in {replies:?}")
+}
+
+mod devices;
