@@ -6,10 +6,16 @@
 //! evidence to cross-check, never the verdict.
 //!
 //! The checks report through the project's invariant names, so a real
-//! kernel's verdict reads like the firmware's.
+//! kernel's verdict reads like the firmware's. Device DAX ranges and
+//! hot-added memory are judged alike: DAX compound pages are found at the
+//! device's aligned pfns, hot-added memory is more RAM.
 
+mod accounting;
 mod checks;
+mod dax;
 mod pattern;
+
+pub use dax::DaxRange;
 
 use std::fmt::Write as _;
 use std::ops::Range;
@@ -105,8 +111,10 @@ pub struct KernelView<'a> {
     /// The base page size.
     pub page_size: u64,
     /// Linux's memory section size (`1 << SECTION_SIZE_BITS`) on this
-    /// architecture: its boot memmap counter counts a section at a time.
+    /// architecture: its memmap counters count a section at a time.
     pub section_size: u64,
+    /// The device DAX ranges the kernel was asked to create, in any order.
+    pub dax: Vec<DaxRange>,
 }
 
 impl KernelView<'_> {
@@ -120,12 +128,26 @@ impl KernelView<'_> {
         round_out(self.struct_page(pfns.start)..self.struct_page(pfns.end), self.page_size)
     }
 
+    fn pfns_per_section(&self) -> u64 {
+        self.section_size / self.page_size
+    }
+
+    /// Whether `pfn` is in a section RAM is present in: Linux reuses such a
+    /// section's memmap, populated whole at boot, for anything added there
+    /// later (`section_activate` returns the early section's memmap).
+    fn in_ram_section(&self, pfn: Pfn) -> bool {
+        let section = pfn.0 / self.pfns_per_section();
+        self.section_runs().iter().any(|run| run.contains(&section))
+    }
+
     /// RAM's memory sections as section numbers: runs of consecutive
     /// present sections, ascending.
     fn section_runs(&self) -> Vec<Range<u64>> {
-        let pfns_per_section = self.section_size / self.page_size;
+        let pfns_per_section = self.pfns_per_section();
+        let mut ram: Vec<&Range<Pfn>> = self.ram.iter().filter(|r| !r.is_empty()).collect();
+        ram.sort_by_key(|r| r.start);
         let mut runs: Vec<Range<u64>> = Vec::new();
-        for r in self.ram.iter().filter(|r| !r.is_empty()) {
+        for r in ram {
             let sections = r.start.0 / pfns_per_section..(r.end.0 - 1) / pfns_per_section + 1;
             match runs.last_mut() {
                 Some(last) if sections.start <= last.end => last.end = last.end.max(sections.end),
@@ -135,52 +157,36 @@ impl KernelView<'_> {
         runs
     }
 
-    /// The vmemmap pages Linux's memmap counters cover: those holding the
-    /// struct pages of RAM's present sections (not the rest of a 2 MiB
-    /// leaf past them).
-    fn counted_spans(&self) -> Vec<Range<VirtAddr>> {
-        let pfns_per_section = self.section_size / self.page_size;
-        self.section_runs()
-            .into_iter()
-            .map(|run| {
-                let pfns = Pfn(run.start * pfns_per_section)..Pfn(run.end * pfns_per_section);
-                self.vmemmap_of(&pfns)
-            })
-            .collect()
-    }
-
-    /// How many more boot memmap pages Linux counts than its vmemmap maps.
-    /// `sparse_init_nid` adds each present section's memmap rounded up to
-    /// a whole page, so where one page holds the memmaps of several
-    /// sections (64 KiB pages and 16 MiB sections: four 16 KiB memmaps a
-    /// page) that page is counted once per section. Zero wherever a
-    /// section's memmap is whole pages.
-    fn boot_memmap_overcount(&self) -> u64 {
-        let memmap_bytes = self.section_size / self.page_size * STRUCT_PAGE_SIZE;
-        self.section_runs()
-            .into_iter()
-            .map(|run| {
-                let sections = run.end - run.start;
-                sections * memmap_bytes.div_ceil(self.page_size) - (sections * memmap_bytes).div_ceil(self.page_size)
-            })
-            .sum()
-    }
-
-    /// The vmemmap the walk reads: RAM's, rounded out to whole 2 MiB
-    /// granules, ascending and merged. The kernel maps and counts its
-    /// vmemmap a granule at a time, and a granule split into base pages
-    /// keeps the frames past RAM's end that its leaf mapped.
+    /// RAM's vmemmap, rounded out to whole 2 MiB granules, ascending and
+    /// merged. The kernel maps and counts its vmemmap a granule at a time,
+    /// and a granule split into base pages keeps the frames past RAM's end
+    /// that its leaf mapped.
     fn walked_spans(&self) -> Vec<Range<VirtAddr>> {
-        let mut spans: Vec<Range<VirtAddr>> = Vec::new();
-        for r in self.ram.iter().filter(|r| !r.is_empty()) {
-            let span = round_out(self.struct_page(r.start)..self.struct_page(r.end), VMEMMAP_GRANULE);
-            match spans.last_mut() {
-                Some(last) if span.start <= last.end => last.end = last.end.max(span.end),
-                _ => spans.push(span),
-            }
-        }
-        spans
+        granule_spans(self, self.ram.iter())
     }
+
+    /// The vmemmap the walk reads: RAM's and every DAX namespace's, in
+    /// whole granules.
+    fn map_spans(&self) -> Vec<Range<VirtAddr>> {
+        granule_spans(self, self.ram.iter().chain(self.dax.iter().map(|d| &d.namespace)))
+    }
+}
+
+/// The vmemmap of `ranges` rounded out to whole granules, ascending and merged.
+fn granule_spans<'r>(view: &KernelView, ranges: impl Iterator<Item = &'r Range<Pfn>>) -> Vec<Range<VirtAddr>> {
+    let mut spans: Vec<Range<VirtAddr>> = ranges
+        .filter(|r| !r.is_empty())
+        .map(|r| round_out(view.struct_page(r.start)..view.struct_page(r.end), VMEMMAP_GRANULE))
+        .collect();
+    spans.sort_by_key(|s| s.start);
+    let mut merged: Vec<Range<VirtAddr>> = Vec::new();
+    for span in spans {
+        match merged.last_mut() {
+            Some(last) if span.start <= last.end => last.end = last.end.max(span.end),
+            _ => merged.push(span),
+        }
+    }
+    merged
 }
 
 /// The largest leaf the kernels here map the vmemmap with (a PMD: 2 MiB in
@@ -191,9 +197,29 @@ fn round_out(va: Range<u64>, to: u64) -> Range<VirtAddr> {
     VirtAddr(va.start / to * to)..VirtAddr(va.end.div_ceil(to) * to)
 }
 
-/// Compound pages of one size and layout the pattern found.
+/// Whose compound pages: HugeTLB's folios or a device DAX range's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CompoundKind {
+    Hugetlb,
+    Dax,
+}
+
+impl CompoundKind {
+    /// The name reports use (the firmware's region costs say the same).
+    pub fn name(self) -> &'static str {
+        match self {
+            CompoundKind::Hugetlb => "hugetlb",
+            CompoundKind::Dax => "dax",
+        }
+    }
+}
+
+/// Compound pages of one kind, size and layout the pattern found. HugeTLB
+/// regions list optimized folios only; DAX regions list every compound
+/// page of the devices (`Layout::None` where not optimized).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FoundRegion {
+    pub kind: CompoundKind,
     pub compound_bytes: u64,
     pub count: u64,
     /// `Layout::None` = not optimized.
@@ -212,7 +238,7 @@ pub struct KernelVerdict {
     pub generation: Generation,
     /// One per invariant the tables decide for a kernel, in report order.
     pub checks: Vec<Check>,
-    /// The optimized compound pages found, by size and layout.
+    /// The compound pages found, by kind, size and layout.
     pub found: Vec<FoundRegion>,
     /// A human-readable summary of the vmemmap, for artifacts.
     pub dump: String,
@@ -237,6 +263,8 @@ pub enum KernelVerifyError {
     NoRam,
     #[error("base page size {0:#x} is not a power of two of at least 4 KiB")]
     BadPageSize(u64),
+    #[error("{0}")]
+    BadDaxRange(String),
 }
 
 /// The HugeTLB sizes to look for: the kernel's hstates and the two every
@@ -262,22 +290,35 @@ pub fn verify_kernel(
     if view.ram.iter().all(|r| r.is_empty()) {
         return Err(KernelVerifyError::NoRam);
     }
-    let map = VmemmapMap::walk_spans(&view.walker, view.mem, &view.walked_spans(), view.page_size)?;
+    for d in &view.dax {
+        d.validate(view.page_size).map_err(KernelVerifyError::BadDaxRange)?;
+    }
+    let map = VmemmapMap::walk_spans(&view.walker, view.mem, &view.map_spans(), view.page_size)?;
     let sizes = compound_sizes(report);
     let compounds = pattern::find(view, &map, &sizes);
-    let found = pattern::summarize(&map, &compounds);
-    let ctx = checks::Context { view, map: &map, report, generation, compounds: &compounds, found: &found };
+    let dax = dax::find(view, &map);
+    let mut found = pattern::summarize(&map, &compounds);
+    found.extend(dax::summarize(view, &map, &dax));
+    let ctx = checks::Context { view, map: &map, report, generation, compounds: &compounds, dax: &dax, found: &found };
     let checks = checks::CHECKS.iter().map(|(invariant, run)| run(&ctx).into_check(*invariant)).collect();
-    let dump = dump(view, &map, &found, &compounds);
+    let dump = dump(view, &map, &found, &compounds, &dax);
     Ok(KernelVerdict { generation, checks, found, dump })
 }
 
 /// The vmemmap in words: what was walked, how it is mapped, what was found.
-fn dump(view: &KernelView, map: &VmemmapMap, found: &[FoundRegion], compounds: &[FoundCompound]) -> String {
+fn dump(
+    view: &KernelView,
+    map: &VmemmapMap,
+    found: &[FoundRegion],
+    compounds: &[FoundCompound],
+    dax: &[FoundCompound],
+) -> String {
     let mut out = format!("vmemmap of pfn 0 at {}, base pages of {} KiB\n", view.vmemmap_start, view.page_size >> 10);
-    for r in &view.ram {
+    let ranges =
+        view.ram.iter().map(|r| ("RAM".to_string(), r)).chain(view.dax.iter().map(|d| (d.describe(), &d.namespace)));
+    for (what, r) in ranges {
         let span = view.vmemmap_of(r);
-        let _ = writeln!(out, "RAM pfns {}..{}: struct pages {}..{}", r.start, r.end, span.start, span.end);
+        let _ = writeln!(out, "{what} pfns {}..{}: struct pages {}..{}", r.start, r.end, span.start, span.end);
         let mut by_mapping: Vec<(u64, bool, u64)> = Vec::new();
         let mut unmapped = 0;
         for (_, mapping) in map.span(span.start.0, (span.end.0 - span.start.0) / view.page_size) {
@@ -301,9 +342,13 @@ fn dump(view: &KernelView, map: &VmemmapMap, found: &[FoundRegion], compounds: &
     }
     let _ = writeln!(out, "{} distinct frames, {} vmemmap pages mapped", map.frames(), map.ptes());
     for f in found {
+        let whose = match f.kind {
+            CompoundKind::Hugetlb => "",
+            CompoundKind::Dax => " DAX",
+        };
         let _ = writeln!(
             out,
-            "found {} x {} compound pages, {} layout",
+            "found {} x {}{whose} compound pages, {} layout",
             f.count,
             size_name(f.compound_bytes),
             f.layout.name()
@@ -312,8 +357,11 @@ fn dump(view: &KernelView, map: &VmemmapMap, found: &[FoundRegion], compounds: &
     if let Some(first) = compounds.first() {
         let _ = writeln!(out, "first optimized compound page:{}", first.view.diagram(None));
     }
+    dax::dump(&mut out, dax, view);
     out
 }
 
+#[cfg(test)]
+mod dax_tests;
 #[cfg(test)]
 mod tests;

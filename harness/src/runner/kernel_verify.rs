@@ -205,7 +205,9 @@ fn judge_tables(
         .collect();
     let vmemmap_start = vmemmap_start(profile.kernel.vmemmap, symbols, &walker, mem, &ram, page_size)?;
     let section_size = 1 << profile.kernel.section_shift;
-    let view = KernelView { mem, walker, vmemmap_start, ram, page_size, section_size };
+    // The DAX ranges the scenario created: the integrator fills them in
+    // from the agent's `dax-create` replies.
+    let view = KernelView { mem, walker, vmemmap_start, ram, page_size, section_size, dax: Vec::new() };
     let verdict = verify_kernel(&view, report, generation)
         .map_err(|e| Abort::Fail(format!("the kernel's vmemmap cannot be verified: {e}")))?;
     let mut samples = Vec::new();

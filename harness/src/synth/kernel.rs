@@ -2,19 +2,25 @@
 //! real-kernel verifier's tests: boot memmap under 2 MiB leaves at the
 //! kernel's vmemmap address, HugeTLB folios optimized in place (their leaves
 //! split into base pages, the head moved to a fresh frame, the tails remapped
-//! read-only), and the memmap counters the kernel keeps, counted from what
-//! stays mapped. The entry encodings are synth's, written from the manuals.
+//! read-only), memory hot-added and device DAX ranges created at run time
+//! (the dax submodule), and the memmap counters the kernel keeps, counted
+//! as Linux counts them. The entry encodings are synth's, written from the
+//! manuals.
+
+mod dax;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
-use hvo_abi::model::{Layout, STRUCT_PAGE_SIZE};
+use hvo_abi::model::{Layout, Zone, STRUCT_PAGE_SIZE};
 use hvo_abi::Arch;
+
+pub use dax::{DaxCounting, DaxMode, DaxSpec};
 
 use super::format::{Format, BLOCK_LEVEL};
 use crate::addr::{Pfn, PhysAddr, VirtAddr};
 use crate::kernel::agent::{Hstate, HstateSize, HvoSysctl, KernelReport};
-use crate::kernel::verify::KernelView;
+use crate::kernel::verify::{DaxRange, KernelView};
 use crate::memory::SparseMemory;
 use crate::pgtable::{PagingFormat, Walker};
 
@@ -64,6 +70,9 @@ struct FrameUse {
     /// Frame -> vmemmap pages mapping it (a block's frames count one each).
     users: HashMap<u64, u64>,
     boot: HashSet<u64>,
+    /// Frames the memmaps of memory added at run time took (hot-added RAM,
+    /// DAX): Linux counts those by its own rule, kept in `runtime_counted`.
+    runtime: HashSet<u64>,
 }
 
 impl FrameUse {
@@ -87,11 +96,18 @@ pub struct KernelVmemmap {
     pub mem: SparseMemory,
     format: Format,
     placement: Placement,
-    ram: Range<Pfn>,
+    /// Boot RAM first, then hot-added ranges.
+    ram: Vec<Range<Pfn>>,
     /// HugeTLB pool sizes, by compound size.
     pools: BTreeMap<u64, u64>,
-    /// The unified layout's shared tail pages, by compound size.
-    shared_tails: BTreeMap<u64, u64>,
+    /// The unified layout's shared tail pages, by zone and compound size.
+    shared_tails: BTreeMap<(Zone, u64), u64>,
+    /// The device DAX ranges created.
+    dax: Vec<DaxRange>,
+    /// What Linux added to `nr_memmap_pages` for memory added at run time.
+    runtime_counted: u64,
+    /// Where the next hot-added or device range goes (a physical address).
+    next_device: u64,
     /// 2 MiB leaves not yet split: their VA -> first frame.
     blocks: BTreeMap<u64, u64>,
     /// Base-page leaves: VA -> frame.
@@ -113,11 +129,15 @@ impl KernelVmemmap {
         let placement = placement(arch);
         let page = format.page;
         let start = Pfn::containing(PhysAddr(placement.ram_start), page);
+        let ram = start..start + ram_bytes / page;
         let mut k = KernelVmemmap {
             mem: SparseMemory::new(),
             format,
             placement,
-            ram: start..start + ram_bytes / page,
+            next_device: ram.end.addr(page).0,
+            ram: vec![ram],
+            dax: Vec::new(),
+            runtime_counted: 0,
             root: 0,
             next_table: TABLE_FRAMES,
             next_data: DATA_FRAMES,
@@ -130,8 +150,8 @@ impl KernelVmemmap {
         };
         k.root = k.table(0);
         let block = format.span(BLOCK_LEVEL);
-        let first = k.struct_page(k.ram.start) / block * block;
-        let end = k.struct_page(k.ram.end).div_ceil(block) * block;
+        let first = k.struct_page(k.ram[0].start) / block * block;
+        let end = k.struct_page(k.ram[0].end).div_ceil(block) * block;
         for va in (first..end).step_by(block as usize) {
             let frames = k.data_frames(block / page);
             let table = k.table_for(va, BLOCK_LEVEL);
@@ -149,9 +169,14 @@ impl KernelVmemmap {
         self.format.page
     }
 
-    /// The RAM's first pfn.
+    /// The boot RAM's first pfn.
     pub fn ram_start(&self) -> Pfn {
-        self.ram.start
+        self.ram[0].start
+    }
+
+    /// Linux's section size here.
+    pub fn section(&self) -> u64 {
+        1 << self.placement.section_shift
     }
 
     /// The struct page address of `pfn`.
@@ -170,9 +195,10 @@ impl KernelVmemmap {
             mem: &self.mem,
             walker: Walker::new(self.placement.paging.format(), PhysAddr(self.root)),
             vmemmap_start: VirtAddr(self.placement.vmemmap_start),
-            ram: vec![self.ram.clone()],
+            ram: self.ram.clone(),
             page_size: self.format.page,
             section_size: 1 << self.placement.section_shift,
+            dax: self.dax.clone(),
         }
     }
 
@@ -278,7 +304,8 @@ impl KernelVmemmap {
     fn boot_memmap_pages(&self) -> u64 {
         let page = self.format.page;
         let section_pfns = (1u64 << self.placement.section_shift) / page;
-        let sections = self.ram.end.0.div_ceil(section_pfns) - self.ram.start.0 / section_pfns;
+        let boot = &self.ram[0];
+        let sections = boot.end.0.div_ceil(section_pfns) - boot.start.0 / section_pfns;
         let at_boot = sections * (section_pfns * STRUCT_PAGE_SIZE).div_ceil(page);
         let freed = self.frames.boot.iter().filter(|f| !self.frames.users.contains_key(f)).count() as u64;
         at_boot - freed
@@ -289,15 +316,63 @@ impl KernelVmemmap {
         self.leaves.get(&va).copied()
     }
 
-    /// The shared tail page of compound pages of `bytes`, made on first use
-    /// (one zone here, so one per size).
+    /// The shared tail page of HugeTLB compound pages of `bytes`, made on
+    /// first use (RAM is one zone here, so one per size).
     pub fn shared_tail(&mut self, bytes: u64) -> u64 {
-        if let Some(&frame) = self.shared_tails.get(&bytes) {
+        self.zone_shared_tail(Zone::Normal, bytes)
+    }
+
+    /// The shared tail page of (`zone`, `bytes`), made on first use.
+    fn zone_shared_tail(&mut self, zone: Zone, bytes: u64) -> u64 {
+        if let Some(&frame) = self.shared_tails.get(&(zone, bytes)) {
             return frame;
         }
         let frame = self.fresh_frame();
-        self.shared_tails.insert(bytes, frame);
+        self.shared_tails.insert((zone, bytes), frame);
         frame
+    }
+
+    /// Where the next range added at run time goes: after everything so
+    /// far, aligned to 1 GiB and to the memory one vmemmap granule
+    /// describes (so no two ranges' vmemmaps share a leaf).
+    fn place(&mut self, bytes: u64) -> Pfn {
+        let page = self.format.page;
+        let granule = self.format.span(BLOCK_LEVEL) / STRUCT_PAGE_SIZE * page;
+        let align = granule.max(1 << 30);
+        let at = self.next_device.div_ceil(align) * align + align;
+        self.next_device = at + bytes;
+        Pfn::containing(PhysAddr(at), page)
+    }
+
+    /// Maps each vmemmap page holding struct pages of `pfns` to a frame of
+    /// its own, writable, from `frames` (system memory, or the device's
+    /// altmap), as memory added at run time is; the frames are the
+    /// run-time counter's.
+    fn map_runtime_memmap(&mut self, pfns: &Range<Pfn>, mut frames: impl FnMut(&mut Self) -> u64) {
+        let page = self.format.page;
+        let first = self.struct_page(pfns.start) / page * page;
+        let end = self.struct_page(pfns.end).div_ceil(page) * page;
+        for va in (first..end).step_by(page as usize) {
+            let frame = frames(self);
+            self.map(va, frame, true);
+            self.frames.runtime.insert(frame);
+        }
+    }
+
+    /// Hot-adds `bytes` of RAM (whole sections): its memmap mapped by base
+    /// pages of fresh frames, and `nr_memmap_pages` grown as
+    /// `section_activate` grows it, each section's memmap rounded up to
+    /// whole pages.
+    pub fn hot_add_ram(&mut self, bytes: u64) -> Range<Pfn> {
+        let page = self.format.page;
+        let start = self.place(bytes);
+        let range = start..start + bytes / page;
+        self.map_runtime_memmap(&range, |k| k.fresh_frame());
+        let section_pfns = self.section() / page;
+        let sections = bytes / self.section();
+        self.runtime_counted += sections * (section_pfns * STRUCT_PAGE_SIZE).div_ceil(page);
+        self.ram.push(range.clone());
+        range
     }
 
     /// A HugeTLB folio of `bytes` at `head` joins the pool, its vmemmap
@@ -326,12 +401,15 @@ impl KernelVmemmap {
     }
 
     /// What the kernel would report: its pools, and its memmap counters
-    /// (boot frames as Linux counts them, then every other frame mapped but
-    /// the shared tail pages, which the kernel does not count).
+    /// (boot frames as Linux counts them; HugeTLB's head pages, every frame
+    /// mapped but boot's, run time memory's and the shared tail pages,
+    /// which the kernel does not count; and what Linux counted for memory
+    /// added at run time).
     pub fn report(&self, hvo_sysctl: HvoSysctl) -> KernelReport {
         let shared: HashSet<u64> = self.shared_tails.values().copied().collect();
-        let FrameUse { users, boot } = &self.frames;
-        let other = users.keys().filter(|f| !boot.contains(f) && !shared.contains(f)).count() as u64;
+        let FrameUse { users, boot, runtime } = &self.frames;
+        let heads = users.keys().filter(|f| !boot.contains(f) && !runtime.contains(f) && !shared.contains(f)).count();
+        let other = heads as u64 + self.runtime_counted;
         let boot = self.boot_memmap_pages();
         let hstates = self
             .pools

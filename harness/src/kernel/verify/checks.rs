@@ -1,15 +1,17 @@
 //! The contract of each generation, one function per invariant over the
-//! compound pages the pattern found and the walked vmemmap.
+//! compound pages the pattern found and the walked vmemmap. HugeTLB's
+//! folios are held to the generation's layout; device DAX compound pages
+//! to their own (the dax module), with the same invariants.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use hvo_abi::model::Layout;
 
-use super::pattern::{describe, vmemmap_pages, FoundCompound};
-use super::{compound_sizes, FoundRegion, Generation, KernelView};
+use super::pattern::{describe, FoundCompound};
+use super::{accounting, compound_sizes, dax, FoundRegion, Generation, KernelView};
 use crate::addr::PhysAddr;
 use crate::invariant::Invariant;
-use crate::kernel::agent::{HvoSysctl, KernelReport};
+use crate::kernel::agent::KernelReport;
 use crate::verify::{size_name, Findings, VmemmapMap};
 
 /// Everything the checks read.
@@ -18,23 +20,47 @@ pub struct Context<'a> {
     pub map: &'a VmemmapMap,
     pub report: &'a KernelReport,
     pub generation: Generation,
+    /// HugeTLB's optimized folios.
     pub compounds: &'a [FoundCompound],
+    /// Every DAX range's compound pages, optimized or not.
+    pub dax: &'a [FoundCompound],
     pub found: &'a [FoundRegion],
 }
 
 impl Context<'_> {
-    /// "64 x 2M + 1 x 1G compound pages, legacy-hugetlb layout".
+    /// "64 x 2M + 1 x 1G compound pages, legacy-hugetlb layout": the
+    /// HugeTLB folios found.
     fn covered(&self) -> String {
-        let layouts: Vec<&str> =
-            self.found.iter().map(|r| r.layout.name()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let layouts: Vec<&str> = self
+            .found
+            .iter()
+            .filter(|r| r.kind == super::CompoundKind::Hugetlb)
+            .map(|r| r.layout.name())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         match layouts.is_empty() {
             true => describe(self.found),
             false => format!("{}, {} layout", describe(self.found), layouts.join(" and ")),
         }
     }
 
-    /// The unified layout's shared tail pages: frame -> compound sizes using it.
-    fn shared_tails(&self) -> BTreeMap<PhysAddr, Vec<u64>> {
+    /// What a check covered over HugeTLB's folios (`hugetlb`), and then
+    /// each DAX range's compound pages by layout.
+    fn with_dax(&self, hugetlb: String) -> String {
+        match self.view.dax.is_empty() {
+            true => hugetlb,
+            false => format!("{hugetlb}; DAX {}", dax::covered(self)),
+        }
+    }
+
+    /// Every compound page found, HugeTLB's and DAX's.
+    fn every_compound(&self) -> impl Iterator<Item = &FoundCompound> {
+        self.compounds.iter().chain(self.dax)
+    }
+
+    /// HugeTLB's unified shared tail pages: frame -> compound sizes using it.
+    pub(super) fn shared_tails(&self) -> BTreeMap<PhysAddr, Vec<u64>> {
         let mut shared: BTreeMap<PhysAddr, Vec<u64>> = BTreeMap::new();
         for c in self.compounds.iter().filter(|c| c.layout == Layout::Unified) {
             if let Some(frame) = c.shared_tail() {
@@ -51,16 +77,17 @@ impl Context<'_> {
 type CheckFn = fn(&Context) -> Findings;
 
 /// The invariants the tables decide for a real kernel, in report order.
-pub const CHECKS: [(Invariant, CheckFn); 6] = [
+pub const CHECKS: [(Invariant, CheckFn); 7] = [
     (Invariant::HeadPrivate, head_private),
     (Invariant::TailsShared, tails_shared),
     (Invariant::TailsReadonly, tails_readonly),
     (Invariant::PteGranularity, pte_granularity),
-    (Invariant::Accounting, accounting),
+    (Invariant::Accounting, accounting::accounting),
     (Invariant::MemmapPresent, memmap_present),
+    (Invariant::AltmapUnoptimized, dax::altmap_unoptimized),
 ];
 
-fn rw(writable: bool) -> &'static str {
+pub(super) fn rw(writable: bool) -> &'static str {
     if writable {
         "RW"
     } else {
@@ -72,7 +99,7 @@ fn rw(writable: bool) -> &'static str {
 /// its own compound page maps.
 fn head_private(ctx: &Context) -> Findings {
     let mut f = Findings::default();
-    for c in ctx.compounds {
+    for c in ctx.every_compound() {
         let own = c.view.pages.iter().filter(|(_, m)| m.is_some_and(|(_, frame)| frame == c.head_frame)).count() as u64;
         let mappers = ctx.map.mappers(c.head_frame);
         if !c.head_mapping.perms.write || mappers != own {
@@ -85,14 +112,17 @@ fn head_private(ctx: &Context) -> Findings {
             f.fail_in(&c.view, None, what);
         }
     }
-    f.covered_as(format!("{}: every head on a private writable frame", ctx.covered()));
+    f.covered_as(ctx.with_dax(format!("{}: every head on a private writable frame", ctx.covered())));
     f
 }
 
 /// Tails map what the generation's layout says; a kernel that does not
-/// optimize shows no optimized vmemmap page at all.
+/// optimize HugeTLB shows no optimized vmemmap page over RAM. DAX ranges
+/// are held to their own layouts (whether a kernel optimizes DAX does not
+/// follow from HugeTLB: arm64 builds neither, ppc64's radix only DAX's).
 fn tails_shared(ctx: &Context) -> Findings {
     let mut f = Findings::default();
+    dax::tails_shared(ctx, &mut f);
     let Some(expected) = ctx.generation.layout() else {
         for c in ctx.compounds {
             let what = format!(
@@ -104,7 +134,8 @@ fn tails_shared(ctx: &Context) -> Findings {
             f.fail_in(&c.view, c.shared_tail(), what);
         }
         stray_pages(ctx, &mut f, "the kernel does not optimize, yet");
-        f.covered_as(format!("nothing optimized: {} vmemmap pages, each private and writable", ctx.map.ptes()));
+        let words = format!("nothing optimized: {} vmemmap pages, each private and writable", ctx.map.ptes());
+        f.covered_as(ctx.with_dax(words));
         return f;
     };
     for c in ctx.compounds {
@@ -139,7 +170,7 @@ fn tails_shared(ctx: &Context) -> Findings {
         Layout::Unified => format!("{} on {} shared tail pages", ctx.covered(), ctx.shared_tails().len()),
         _ => format!("{}, tails on their head's frame", ctx.covered()),
     };
-    f.covered_as(words);
+    f.covered_as(ctx.with_dax(words));
     f
 }
 
@@ -186,7 +217,7 @@ fn unified_shared_pages(ctx: &Context, f: &mut Findings) {
 fn stray_pages(ctx: &Context, f: &mut Findings, lead: &str) {
     let page = ctx.view.page_size;
     let inside = |va: u64| {
-        ctx.compounds.iter().any(|c| {
+        ctx.every_compound().any(|c| {
             let start = c.view.pages[0].0;
             va >= start && va < start + c.view.pages.len() as u64 * page
         })
@@ -206,11 +237,12 @@ fn stray_pages(ctx: &Context, f: &mut Findings, lead: &str) {
     }
 }
 
-/// Tails of the layouts that share them are read-only, and a shared tail
-/// page is writable through no vmemmap page.
+/// Tails of the layouts that share them read-only are read-only, and a
+/// shared tail page is writable through no vmemmap page. Legacy DAX keeps
+/// its tails writable; compound pages not optimized have no tails to share.
 fn tails_readonly(ctx: &Context) -> Findings {
     let mut f = Findings::default();
-    for c in ctx.compounds.iter().filter(|c| c.layout != Layout::LegacyDax) {
+    for c in ctx.every_compound().filter(|c| matches!(c.layout, Layout::Unified | Layout::LegacyHugetlb)) {
         for (i, m, frame) in c.tails() {
             let writable_elsewhere =
                 c.layout == Layout::Unified && ctx.map.frame_use(frame).is_some_and(|u| u.writable);
@@ -224,14 +256,14 @@ fn tails_readonly(ctx: &Context) -> Findings {
             }
         }
     }
-    f.covered_as(format!("{}: every tail read-only", ctx.covered()));
+    f.covered_as(ctx.with_dax(format!("{}: every tail read-only", ctx.covered())));
     f
 }
 
 /// Optimized compound pages are mapped by base-page entries only.
 fn pte_granularity(ctx: &Context) -> Findings {
     let mut f = Findings::default();
-    for c in ctx.compounds {
+    for c in ctx.every_compound().filter(|c| c.layout != Layout::None) {
         for (i, (_, m)) in c.view.pages.iter().enumerate() {
             if let Some((m, _)) = m.filter(|(m, _)| m.size() != ctx.view.page_size) {
                 let what = format!("{}: mapped by a {} leaf, not a base page", c.at(i), size_name(m.size()));
@@ -239,99 +271,23 @@ fn pte_granularity(ctx: &Context) -> Findings {
             }
         }
     }
-    f.covered_as(format!("{}: base-page entries only", ctx.covered()));
+    f.covered_as(ctx.with_dax(format!("{}: base-page entries only", ctx.covered())));
     f
 }
 
-/// The kernel's account agrees with the tables: its HugeTLB pool per size
-/// with the optimized compound pages found, its memmap counters with the
-/// frames the vmemmap maps.
-fn accounting(ctx: &Context) -> Findings {
-    let mut f = Findings::default();
-    let mut words = Vec::new();
-    let optimizing = ctx.generation.layout().is_some();
-    for bytes in compound_sizes(ctx.report) {
-        let kernel = ctx.report.hstate(crate::kernel::agent::HstateSize::from_kib(bytes >> 10)).map(|h| h.pages);
-        let found = ctx.compounds.iter().filter(|c| c.bytes == bytes).count() as u64;
-        let name = size_name(bytes);
-        if vmemmap_pages(bytes, ctx.view.page_size) < 2 {
-            if kernel.is_some_and(|k| k > 0) {
-                words.push(format!("{name}: not optimizable with {} KiB pages", ctx.view.page_size >> 10));
-            }
-            continue;
-        }
-        let kernel = kernel.unwrap_or(0);
-        // With the sysctl off, pages allocated since stay unoptimized.
-        let agrees = match (optimizing, ctx.report.hvo_sysctl) {
-            (false, _) => true,
-            (true, HvoSysctl::Off) => found <= kernel,
-            (true, _) => found == kernel,
-        };
-        if !agrees {
-            f.fail(format!(
-                "{name}: the kernel's pool holds {kernel} HugeTLB pages, the page tables show {found} optimized compound pages"
-            ));
-        } else if optimizing && (kernel > 0 || found > 0) {
-            words.push(format!("{name}: {found} optimized = the kernel's {kernel}"));
-        }
-    }
-    match (ctx.report.nr_memmap_pages, ctx.report.nr_memmap_boot_pages) {
-        (Some(memmap), Some(boot)) => {
-            let shared_tails = ctx.shared_tails();
-            let shared = shared_tails.len() as u64;
-            let frames = counted_frames(ctx, &shared_tails);
-            let overcount = ctx.view.boot_memmap_overcount();
-            let uncounted = match shared {
-                0 => String::new(),
-                n => format!(" ({n} shared tail pages not counted)"),
-            };
-            let counted_again = match overcount {
-                0 => String::new(),
-                n => format!(
-                    " + {n} Linux counts again (it rounds each {} section's {} KiB memmap up to a {} KiB page)",
-                    size_name(ctx.view.section_size),
-                    (ctx.view.section_size / ctx.view.page_size * hvo_abi::model::STRUCT_PAGE_SIZE) >> 10,
-                    ctx.view.page_size >> 10
-                ),
-            };
-            let tables = format!("{frames} distinct vmemmap frames mapped over RAM{uncounted}{counted_again}");
-            if memmap + boot != frames + overcount {
-                f.fail(format!(
-                    "nr_memmap_pages {memmap} + nr_memmap_boot_pages {boot} = {}, where the page tables make it {}: {tables}",
-                    memmap + boot,
-                    frames + overcount
-                ));
-            } else {
-                words.push(format!("nr_memmap_pages {memmap} + nr_memmap_boot_pages {boot} = {tables}"));
-            }
-        }
-        _ => words.push("no memmap counters (Linux before 6.9)".to_string()),
-    }
-    f.covered_as(words.join("; "));
-    f
-}
-
-/// The distinct frames the vmemmap of RAM's present sections maps, but
-/// the shared tail pages (which no memmap counter counts).
-fn counted_frames(ctx: &Context, shared_tails: &BTreeMap<PhysAddr, Vec<u64>>) -> u64 {
-    let mut frames = HashSet::new();
-    for span in ctx.view.counted_spans() {
-        frames.extend(ctx.map.pages_in(span.start.0, span.end.0).map(|(_, _, frame)| frame));
-    }
-    frames.iter().filter(|f| !shared_tails.contains_key(f)).count() as u64
-}
-
-/// Every RAM pfn's struct page is mapped.
+/// Every RAM pfn's struct page is mapped, and every DAX range's data pfn's.
 fn memmap_present(ctx: &Context) -> Findings {
     let mut f = Findings::default();
     let page = ctx.view.page_size;
     let mut pages = 0;
-    for ram in &ctx.view.ram {
+    let ranges = ctx.view.ram.iter().map(|r| ("RAM".to_string(), r));
+    let ranges = ranges.chain(ctx.view.dax.iter().map(|d| (d.name.clone(), &d.data)));
+    for (what, ram) in ranges {
         let span = ctx.view.vmemmap_of(ram);
         let mut hole: Option<(u64, u64)> = None;
         let report = |f: &mut Findings, (first, last): (u64, u64)| {
             f.fail(format!(
-                "RAM pfns {}..{}: vmemmap pages {first:#x}..{:#x} unmapped",
+                "{what} pfns {}..{}: vmemmap pages {first:#x}..{:#x} unmapped",
                 ram.start,
                 ram.end,
                 last + page
@@ -354,6 +310,11 @@ fn memmap_present(ctx: &Context) -> Findings {
         }
     }
     let pfns: u64 = ctx.view.ram.iter().map(|r| r.end.0 - r.start.0).sum();
-    f.covered_as(format!("{pages} vmemmap pages over {pfns} RAM pfns"));
+    let dax: u64 = ctx.view.dax.iter().map(|d| d.data.end.0 - d.data.start.0).sum();
+    let dax = match dax {
+        0 => String::new(),
+        n => format!(" and {n} DAX pfns"),
+    };
+    f.covered_as(format!("{pages} vmemmap pages over {pfns} RAM pfns{dax}"));
     f
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use hvo_abi::model::{Layout, STRUCT_PAGE_SIZE};
 
-use super::{FoundRegion, KernelView};
+use super::{CompoundKind, FoundRegion, KernelView};
 use crate::addr::{Pfn, PhysAddr};
 use crate::verify::{compound_cost, CompoundView, PageMapping, VmemmapMap};
 
@@ -21,12 +21,22 @@ pub(crate) struct FoundCompound {
     pub head_mapping: PageMapping,
     pub head_frame: PhysAddr,
     pub view: CompoundView,
+    /// The DAX range it belongs to (an index into the view's), or None for
+    /// a HugeTLB folio.
+    pub device: Option<usize>,
+    /// What messages put before where it is: "dax0.0: " or nothing.
+    pub owner: String,
 }
 
 impl FoundCompound {
     /// "2M compound page at pfn 0x100200, vmemmap[2]": where a finding is.
     pub fn at(&self, i: usize) -> String {
-        format!("{} compound page at pfn {}, vmemmap[{i}]", crate::verify::size_name(self.bytes), self.head)
+        format!(
+            "{}{} compound page at pfn {}, vmemmap[{i}]",
+            self.owner,
+            crate::verify::size_name(self.bytes),
+            self.head
+        )
     }
 
     /// Its tail vmemmap pages that are mapped: index, mapping, frame.
@@ -69,7 +79,16 @@ pub fn find(view: &KernelView, map: &VmemmapMap, sizes: &[u64]) -> Vec<FoundComp
                     let pages = map.span(view.struct_page(Pfn(head)), n);
                     if let Some((layout, (head_mapping, head_frame))) = classify(map, &pages) {
                         let view = CompoundView::of_pages(Pfn(head), pages, page);
-                        found.push(FoundCompound { head: Pfn(head), bytes, layout, head_mapping, head_frame, view });
+                        found.push(FoundCompound {
+                            head: Pfn(head),
+                            bytes,
+                            layout,
+                            head_mapping,
+                            head_frame,
+                            view,
+                            device: None,
+                            owner: String::new(),
+                        });
                     }
                 }
                 head += pfns;
@@ -103,17 +122,20 @@ fn classify(
     Some((layout, head))
 }
 
-/// The compound pages found, counted by size (largest first) and layout,
-/// with what their vmemmap costs as the tables show it.
+/// The compound pages found, counted by kind, size (largest first) and
+/// layout, with what their vmemmap costs as the tables show it.
 pub fn summarize(map: &VmemmapMap, compounds: &[FoundCompound]) -> Vec<FoundRegion> {
     let mut regions: Vec<(FoundRegion, u64, BTreeSet<u64>)> = Vec::new();
     for c in compounds {
         let cost =
             compound_cost(map, c.view.pages.first().map_or(0, |(va, _)| *va), c.bytes / map.page * STRUCT_PAGE_SIZE);
-        let at = match regions.iter().position(|(r, ..)| r.compound_bytes == c.bytes && r.layout == c.layout) {
+        let kind = if c.device.is_some() { CompoundKind::Dax } else { CompoundKind::Hugetlb };
+        let same = |r: &FoundRegion| r.kind == kind && r.compound_bytes == c.bytes && r.layout == c.layout;
+        let at = match regions.iter().position(|(r, ..)| same(r)) {
             Some(i) => i,
             None => {
                 let region = FoundRegion {
+                    kind,
                     compound_bytes: c.bytes,
                     count: 0,
                     layout: c.layout,
@@ -137,14 +159,16 @@ pub fn summarize(map: &VmemmapMap, compounds: &[FoundCompound]) -> Vec<FoundRegi
             r
         })
         .collect();
-    regions.sort_by(|a, b| b.compound_bytes.cmp(&a.compound_bytes).then(a.layout.name().cmp(b.layout.name())));
+    regions.sort_by(|a, b| {
+        a.kind.cmp(&b.kind).then(b.compound_bytes.cmp(&a.compound_bytes)).then(a.layout.name().cmp(b.layout.name()))
+    });
     regions
 }
 
-/// "64 x 2M + 1 x 1G compound pages": what a check covered.
+/// "64 x 2M + 1 x 1G compound pages": the HugeTLB folios a check covered.
 pub fn describe(found: &[FoundRegion]) -> String {
     let mut by_size: Vec<(u64, u64)> = Vec::new();
-    for r in found {
+    for r in found.iter().filter(|r| r.kind == CompoundKind::Hugetlb) {
         match by_size.iter_mut().find(|(bytes, _)| *bytes == r.compound_bytes) {
             Some(entry) => entry.1 += r.count,
             None => by_size.push((r.compound_bytes, r.count)),

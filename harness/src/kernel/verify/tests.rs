@@ -5,12 +5,12 @@ use super::*;
 use crate::kernel::agent::HstateSize;
 use crate::synth::kernel::KernelVmemmap;
 
-const TWO_M: u64 = 2 << 20;
-const ONE_G: u64 = 1 << 30;
+pub(super) const TWO_M: u64 = 2 << 20;
+pub(super) const ONE_G: u64 = 1 << 30;
 
 /// Every format the kernels here run: x86_64 4-level, arm64 48-bit 4 KiB,
 /// radix with 4 KiB and 64 KiB pages.
-const ARCHS: [Arch; 4] = [Arch::X86_64, Arch::Aarch64, Arch::Ppc64le, Arch::Ppc64le64k];
+pub(super) const ARCHS: [Arch; 4] = [Arch::X86_64, Arch::Aarch64, Arch::Ppc64le, Arch::Ppc64le64k];
 
 /// A kernel with 3 GiB of RAM, 4 x 2M folios in its first GiB and 2 x 1G
 /// folios after, optimized as `layout` lays them out (with 64 KiB pages the
@@ -32,7 +32,7 @@ fn gigantic(k: &KernelVmemmap) -> Pfn {
     k.ram_start() + ONE_G / k.page()
 }
 
-fn verdict_of(k: &KernelVmemmap, generation: Generation, report: &KernelReport) -> KernelVerdict {
+pub(super) fn verdict_of(k: &KernelVmemmap, generation: Generation, report: &KernelReport) -> KernelVerdict {
     match verify_kernel(&k.view(), report, generation) {
         Ok(v) => v,
         Err(e) => panic!("verifying: {e}"),
@@ -61,11 +61,11 @@ fn broken(
     (k, head, v)
 }
 
-fn failing(v: &KernelVerdict) -> Vec<&str> {
+pub(super) fn failing(v: &KernelVerdict) -> Vec<&str> {
     v.checks.iter().filter(|c| c.status == CheckStatus::Fail).map(|c| c.name.as_str()).collect()
 }
 
-fn detail(v: &KernelVerdict, invariant: Invariant) -> &str {
+pub(super) fn detail(v: &KernelVerdict, invariant: Invariant) -> &str {
     v.check(invariant).map(|c| c.detail.as_str()).unwrap_or_default()
 }
 
@@ -84,6 +84,7 @@ fn clean_kernels_of_every_generation_pass_in_every_format() {
             // What optimizing saves: one private vmemmap page per compound
             // page, and under the unified layout one shared tail page per size.
             let region = |compound_bytes, count| FoundRegion {
+                kind: CompoundKind::Hugetlb,
                 compound_bytes,
                 count,
                 layout,
