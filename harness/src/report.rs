@@ -187,6 +187,8 @@ pub struct KernelSummary {
 /// Compound pages of one size and layout a kernel's vmemmap showed.
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
 pub struct FoundLayout {
+    /// `hugetlb` or `dax`.
+    pub kind: String,
     pub compound_bytes: u64,
     pub count: u64,
     pub layout: String,
@@ -202,7 +204,7 @@ impl KernelSummary {
         let regions: Vec<String> = self
             .regions
             .iter()
-            .map(|r| format!("{} x {} {}", r.count, crate::scenario::Size(r.compound_bytes), r.layout))
+            .map(|r| format!("{} x {} {} {}", r.count, crate::scenario::Size(r.compound_bytes), r.kind, r.layout))
             .collect();
         let mut line = format!("{} {}", self.spec, self.release);
         if !self.generation.is_empty() {

@@ -8,6 +8,7 @@
 
 mod interpreter;
 mod kernel;
+mod kernel_devices;
 mod kernel_verify;
 mod steps;
 

@@ -100,6 +100,7 @@ fn kernel_rows(arch: Arch, scenario: &Scenario, result: &ScenarioResult) -> Vec<
         .regions
         .iter()
         .map(|r| Row {
+            kind: r.kind.clone(),
             compound_pages: r.count,
             private_vmemmap_bytes: r.private_vmemmap_bytes,
             shared_tail_pages: r.shared_tail_pages,
@@ -107,7 +108,8 @@ fn kernel_rows(arch: Arch, scenario: &Scenario, result: &ScenarioResult) -> Vec<
         })
         .collect();
     for g in &scenario.boot_gigantic {
-        let found: u64 = kernel.regions.iter().filter(|r| r.compound_bytes == g.size).map(|r| r.count).sum();
+        let found: u64 =
+            kernel.regions.iter().filter(|r| r.kind == "hugetlb" && r.compound_bytes == g.size).map(|r| r.count).sum();
         if found < g.count {
             let unoptimized = row(g.size, "none");
             rows.push(Row {
@@ -201,6 +203,7 @@ mod tests {
         let linux = Scenario::load(&root.join("scenarios/linux/hugetlb-boot.toml")).expect("the scenario loads");
         let mut result = ScenarioResult::started(&linux.name, linux.file.clone(), Arch::X86_64.name());
         let found = FoundLayout {
+            kind: "hugetlb".into(),
             compound_bytes: 2 << 20,
             count: 64,
             layout: "legacy-hugetlb".into(),

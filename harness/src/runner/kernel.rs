@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use hvo_images::{profile, Arch, KernelSupport};
 
 use super::interpreter::{Guest, Run, Timeouts};
+use super::kernel_devices::KernelRanges;
 use super::{Abort, Launch};
 use crate::kernel::agent::{AgentCommand, HstateSize, KernelFacts};
 use crate::kernel::symbols::KernelSymbols;
@@ -56,6 +57,8 @@ pub(super) struct KernelState {
     pub generation: Option<(Generation, String)>,
     /// The optimized compound pages every `verify` found, each kind once.
     pub found: Vec<FoundRegion>,
+    /// DAX devices, DIMMs and raw persistent memory beside boot RAM.
+    pub ranges: KernelRanges,
 }
 
 impl KernelState {
@@ -72,6 +75,7 @@ impl KernelState {
             .found
             .iter()
             .map(|f| FoundLayout {
+                kind: f.kind.name().into(),
                 compound_bytes: f.compound_bytes,
                 count: f.count,
                 layout: f.layout.name().into(),
@@ -160,6 +164,7 @@ pub(super) fn launch(scenario: &Scenario, arch: Arch, kernel: &KernelGuest, star
         pages,
         generation: None,
         found: Vec::new(),
+        ranges: KernelRanges { raw_pmem: boot_pmem_range(scenario, arch), ..KernelRanges::default() },
     };
     let launch =
         Launch { payload, guest: Guest::Kernel(Box::new(state)), timeouts: Timeouts { boot, step }, deadline, start };
@@ -230,6 +235,11 @@ impl Run<'_> {
                 self.agent(AgentCommand::HugetlbFree { size, count }).await.map(drop)
             }
             Step::Verify => self.kernel_verify().await,
+            Step::HotAdd { region, compound_size, altmap, layout, .. } => {
+                self.kernel_dax_add(region, *compound_size, *altmap, *layout).await
+            }
+            Step::HotAddMemory { region, size, backend, .. } => self.kernel_memory_add(region, *size, *backend).await,
+            Step::HotRemove { region } => self.kernel_remove(region).await,
             Step::Exit { .. } => self.kernel_exit().await,
             other => Err(Abort::Infra(format!("`{}` has no Linux equivalent", other.name()))),
         }

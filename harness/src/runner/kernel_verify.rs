@@ -11,13 +11,14 @@ use std::time::Instant;
 
 use hvo_images::{Profile, VmemmapStart};
 
-use super::interpreter::Run;
+use super::interpreter::{Guest, Run};
+use super::kernel::boot_pmem_range;
 use super::{qmp_abort, Abort, NO_QMP};
 use crate::addr::{Pfn, PhysAddr, VirtAddr};
 use crate::invariant::Invariant;
 use crate::kernel::agent::{ksyms_commands, parse_btf_has, parse_ksyms, AgentCommand, KernelReport};
 use crate::kernel::symbols::KernelSymbols;
-use crate::kernel::verify::{detect_generation, verify_kernel, Generation, KernelVerdict, KernelView};
+use crate::kernel::verify::{detect_generation, verify_kernel, DaxRange, Generation, KernelVerdict, KernelView};
 use crate::memory::GuestMemory;
 use crate::pgtable::{self_translating_format, PagingFormat, Walker};
 use crate::report::{Check, CheckStatus};
@@ -98,9 +99,9 @@ impl Run<'_> {
         }
         let root =
             root.ok_or_else(|| Abort::Fail(format!("QEMU cannot translate {} ({root_va})", kernel.root_symbol)))?;
-        let boot_memory = self.scenario.machine.boot_memory;
+        let memory = self.kernel_memory()?;
         let (verdict, format, samples) = tokio::task::block_in_place(|| {
-            judge_tables(self.profile, boot_memory, symbols, mem, root, root_va, report, generation)
+            judge_tables(self.profile, memory, symbols, mem, root, root_va, report, generation)
         })?;
         let mut wrong = Vec::new();
         let mut compared = 0;
@@ -119,6 +120,27 @@ impl Run<'_> {
             Check::fail(name, wrong.join("; "))
         };
         Ok((verdict, check))
+    }
+
+    /// The kernel's memory as the host set it up: boot RAM (less the
+    /// persistent memory set aside), onlined DIMMs, raw persistent memory,
+    /// and DAX devices.
+    fn kernel_memory(&self) -> Result<KernelMemory, Abort> {
+        let page = self.profile.page_size();
+        let Guest::Kernel(state) = &self.guest else {
+            return Err(Abort::Infra("the firmware has no kernel memory".into()));
+        };
+        let pmem = boot_pmem_range(self.scenario, self.arch);
+        let mut ram: Vec<Range<Pfn>> = Vec::new();
+        for piece in self.profile.boot_ram_pieces(self.scenario.machine.boot_memory) {
+            let mut end = piece.gpa + piece.len;
+            if let Some(pmem) = pmem.as_ref().filter(|p| p.start >= piece.gpa && p.end == end) {
+                end = pmem.start;
+            }
+            ram.push(Pfn::containing(PhysAddr(piece.gpa), page)..Pfn::containing(PhysAddr(end), page));
+        }
+        ram.extend(state.ranges.extra_ram(page));
+        Ok(KernelMemory { ram, dax: state.ranges.dax_ranges(page) })
     }
 
     /// Whether the kernel is of the unified series (its BTF tells), asked once.
@@ -183,10 +205,17 @@ type Sample = (Pfn, VirtAddr, Option<PhysAddr>);
 /// The tables' side of `verify`, all on the host: the paging format, the
 /// vmemmap's start, the verdict, and the host's translation of sampled
 /// struct pages.
+/// What memory a kernel has, for the verifier: RAM (boot and hot-added) and
+/// DAX devices.
+struct KernelMemory {
+    ram: Vec<Range<Pfn>>,
+    dax: Vec<DaxRange>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn judge_tables(
     profile: &Profile,
-    boot_memory: u64,
+    memory: KernelMemory,
     symbols: &KernelSymbols,
     mem: &dyn GuestMemory,
     root: PhysAddr,
@@ -198,16 +227,10 @@ fn judge_tables(
         .map_err(|e| Abort::Fail(format!("the kernel's root table {root}: {e}")))?;
     let walker = Walker::new(format.format(), root);
     let page_size = profile.page_size();
-    let ram: Vec<Range<Pfn>> = profile
-        .boot_ram_pieces(boot_memory)
-        .iter()
-        .map(|p| Pfn::containing(PhysAddr(p.gpa), page_size)..Pfn::containing(PhysAddr(p.gpa + p.len), page_size))
-        .collect();
+    let KernelMemory { ram, dax } = memory;
     let vmemmap_start = vmemmap_start(profile.kernel.vmemmap, symbols, &walker, mem, &ram, page_size)?;
     let section_size = 1 << profile.kernel.section_shift;
-    // The DAX ranges the scenario created: the integrator fills them in
-    // from the agent's `dax-create` replies.
-    let view = KernelView { mem, walker, vmemmap_start, ram, page_size, section_size, dax: Vec::new() };
+    let view = KernelView { mem, walker, vmemmap_start, ram, page_size, section_size, dax };
     let verdict = verify_kernel(&view, report, generation)
         .map_err(|e| Abort::Fail(format!("the kernel's vmemmap cannot be verified: {e}")))?;
     let mut samples = Vec::new();
