@@ -60,7 +60,7 @@ impl KernelRanges {
                 let namespace =
                     pfns(d.device.namespace_start.0..d.device.namespace_start.0 + d.device.namespace_size, page);
                 let data = pfns(d.device.start.0..d.device.start.0 + d.device.size, page);
-                let altmap = (d.device.mode == DaxMode::Pmem).then(|| namespace.start..data.start);
+                let altmap = (d.device.mode == DaxMode::Pmem).then_some(namespace.start..data.start);
                 DaxRange {
                     name: d.device.dev.clone(),
                     namespace,
