@@ -13,6 +13,7 @@
 mod accounting;
 mod checks;
 mod dax;
+mod removed;
 mod pattern;
 
 pub use dax::DaxRange;
@@ -115,6 +116,9 @@ pub struct KernelView<'a> {
     pub section_size: u64,
     /// The device DAX ranges the kernel was asked to create, in any order.
     pub dax: Vec<DaxRange>,
+    /// Memory removed since boot (unplugged DIMMs, DAX devices torn
+    /// down): its vmemmap must be gone.
+    pub removed: Vec<Range<Pfn>>,
 }
 
 impl KernelView<'_> {
@@ -168,7 +172,13 @@ impl KernelView<'_> {
     /// The vmemmap the walk reads: RAM's and every DAX namespace's, in
     /// whole granules.
     fn map_spans(&self) -> Vec<Range<VirtAddr>> {
-        granule_spans(self, self.ram.iter().chain(self.dax.iter().map(|d| &d.namespace)))
+        granule_spans(self, self.ram.iter().chain(self.dax.iter().map(|d| &d.namespace)).chain(&self.removed))
+    }
+
+    /// The vmemmap pages holding struct pages of memory the kernel has now
+    /// (RAM and DAX namespaces), whole pages.
+    fn live_spans(&self) -> Vec<Range<VirtAddr>> {
+        self.ram.iter().chain(self.dax.iter().map(|d| &d.namespace)).map(|r| self.vmemmap_of(r)).collect()
     }
 }
 

@@ -42,6 +42,8 @@ pub(super) struct KernelRanges {
     pub raw_pmem: Option<Range<u64>>,
     /// DIMMs plugged so far, to name the next one.
     pub plugged: u32,
+    /// Byte ranges removed since boot whose vmemmap must be gone.
+    pub removed: Vec<Range<u64>>,
 }
 
 impl KernelRanges {
@@ -50,6 +52,16 @@ impl KernelRanges {
     pub fn extra_ram(&self, page: u64) -> Vec<Range<Pfn>> {
         let dimms = self.dimms.iter().map(|d| d.dimm.start.0..d.dimm.start.0 + d.size);
         dimms.chain(self.raw_pmem.clone()).map(|r| pfns(r, page)).collect()
+    }
+
+    /// Memory removed since boot and not added again, as pfn ranges.
+    pub fn removed(&self, page: u64) -> Vec<Range<Pfn>> {
+        self.removed.iter().map(|r| pfns(r.clone(), page)).collect()
+    }
+
+    /// `range` has memory again: it is no longer removed.
+    fn added(&mut self, range: &Range<u64>) {
+        self.removed.retain(|r| r.end <= range.start || range.end <= r.start);
     }
 
     /// The DAX ranges for the verifier.
@@ -110,6 +122,7 @@ impl Run<'_> {
         }
         let ranges = &mut self.kernel_state()?.ranges;
         ranges.raw_pmem = None;
+        ranges.added(&namespace);
         ranges.dax.push(KernelDax { region: region.to_string(), device, expected });
         Ok(())
     }
@@ -129,7 +142,9 @@ impl Run<'_> {
                 online.zones.join(", ")
             )));
         }
-        self.kernel_state()?.ranges.dimms.push(KernelDimm { region: region.to_string(), dimm, size });
+        let ranges = &mut self.kernel_state()?.ranges;
+        ranges.added(&(dimm.start.0..dimm.start.0 + size));
+        ranges.dimms.push(KernelDimm { region: region.to_string(), dimm, size });
         Ok(())
     }
 
@@ -139,6 +154,8 @@ impl Run<'_> {
         let ranges = &mut self.kernel_state()?.ranges;
         if let Some(i) = ranges.dax.iter().position(|d| d.region == region) {
             let dax = ranges.dax.remove(i);
+            let d = &dax.device;
+            ranges.removed.push(d.namespace_start.0..d.namespace_start.0 + d.namespace_size);
             self.agent(AgentCommand::DaxDestroy { dev: &dax.device.dev }).await?;
             return Ok(());
         }
@@ -146,6 +163,7 @@ impl Run<'_> {
             return Err(Abort::Fail(format!("region `{region}` was not hot-added")));
         };
         let dimm = ranges.dimms.remove(i);
+        ranges.removed.push(dimm.dimm.start.0..dimm.dimm.start.0 + dimm.size);
         hotplug::request_unplug(&self.machine, dimm.dimm.n).await.map_err(Run::hotplug_abort)?;
         let reply =
             self.agent(AgentCommand::MemGone { start: dimm.dimm.start, size: dimm.size, wait_s: MEM_WAIT_S }).await?;

@@ -140,7 +140,7 @@ impl Run<'_> {
             ram.push(Pfn::containing(PhysAddr(piece.gpa), page)..Pfn::containing(PhysAddr(end), page));
         }
         ram.extend(state.ranges.extra_ram(page));
-        Ok(KernelMemory { ram, dax: state.ranges.dax_ranges(page) })
+        Ok(KernelMemory { ram, dax: state.ranges.dax_ranges(page), removed: state.ranges.removed(page) })
     }
 
     /// Whether the kernel is of the unified series (its BTF tells), asked once.
@@ -210,6 +210,7 @@ type Sample = (Pfn, VirtAddr, Option<PhysAddr>);
 struct KernelMemory {
     ram: Vec<Range<Pfn>>,
     dax: Vec<DaxRange>,
+    removed: Vec<Range<Pfn>>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -227,10 +228,10 @@ fn judge_tables(
         .map_err(|e| Abort::Fail(format!("the kernel's root table {root}: {e}")))?;
     let walker = Walker::new(format.format(), root);
     let page_size = profile.page_size();
-    let KernelMemory { ram, dax } = memory;
+    let KernelMemory { ram, dax, removed } = memory;
     let vmemmap_start = vmemmap_start(profile.kernel.vmemmap, symbols, &walker, mem, &ram, page_size)?;
     let section_size = 1 << profile.kernel.section_shift;
-    let view = KernelView { mem, walker, vmemmap_start, ram, page_size, section_size, dax };
+    let view = KernelView { mem, walker, vmemmap_start, ram, page_size, section_size, dax, removed };
     let verdict = verify_kernel(&view, report, generation)
         .map_err(|e| Abort::Fail(format!("the kernel's vmemmap cannot be verified: {e}")))?;
     let mut samples = Vec::new();

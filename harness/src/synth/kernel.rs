@@ -199,6 +199,7 @@ impl KernelVmemmap {
             page_size: self.format.page,
             section_size: 1 << self.placement.section_shift,
             dax: self.dax.clone(),
+            removed: Vec::new(),
         }
     }
 

@@ -77,7 +77,7 @@ impl Context<'_> {
 type CheckFn = fn(&Context) -> Findings;
 
 /// The invariants the tables decide for a real kernel, in report order.
-pub const CHECKS: [(Invariant, CheckFn); 7] = [
+pub const CHECKS: [(Invariant, CheckFn); 8] = [
     (Invariant::HeadPrivate, head_private),
     (Invariant::TailsShared, tails_shared),
     (Invariant::TailsReadonly, tails_readonly),
@@ -85,6 +85,7 @@ pub const CHECKS: [(Invariant, CheckFn); 7] = [
     (Invariant::Accounting, accounting::accounting),
     (Invariant::MemmapPresent, memmap_present),
     (Invariant::AltmapUnoptimized, dax::altmap_unoptimized),
+    (Invariant::NoLeak, super::removed::no_leak),
 ];
 
 pub(super) fn rw(writable: bool) -> &'static str {

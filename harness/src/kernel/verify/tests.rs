@@ -290,3 +290,35 @@ fn the_generation_comes_from_the_sysctl_and_the_btf() {
     assert!(why.ends_with("with per-(zone, order) shared tail pages"), "{why}");
     assert_eq!(detect_generation(&HvoSysctl::Absent, true).0, Generation::NotOptimizing);
 }
+
+/// Memory removed with its vmemmap still mapped fails no-leak; nothing
+/// removed, or removed with its vmemmap gone, passes.
+#[test]
+fn vmemmap_left_mapped_over_removed_memory_fails_no_leak() {
+    for arch in ARCHS {
+        let mut k = KernelVmemmap::new(arch, 3 * ONE_G);
+        let report = k.report(HvoSysctl::Absent);
+        let verdict = |view: &KernelView| match verify_kernel(view, &report, Generation::NotOptimizing) {
+            Ok(v) => v,
+            Err(e) => panic!("verifying: {e}"),
+        };
+        let (start, page) = (k.ram_start(), k.page());
+        let last = start + 2 * (ONE_G / page)..start + 3 * (ONE_G / page);
+        let mut view = k.view();
+        view.ram = vec![start..last.start];
+        view.removed = vec![last.clone()];
+        let v = verdict(&view);
+        assert!(failing(&v).contains(&"no-leak"), "{arch:?}: {:#?}", v.checks);
+        assert!(detail(&v, Invariant::NoLeak).contains("vmemmap pages are still mapped"), "{arch:?}");
+        // Unmapped page by page: only what shares a leaf with present RAM stays.
+        let first = k.struct_page(last.start) / page * page;
+        for va in (first..k.struct_page(last.end)).step_by(page as usize) {
+            k.unmap(va);
+        }
+        let mut view = k.view();
+        view.ram = vec![start..last.start];
+        view.removed = vec![last.clone()];
+        let v = verdict(&view);
+        assert!(!failing(&v).contains(&"no-leak"), "{arch:?}: {}", detail(&v, Invariant::NoLeak));
+    }
+}
