@@ -10,6 +10,7 @@ mod interpreter;
 mod kernel;
 mod kernel_verify;
 mod steps;
+mod updates;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
