@@ -265,7 +265,8 @@ impl<'a> Walker<'a> {
                 self.collect_tables(mem, at.below(pa, index_bits), below, out)?;
             }
         }
-        let visit = TableVisit { pa: at.table, level: at.level, va, shift: at.shift, index_bits: at.index_bits, entries };
+        let visit =
+            TableVisit { pa: at.table, level: at.level, va, shift: at.shift, index_bits: at.index_bits, entries };
         out.push(visit);
         Ok(())
     }

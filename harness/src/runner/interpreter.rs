@@ -23,8 +23,8 @@ use crate::memory::GuestMemory;
 use crate::qemu::describe_exit;
 use crate::report::{Check, CheckStatus, Metrics, Status};
 use crate::scenario::Scenario;
-use crate::verify::live::{self, LiveError};
 use crate::updates::UpdateChecker;
+use crate::verify::live::{self, LiveError};
 use crate::verify::{self, Requested};
 
 /// What the host keeps track of in the guest, by the scenario's names.

@@ -15,7 +15,7 @@ pub mod rules;
 mod tests;
 
 use hvo_abi::manifest::{Manifest, RootKind};
-use hvo_abi::update_log::{LogHeader, Record, RECORD_SIZE, UPDATE_LOG_HEADER_SIZE};
+use hvo_abi::update_log::{LogHeader, Record, RECORD_SIZE, UPDATE_LOG_CAPACITY, UPDATE_LOG_HEADER_SIZE};
 use hvo_images::{profile, Arch};
 
 use crate::addr::{PhysAddr, VirtAddr};
@@ -59,7 +59,8 @@ impl UpdateChecker {
     /// replayed (the MMU was off for most of it).
     pub fn start(arch: Arch, mem: &dyn GuestMemory, manifest: &Manifest) -> Result<UpdateChecker, String> {
         let log = manifest.update_log;
-        let end = log.checked_add(UPDATE_LOG_HEADER_SIZE as u64).unwrap_or(u64::MAX);
+        let bytes = UPDATE_LOG_HEADER_SIZE + UPDATE_LOG_CAPACITY * RECORD_SIZE;
+        let end = log.saturating_add(bytes as u64);
         let image = manifest.image;
         if log < image.start || end > image.end() {
             return Err(format!(

@@ -259,7 +259,8 @@ impl Replay {
             }
             return;
         }
-        let entries: Vec<u64> = (0..1u64 << index_bits).map(|i| self.aside.remove(&(pa + 8 * i)).unwrap_or(0)).collect();
+        let entries: Vec<u64> =
+            (0..1u64 << index_bits).map(|i| self.aside.remove(&(pa + 8 * i)).unwrap_or(0)).collect();
         if !self.table_sizes.contains(&index_bits) {
             self.table_sizes.push(index_bits);
         }

@@ -38,9 +38,7 @@ pub fn break_required(mmu: Mmu, old: Decoded, new: Decoded) -> Option<&'static s
         (Decoded::Leaf { pa: a, .. }, Decoded::Leaf { pa: b, .. }) if a != b => Some("its output address changes"),
         (Decoded::Leaf { .. }, Decoded::Table { .. }) => Some("a block becomes a table"),
         (Decoded::Table { .. }, Decoded::Leaf { .. }) => Some("a table becomes a block"),
-        (Decoded::Table { pa: a, .. }, Decoded::Table { pa: b, .. }) if a != b => {
-            Some("its next-level table changes")
-        }
+        (Decoded::Table { pa: a, .. }, Decoded::Table { pa: b, .. }) if a != b => Some("its next-level table changes"),
         _ => None,
     };
     match mmu {
@@ -115,12 +113,7 @@ pub struct Invalidates {
 /// the instruction or its operands do not invalidate anything the kernel's
 /// tables give (another MMU's instruction, an invalid form, a reserved
 /// field).
-pub fn decode_invalidation(
-    mmu: Mmu,
-    form: InvalidationForm,
-    operand: u64,
-    second: u64,
-) -> Result<Invalidates, String> {
+pub fn decode_invalidation(mmu: Mmu, form: InvalidationForm, operand: u64, second: u64) -> Result<Invalidates, String> {
     match (mmu, form) {
         (Mmu::X86_64, InvalidationForm::X86Invlpg) => Ok(Invalidates {
             reach: Reach::Containing { va: operand },
