@@ -287,6 +287,9 @@ impl Replay {
             return;
         }
         let Some(t) = self.tables.remove(&pa) else { return };
+        // Its entries are gone with it: a frame reused as a table starts over.
+        let end = pa + (8u64 << t.index_bits);
+        self.broken.retain(|entry, _| !(pa..end).contains(entry));
         for raw in t.entries {
             if let Decoded::Table { pa: child, .. } = self.format.decode(raw, t.level, t.shift) {
                 self.unlink(child.0);
