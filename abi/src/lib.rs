@@ -1,5 +1,6 @@
 //! The only code the hvo-harness guest and host share: the manifest the guest
-//! publishes in its memory, and the line protocol spoken on its console.
+//! publishes in its memory, the update log it points at, and the line
+//! protocol spoken on its console.
 //!
 //! Nothing about page tables lives here: the host's walker and verifier are an
 //! independent oracle and must not reuse the guest's understanding of them.
@@ -8,6 +9,7 @@
 pub mod manifest;
 pub mod model;
 pub mod protocol;
+pub mod update_log;
 
 /// The architectures a guest can be built for. The discriminant is what the
 /// manifest stores.

@@ -15,7 +15,7 @@ pub const MANIFEST_SYMBOL: &str = "HVO_MANIFEST";
 /// `b"HVOMANIF"` read as a little-endian u64.
 pub const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"HVOMANIF");
 /// Bumped whenever the layout below changes.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 pub const MAX_ROOTS: usize = 4;
 pub const MAX_RAM_RANGES: usize = 8;
@@ -167,6 +167,9 @@ pub struct RawManifest {
     pub knobs: u64,
     pub shared_tail_count: u32,
     pub _reserved: u32,
+    /// Guest-physical address of the update log (`crate::update_log::RawUpdateLog`):
+    /// the page-table stores and TLB invalidations of the last command.
+    pub update_log: u64,
     pub regions: [RawRegion; MAX_REGIONS],
     pub shared_tails: [RawSharedTail; MAX_SHARED_TAILS],
 }
@@ -210,6 +213,7 @@ impl RawManifest {
             knobs: 0,
             shared_tail_count: 0,
             _reserved: 0,
+            update_log: 0,
             regions: [RawRegion {
                 start_pfn: 0,
                 nr_pages: 0,
@@ -307,6 +311,8 @@ pub struct Manifest {
     pub knobs: u64,
     pub regions: Regions,
     pub shared_tails: SharedTails,
+    /// Where the update log is (0: not published).
+    pub update_log: u64,
 }
 
 /// The regions, in a fixed-capacity list (the ABI crate has no heap).
@@ -570,6 +576,7 @@ impl Manifest {
             knobs: u64_at(offset_of!(RawManifest, knobs)),
             regions,
             shared_tails,
+            update_log: u64_at(offset_of!(RawManifest, update_log)),
         })
     }
 }

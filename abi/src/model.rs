@@ -239,10 +239,18 @@ pub enum Knob {
     /// taken for optimizable: vmemmap_can_optimize without the check that
     /// there are more vmemmap pages than the layout keeps private.
     SmallCompoundOptimized = 16,
+    /// A live vmemmap entry replaced by one with another output address (a
+    /// remap), or a block by a table (a split), with a single store where the
+    /// architecture asks for break-before-make (arm64, ppc64 radix): no
+    /// invalid entry and TLB invalidation in between.
+    NoBreakBeforeMake = 17,
+    /// ppc64: `tlbie` encodes the base page size (AP) whatever the size of
+    /// the translation it must invalidate, so a 2 MiB one stays cached.
+    TlbieBaseSize = 18,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 17] = [
+    pub const ALL: [Knob; 19] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -260,6 +268,8 @@ impl Knob {
         Knob::SubsectionRemoveFreesLeaf,
         Knob::OptimizeAltmap,
         Knob::SmallCompoundOptimized,
+        Knob::NoBreakBeforeMake,
+        Knob::TlbieBaseSize,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -281,6 +291,8 @@ impl Knob {
             Knob::SubsectionRemoveFreesLeaf => "subsection-remove-frees-leaf",
             Knob::OptimizeAltmap => "optimize-altmap",
             Knob::SmallCompoundOptimized => "small-compound-optimized",
+            Knob::NoBreakBeforeMake => "no-break-before-make",
+            Knob::TlbieBaseSize => "tlbie-base-size",
         }
     }
 

@@ -4,6 +4,7 @@ use hvo_abi::protocol::{parse_request, write_reply_head, Command};
 
 use crate::console::{Console, LineError, LineReader};
 use crate::mm::frames::FrameAllocator;
+use crate::mm::update_log;
 use crate::mm::{Pfn, PhysAddr, VirtAddr};
 use crate::paging::Table;
 use crate::vmemmap::{DaxRequest, Mm, VmemmapError};
@@ -19,7 +20,7 @@ pub fn serve(kernel: &mut Kernel) -> ! {
             Some(Err(LineError::NotText)) => reply_err(None, format_args!("command is not text")),
             Some(Ok(line)) => match parse_request(line) {
                 Err((seq, error)) => reply_err(seq, format_args!("{error}")),
-                Ok(req) => match req.command {
+                Ok(req) => match start(req.command) {
                     Command::Ping { token } => reply_ok(
                         req.seq,
                         format_args!("pong{}{}", if token.is_some() { " " } else { "" }, token.unwrap_or("")),
@@ -113,6 +114,13 @@ pub fn serve(kernel: &mut Kernel) -> ! {
             },
         }
     }
+}
+
+/// Starts a command: the update log holds its page-table stores and TLB
+/// invalidations from here on, for the host to replay after the reply.
+fn start(command: Command) -> Command {
+    update_log::begin_command();
+    command
 }
 
 /// Populates the boot vmemmap, runs memmap init, and copies the new

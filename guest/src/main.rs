@@ -42,6 +42,8 @@ pub struct Kernel {
 
 /// Called by the architecture's entry code with its stack and traps set up.
 pub fn main(platform: arch::Platform) -> ! {
+    // Before the first page-table store, which it records.
+    mm::update_log::init();
     let image = image_range();
     let mut reserved = platform.reserved;
     reserved.push(image);

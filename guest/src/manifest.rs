@@ -87,6 +87,7 @@ pub fn publish(kernel: &Kernel) -> u64 {
         n += 1;
     }
     m.shared_tail_count = n as u32;
+    m.update_log = crate::mm::update_log::address();
 
     m.state = GuestState::Ready as u32;
     m.generation = read().generation + 1;

@@ -12,6 +12,9 @@ pub enum CheckedBy {
     Tables,
     /// The runner, on the live guest: it needs QEMU (its MMU, the guest's TLB).
     LiveGuest,
+    /// The runner, replaying the guest's update log after every command
+    /// against the tables (`updates`).
+    UpdateLog,
 }
 
 /// One named invariant of the vmemmap optimization.
@@ -29,11 +32,12 @@ pub enum Invariant {
     RootsInSync,
     MemmapPresent,
     AltmapUnoptimized,
+    BreakBeforeMake,
 }
 
 impl Invariant {
     /// Every invariant, in the order reports list them.
-    pub const ALL: [Invariant; 12] = [
+    pub const ALL: [Invariant; 13] = [
         Invariant::HeadPrivate,
         Invariant::TailsShared,
         Invariant::TailsReadonly,
@@ -46,6 +50,7 @@ impl Invariant {
         Invariant::RootsInSync,
         Invariant::MemmapPresent,
         Invariant::AltmapUnoptimized,
+        Invariant::BreakBeforeMake,
     ];
 
     /// The name reports and scenario files use.
@@ -63,6 +68,7 @@ impl Invariant {
             Invariant::RootsInSync => "roots-in-sync",
             Invariant::MemmapPresent => "memmap-present",
             Invariant::AltmapUnoptimized => "altmap-unoptimized",
+            Invariant::BreakBeforeMake => "break-before-make",
         }
     }
 
@@ -83,6 +89,9 @@ impl Invariant {
             Invariant::RootsInSync => "every page-table root the guest keeps has the same top-level vmemmap entries",
             Invariant::MemmapPresent => "every page of memory the guest has has its struct page mapped",
             Invariant::AltmapUnoptimized => "ranges whose struct pages live on the device (altmap) are never optimized and map only device frames",
+            Invariant::BreakBeforeMake => {
+                "live page-table entries change only as their MMU allows (arm64, radix: invalid entry, a TLB invalidation covering the old translation, then the new entry), every invalidation removes the translation it must at its size, and the guest's update log accounts for every store"
+            }
         }
     }
 
@@ -90,6 +99,7 @@ impl Invariant {
     pub const fn checked_by(self) -> CheckedBy {
         match self {
             Invariant::TranslationAgrees | Invariant::WriteFaults => CheckedBy::LiveGuest,
+            Invariant::BreakBeforeMake => CheckedBy::UpdateLog,
             Invariant::HeadPrivate
             | Invariant::TailsShared
             | Invariant::TailsReadonly

@@ -19,4 +19,5 @@ pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod synth;
+pub mod updates;
 pub mod verify;

@@ -11,6 +11,7 @@ mod kernel;
 mod kernel_devices;
 mod kernel_verify;
 mod steps;
+mod updates;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

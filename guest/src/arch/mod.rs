@@ -14,8 +14,11 @@
 //! - `exit(status: u8) -> !`: ends the VM; 0 means success.
 //! - `enable_mmu(&paging::Tables)`: load the roots and turn translation on
 //!   (the identity range stays mapped, so execution carries on).
-//! - `flush_tlb_va(VirtAddr)`: invalidate one page's translation everywhere
-//!   (the page-table code reaches it as [`Tlb`]).
+//! - `flush_tlb(Invalidation, Encoding)`: invalidate a translation of the
+//!   given size (or the walks cached through a freed table) everywhere, and
+//!   record the instruction and its operands in the update log (the
+//!   page-table code reaches it as [`Tlb`]); `made_valid()`: the barrier
+//!   after a store that makes an entry valid.
 //! - `process_table() -> Option<PhysAddr>`: ppc64le's registered process table.
 //! - `eject_memory_slot(slot)`: complete the platform's removal of a DIMM.
 //! - `probe_write(VirtAddr) -> bool`: read the byte there and write it back;
@@ -40,17 +43,33 @@ mod imp;
 
 pub use imp::*;
 
-use crate::mm::VirtAddr;
+use hvo_guest::mm::pagetable::Invalidation;
 
 /// The base page: the frame allocator's unit and the vmemmap's page.
 pub const PAGE: u64 = BASE_PAGE.bytes();
 
+/// How an invalidation instruction is encoded.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Encoding {
+    /// With the size of the translation it removes, where the instruction
+    /// carries one (ppc64 `tlbie` AP).
+    Right,
+    /// Knob `tlbie-base-size`: always the base page's size.
+    BasePageSize,
+}
+
 /// This machine's TLB, for the page-table code.
-pub struct Tlb;
+pub struct Tlb {
+    pub encoding: Encoding,
+}
 
 impl hvo_guest::mm::pagetable::Tlb for Tlb {
-    fn invalidate(&self, va: VirtAddr) {
-        flush_tlb_va(va);
+    fn invalidate(&self, what: Invalidation) {
+        flush_tlb(what, self.encoding);
+    }
+
+    fn made_valid(&self) {
+        made_valid();
     }
 }
 

@@ -1,10 +1,12 @@
 //! Memory management common to every architecture: address types, the frame
-//! allocator, and a page-table mapper written over an architecture's entry format.
+//! allocator, a page-table mapper written over an architecture's entry format,
+//! and the update log its stores and the TLB invalidations go into.
 
 pub mod frames;
 pub mod pagetable;
 #[cfg(test)]
 pub mod test_memory;
+pub mod update_log;
 
 use core::fmt;
 

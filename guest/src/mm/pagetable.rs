@@ -1,14 +1,18 @@
 //! A page-table mapper written once over an architecture's entry format.
 //!
 //! The architecture describes its radix tree (levels, index bits, which levels
-//! may hold leaves) and how entries are encoded; the walking, table allocation,
-//! splitting and freeing live here. Every change that needs a TLB invalidation
-//! returns a [`Flush`] the caller must use.
+//! may hold leaves), how entries are encoded, and whether it asks for
+//! break-before-make; the walking, table allocation, splitting and freeing
+//! live here. Every store goes through [`store_entry`], which records it in
+//! the update log. Every change to a live entry returns a [`Flush`] the
+//! caller must use: it invalidates the translation the change removed, of
+//! the size it had, and, where the architecture asks for break-before-make,
+//! writes the new entry only after that invalidation.
 
 use core::marker::PhantomData;
 
 use super::frames::{AllocError, FrameAllocator, Purpose};
-use super::{PageSize, PhysAddr, VirtAddr};
+use super::{update_log, PageSize, PhysAddr, VirtAddr};
 
 /// Protection of a leaf. Kernel-only always: the firmware has no user mode.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -43,22 +47,18 @@ pub trait Format {
     const INDEX_BITS: [u32; 4];
     /// The size the last level's leaves map.
     const BASE_PAGE: PageSize;
+    /// Entries are stored big-endian, as the MMU reads them (radix).
+    const BIG_ENDIAN: bool = false;
+    /// Replacing a live entry by one with another output address, or a block
+    /// by a table, must go invalid entry, TLB invalidation, new entry (arm64:
+    /// Arm ARM D8.16.1; ppc64 radix), rather than one store (x86_64).
+    const BREAK_BEFORE_MAKE: bool;
 
     /// Whether a leaf of the level's size may be placed at `level`.
     fn leaf_allowed(level: usize) -> bool;
     fn decode(raw: u64, level: usize) -> Entry;
     fn encode_table(pa: PhysAddr, level: usize) -> u64;
     fn encode_leaf(pa: PhysAddr, level: usize, prot: Prot) -> u64;
-
-    /// Entries are stored in the byte order the MMU reads (big-endian on radix).
-    fn load(slot: PhysAddr) -> u64 {
-        // SAFETY: callers pass a slot inside a live table.
-        unsafe { slot.as_mut_ptr::<u64>().read_volatile() }
-    }
-    fn store(slot: PhysAddr, raw: u64) {
-        // SAFETY: as for `load`.
-        unsafe { slot.as_mut_ptr::<u64>().write_volatile(raw) }
-    }
 
     /// What a table at `level` takes from the frame allocator: its entries,
     /// in at least one base page (a 64 KiB-page radix PTE table is 256 bytes;
@@ -68,28 +68,125 @@ pub trait Format {
     }
 }
 
-/// Invalidates cached translations: the architecture's instructions in the
-/// firmware, a record of what was asked in tests.
-pub trait Tlb {
-    /// Invalidates one page's translation (and walk caches over it) everywhere.
-    fn invalidate(&self, va: VirtAddr);
+/// The entry at `slot`, in the byte order the MMU reads.
+pub fn load_entry(slot: PhysAddr, big_endian: bool) -> u64 {
+    // SAFETY: callers pass a slot inside a table they own.
+    let raw = unsafe { slot.as_mut_ptr::<u64>().read_volatile() };
+    if big_endian {
+        u64::from_be(raw)
+    } else {
+        raw
+    }
 }
 
-/// A TLB invalidation owed after a page-table change. Boot mappings are made
-/// before the MMU uses the table, so they `ignore()` it; changes to live
-/// tables (vmemmap optimization) must `flush()`.
-#[must_use = "a page-table change is not visible until its TLB entry is flushed"]
+/// The one function that writes page-table entries: it stores `raw` at
+/// `slot` in the MMU's byte order and records the store, with the value it
+/// replaced, in the update log the host replays.
+fn store_entry(slot: PhysAddr, raw: u64, big_endian: bool) {
+    let old = load_entry(slot, big_endian);
+    let stored = if big_endian { raw.to_be() } else { raw };
+    // SAFETY: as for `load_entry`.
+    unsafe { slot.as_mut_ptr::<u64>().write_volatile(stored) };
+    update_log::record_store(slot, old, raw);
+}
+
+fn load<F: Format>(slot: PhysAddr) -> u64 {
+    load_entry(slot, F::BIG_ENDIAN)
+}
+
+fn store<F: Format>(slot: PhysAddr, raw: u64) {
+    store_entry(slot, raw, F::BIG_ENDIAN)
+}
+
+/// What a TLB invalidation must remove.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Cached {
+    /// The translation a leaf of `size` gave.
+    Translation,
+    /// Walks cached through a table entry spanning `size` (a table freed).
+    Walk,
+}
+
+/// One invalidation: where, of what size, of what.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Invalidation {
+    pub va: VirtAddr,
+    pub size: PageSize,
+    pub cached: Cached,
+}
+
+/// Invalidates cached translations: the architecture's instructions in the
+/// firmware (which record them in the update log), a record of what was
+/// asked in tests.
+pub trait Tlb {
+    /// Invalidates `what` everywhere.
+    fn invalidate(&self, what: Invalidation);
+    /// Orders a store that made an entry valid before later accesses through
+    /// it (arm64 DSB + ISB, radix ptesync); nothing where the walk snoops.
+    fn made_valid(&self) {}
+}
+
+/// How a change to a live entry is carried out.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Sequence {
+    /// As the architecture asks ([`Format::BREAK_BEFORE_MAKE`]).
+    Architecture,
+    /// One store, then the invalidation, whatever the architecture asks
+    /// (knob `no-break-before-make`).
+    SingleStore,
+}
+
+/// A new entry written only once the old translation is invalidated.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Make {
+    slot: PhysAddr,
+    raw: u64,
+    big_endian: bool,
+}
+
+/// The rest of a page-table change: the invalidation it owes, and, after a
+/// break, the new entry to write once that invalidation is done. Boot
+/// mappings are made before the MMU uses the table, so they `ignore()` it;
+/// changes to live tables (vmemmap optimization) must `flush()`.
+#[must_use = "a page-table change is not complete until its TLB entry is flushed"]
 #[derive(PartialEq, Eq, Debug)]
-pub struct Flush(VirtAddr);
+pub struct Flush {
+    what: Invalidation,
+    make: Option<Make>,
+}
 
 impl Flush {
+    /// After a store that is already the new entry.
+    fn stored(what: Invalidation) -> Flush {
+        Flush { what, make: None }
+    }
+
+    /// What the change owes the TLB.
+    pub fn invalidation(&self) -> Invalidation {
+        self.what
+    }
+
+    /// Whether the entry is invalid until the flush writes the new one.
+    pub fn breaks(&self) -> bool {
+        self.make.is_some()
+    }
+
     pub fn flush(self, tlb: &impl Tlb) {
-        tlb.invalidate(self.0);
+        tlb.invalidate(self.what);
+        if let Some(m) = self.make {
+            store_entry(m.slot, m.raw, m.big_endian);
+            tlb.made_valid();
+        }
     }
 
     /// For changes made before the MMU uses this table, where no TLB entry
-    /// can exist, and for the bug knob that forgets the flush on purpose.
-    pub fn ignore(self) {}
+    /// can exist, and for the bug knob that forgets the flush on purpose: a
+    /// broken entry is made at once, uninvalidated.
+    pub fn ignore(self) {
+        if let Some(m) = self.make {
+            store_entry(m.slot, m.raw, m.big_endian);
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -158,12 +255,12 @@ impl<F: Format> PageTable<F> {
         let mut table = self.root;
         for l in 0..level {
             let slot = Self::slot(table, l, va);
-            table = match F::decode(F::load(slot), l) {
+            table = match F::decode(load::<F>(slot), l) {
                 Entry::Table(next) => next,
                 Entry::Leaf { .. } => return Err(MapError::AlreadyMapped),
                 Entry::Empty => {
                     let next = frames.alloc_bytes(F::table_bytes(l + 1), Purpose::PageTable)?;
-                    F::store(slot, F::encode_table(next, l));
+                    store::<F>(slot, F::encode_table(next, l));
                     next
                 }
             };
@@ -184,11 +281,11 @@ impl<F: Format> PageTable<F> {
         }
         let level = leaf_level::<F>(size).ok_or(MapError::SizeNotSupported)?;
         let slot = self.walk_create(frames, va, level)?;
-        if F::decode(F::load(slot), level) != Entry::Empty {
+        if F::decode(load::<F>(slot), level) != Entry::Empty {
             return Err(MapError::AlreadyMapped);
         }
-        F::store(slot, F::encode_leaf(pa, level, prot));
-        Ok(Flush(va))
+        store::<F>(slot, F::encode_leaf(pa, level, prot));
+        Ok(Flush::stored(Invalidation { va, size, cached: Cached::Translation }))
     }
 
     /// The slot holding the leaf for `va`, and its level.
@@ -196,7 +293,7 @@ impl<F: Format> PageTable<F> {
         let mut table = self.root;
         for l in 0..F::LEVELS {
             let slot = Self::slot(table, l, va);
-            match F::decode(F::load(slot), l) {
+            match F::decode(load::<F>(slot), l) {
                 Entry::Empty => return None,
                 Entry::Leaf { .. } => return Some((slot, l)),
                 Entry::Table(next) => table = next,
@@ -211,7 +308,7 @@ impl<F: Format> PageTable<F> {
         let Some(level) = leaf_level::<F>(size) else { return false };
         let mut table = self.root;
         for l in 0..=level {
-            match F::decode(F::load(Self::slot(table, l, va)), l) {
+            match F::decode(load::<F>(Self::slot(table, l, va)), l) {
                 Entry::Empty => return true,
                 Entry::Leaf { .. } => return false,
                 Entry::Table(next) => table = next,
@@ -222,7 +319,7 @@ impl<F: Format> PageTable<F> {
 
     pub fn translate(&self, va: VirtAddr) -> Option<Translation> {
         let (slot, level) = self.find_leaf(va)?;
-        let Entry::Leaf { pa, prot } = F::decode(F::load(slot), level) else {
+        let Entry::Leaf { pa, prot } = F::decode(load::<F>(slot), level) else {
             return None;
         };
         let size = level_size::<F>(level)?;
@@ -231,24 +328,38 @@ impl<F: Format> PageTable<F> {
 
     /// Points the base-page leaf mapping `va` at `pa` with `prot`; returns the
     /// frame it mapped before.
-    pub fn remap(&mut self, va: VirtAddr, pa: PhysAddr, prot: Prot) -> Result<(PhysAddr, Flush), MapError> {
+    pub fn remap(
+        &mut self,
+        va: VirtAddr,
+        pa: PhysAddr,
+        prot: Prot,
+        sequence: Sequence,
+    ) -> Result<(PhysAddr, Flush), MapError> {
         let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
-        let Entry::Leaf { pa: old, .. } = F::decode(F::load(slot), level) else {
+        let old = load::<F>(slot);
+        let Entry::Leaf { pa: old_pa, .. } = F::decode(old, level) else {
             return Err(MapError::NotMapped);
         };
         if level_size::<F>(level) != Some(F::BASE_PAGE) {
             return Err(MapError::SizeNotSupported);
         }
-        F::store(slot, F::encode_leaf(pa, level, prot));
-        Ok((old, Flush(va)))
+        let page = VirtAddr(va.0 & !(F::BASE_PAGE.bytes() - 1));
+        let what = Invalidation { va: page, size: F::BASE_PAGE, cached: Cached::Translation };
+        Ok((old_pa, Self::replace(slot, level, old, F::encode_leaf(pa, level, prot), what, sequence)))
     }
 
     /// Replaces the 2 MiB leaf covering `va` with a table of base pages (512
     /// of 4 KiB or 32 of 64 KiB) mapping the same frames with the same
     /// protection. A no-op when `va` is already mapped by base pages.
-    pub fn split(&mut self, frames: &mut FrameAllocator, va: VirtAddr) -> Result<Option<Flush>, MapError> {
+    pub fn split(
+        &mut self,
+        frames: &mut FrameAllocator,
+        va: VirtAddr,
+        sequence: Sequence,
+    ) -> Result<Option<Flush>, MapError> {
         let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
-        let Entry::Leaf { pa, prot } = F::decode(F::load(slot), level) else {
+        let old = load::<F>(slot);
+        let Entry::Leaf { pa, prot } = F::decode(old, level) else {
             return Err(MapError::NotMapped);
         };
         let base = F::BASE_PAGE;
@@ -257,14 +368,37 @@ impl<F: Format> PageTable<F> {
             Some(PageSize::Size2M) if level_size::<F>(level + 1) == Some(base) => {}
             _ => return Err(MapError::SizeNotSupported),
         }
+        // Filled before it is linked: no MMU sees these stores.
         let table = frames.alloc_bytes(F::table_bytes(level + 1), Purpose::PageTable)?;
         let step = base.bytes();
         for i in 0..PageSize::Size2M.bytes() / step {
-            F::store(table.add(i * 8), F::encode_leaf(pa.add(i * step), level + 1, prot));
+            store::<F>(table.add(i * 8), F::encode_leaf(pa.add(i * step), level + 1, prot));
         }
-        F::store(slot, F::encode_table(table, level));
-        let base = VirtAddr(va.0 & !(PageSize::Size2M.bytes() - 1));
-        Ok(Some(Flush(base)))
+        let block = VirtAddr(va.0 & !(PageSize::Size2M.bytes() - 1));
+        let what = Invalidation { va: block, size: PageSize::Size2M, cached: Cached::Translation };
+        Ok(Some(Self::replace(slot, level, old, F::encode_table(table, level), what, sequence)))
+    }
+
+    /// Replaces the live entry `old` at `slot` (a `level` entry) by `new`.
+    /// Where the architecture asks for break-before-make and the change
+    /// needs it, the entry goes invalid now and the returned flush writes
+    /// `new` after invalidating `what`; otherwise `new` is stored now and the
+    /// flush invalidates after it.
+    fn replace(slot: PhysAddr, level: usize, old: u64, new: u64, what: Invalidation, sequence: Sequence) -> Flush {
+        let moves = match (F::decode(old, level), F::decode(new, level)) {
+            (Entry::Leaf { pa: a, .. }, Entry::Leaf { pa: b, .. }) => a != b,
+            (Entry::Table(a), Entry::Table(b)) => a != b,
+            (Entry::Empty, _) | (_, Entry::Empty) => false,
+            // A block by a table, or a table by a block.
+            _ => true,
+        };
+        if F::BREAK_BEFORE_MAKE && sequence == Sequence::Architecture && moves {
+            store::<F>(slot, 0);
+            Flush { what, make: Some(Make { slot, raw: new, big_endian: F::BIG_ENDIAN }) }
+        } else {
+            store::<F>(slot, new);
+            Flush::stored(what)
+        }
     }
 
     /// Copies the root entries of `from` that cover `[start, end)` and that
@@ -275,8 +409,8 @@ impl<F: Format> PageTable<F> {
         while va < end.0 {
             let src = Self::slot(from.root, 0, VirtAddr(va));
             let dst = Self::slot(self.root, 0, VirtAddr(va));
-            if F::decode(F::load(dst), 0) == Entry::Empty {
-                F::store(dst, F::load(src));
+            if F::decode(load::<F>(dst), 0) == Entry::Empty {
+                store::<F>(dst, load::<F>(src));
             }
             va = match va.checked_add(span) {
                 Some(next) => next,
@@ -288,10 +422,11 @@ impl<F: Format> PageTable<F> {
     /// Removes the leaf mapping `va`; returns the frame it mapped and its size.
     pub fn unmap(&mut self, va: VirtAddr) -> Result<(PhysAddr, PageSize, Flush), MapError> {
         let (slot, level) = self.find_leaf(va).ok_or(MapError::NotMapped)?;
-        let Entry::Leaf { pa, .. } = F::decode(F::load(slot), level) else { return Err(MapError::NotMapped) };
+        let Entry::Leaf { pa, .. } = F::decode(load::<F>(slot), level) else { return Err(MapError::NotMapped) };
         let size = level_size::<F>(level).ok_or(MapError::SizeNotSupported)?;
-        F::store(slot, 0);
-        Ok((pa, size, Flush(VirtAddr(va.0 & !(size.bytes() - 1)))))
+        store::<F>(slot, 0);
+        let what = Invalidation { va: VirtAddr(va.0 & !(size.bytes() - 1)), size, cached: Cached::Translation };
+        Ok((pa, size, Flush::stored(what)))
     }
 
     /// Frees the tables below the root's children over `[start, end)` that
@@ -301,7 +436,7 @@ impl<F: Format> PageTable<F> {
         let mut va = start.0;
         while va < end.0 {
             let span = 1u64 << F::SHIFTS[0];
-            if let Entry::Table(child) = F::decode(F::load(Self::slot(self.root, 0, VirtAddr(va))), 0) {
+            if let Entry::Table(child) = F::decode(load::<F>(Self::slot(self.root, 0, VirtAddr(va))), 0) {
                 Self::prune(frames, tlb, child, 1, VirtAddr(va), start, end);
             }
             va = match (va & !(span - 1)).checked_add(span) {
@@ -330,13 +465,14 @@ impl<F: Format> PageTable<F> {
             let slot = table.add(i * 8);
             let va = table_base.wrapping_add(i * span);
             let inside = va.wrapping_add(span) > start.0 && va < end.0;
-            match F::decode(F::load(slot), level) {
+            match F::decode(load::<F>(slot), level) {
                 Entry::Empty => {}
                 Entry::Table(child) if inside && level + 1 < F::LEVELS => {
                     if Self::prune(frames, tlb, child, level + 1, VirtAddr(va), start, end) {
-                        F::store(slot, 0);
+                        store::<F>(slot, 0);
                         // Walk caches may still hold the cleared entry.
-                        tlb.invalidate(VirtAddr(va));
+                        let size = level_size::<F>(level).unwrap_or(PageSize::Size1G);
+                        tlb.invalidate(Invalidation { va: VirtAddr(va), size, cached: Cached::Walk });
                         frames.free(child, F::table_bytes(level + 1), Purpose::PageTable);
                     } else {
                         empty = false;

@@ -9,16 +9,22 @@ use crate::formats::powerpc64::{Radix4K, Radix64K};
 use crate::formats::x86_64::X86PageTables;
 use crate::mm::frames::Purpose;
 use crate::mm::test_memory::TestMemory;
-use crate::mm::RangeList;
+use crate::mm::{update_log, RangeList};
+use hvo_abi::update_log::{InvalidationForm, RecordKind};
 
-/// Remembers every invalidation asked for.
+/// Remembers every invalidation asked for, and logs it as the firmware's do.
 #[derive(Default)]
-struct RecordingTlb(RefCell<Vec<VirtAddr>>);
+struct RecordingTlb(RefCell<Vec<Invalidation>>);
 
 impl Tlb for RecordingTlb {
-    fn invalidate(&self, va: VirtAddr) {
-        self.0.borrow_mut().push(va);
+    fn invalidate(&self, what: Invalidation) {
+        self.0.borrow_mut().push(what);
+        update_log::record_invalidation(InvalidationForm::X86Invlpg, what.va.0, 0, what.va, what.size.bytes());
     }
+}
+
+fn translation(va: VirtAddr, size: PageSize) -> Invalidation {
+    Invalidation { va, size, cached: Cached::Translation }
 }
 
 const RAM: u64 = 0x4000_0000;
@@ -37,7 +43,7 @@ fn setup<F: Format>() -> (TestMemory, FrameAllocator, PageTable<F>) {
 fn raw_leaf<F: Format>(table: &PageTable<F>, va: VirtAddr) -> Option<(u64, usize)> {
     let mut at = table.root();
     for level in 0..F::LEVELS {
-        let raw = F::load(PageTable::<F>::slot(at, level, va));
+        let raw = load::<F>(PageTable::<F>::slot(at, level, va));
         match F::decode(raw, level) {
             Entry::Empty => return None,
             Entry::Leaf { .. } => return Some((raw, level)),
@@ -51,7 +57,7 @@ fn maps_and_reads_back<F: Format>() {
     let (_memory, mut frames, mut table) = setup::<F>();
     let base = F::BASE_PAGE;
     let flush = table.map(&mut frames, VMEMMAP, DATA, base, Prot::RW).unwrap();
-    assert_eq!(flush, Flush(VMEMMAP));
+    assert_eq!((flush.invalidation(), flush.breaks()), (translation(VMEMMAP, base), false));
     flush.ignore();
     let (raw, level) = raw_leaf(&table, VMEMMAP).unwrap();
     assert_eq!(level, F::LEVELS - 1);
@@ -99,9 +105,12 @@ fn splits_a_2m_leaf_into_base_pages<F: Format>() {
     table.map(&mut frames, VMEMMAP, DATA, PageSize::Size2M, Prot::RO).unwrap().ignore();
     let before = frames.counters.allocated(Purpose::PageTable);
     let inside = VirtAddr(VMEMMAP.0 + 5 * base.bytes());
-    let flush = table.split(&mut frames, inside).unwrap().unwrap();
-    assert_eq!(flush, Flush(VMEMMAP));
-    flush.ignore();
+    let flush = table.split(&mut frames, inside, Sequence::Architecture).unwrap().unwrap();
+    assert_eq!(flush.invalidation(), translation(VMEMMAP, PageSize::Size2M));
+    // Where the architecture asks for it, the block is invalid until the flush.
+    assert_eq!(flush.breaks(), F::BREAK_BEFORE_MAKE);
+    assert_eq!(table.translate(inside).is_none(), F::BREAK_BEFORE_MAKE);
+    flush.flush(&RecordingTlb::default());
     assert_eq!(frames.counters.allocated(Purpose::PageTable) - before, F::table_bytes(3) / base.bytes());
     for i in 0..PageSize::Size2M.bytes() / base.bytes() {
         let va = VirtAddr(VMEMMAP.0 + i * base.bytes());
@@ -110,8 +119,9 @@ fn splits_a_2m_leaf_into_base_pages<F: Format>() {
         assert_eq!(F::decode(raw, level), Entry::Leaf { pa: DATA.add(i * base.bytes()), prot: Prot::RO });
     }
     // Already base pages: nothing to do.
-    assert_eq!(table.split(&mut frames, inside), Ok(None));
-    assert_eq!(table.split(&mut frames, VirtAddr(VMEMMAP.0 + (4 << 20))), Err(MapError::NotMapped));
+    assert_eq!(table.split(&mut frames, inside, Sequence::Architecture), Ok(None));
+    let elsewhere = VirtAddr(VMEMMAP.0 + (4 << 20));
+    assert_eq!(table.split(&mut frames, elsewhere, Sequence::Architecture), Err(MapError::NotMapped));
 }
 
 fn remaps_and_unmaps_base_pages<F: Format>() {
@@ -120,20 +130,83 @@ fn remaps_and_unmaps_base_pages<F: Format>() {
     let tail = VirtAddr(VMEMMAP.0 + base.bytes());
     table.map(&mut frames, tail, DATA, base, Prot::RW).unwrap().ignore();
     let shared = DATA.add(0x20_0000);
-    let (old, flush) = table.remap(tail, shared, Prot::RO).unwrap();
-    assert_eq!((old, flush), (DATA, Flush(tail)));
+    let (old, flush) = table.remap(VirtAddr(tail.0 + 8), shared, Prot::RO, Sequence::Architecture).unwrap();
+    assert_eq!((old, flush.invalidation()), (DATA, translation(tail, base)));
+    flush.flush(&RecordingTlb::default());
     assert_eq!(table.translate(tail), Some(Translation { pa: shared, size: base, prot: Prot::RO }));
     let (pa, size, flush) = table.unmap(tail).unwrap();
-    assert_eq!((pa, size, flush), (shared, base, Flush(tail)));
+    assert_eq!((pa, size, flush.invalidation(), flush.breaks()), (shared, base, translation(tail, base), false));
+    flush.ignore();
     assert_eq!(table.translate(tail), None);
     assert_eq!(table.unmap(tail).map(|_| ()), Err(MapError::NotMapped));
-    assert_eq!(table.remap(tail, DATA, Prot::RW).map(|_| ()), Err(MapError::NotMapped));
+    assert_eq!(table.remap(tail, DATA, Prot::RW, Sequence::Architecture).map(|_| ()), Err(MapError::NotMapped));
     // Only base pages are remapped.
     let big = VirtAddr(VMEMMAP.0 + (2 << 20));
     table.map(&mut frames, big, DATA, PageSize::Size2M, Prot::RW).unwrap().ignore();
-    assert_eq!(table.remap(big, DATA, Prot::RO).map(|_| ()), Err(MapError::SizeNotSupported));
+    assert_eq!(table.remap(big, DATA, Prot::RO, Sequence::Architecture).map(|_| ()), Err(MapError::SizeNotSupported));
     let (_, size, flush) = table.unmap(VirtAddr(big.0 + 0x1000)).unwrap();
-    assert_eq!((size, flush), (PageSize::Size2M, Flush(big)));
+    assert_eq!((size, flush.invalidation()), (PageSize::Size2M, translation(big, PageSize::Size2M)));
+    flush.ignore();
+}
+
+/// The stores and invalidations the log holds for the current command:
+/// `(entry, old, new)` for each store, the invalidated address for each
+/// invalidation.
+fn logged() -> Vec<(u64, u64, u64)> {
+    let (_, records) = update_log::current();
+    let mut out = Vec::new();
+    for r in records {
+        if r.kind == RecordKind::Store as u32 {
+            let [entry, old, new, step] = r.words;
+            out.extend((0..u64::from(r.detail)).map(|i| (entry + 8 * i, old, new + i * step)));
+        } else {
+            out.push((r.words[0], u64::MAX, u64::MAX));
+        }
+    }
+    out
+}
+
+fn remaps_in_the_architecture_sequence<F: Format>() {
+    let (_memory, mut frames, mut table) = setup::<F>();
+    let base = F::BASE_PAGE;
+    table.map(&mut frames, VMEMMAP, DATA, base, Prot::RW).unwrap().ignore();
+    let (slot, _) = table.find_leaf(VMEMMAP).unwrap();
+    let before = load::<F>(slot);
+    let shared = DATA.add(0x20_0000);
+    update_log::begin_command();
+    let (_, flush) = table.remap(VMEMMAP, shared, Prot::RO, Sequence::Architecture).unwrap();
+    flush.flush(&RecordingTlb::default());
+    let after = load::<F>(slot);
+    let invalidated = (VMEMMAP.0, u64::MAX, u64::MAX);
+    let expected = if F::BREAK_BEFORE_MAKE {
+        vec![(slot.0, before, 0), invalidated, (slot.0, 0, after)]
+    } else {
+        vec![(slot.0, before, after), invalidated]
+    };
+    assert_eq!(logged(), expected);
+    // The knob's single store, whatever the architecture asks.
+    update_log::begin_command();
+    let (_, flush) = table.remap(VMEMMAP, DATA, Prot::RW, Sequence::SingleStore).unwrap();
+    assert!(!flush.breaks());
+    flush.flush(&RecordingTlb::default());
+    assert_eq!(logged(), vec![(slot.0, after, before), invalidated]);
+    // A flush ignored after a break still writes the entry, uninvalidated.
+    update_log::begin_command();
+    let (_, flush) = table.remap(VMEMMAP, shared, Prot::RO, Sequence::Architecture).unwrap();
+    flush.ignore();
+    assert_eq!(table.translate(VMEMMAP).map(|t| t.pa), Some(shared));
+    assert!(logged().iter().all(|&(_, old, _)| old != u64::MAX), "no invalidation logged");
+    // A run: the split's fill of the new table is one record.
+    update_log::begin_command();
+    let block = VirtAddr(VMEMMAP.0 + (2 << 20));
+    table.map(&mut frames, block, DATA, PageSize::Size2M, Prot::RW).unwrap().ignore();
+    update_log::begin_command();
+    table.split(&mut frames, block, Sequence::Architecture).unwrap().unwrap().flush(&RecordingTlb::default());
+    let (_, records) = update_log::current();
+    let fill = records[0];
+    assert_eq!(fill.kind, RecordKind::Store as u32);
+    assert_eq!(u64::from(fill.detail), PageSize::Size2M.bytes() / base.bytes());
+    assert_eq!(fill.words[3], base.bytes(), "each entry maps the next base page");
 }
 
 fn frees_empty_tables_and_keeps_the_root_entries<F: Format>() {
@@ -150,7 +223,9 @@ fn frees_empty_tables_and_keeps_the_root_entries<F: Format>() {
     // for the other mapping, and the root entry always stays.
     let freed = frames.counters.freed(Purpose::PageTable);
     assert_eq!(freed, (F::table_bytes(2) + F::table_bytes(3)) / base.bytes());
-    assert_eq!(tlb.0.borrow().len(), 2);
+    let asked = tlb.0.borrow().clone();
+    assert_eq!(asked.len(), 2);
+    assert!(asked.iter().all(|i| i.cached == Cached::Walk), "{asked:?}");
     assert!(table.block_is_empty(VMEMMAP, PageSize::Size2M));
     assert!(table.translate(kept).is_some());
     assert!(allocated > freed);
@@ -166,6 +241,7 @@ fn every_check<F: Format>() {
     refuses_bad_maps::<F>();
     splits_a_2m_leaf_into_base_pages::<F>();
     remaps_and_unmaps_base_pages::<F>();
+    remaps_in_the_architecture_sequence::<F>();
     frees_empty_tables_and_keeps_the_root_entries::<F>();
 }
 

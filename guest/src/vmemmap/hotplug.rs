@@ -131,7 +131,7 @@ impl Vmemmap {
             window += big;
         }
         let (from, to) = (VirtAddr(align_down(first, big)), VirtAddr(align_up(last, big)));
-        mm.table.free_empty_tables(mm.frames, &arch::Tlb, from, to);
+        mm.table.free_empty_tables(mm.frames, &self.tlb(), from, to);
     }
 
     /// Tears down a hot-added range's vmemmap (vmemmap_free): every PTE

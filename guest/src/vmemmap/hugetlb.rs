@@ -94,7 +94,7 @@ impl Vmemmap {
 
     /// Points the vmemmap page at `va` to `target` and frees the frame it mapped.
     fn remap_and_free(&self, mm: &mut Mm, va: VirtAddr, target: PhysAddr, prot: Prot) -> Result<(), VmemmapError> {
-        let (old, flush) = mm.table.remap(va, target, prot)?;
+        let (old, flush) = mm.table.remap(va, target, prot, self.sequence())?;
         self.complete(flush);
         mm.frames.free(old, PAGE, Purpose::Vmemmap);
         Ok(())
@@ -150,7 +150,7 @@ impl Vmemmap {
         // HVO needs base-page PTEs: split any 2 MiB leaf over this vmemmap.
         let mut va = base.0;
         while va < base.0 + pages * PAGE {
-            if let Some(flush) = mm.table.split(mm.frames, VirtAddr(va))? {
+            if let Some(flush) = mm.table.split(mm.frames, VirtAddr(va), self.sequence())? {
                 self.complete(flush);
             }
             va = align_down(va, PageSize::Size2M.bytes()) + PageSize::Size2M.bytes();
@@ -229,7 +229,7 @@ impl Vmemmap {
                 }
             };
             // The old frame is shared (or the head's): it stays.
-            let (_shared, flush) = mm.table.remap(VirtAddr(base.0 + i * PAGE), fresh, Prot::RW)?;
+            let (_shared, flush) = mm.table.remap(VirtAddr(base.0 + i * PAGE), fresh, Prot::RW, self.sequence())?;
             self.complete(flush);
         }
         if region.layout == Layout::Unified {

@@ -19,7 +19,7 @@ use hvo_guest::sparse::SectionError;
 
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{AllocError, FrameAllocator};
-use crate::mm::pagetable::{Flush, MapError};
+use crate::mm::pagetable::{Flush, MapError, Sequence};
 use crate::mm::{Pfn, PhysAddr, RangeList, VirtAddr};
 use crate::paging::Table;
 
@@ -205,13 +205,32 @@ impl Vmemmap {
         self.knobs & knob.bit() != 0
     }
 
-    /// Invalidates the TLB entry a change left stale, unless the
-    /// `no-tlb-flush` knob forgets it on purpose.
+    /// Completes a change to a live entry: invalidates the translation it
+    /// removed (and, after a break, writes the new entry), unless the
+    /// `no-tlb-flush` knob forgets the invalidation on purpose.
     fn complete(&self, flush: Flush) {
         if self.knob(Knob::NoTlbFlush) {
             flush.ignore();
         } else {
-            flush.flush(&arch::Tlb);
+            flush.flush(&self.tlb());
+        }
+    }
+
+    /// The TLB as the knobs leave it: knob `tlbie-base-size` encodes the
+    /// base page's size in every ppc64 `tlbie`.
+    fn tlb(&self) -> arch::Tlb {
+        let encoding =
+            if self.knob(Knob::TlbieBaseSize) { arch::Encoding::BasePageSize } else { arch::Encoding::Right };
+        arch::Tlb { encoding }
+    }
+
+    /// How live entries are changed: as the architecture asks, or (knob
+    /// `no-break-before-make`) with one store where it asks for a break.
+    fn sequence(&self) -> Sequence {
+        if self.knob(Knob::NoBreakBeforeMake) {
+            Sequence::SingleStore
+        } else {
+            Sequence::Architecture
         }
     }
 

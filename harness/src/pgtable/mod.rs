@@ -233,24 +233,41 @@ impl<'a> Walker<'a> {
 
     /// Every table of the tree (the root included): its address and size in bytes.
     pub fn tables(&self, mem: &dyn GuestMemory) -> Result<Vec<(PhysAddr, u64)>, WalkError> {
+        Ok(self.visit_tables(mem)?.into_iter().map(|t| (t.pa, 8 << t.index_bits)).collect())
+    }
+
+    /// Every table of the tree (the root included), where it sits and what
+    /// it holds, children before their parents; a table two entries point at
+    /// is visited twice.
+    pub fn visit_tables(&self, mem: &dyn GuestMemory) -> Result<Vec<TableVisit>, WalkError> {
         let mut out = Vec::new();
         let top = Level { table: self.root, index_bits: self.root_index_bits, level: 0, shift: self.root_shift() };
-        self.collect_tables(mem, top, &mut out)?;
+        self.collect_tables(mem, top, 0, &mut out)?;
         Ok(out)
+    }
+
+    /// The walker's format, to decode what [`Walker::visit_tables`] read.
+    pub fn format(&self) -> &'a dyn Format {
+        self.format
     }
 
     fn collect_tables(
         &self,
         mem: &dyn GuestMemory,
         at: Level,
-        out: &mut Vec<(PhysAddr, u64)>,
+        va: u64,
+        out: &mut Vec<TableVisit>,
     ) -> Result<(), WalkError> {
-        out.push((at.table, 8 << at.index_bits));
-        for raw in self.read_table(mem, at.table, 1 << at.index_bits)? {
+        let entries = self.read_table(mem, at.table, 1 << at.index_bits)?;
+        for (i, &raw) in entries.iter().enumerate() {
             if let Decoded::Table { pa, index_bits, .. } = self.format.decode(raw, at.level, at.shift) {
-                self.collect_tables(mem, at.below(pa, index_bits), out)?;
+                let below = va | ((i as u64) << at.shift);
+                self.collect_tables(mem, at.below(pa, index_bits), below, out)?;
             }
         }
+        let visit =
+            TableVisit { pa: at.table, level: at.level, va, shift: at.shift, index_bits: at.index_bits, entries };
+        out.push(visit);
         Ok(())
     }
 
@@ -288,6 +305,21 @@ impl<'a> Walker<'a> {
         }
         Ok(())
     }
+}
+
+/// A table [`Walker::visit_tables`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableVisit {
+    pub pa: PhysAddr,
+    pub level: usize,
+    /// The first address it translates, within the bits the tree translates
+    /// (no sign extension, no quadrant).
+    pub va: u64,
+    /// log2 of the bytes one of its entries spans.
+    pub shift: u32,
+    pub index_bits: u32,
+    /// Its raw entries, in the MMU's byte order decoded.
+    pub entries: Vec<u64>,
 }
 
 /// One table on the way down: where it is, its index bits, its level, and

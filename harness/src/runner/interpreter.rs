@@ -23,6 +23,7 @@ use crate::memory::GuestMemory;
 use crate::qemu::describe_exit;
 use crate::report::{Check, CheckStatus, Metrics, Status};
 use crate::scenario::Scenario;
+use crate::updates::UpdateChecker;
 use crate::verify::live::{self, LiveError};
 use crate::verify::{self, Requested};
 
@@ -85,6 +86,8 @@ pub(super) struct Run<'a> {
     pub findings: Findings,
     /// The current step must be refused (an allocation was set to fail).
     pub expect_refusal: bool,
+    /// The firmware's update log, followed from boot (`break-before-make`).
+    pub updates: Option<UpdateChecker>,
 }
 
 impl<'a> Run<'a> {
@@ -109,6 +112,7 @@ impl<'a> Run<'a> {
             tracked: Tracked::default(),
             findings: Findings::default(),
             expect_refusal: false,
+            updates: None,
         }
     }
 
@@ -181,6 +185,7 @@ impl<'a> Run<'a> {
         }
         self.findings.metrics.ready_ms = Some(self.elapsed_ms());
         self.machine.map_boot_ram(self.scenario.machine.boot_memory).map_err(Abort::Infra)?;
+        self.start_update_log()?;
         match self.guest {
             Guest::Firmware(_) => self.boot_setup().await?,
             Guest::Kernel(_) => self.kernel_boot_setup().await?,
@@ -267,7 +272,9 @@ impl<'a> Run<'a> {
         let verb = command.verb();
         let must_refuse = self.expect_refusal
             && matches!(verb, "hugetlb-alloc" | "optimize" | "restore" | "hot-add" | "hot-add-memory");
-        match console.request(command, timeout).await {
+        let answer = console.request(command, timeout).await;
+        self.replay_updates();
+        match answer {
             Ok(_) if must_refuse => Err(Abort::Fail(format!(
                 "`{verb}` was expected to fail on the injected allocation failure, but it succeeded"
             ))),
@@ -282,7 +289,9 @@ impl<'a> Run<'a> {
     pub async fn try_request(&mut self, command: Command<'_>) -> Result<Option<String>, Abort> {
         let timeout = self.step_timeout();
         let Some(console) = self.machine.console() else { return Err(Abort::Infra("no console".into())) };
-        match console.request(command, timeout).await {
+        let answer = console.request(command, timeout).await;
+        self.replay_updates();
+        match answer {
             Ok(payload) => Ok(Some(payload)),
             Err(ConsoleError::Refused { .. }) => Ok(None),
             Err(e) => Err(self.console_abort(e).await),
@@ -290,7 +299,7 @@ impl<'a> Run<'a> {
     }
 
     /// The manifest as the guest last published it (it republishes after every change).
-    fn read_manifest(&self) -> Result<Manifest, Abort> {
+    pub(super) fn read_manifest(&self) -> Result<Manifest, Abort> {
         let mut bytes = vec![0u8; MANIFEST_SIZE];
         self.machine
             .memory()
@@ -322,6 +331,7 @@ impl<'a> Run<'a> {
             self.findings.last_vmemmap = Some(verify::dump(&manifest, &map));
         }
         self.findings.checks.extend(checks);
+        self.update_check();
         let timeout = self.step_timeout();
         let Some(console) = self.machine.console() else { return Err(Abort::Infra("no console".into())) };
         let write_faults = live::write_faults(console, timeout, &manifest).await;

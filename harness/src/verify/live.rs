@@ -270,6 +270,7 @@ mod tests {
             knobs: 0,
             regions: Default::default(),
             shared_tails: Default::default(),
+            update_log: 0,
         };
         let expected = Expected { arch: Arch::Aarch64, profile: p, boot_memory: 512 << 20, at: PhysAddr(0x4020_1000) };
         assert!(manifest_problems(&m, expected).is_empty());

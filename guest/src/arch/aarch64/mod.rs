@@ -5,7 +5,11 @@ mod boot;
 mod platform;
 mod traps;
 
-use crate::mm::{PageSize, PhysAddr, RangeList, VirtAddr};
+use hvo_abi::update_log::InvalidationForm;
+use hvo_guest::mm::pagetable::Invalidation;
+
+use super::Encoding;
+use crate::mm::{update_log, PageSize, PhysAddr, RangeList};
 use crate::paging::Tables;
 
 pub use platform::{console_read, console_write, eject_memory_slot, exit};
@@ -76,11 +80,22 @@ pub fn enable_mmu(tables: &Tables) {
     }
 }
 
-pub fn flush_tlb_va(va: VirtAddr) {
-    // TLBI VAAE1IS takes VA[55:12]; all ASIDs, inner shareable.
-    let operand = (va.0 >> 12) & ((1 << 44) - 1);
+/// TLBI VAAE1IS: every ASID, every level of the walk (so the walk caches
+/// of a freed table too), inner shareable. Its operand is VA[55:12] with no
+/// TTL hint (bits 47:44 zero): it removes a translation of any size, so
+/// there is no size to encode.
+pub fn flush_tlb(what: Invalidation, _encoding: Encoding) {
+    let operand = (what.va.0 >> 12) & ((1 << 44) - 1);
     // SAFETY: invalidating a translation has no other effect.
     unsafe { core::arch::asm!("dsb ishst", "tlbi vaae1is, {}", "dsb ish", "isb", in(reg) operand, options(nostack)) };
+    update_log::record_invalidation(InvalidationForm::Arm64TlbiVaae1is, operand, 0, what.va, what.size.bytes());
+}
+
+/// After break-before-make's new entry: complete the store before the
+/// accesses through it (as Linux's set_pte for kernel mappings).
+pub fn made_valid() {
+    // SAFETY: barriers only.
+    unsafe { core::arch::asm!("dsb ishst", "isb", options(nostack)) };
 }
 
 pub fn process_table() -> Option<PhysAddr> {

@@ -24,6 +24,9 @@ impl Format for Vmsav8Descriptors {
     const SHIFTS: [u32; 4] = [39, 30, 21, 12];
     const INDEX_BITS: [u32; 4] = [9, 9, 9, 9];
     const BASE_PAGE: PageSize = PageSize::Size4K;
+    /// Arm ARM D8.16.1: changing the output address of a live entry, or a
+    /// block into a table, goes through an invalid entry and a TLBI.
+    const BREAK_BEFORE_MAKE: bool = true;
 
     fn leaf_allowed(level: usize) -> bool {
         // Level 0 blocks need 52-bit output addresses.

@@ -7,7 +7,11 @@ mod libc;
 mod platform;
 mod traps;
 
-use crate::mm::{PageSize, PhysAddr, Range, RangeList, VirtAddr};
+use hvo_abi::update_log::InvalidationForm;
+use hvo_guest::mm::pagetable::{Cached, Invalidation};
+
+use super::Encoding;
+use crate::mm::{update_log, PageSize, PhysAddr, Range, RangeList};
 use crate::paging::Tables;
 
 pub use platform::{console_read, console_write, eject_memory_slot, exit};
@@ -44,28 +48,77 @@ struct ProcessTable([u64; 512]);
 
 static mut PROCESS_TABLE: ProcessTable = ProcessTable([0; 512]);
 
-pub fn flush_tlb_va(va: VirtAddr) {
-    // tlbie RB, RS, RIC=0 (TLB only), PRS=1 (process scoped), R=1 (radix):
-    // RB holds the page's effective address and its actual page size (AP,
-    // bits 58:56 in ISA numbering), RS the PID (0).
-    let actual_page_size: u64 = match BASE_PAGE {
+/// tlbie's AP field (RB bits 56:58 in ISA numbering, 7:5 counted from the
+/// right) for a radix page size (ISA v3.0 tlbie; QEMU's TLBIE_R_AP_*).
+const fn actual_page_size(size: PageSize) -> u64 {
+    match size {
+        PageSize::Size4K => 0b000,
         PageSize::Size64K => 0b101,
-        _ => 0b000,
-    };
-    let rb = (va.0 & !(BASE_PAGE.bytes() - 1)) | actual_page_size << 5;
-    // SAFETY: invalidating a translation has no other effect.
-    unsafe {
-        core::arch::asm!(
-            "ptesync",
-            "tlbie {rb}, {rs}, 0, 1, 1",
-            "eieio",
-            "tlbsync",
-            "ptesync",
-            rb = in(reg) rb,
-            rs = in(reg) 0u64,
-            options(nostack),
-        )
-    };
+        PageSize::Size2M => 0b001,
+        PageSize::Size1G => 0b010,
+    }
+}
+
+/// RB's IS field (bits 52:53 in ISA numbering): 1 selects everything of the
+/// PID in RS.
+const IS_PID: u64 = 0b01 << 10;
+
+/// A translation: `tlbie RB,RS,RIC=0,PRS=1,R=1`, the TLB only, process
+/// scoped, radix, by address: RB holds the page's effective address and its
+/// actual page size (AP), RS the PID (0, the kernel's). A TLB entry goes
+/// only if its page size is AP's (ISA v3.0 tlbie), so AP must be the size
+/// of the translation removed. A freed table: `RIC=2` with IS=1, everything
+/// of PID 0 including the page walk cache (RIC 1 and 2 are invalid forms by
+/// address), as Linux's radix__flush_tlb_kernel_range does.
+pub fn flush_tlb(what: Invalidation, encoding: Encoding) {
+    let rs = 0u64;
+    match what.cached {
+        Cached::Translation => {
+            // Knob `tlbie-base-size`: the base page's AP whatever the size.
+            let size = if encoding == Encoding::BasePageSize { BASE_PAGE } else { what.size };
+            let rb = (what.va.0 & !(size.bytes() - 1)) | actual_page_size(size) << 5;
+            // SAFETY: invalidating a translation has no other effect.
+            unsafe {
+                core::arch::asm!(
+                    "ptesync",
+                    "tlbie {rb}, {rs}, 0, 1, 1",
+                    "eieio",
+                    "tlbsync",
+                    "ptesync",
+                    rb = in(reg) rb,
+                    rs = in(reg) rs,
+                    options(nostack),
+                )
+            };
+            let form = InvalidationForm::Ppc64Tlbie { ric: 0, prs: true, r: true };
+            update_log::record_invalidation(form, rb, rs, what.va, what.size.bytes());
+        }
+        Cached::Walk => {
+            let rb = IS_PID;
+            // SAFETY: as above.
+            unsafe {
+                core::arch::asm!(
+                    "ptesync",
+                    "tlbie {rb}, {rs}, 2, 1, 1",
+                    "eieio",
+                    "tlbsync",
+                    "ptesync",
+                    rb = in(reg) rb,
+                    rs = in(reg) rs,
+                    options(nostack),
+                )
+            };
+            let form = InvalidationForm::Ppc64Tlbie { ric: 2, prs: true, r: true };
+            update_log::record_invalidation(form, rb, rs, what.va, what.size.bytes());
+        }
+    }
+}
+
+/// After break-before-make's new entry: order the store before accesses
+/// through it.
+pub fn made_valid() {
+    // SAFETY: a barrier only.
+    unsafe { core::arch::asm!("ptesync", options(nostack)) };
 }
 
 pub fn process_table() -> Option<PhysAddr> {

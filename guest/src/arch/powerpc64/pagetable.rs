@@ -40,6 +40,12 @@ impl<const PAGE_SHIFT: u32> Format for RadixTree<PAGE_SHIFT> {
         16 => PageSize::Size64K,
         _ => PageSize::Size4K,
     };
+    const BIG_ENDIAN: bool = true;
+    /// A valid entry given another real page, or a leaf turned into a
+    /// directory, goes invalid and has its translation invalidated (tlbie)
+    /// before the new value is written, as Linux does on radix (a PMD leaf
+    /// is marked invalid while it is split, see book3s/64/pgtable.h).
+    const BREAK_BEFORE_MAKE: bool = true;
 
     fn leaf_allowed(level: usize) -> bool {
         level >= 1
@@ -76,15 +82,5 @@ impl<const PAGE_SHIFT: u32> Format for RadixTree<PAGE_SHIFT> {
             raw |= NON_IDEMPOTENT_IO;
         }
         raw
-    }
-
-    fn load(slot: PhysAddr) -> u64 {
-        // SAFETY: callers pass a slot inside a live table.
-        u64::from_be(unsafe { slot.as_mut_ptr::<u64>().read_volatile() })
-    }
-
-    fn store(slot: PhysAddr, raw: u64) {
-        // SAFETY: as for `load`.
-        unsafe { slot.as_mut_ptr::<u64>().write_volatile(raw.to_be()) }
     }
 }

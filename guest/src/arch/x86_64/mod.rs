@@ -4,7 +4,11 @@ mod boot;
 mod platform;
 mod traps;
 
-use crate::mm::{PageSize, PhysAddr, RangeList, VirtAddr};
+use hvo_abi::update_log::InvalidationForm;
+use hvo_guest::mm::pagetable::Invalidation;
+
+use super::Encoding;
+use crate::mm::{update_log, PageSize, PhysAddr, RangeList};
 use crate::paging::Tables;
 
 pub use platform::{console_read, console_write, eject_memory_slot, exit};
@@ -36,10 +40,17 @@ pub fn enable_mmu(tables: &Tables) {
     }
 }
 
-pub fn flush_tlb_va(va: VirtAddr) {
+/// INVLPG drops the TLB entries for the page holding the address, whatever
+/// their size, and the paging-structure caches (Intel SDM vol. 3A 4.10.4.1):
+/// there is no size to encode, and freed tables need nothing more.
+pub fn flush_tlb(what: Invalidation, _encoding: Encoding) {
     // SAFETY: invalidating a translation has no other effect.
-    unsafe { core::arch::asm!("invlpg [{}]", in(reg) va.0, options(nostack, preserves_flags)) };
+    unsafe { core::arch::asm!("invlpg [{}]", in(reg) what.va.0, options(nostack, preserves_flags)) };
+    update_log::record_invalidation(InvalidationForm::X86Invlpg, what.va.0, 0, what.va, what.size.bytes());
 }
+
+/// The walk sees stores to the tables without a barrier.
+pub fn made_valid() {}
 
 pub fn process_table() -> Option<PhysAddr> {
     None

@@ -22,6 +22,9 @@ impl Format for X86PageTables {
     const SHIFTS: [u32; 4] = [39, 30, 21, 12];
     const INDEX_BITS: [u32; 4] = [9, 9, 9, 9];
     const BASE_PAGE: PageSize = PageSize::Size4K;
+    /// An entry may be rewritten in place, the old translation invalidated
+    /// after (Intel SDM vol. 3A 4.10.4).
+    const BREAK_BEFORE_MAKE: bool = false;
 
     fn leaf_allowed(level: usize) -> bool {
         level >= 1
