@@ -225,7 +225,9 @@ pub enum Knob {
     FirstPageblockOnly = 12,
     /// DAX hot-added into the empty subsections of a boot section reuses the
     /// boot memmap unoptimized, yet only the struct pages an optimized
-    /// compound page keeps private get initialized (v8 6/6).
+    /// compound page keeps private get initialized (v8 6/6). The same
+    /// miscount where a compound page's struct pages stay in a neighbour's
+    /// 2 MiB vmemmap leaf (64 KiB pages, memory hot-added beside it).
     BootSectionPartialInit = 13,
     /// Removing part of the memory under a 2 MiB vmemmap leaf frees the
     /// whole leaf, with the struct pages of the subsections still present

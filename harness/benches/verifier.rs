@@ -43,7 +43,7 @@ fn benches(c: &mut Criterion) {
     });
     group.bench_function("verify static invariants", |b| {
         b.iter(|| {
-            let (checks, _) = verify::check(Arch::X86_64, &manifest, &s.mem, &verify::Requested::new()).unwrap();
+            let (checks, _) = verify::check(Arch::X86_64, &manifest, &s.mem, &verify::Requested::new(), &[]).unwrap();
             assert!(checks.iter().all(|c| c.status == hvo_harness::report::CheckStatus::Pass));
         })
     });

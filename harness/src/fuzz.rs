@@ -3,14 +3,20 @@
 //!
 //! Generation tracks what exists (regions, what each one is, hotplug slots
 //! and memory) so every sequence is one the loader accepts and the guest can
-//! carry out; the same seed always gives the same scenarios.
+//! carry out; the same seed always gives the same scenarios, on every
+//! profile. It favours the interplay that differs between profiles: ranges
+//! hot-added next to each other in either order (with 64 KiB pages one
+//! 2 MiB vmemmap leaf holds the struct pages of 2 GiB, so neighbours share
+//! it, and with 1 GiB of boot memory they share boot memory's), DAX with and
+//! without an altmap beside memory, and removals in between.
 
-use std::fmt::Write as _;
+mod toml;
+
 use std::path::Path;
 
 use hvo_abi::model::{Knob, Layout, Zone};
 
-use crate::scenario::{Backend, DaxDevice, Scenario, ScenarioError, Size, Step};
+use crate::scenario::{Backend, DaxDevice, Scenario, ScenarioError, Step};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -52,20 +58,22 @@ pub struct FuzzStep {
     pub sweep_failures: bool,
 }
 
-/// A random scenario: the machine is fixed, the steps are drawn.
+/// A random scenario: the machine is drawn once, then the steps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FuzzCase {
     pub seed: u64,
     pub index: u64,
     pub bug_knobs: Vec<Knob>,
+    /// 2 GiB (room for a 1 GiB folio at boot) or 1 GiB (hot-added ranges
+    /// then share boot memory's vmemmap leaf with 64 KiB pages).
+    pub boot_memory: u64,
     pub boot_pmem: u64,
     pub steps: Vec<FuzzStep>,
 }
 
-/// The machine every random scenario gets: room for 1 GiB folios at boot and
-/// for four DIMMs of up to 1 GiB.
-const BOOT_MEMORY: u64 = 2 * GIB;
-const SLOTS: u64 = 4;
+/// Hotplug room: six DIMMs of up to 1 GiB, counted as the loader counts
+/// them (every hot-add, removed or not), so they fit however QEMU places them.
+const SLOTS: u64 = 6;
 const MAX_MEMORY: u64 = 8 * GIB;
 const BOOT_PMEM: u64 = 8 * MIB;
 
@@ -86,246 +94,250 @@ enum Made {
     Pmem,
 }
 
-/// Draws scenario `index` of `seed`: between 3 and 14 steps, a verify now and
+/// A scenario being drawn: what exists, and what room is left.
+struct Drawer {
+    rng: Rng,
+    made: Vec<(String, Made)>,
+    steps: Vec<FuzzStep>,
+    boot_memory: u64,
+    boot_pmem: u64,
+    pmem_used: bool,
+    /// Hot-adds made, and the bytes they plugged.
+    slots: u64,
+    plugged: u64,
+    /// Boot memory lent to HugeTLB folios, and how much may be.
+    boot_folios: u64,
+    boot_folio_budget: u64,
+    serial: u32,
+}
+
+/// Draws scenario `index` of `seed`: between 3 and 16 steps, a verify now and
 /// then and always last.
 pub fn generate(seed: u64, index: u64, bug_knobs: &[Knob]) -> FuzzCase {
     let mut rng = Rng::new(seed ^ index.wrapping_mul(0xa076_1d64_78bd_642f));
-    let mut made: Vec<(String, Made)> = Vec::new();
-    let mut steps = Vec::new();
-    let (mut slots, mut plugged) = (0u64, 0u64);
+    let boot_memory = if rng.chance(25) { GIB } else { 2 * GIB };
     let boot_pmem = if rng.chance(20) { BOOT_PMEM } else { 0 };
-    let mut pmem_used = false;
-    let wanted = 3 + rng.below(12);
-    let mut serial = 0;
-    // Boot memory lent to HugeTLB folios: kept well inside what is free.
-    let mut boot_folios = 0u64;
-    while (steps.len() as u64) < wanted {
-        serial += 1;
-        let name = format!("r{serial}");
-        let sweep = rng.chance(10);
-        let step = match rng.below(9) {
-            0 | 1 => {
-                let gigantic = rng.chance(15);
-                let (folio_size, count) = if gigantic { (GIB, 1) } else { (2 * MIB, 1 + rng.below(16)) };
-                let bytes = folio_size * count;
-                let lender = made.iter().position(|(_, m)| matches!(m, Made::Memory { free, .. } if *free >= bytes));
-                let from = match lender {
-                    Some(i) if rng.chance(50) || boot_folios + bytes > GIB => {
-                        if let Made::Memory { free, lending } = &mut made[i].1 {
-                            *free -= bytes;
-                            *lending += 1;
-                        }
-                        Some(made[i].0.clone())
-                    }
-                    // One 1 GiB folio (its 1 GiB-aligned half of boot memory) at a time.
-                    _ if boot_folios + bytes > GIB => continue,
-                    _ => None,
-                };
-                let boot_bytes = if from.is_none() { bytes } else { 0 };
-                boot_folios += boot_bytes;
-                let zone = rng.pick(&[Zone::Normal, Zone::Movable]);
-                made.push((name.clone(), Made::HugeTlb { optimized: false, from: from.clone(), boot_bytes }));
-                Step::HugetlbAlloc { region: name, folio_size, count, zone, from }
-            }
-            2 => {
-                let Some(i) = made.iter().position(|(_, m)| matches!(m, Made::HugeTlb { optimized: false, .. })) else {
-                    continue;
-                };
-                if let Made::HugeTlb { optimized, .. } = &mut made[i].1 {
-                    *optimized = true;
-                }
-                let layout = rng.pick(&[Layout::Unified, Layout::Unified, Layout::LegacyHugetlb, Layout::LegacyDax]);
-                Step::Optimize { region: made[i].0.clone(), layout }
-            }
-            3 => {
-                let Some(i) = made.iter().position(|(_, m)| matches!(m, Made::HugeTlb { optimized: true, .. })) else {
-                    continue;
-                };
-                if let Made::HugeTlb { optimized, .. } = &mut made[i].1 {
-                    *optimized = false;
-                }
-                Step::Restore { region: made[i].0.clone() }
-            }
-            4 => {
-                let Some(i) = made.iter().position(|(_, m)| matches!(m, Made::HugeTlb { .. })) else { continue };
-                let (region, m) = made.remove(i);
-                if let Made::HugeTlb { from, boot_bytes, .. } = m {
-                    boot_folios -= boot_bytes;
-                    // The memory it came from lends one folio run fewer.
-                    if let Some((_, Made::Memory { lending, .. })) =
-                        made.iter_mut().find(|(n, _)| Some(n) == from.as_ref())
-                    {
-                        *lending -= 1;
-                    }
-                }
-                Step::HugetlbFree { region }
-            }
-            5 | 6 => {
-                let pmem = boot_pmem > 0 && !pmem_used && rng.chance(30);
-                let size = if pmem { boot_pmem } else { rng.pick(&[256 * MIB, 512 * MIB, GIB]) };
-                if !pmem && (slots == SLOTS || BOOT_MEMORY + plugged + size > MAX_MEMORY) {
-                    continue;
-                }
-                let compound = if size.is_multiple_of(GIB) && rng.chance(30) { GIB } else { 2 * MIB };
-                let altmap = !pmem && compound == 2 * MIB && rng.chance(15);
-                let layout = rng.pick(&[Layout::Unified, Layout::Unified, Layout::LegacyDax, Layout::None]);
-                if pmem {
-                    pmem_used = true;
-                    made.push((name.clone(), Made::Pmem));
-                } else {
-                    slots += 1;
-                    plugged += size;
-                    made.push((name.clone(), Made::Dax));
-                }
-                Step::HotAdd {
-                    region: name,
-                    size,
-                    compound_size: compound,
-                    zone: Zone::Device,
-                    layout,
-                    device: if pmem { DaxDevice::Pmem } else { DaxDevice::Dimm },
-                    altmap,
-                    backend: if altmap { Backend::File } else { Backend::Ram },
-                }
-            }
-            7 => {
-                let size = rng.pick(&[256 * MIB, 512 * MIB]);
-                if slots == SLOTS || BOOT_MEMORY + plugged + size > MAX_MEMORY {
-                    continue;
-                }
-                slots += 1;
-                plugged += size;
-                made.push((name.clone(), Made::Memory { free: size, lending: 0 }));
-                Step::HotAddMemory { region: name, size, zone: Zone::Movable, backend: Backend::Ram }
-            }
-            _ => {
-                let Some(i) = made.iter().position(|(_, m)| {
-                    matches!(m, Made::Dax | Made::Pmem) || matches!(m, Made::Memory { lending: 0, .. })
-                }) else {
-                    continue;
-                };
-                // A removed DIMM's slot stays taken: the scenario loader counts hot-adds.
-                let (region, _) = made.remove(i);
-                Step::HotRemove { region }
-            }
+    let wanted = 3 + rng.below(14);
+    let mut d = Drawer {
+        rng,
+        made: Vec::new(),
+        steps: Vec::new(),
+        boot_memory,
+        boot_pmem,
+        pmem_used: false,
+        slots: 0,
+        plugged: 0,
+        boot_folios: 0,
+        // One 1 GiB folio (its 1 GiB-aligned half of boot memory) at a time;
+        // with 1 GiB of boot memory, a quarter of it in 2 MiB folios.
+        boot_folio_budget: if boot_memory == 2 * GIB { GIB } else { 256 * MIB },
+        serial: 0,
+    };
+    while (d.steps.len() as u64) < wanted {
+        let drawn = match d.rng.below(12) {
+            0 | 1 => d.hugetlb_alloc(),
+            2 => d.optimize(),
+            3 => d.restore(),
+            4 => d.hugetlb_free(),
+            5 | 6 => d.dax().map(|s| vec![s]),
+            7 => d.memory().map(|s| vec![s]),
+            8 | 9 => d.neighbours(),
+            _ => d.hot_remove(),
         };
-        let sweep = sweep && matches!(step, Step::HugetlbAlloc { .. } | Step::Optimize { .. } | Step::HotAdd { .. });
-        steps.push(FuzzStep { step, sweep_failures: sweep });
-        if rng.chance(35) {
-            steps.push(FuzzStep { step: Step::Verify, sweep_failures: false });
+        for step in drawn.unwrap_or_default() {
+            let sweep = d.rng.chance(10) && cheap_to_sweep(&step);
+            d.steps.push(FuzzStep { step, sweep_failures: sweep });
+            if d.rng.chance(35) {
+                d.steps.push(FuzzStep { step: Step::Verify, sweep_failures: false });
+            }
         }
     }
+    let mut steps = d.steps;
     if steps.last().map(|s| &s.step) != Some(&Step::Verify) {
         steps.push(FuzzStep { step: Step::Verify, sweep_failures: false });
     }
-    FuzzCase { seed, index, bug_knobs: bug_knobs.to_vec(), boot_pmem: if pmem_used { boot_pmem } else { 0 }, steps }
+    FuzzCase {
+        seed,
+        index,
+        bug_knobs: bug_knobs.to_vec(),
+        boot_memory,
+        boot_pmem: if d.pmem_used { boot_pmem } else { 0 },
+        steps,
+    }
 }
 
-fn step_toml(out: &mut String, s: &FuzzStep) {
-    let _ = writeln!(out, "\n[[step]]");
-    let mut kv = |k: &str, v: String| {
-        let _ = writeln!(out, "{k} = {v}");
-    };
-    let q = |s: &str| format!("\"{s}\"");
-    let size = |b: u64| q(&Size(b).to_string());
-    match &s.step {
-        Step::HugetlbAlloc { region, folio_size, count, zone, from } => {
-            kv("action", q("hugetlb-alloc"));
-            kv("region", q(region));
-            kv("size", size(*folio_size));
-            kv("count", count.to_string());
-            kv("zone", q(zone.name()));
-            if let Some(f) = from {
-                kv("from", q(f));
-            }
+/// Whether sweeping `step`'s allocation failures stays cheap: every
+/// allocation it makes is failed once and verified, so only steps of a few
+/// dozen allocations (on any profile) are swept. A 1 GiB range of 2 MiB
+/// compound pages makes hundreds, of 1 GiB unoptimized ones with 4 KiB
+/// pages thousands, and would run for minutes.
+fn cheap_to_sweep(step: &Step) -> bool {
+    match step {
+        Step::HugetlbAlloc { .. } | Step::Optimize { .. } => true,
+        Step::HotAdd { device: DaxDevice::Pmem, .. } => true,
+        Step::HotAdd { compound_size, layout, altmap, .. } => {
+            *compound_size == GIB && !*altmap && matches!(layout, Layout::Unified | Layout::LegacyDax)
         }
-        Step::Optimize { region, layout } => {
-            kv("action", q("optimize"));
-            kv("region", q(region));
-            kv("layout", q(layout.name()));
-        }
-        Step::Restore { region } => {
-            kv("action", q("restore"));
-            kv("region", q(region));
-        }
-        Step::HugetlbFree { region } => {
-            kv("action", q("hugetlb-free"));
-            kv("region", q(region));
-        }
-        Step::HotAdd { region, size: bytes, compound_size, zone, layout, device, altmap, backend } => {
-            kv("action", q("hot-add"));
-            kv("region", q(region));
-            kv("size", size(*bytes));
-            kv("compound", size(*compound_size));
-            kv("zone", q(zone.name()));
-            kv("layout", q(layout.name()));
-            match device {
-                DaxDevice::Pmem => kv("device", q("pmem")),
-                DaxDevice::Nvdimm => kv("device", q("nvdimm")),
-                DaxDevice::Dimm => {}
-            }
-            if *altmap {
-                kv("altmap", "true".into());
-            } else if *backend == Backend::File && *device != DaxDevice::Pmem {
-                kv("backend", q("file"));
-            }
-        }
-        Step::HotAddMemory { region, size: bytes, zone, .. } => {
-            kv("action", q("hot-add"));
-            kv("kind", q("memory"));
-            kv("region", q(region));
-            kv("size", size(*bytes));
-            kv("zone", q(zone.name()));
-        }
-        Step::HotRemove { region } => {
-            kv("action", q("hot-remove"));
-            kv("region", q(region));
-        }
-        Step::Verify => kv("action", q("verify")),
-        Step::Ping => kv("action", q("ping")),
-        Step::VerifyManifest => kv("action", q("verify-manifest")),
-        Step::FailAllocation { nth } => {
-            kv("action", q("fail-allocation"));
-            kv("nth", nth.to_string());
-        }
-        Step::Exit { status } => {
-            kv("action", q("exit"));
-            kv("status", status.to_string());
-        }
+        _ => false,
     }
-    if s.sweep_failures {
-        kv("sweep-failures", "true".into());
+}
+
+impl Drawer {
+    fn name(&mut self) -> String {
+        self.serial += 1;
+        format!("r{}", self.serial)
+    }
+
+    fn find(&self, f: impl Fn(&Made) -> bool) -> Option<usize> {
+        self.made.iter().position(|(_, m)| f(m))
+    }
+
+    fn hugetlb_alloc(&mut self) -> Option<Vec<Step>> {
+        let gigantic = self.rng.chance(15);
+        let (folio_size, count) = if gigantic { (GIB, 1) } else { (2 * MIB, 1 + self.rng.below(16)) };
+        let bytes = folio_size * count;
+        let lender = self.find(|m| matches!(m, Made::Memory { free, .. } if *free >= bytes));
+        // A 1 GiB folio takes the upper half of 2 GiB of boot memory whole:
+        // persistent memory set aside at its end leaves no room for one.
+        let over_budget = self.boot_folios + bytes > self.boot_folio_budget || (gigantic && self.boot_pmem > 0);
+        let from = match lender {
+            Some(i) if self.rng.chance(50) || over_budget => {
+                if let Made::Memory { free, lending } = &mut self.made[i].1 {
+                    *free -= bytes;
+                    *lending += 1;
+                }
+                Some(self.made[i].0.clone())
+            }
+            _ if over_budget => return None,
+            _ => None,
+        };
+        let boot_bytes = if from.is_none() { bytes } else { 0 };
+        self.boot_folios += boot_bytes;
+        let zone = self.rng.pick(&[Zone::Normal, Zone::Movable]);
+        let region = self.name();
+        self.made.push((region.clone(), Made::HugeTlb { optimized: false, from: from.clone(), boot_bytes }));
+        Some(vec![Step::HugetlbAlloc { region, folio_size, count, zone, from }])
+    }
+
+    fn optimize(&mut self) -> Option<Vec<Step>> {
+        let i = self.find(|m| matches!(m, Made::HugeTlb { optimized: false, .. }))?;
+        if let Made::HugeTlb { optimized, .. } = &mut self.made[i].1 {
+            *optimized = true;
+        }
+        let layout = self.rng.pick(&[Layout::Unified, Layout::Unified, Layout::LegacyHugetlb, Layout::LegacyDax]);
+        Some(vec![Step::Optimize { region: self.made[i].0.clone(), layout }])
+    }
+
+    fn restore(&mut self) -> Option<Vec<Step>> {
+        let i = self.find(|m| matches!(m, Made::HugeTlb { optimized: true, .. }))?;
+        if let Made::HugeTlb { optimized, .. } = &mut self.made[i].1 {
+            *optimized = false;
+        }
+        Some(vec![Step::Restore { region: self.made[i].0.clone() }])
+    }
+
+    fn hugetlb_free(&mut self) -> Option<Vec<Step>> {
+        let i = self.find(|m| matches!(m, Made::HugeTlb { .. }))?;
+        let (region, m) = self.made.remove(i);
+        if let Made::HugeTlb { from, boot_bytes, .. } = m {
+            self.boot_folios -= boot_bytes;
+            // The memory it came from lends one folio run fewer.
+            if let Some((_, Made::Memory { lending, .. })) =
+                self.made.iter_mut().find(|(n, _)| Some(n) == from.as_ref())
+            {
+                *lending -= 1;
+            }
+        }
+        Some(vec![Step::HugetlbFree { region }])
+    }
+
+    /// Whether `n` more DIMMs of `bytes` in all still fit.
+    fn room(&self, n: u64, bytes: u64) -> bool {
+        self.slots + n <= SLOTS && self.boot_memory + self.plugged + bytes <= MAX_MEMORY
+    }
+
+    fn plug(&mut self, bytes: u64) {
+        self.slots += 1;
+        self.plugged += bytes;
+    }
+
+    /// A DAX range: on a DIMM (2 MiB or 1 GiB compound pages, an altmap now
+    /// and then) or on the persistent memory set aside at boot.
+    fn dax(&mut self) -> Option<Step> {
+        let pmem = self.boot_pmem > 0 && !self.pmem_used && self.rng.chance(30);
+        let size = if pmem { self.boot_pmem } else { self.rng.pick(&[256 * MIB, 512 * MIB, GIB]) };
+        if !pmem && !self.room(1, size) {
+            return None;
+        }
+        let compound = if size.is_multiple_of(GIB) && self.rng.chance(40) { GIB } else { 2 * MIB };
+        // An altmap rounds the struct pages up to whole compound pages: with
+        // 1 GiB ones it would fill a 1 GiB DIMM.
+        let altmap = !pmem && compound == 2 * MIB && self.rng.chance(25);
+        let layout = self.rng.pick(&[Layout::Unified, Layout::Unified, Layout::LegacyDax, Layout::None]);
+        let region = self.name();
+        if pmem {
+            self.pmem_used = true;
+            self.made.push((region.clone(), Made::Pmem));
+        } else {
+            self.plug(size);
+            self.made.push((region.clone(), Made::Dax));
+        }
+        Some(Step::HotAdd {
+            region,
+            size,
+            compound_size: compound,
+            zone: Zone::Device,
+            layout,
+            device: if pmem { DaxDevice::Pmem } else { DaxDevice::Dimm },
+            altmap,
+            backend: if altmap { Backend::File } else { Backend::Ram },
+        })
+    }
+
+    fn memory(&mut self) -> Option<Step> {
+        let size = self.rng.pick(&[256 * MIB, 512 * MIB]);
+        if !self.room(1, size) {
+            return None;
+        }
+        self.plug(size);
+        let region = self.name();
+        self.made.push((region.clone(), Made::Memory { free: size, lending: 0 }));
+        Some(Step::HotAddMemory { region, size, zone: Zone::Movable, backend: Backend::Ram })
+    }
+
+    /// Memory and a DAX range hot-added one right after the other, in either
+    /// order: QEMU places them side by side.
+    fn neighbours(&mut self) -> Option<Vec<Step>> {
+        // Room for the largest of each, so neither draw below comes back empty.
+        if !self.room(2, 512 * MIB + GIB) {
+            return None;
+        }
+        let memory_first = self.rng.chance(50);
+        let (a, b) = if memory_first { (self.memory()?, self.dax()?) } else { (self.dax()?, self.memory()?) };
+        Some(vec![a, b])
+    }
+
+    fn hot_remove(&mut self) -> Option<Vec<Step>> {
+        // Any removable range, not only the oldest: removals leave gaps that
+        // later DIMMs fill, next to whatever is left.
+        let removable: Vec<usize> = (0..self.made.len())
+            .filter(|&i| match &self.made[i].1 {
+                Made::Dax | Made::Pmem => true,
+                Made::Memory { lending, .. } => *lending == 0,
+                Made::HugeTlb { .. } => false,
+            })
+            .collect();
+        if removable.is_empty() {
+            return None;
+        }
+        let i = removable[self.rng.below(removable.len() as u64) as usize];
+        // A removed DIMM's slot stays taken: the scenario loader counts hot-adds.
+        let (region, _) = self.made.remove(i);
+        Some(vec![Step::HotRemove { region }])
     }
 }
 
 impl FuzzCase {
-    /// The case as a scenario file expecting a pass; `header` becomes its
-    /// leading comment.
-    pub fn to_toml(&self, architectures: &[&str], header: &str) -> String {
-        let mut out = String::new();
-        for line in header.lines() {
-            let _ = writeln!(out, "# {line}");
-        }
-        let _ = writeln!(out, "description = \"random scenario {} of seed {}\"", self.index, self.seed);
-        let arches: Vec<String> = architectures.iter().map(|a| format!("\"{a}\"")).collect();
-        let _ = writeln!(out, "architectures = [{}]", arches.join(", "));
-        if !self.bug_knobs.is_empty() {
-            let knobs: Vec<String> = self.bug_knobs.iter().map(|k| format!("\"{}\"", k.name())).collect();
-            let _ = writeln!(out, "bug-knobs = [{}]", knobs.join(", "));
-        }
-        let _ = writeln!(out, "\n[machine]");
-        let _ = writeln!(out, "boot-memory = \"{}\"", Size(BOOT_MEMORY));
-        let _ = writeln!(out, "slots = {SLOTS}");
-        let _ = writeln!(out, "max-memory = \"{}\"", Size(MAX_MEMORY));
-        if self.boot_pmem > 0 {
-            let _ = writeln!(out, "boot-pmem = \"{}\"", Size(self.boot_pmem));
-        }
-        for s in &self.steps {
-            step_toml(&mut out, s);
-        }
-        out
-    }
-
     /// The case as a loaded scenario, named `name`, checked by the same loader
     /// as every file.
     pub fn scenario(&self, name: &str, architectures: &[&str]) -> Result<Scenario, ScenarioError> {
@@ -404,67 +416,4 @@ fn uses(step: &Step, name: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const ALL: [&str; 4] = ["x86_64", "aarch64", "ppc64le", "ppc64le-64k"];
-
-    #[test]
-    fn a_seed_always_gives_the_same_scenarios_and_seeds_differ() {
-        for i in 0..20 {
-            assert_eq!(generate(7, i, &[]), generate(7, i, &[]));
-        }
-        let differ = (0..20).filter(|&i| generate(7, i, &[]).steps != generate(8, i, &[]).steps).count();
-        assert!(differ > 15, "only {differ} of 20 differ");
-    }
-
-    #[test]
-    fn every_generated_scenario_is_one_the_loader_accepts_as_written() {
-        for seed in 0..10 {
-            for i in 0..40 {
-                let case = generate(seed, i, &[Knob::TailsWritable]);
-                let s = case
-                    .scenario("fuzz", &ALL)
-                    .unwrap_or_else(|e| panic!("seed {seed} #{i}: {e}\n{}", case.to_toml(&ALL, "")));
-                let steps: Vec<&Step> = s.steps.iter().map(|p| &p.step).collect();
-                let drawn: Vec<&Step> = case.steps.iter().map(|p| &p.step).collect();
-                assert_eq!(steps, drawn, "seed {seed} #{i}");
-                assert_eq!(s.bug_knobs, vec![Knob::TailsWritable]);
-                assert_eq!(s.steps.last().map(|p| &p.step), Some(&Step::Verify));
-            }
-        }
-    }
-
-    #[test]
-    fn shrinking_drops_a_region_with_every_step_that_needs_it() {
-        let case = FuzzCase {
-            seed: 0,
-            index: 0,
-            bug_knobs: vec![],
-            boot_pmem: 0,
-            steps: vec![
-                FuzzStep {
-                    step: Step::HugetlbAlloc {
-                        region: "a".into(),
-                        folio_size: 2 * MIB,
-                        count: 8,
-                        zone: Zone::Normal,
-                        from: None,
-                    },
-                    sweep_failures: true,
-                },
-                FuzzStep {
-                    step: Step::Optimize { region: "a".into(), layout: Layout::Unified },
-                    sweep_failures: false,
-                },
-                FuzzStep { step: Step::Verify, sweep_failures: false },
-            ],
-        };
-        let candidates = case.shrink_candidates(&ALL);
-        assert!(candidates.iter().all(|c| c.steps.len() < 3 || c.steps != case.steps));
-        // Without the allocation, nothing but the verify is left.
-        assert!(candidates.iter().any(|c| c.steps.len() == 1 && c.steps[0].step == Step::Verify));
-        assert!(candidates.iter().any(|c| c.steps.len() == 3 && !c.steps[0].sweep_failures));
-        assert!(candidates.iter().any(|c| matches!(c.steps[0].step, Step::HugetlbAlloc { count: 4, .. })));
-    }
-}
+mod tests;

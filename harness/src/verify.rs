@@ -51,6 +51,11 @@ pub fn vmemmap_pages_per_compound(order: u32, page: u64) -> u64 {
     (1u64 << order) * STRUCT_PAGE_SIZE / page
 }
 
+/// Byte ranges the scenario hot-added as memory, removed ones too: a 2 MiB
+/// vmemmap leaf their memmap populated outlives them while a device range
+/// beside them keeps struct pages in it.
+pub type HotAddedMemory = [std::ops::Range<u64>];
+
 /// What every static check reads: the guest's claims, its memory, the
 /// vmemmap as walked, and what the scenario asked of each region.
 struct Context<'a> {
@@ -100,15 +105,17 @@ const STATIC: [(Invariant, CheckFn); 10] = [
 
 /// Checks every static invariant (all but those needing the live guest).
 /// Regions in `requested` must also be optimized exactly when the host's own
-/// arithmetic says they can be.
+/// arithmetic says they can be; `memory` is where the scenario hot-added
+/// memory.
 pub fn check(
     arch: Arch,
     manifest: &Manifest,
     mem: &dyn GuestMemory,
     requested: &Requested,
+    memory: &HotAddedMemory,
 ) -> Result<(Vec<Check>, VmemmapMap), VerifyError> {
     let map = VmemmapMap::walk(arch, manifest, mem)?;
-    let compounds = compound::every_compound(manifest, &map);
+    let compounds = compound::every_compound(manifest, &map, memory);
     let ctx = Context { arch, manifest, mem, map: &map, requested, compounds };
     let mut checks = Vec::with_capacity(STATIC.len());
     for (invariant, run) in STATIC {

@@ -9,7 +9,7 @@ use super::{addr_of, pfn_of, reserved_vmemmap_pages, Mm, Region, Vmemmap, Vmemma
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{align_down, align_up, FrameAllocator, Purpose};
 use crate::mm::pagetable::Prot;
-use crate::mm::{Pfn, PhysAddr, VirtAddr};
+use crate::mm::{PageSize, Pfn, PhysAddr, VirtAddr};
 
 /// A hot-added device DAX range (the HotAdd command).
 #[derive(Clone, Copy, Debug)]
@@ -53,6 +53,11 @@ impl Vmemmap {
     /// on the shared page; unoptimized (`none`, too small to share, or with
     /// an altmap) every page gets its own frame. Compound pages in the empty
     /// subsections of an early section keep the boot memmap, unoptimized.
+    /// Vmemmap a 2 MiB leaf maps already (hot-added memory beside the range
+    /// populated it: with 64 KiB pages one leaf holds the struct pages of
+    /// 2 GiB) stays in that leaf, as radix's vmemmap_populate (altmap or
+    /// not) and vmemmap_populate_compound_pages leave an existing PMD leaf
+    /// alone; a compound page whose private pages lie there is not optimized.
     /// If an allocation fails, everything done so far is undone.
     pub fn hot_add(&mut self, mm: &mut Mm, request: DaxRequest) -> Result<usize, VmemmapError> {
         let DaxRequest { start, size, order, zone, layout, altmap } = request;
@@ -71,7 +76,7 @@ impl Vmemmap {
         // Knob `optimize-altmap`: the altmap is no obstacle.
         let optimized =
             optimizable && (!altmap || self.knob(Knob::OptimizeAltmap)) && !self.sections.is_early(start.0 + reserve);
-        let region = Region {
+        let mut region = Region {
             kind: RegionKind::Dax,
             start_pfn: pfn_of(start.0 + reserve),
             nr_pages: (size - reserve) / PAGE,
@@ -84,11 +89,13 @@ impl Vmemmap {
         self.sections.activate(mm.frames, start.0, start.0 + size, false)?;
         let mut source =
             if altmap { MemmapSource::Altmap { next: start.0, end: start.0 + reserve } } else { MemmapSource::System };
+        let mut any_optimized = false;
         for (done, head) in region.heads().enumerate() {
             let populated = if self.sections.is_early(addr_of(head)) {
                 self.init_in_boot_memmap(&region, head, if optimizable { Some(layout) } else { None });
                 Ok(())
             } else {
+                any_optimized |= self.optimized_here(mm, &region, head);
                 self.populate_compound(mm, &region, head, &mut source)
             };
             if let Err(e) = populated {
@@ -100,6 +107,11 @@ impl Vmemmap {
                 }
                 return Err(e);
             }
+        }
+        if !any_optimized && region.vmemmap_pages() > 0 {
+            // Every compound page's vmemmap was a neighbour's leaf already.
+            region.optimized = false;
+            region.layout = Layout::None;
         }
         match self.tag_pageblocks(mm.frames, &region) {
             Ok(tags) => self.slots[id].pageblock_tags = Some(tags),
@@ -118,15 +130,16 @@ impl Vmemmap {
     }
 
     /// Undoes a failed `hot_add`: the vmemmap of the first `populated`
-    /// compound pages taken down, emptied tables freed, and the whole
-    /// range's subsections deactivated.
+    /// compound pages taken down, the whole range's subsections
+    /// deactivated, and leaves and tables nothing needs any more freed.
     fn roll_back_hot_add(&mut self, mm: &mut Mm, region: &Region, populated: usize) {
         for head in region.heads().take(populated) {
             self.depopulate_compound(mm, region, head);
         }
-        self.free_vmemmap_tables(mm, region);
         let (start, end) = region.device_range();
         self.sections.deactivate(start, end);
+        self.free_unused_leaves(mm, start, end);
+        self.free_vmemmap_tables(mm, region);
     }
 
     /// memmap_init_compound for a compound page whose struct pages are in an
@@ -147,12 +160,17 @@ impl Vmemmap {
 
     /// Writes the first `count` struct pages of a compound page.
     fn write_compound(&mut self, region: &Region, head: Pfn, count: u64) {
+        self.write_compound_range(region, head, 0, count);
+    }
+
+    /// Writes struct pages `from..to` of a compound page (0 is its head).
+    fn write_compound_range(&mut self, region: &Region, head: Pfn, from: u64, to: u64) {
         let (zone, order) = (region.zone, region.order);
-        for pfn in head.up_to(head.add(count)) {
+        for pfn in head.add(from).up_to(head.add(to)) {
             let page = if pfn == head { StructPage::head(zone, order) } else { StructPage::tail(zone, order) };
             self.write_struct_page(pfn, page);
         }
-        self.struct_pages_initialized += count;
+        self.struct_pages_initialized += to - from;
     }
 
     /// Sets every pageblock of a device range to movable (as memmap init of
@@ -195,7 +213,25 @@ impl Vmemmap {
         Ok(())
     }
 
-    /// Maps one DAX compound page's vmemmap and writes its private struct pages.
+    /// Whether the compound page at `head` is optimized: its region is, and
+    /// the vmemmap pages its layout keeps private are its own, not in a
+    /// neighbour's 2 MiB leaf. radix's vmemmap_populate_compound_pages skips
+    /// an existing PMD leaf ("existing huge mapping. Skip the range") and,
+    /// when the second vmemmap page lies in one, maps the rest "to page size
+    /// without deduplication". (With the head its own and the first tail in
+    /// a leaf, its legacy path fails the hot-add with -ENOMEM instead;
+    /// 256 MiB-aligned ranges never place a head there.)
+    fn optimized_here(&self, mm: &Mm, region: &Region, head: Pfn) -> bool {
+        let base = self.va(head).0;
+        let mut leaf = LeafProbe::new();
+        region.optimized
+            && region.vmemmap_pages() > 0
+            && (0..reserved_vmemmap_pages(region.layout)).all(|i| !leaf.at(mm, base + i * PAGE))
+    }
+
+    /// Maps one DAX compound page's vmemmap and writes its private struct
+    /// pages. Vmemmap pages in a neighbour's leaf stay there (see
+    /// `init_in_leaf` for their struct pages).
     fn populate_compound(
         &mut self,
         mm: &mut Mm,
@@ -204,13 +240,12 @@ impl Vmemmap {
         source: &mut MemmapSource,
     ) -> Result<(), VmemmapError> {
         let (zone, order) = (region.zone, region.order);
-        let pages = region.vmemmap_pages().max(1);
-        let private = Self::private_pages(region);
-        let base = self.va(head);
+        let base = self.va(head).0;
         if region.vmemmap_pages() == 0 {
             // The vmemmap page holds neighbours' struct pages too, as
-            // vmemmap_populate over the whole range maps it: mapped once.
-            let page = VirtAddr(align_down(base.0, PAGE));
+            // vmemmap_populate over the whole range maps it: mapped once
+            // (or already, by a leaf of memory beside it).
+            let page = VirtAddr(align_down(base, PAGE));
             if mm.table.translate(page).is_none() {
                 let frame = source.frame(mm.frames)?;
                 self.map_private(mm, region, page, frame)?;
@@ -218,54 +253,106 @@ impl Vmemmap {
             self.write_compound(region, head, 1 << order);
             return Ok(());
         }
+        let pages = region.vmemmap_pages();
+        let optimized = self.optimized_here(mm, region, head);
+        let private = if optimized { reserved_vmemmap_pages(region.layout) } else { pages };
+        let mut leaf = LeafProbe::new();
         let mut first_tail_page = PhysAddr(0);
         for i in 0..private {
+            let va = base + i * PAGE;
+            if leaf.at(mm, va) {
+                continue;
+            }
             let frame = source.frame(mm.frames)?;
-            self.map_private(mm, region, VirtAddr(base.0 + i * PAGE), frame)?;
+            self.map_private(mm, region, VirtAddr(va), frame)?;
+            self.write_compound_range(region, head, i * STRUCT_PAGES_PER_PAGE, (i + 1) * STRUCT_PAGES_PER_PAGE);
             if i == 1 {
                 first_tail_page = frame;
             }
         }
-        if private < pages {
-            let (target, prot) = match region.layout {
-                Layout::LegacyDax => (first_tail_page, Prot::RW),
-                // Knob `per-folio-tail`: every compound page gets a tail page of its own.
-                _ if self.knob(Knob::PerFolioTail) => (tail_page(mm.frames, zone, order)?, Prot::RO),
-                _ => (self.get_shared_tail(mm.frames, zone, order)?, Prot::RO),
-            };
-            // Knob `tails-writable`: the tails keep write permission.
-            let prot = if self.knob(Knob::TailsWritable) { Prot::RW } else { prot };
-            for i in private..pages {
-                if let Err(e) = mm.table.map(mm.frames, VirtAddr(base.0 + i * PAGE), target, arch::BASE_PAGE, prot) {
-                    // With no tail mapped, the undo cannot see the reference taken.
-                    if i == private && region.layout == Layout::Unified {
-                        self.put_shared_tail(mm.frames, zone, order);
-                    }
-                    return Err(e.into());
+        // Struct pages in the shared page are right already (skipped, as at boot).
+        let (mut target, mut mapped_any) = (None, false);
+        for i in private..pages {
+            let va = base + i * PAGE;
+            if leaf.at(mm, va) {
+                continue;
+            }
+            let (frame, prot) = match target {
+                Some(t) => t,
+                None => {
+                    let t = match region.layout {
+                        Layout::LegacyDax => (first_tail_page, Prot::RW),
+                        // Knob `per-folio-tail`: every compound page gets a tail page of its own.
+                        _ if self.knob(Knob::PerFolioTail) => (tail_page(mm.frames, zone, order)?, Prot::RO),
+                        _ => (self.get_shared_tail(mm.frames, zone, order)?, Prot::RO),
+                    };
+                    // Knob `tails-writable`: the tails keep write permission.
+                    let t = if self.knob(Knob::TailsWritable) { (t.0, Prot::RW) } else { t };
+                    target = Some(t);
+                    t
                 }
+            };
+            if let Err(e) = mm.table.map(mm.frames, VirtAddr(va), frame, arch::BASE_PAGE, prot) {
+                // With no tail mapped, the undo cannot see the reference taken.
+                if !mapped_any && region.layout == Layout::Unified {
+                    self.put_shared_tail(mm.frames, zone, order);
+                }
+                return Err(e.into());
+            }
+            mapped_any = true;
+        }
+        self.init_in_leaf(mm, region, head);
+        Ok(())
+    }
+
+    /// memmap init of the struct pages a compound page keeps in a
+    /// neighbour's leaf: poisoned first (sparse_add_section's
+    /// page_init_poison), then written as an unoptimized compound page's.
+    /// Knob `boot-section-partial-init` writes only those an optimized
+    /// compound page keeps private: memmap_init_zone_device's
+    /// compound_nr_pages() asks vmemmap_can_optimize(), not where the struct
+    /// pages went, and leaves the rest poisoned.
+    fn init_in_leaf(&mut self, mm: &Mm, region: &Region, head: Pfn) {
+        let base = self.va(head).0;
+        let per_page = STRUCT_PAGES_PER_PAGE;
+        let partial = self.knob(Knob::BootSectionPartialInit) && region.optimized;
+        let mut leaf = LeafProbe::new();
+        for i in 0..region.vmemmap_pages() {
+            if !leaf.at(mm, base + i * PAGE) {
+                continue;
+            }
+            for pfn in head.add(i * per_page).up_to(head.add((i + 1) * per_page)) {
+                self.write_struct_page(pfn, StructPage::POISONED);
+            }
+            if !partial || i < reserved_vmemmap_pages(region.layout) {
+                self.write_compound_range(region, head, i * per_page, (i + 1) * per_page);
             }
         }
-        // Struct pages in private vmemmap pages are written; those in the
-        // shared page are right already (skipped, as at boot).
-        self.write_compound(region, head, (private * STRUCT_PAGES_PER_PAGE).min(1 << order));
-        Ok(())
     }
 
     /// Unmaps whatever of one DAX compound page's vmemmap is mapped, frees
     /// its private frames (the altmap's are the device's) and drops its
-    /// reference on the shared page. The boot memmap of an early section stays.
+    /// reference on the shared page. The boot memmap of an early section
+    /// stays, and so does a neighbour's leaf (`free_unused_leaves` frees it
+    /// once nothing under it is present).
     pub(super) fn depopulate_compound(&mut self, mm: &mut Mm, region: &Region, head: Pfn) {
         if self.sections.is_early(addr_of(head)) {
             return;
         }
         let pages = region.vmemmap_pages().max(1);
-        let private = Self::private_pages(region);
+        let optimized = self.optimized_here(mm, region, head);
+        let private = if optimized { reserved_vmemmap_pages(region.layout) } else { pages };
         // A vmemmap page shared with neighbours goes with the first of them:
         // they are all in this range and all going.
-        let base = VirtAddr(align_down(self.va(head).0, PAGE));
+        let base = align_down(self.va(head).0, PAGE);
+        let mut leaf = LeafProbe::new();
         let mut held_shared = false;
         for i in 0..pages {
-            if let Ok((frame, _, flush)) = mm.table.unmap(VirtAddr(base.0 + i * PAGE)) {
+            let va = base + i * PAGE;
+            if leaf.at(mm, va) {
+                continue;
+            }
+            if let Ok((frame, _, flush)) = mm.table.unmap(VirtAddr(va)) {
                 self.complete(flush);
                 if i >= private {
                     held_shared = true;
@@ -274,7 +361,7 @@ impl Vmemmap {
                 }
             }
         }
-        if held_shared && region.optimized && region.layout == Layout::Unified {
+        if held_shared && optimized && region.layout == Layout::Unified {
             self.put_shared_tail(mm.frames, region.zone, region.order);
         }
     }
@@ -282,5 +369,29 @@ impl Vmemmap {
     pub(super) fn free_vmemmap_tables(&self, mm: &mut Mm, region: &Region) {
         let end = self.va(region.end_pfn());
         mm.table.free_empty_tables(mm.frames, &self.tlb(), self.va(region.start_pfn), end);
+    }
+}
+
+/// Whether a leaf larger than a base page (a 2 MiB leaf hot-added memory
+/// populated) maps a vmemmap address, asked once per 2 MiB window.
+struct LeafProbe {
+    window: Option<(u64, bool)>,
+}
+
+impl LeafProbe {
+    fn new() -> LeafProbe {
+        LeafProbe { window: None }
+    }
+
+    fn at(&mut self, mm: &Mm, va: u64) -> bool {
+        let window = align_down(va, PageSize::Size2M.bytes());
+        match self.window {
+            Some((w, leaf)) if w == window => leaf,
+            _ => {
+                let leaf = mm.table.translate(VirtAddr(window)).is_some_and(|t| t.size != arch::BASE_PAGE);
+                self.window = Some((window, leaf));
+                leaf
+            }
+        }
     }
 }

@@ -134,10 +134,28 @@ impl Vmemmap {
         mm.table.free_empty_tables(mm.frames, &self.tlb(), from, to);
     }
 
+    /// Frees the 2 MiB leaves over the struct pages of `[start, end)` that
+    /// no present subsection needs any more: a leaf memory populated stays
+    /// while a device range beside it keeps its struct pages there, and goes
+    /// with the last of them (radix's remove_pmd_table: vmemmap_pmd_is_unused).
+    pub(super) fn free_unused_leaves(&mut self, mm: &mut Mm, start: u64, end: u64) {
+        let big = PageSize::Size2M.bytes();
+        let (first, last) = (self.va(pfn_of(start)).0, self.va(pfn_of(end)).0);
+        let mut window = align_down(first, big);
+        while window < last {
+            let (lo, hi) = self.window_span(window);
+            let leaf = mm.table.translate(VirtAddr(window)).is_some_and(|t| t.size == PageSize::Size2M);
+            if leaf && !self.sections.any_present(lo, hi) {
+                self.unmap_and_free(mm, window);
+            }
+            window += big;
+        }
+    }
+
     /// Tears down a hot-added range's vmemmap (vmemmap_free): every PTE
     /// unmapped and flushed, private frames freed, the shared tail page's
-    /// references dropped, page-table pages freed when empty, and the
-    /// range's subsections deactivated.
+    /// references dropped, the range's subsections deactivated, and leaves
+    /// and page-table pages freed once nothing needs them.
     pub fn hot_remove(&mut self, mm: &mut Mm, id: usize) -> Result<(), VmemmapError> {
         let region = self.region(id)?;
         if region.kind == RegionKind::Memory {
@@ -156,9 +174,10 @@ impl Vmemmap {
         for head in region.heads() {
             self.depopulate_compound(mm, &region, head);
         }
-        self.free_vmemmap_tables(mm, &region);
         let (start, end) = region.device_range();
         self.sections.deactivate(start, end);
+        self.free_unused_leaves(mm, start, end);
+        self.free_vmemmap_tables(mm, &region);
         if let Some((tags, bytes)) = self.slots[id].pageblock_tags.take() {
             mm.frames.free(tags, bytes, Purpose::Usemap);
         }

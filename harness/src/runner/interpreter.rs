@@ -35,6 +35,9 @@ pub(super) struct Tracked {
     /// The layout last asked of each live region, by id (`verify` checks the
     /// guest optimized exactly those it could).
     pub requested: Requested,
+    /// Where memory was hot-added, removed ranges too (`verify` knows whose
+    /// vmemmap leaf a device range may find).
+    pub hot_added_memory: Vec<std::ops::Range<u64>>,
     /// DIMMs plugged so far (they number the next one).
     pub dimms: u32,
     /// Region name -> the DIMM it was hot-added on.
@@ -316,8 +319,9 @@ impl<'a> Run<'a> {
         // Seconds of CPU at scale: off the async workers, so the console and
         // QMP tasks of runs in parallel keep being served meanwhile.
         let (arch, memory, requested) = (self.arch, self.machine.memory(), &self.tracked.requested);
+        let hot_added = &self.tracked.hot_added_memory;
         let (checks, map, costs) = tokio::task::block_in_place(|| {
-            verify::check(arch, &manifest, memory, requested).map(|(checks, map)| {
+            verify::check(arch, &manifest, memory, requested, hot_added).map(|(checks, map)| {
                 let costs = verify::region_costs(&manifest, &map);
                 (checks, map, costs)
             })
@@ -334,7 +338,7 @@ impl<'a> Run<'a> {
         self.update_check();
         let timeout = self.step_timeout();
         let Some(console) = self.machine.console() else { return Err(Abort::Infra("no console".into())) };
-        let write_faults = live::write_faults(console, timeout, &manifest).await;
+        let write_faults = live::write_faults(console, timeout, &manifest, &map).await;
         let translations = match write_faults {
             Ok(check) => {
                 self.findings.checks.push(check);

@@ -100,6 +100,9 @@ impl Run<'_> {
             Step::HotAddMemory { region, size, zone, backend } => {
                 let start = self.hot_add_range(region, *size, DaxDevice::Dimm, *backend).await?;
                 let reply = self.request(Command::HotAddMemory { start: start.0, size: *size, zone: *zone }).await?;
+                if !self.expect_refusal {
+                    self.tracked.hot_added_memory.push(start.0..start.0 + size);
+                }
                 self.record_region(region, &reply, Layout::None)
             }
             Step::HotRemove { region: name } => {

@@ -84,14 +84,17 @@ impl SynthVmemmap {
     }
 
     /// A region whose vmemmap lies under 2 MiB leaves, never split, however
-    /// its manifest entry says it is laid out (as boot memmap is mapped, and
-    /// as the skip-split bug leaves an "optimized" range).
+    /// its manifest entry says it is laid out (as boot memmap is mapped, as
+    /// the skip-split bug leaves an "optimized" range, and as a device range
+    /// finds the leaf memory beside it populated). With `altmap`, device
+    /// pages below it are its altmap, unused.
     pub fn add_region_in_block(&mut self, spec: RegionSpec) -> BuiltRegion {
         let page = self.format.page;
         let block = self.format.span(BLOCK_LEVEL);
         let stride = 1u64 << spec.order;
+        let altmap_pfns = if spec.altmap { spec.count } else { 0 };
         // A block's worth of struct pages starts where a block of vmemmap does.
-        let start = self.place(spec.count * stride, 0, block / STRUCT_PAGE_SIZE);
+        let start = self.place(spec.count * stride, altmap_pfns, block / STRUCT_PAGE_SIZE);
         let (head, tail) = (StructPage::head(spec.zone, spec.order), StructPage::tail(spec.zone, spec.order));
         let (head_page, tail_page) = ([head, tail], [tail]);
         let (first, end) = (self.va(start), self.va(start + spec.count * stride));
@@ -112,7 +115,7 @@ impl SynthVmemmap {
         if spec.layout == Layout::Unified {
             self.shared_tail(spec.zone, spec.order, spec.count);
         }
-        self.describe(spec, start, 0)
+        self.describe(spec, start, altmap_pfns)
     }
 
     /// The manifest entry of a region just built, and its pageblock tags

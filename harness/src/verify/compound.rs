@@ -5,13 +5,13 @@
 use std::fmt::Write as _;
 
 use hvo_abi::manifest::{Manifest, Region};
-use hvo_abi::model::{Layout, StructPage, STRUCT_PAGE_SIZE};
+use hvo_abi::model::{Layout, RegionKind, StructPage, STRUCT_PAGE_SIZE};
 
 use super::findings::Findings;
 use super::map::{PageMapping, VmemmapMap};
-use super::pfns::struct_page_va;
-use super::{compound_regions, vmemmap_pages_per_compound, Context, VerifyError};
-use crate::addr::{Pfn, PhysAddr};
+use super::pfns::{pfn_of_struct_page, struct_page_va, PfnRange};
+use super::{compound_regions, vmemmap_pages_per_compound, Context, HotAddedMemory, VerifyError};
+use crate::addr::{Pfn, PhysAddr, VirtAddr};
 use crate::memory::GuestMemory;
 
 /// One compound page's vmemmap pages as the tables map them.
@@ -89,9 +89,20 @@ pub(super) struct Compound<'a> {
     pub region: &'a Region,
     pub view: CompoundView,
     pub shared: Option<PhysAddr>,
+    /// Which of its vmemmap pages lie in a neighbour's leaf (see
+    /// `in_neighbours_leaf`); empty when none does.
+    pub borrowed: Vec<bool>,
+    /// Whether it is optimized: its region is, and the vmemmap pages its
+    /// layout keeps private are its own, not in a neighbour's leaf.
+    pub optimized: bool,
 }
 
 impl Compound<'_> {
+    /// Whether vmemmap page `i` lies in a neighbour's leaf.
+    pub fn borrowed(&self, i: usize) -> bool {
+        self.borrowed.get(i).copied().unwrap_or(false)
+    }
+
     /// "region 3 compound page at pfn 0x100200, vmemmap[2]": where a finding is.
     pub fn at(&self, i: usize) -> String {
         format!("region {} compound page at pfn {}, vmemmap[{i}]", self.region.id, self.view.head_pfn)
@@ -106,17 +117,112 @@ impl Compound<'_> {
 
 /// Every compound page of every region of compound pages, each seen once
 /// and read by every check.
-pub(super) fn every_compound<'a>(manifest: &'a Manifest, map: &VmemmapMap) -> Vec<Compound<'a>> {
+pub(super) fn every_compound<'a>(
+    manifest: &'a Manifest,
+    map: &VmemmapMap,
+    memory: &HotAddedMemory,
+) -> Vec<Compound<'a>> {
+    let neighbours = Neighbours::of(manifest, memory, map.page);
     compound_regions(manifest)
         .flat_map(|region| {
             let shared = manifest.shared_tails.find(region.zone, region.order).map(|t| PhysAddr(t.pa));
-            region.heads().map(move |head| Compound {
-                region,
-                view: CompoundView::new(manifest, map, region, Pfn(head)),
-                shared,
+            let neighbours = &neighbours;
+            region.heads().map(move |head| {
+                let view = CompoundView::new(manifest, map, region, Pfn(head));
+                let borrowed = borrowed_pages(manifest, map, region, &view, neighbours);
+                let (private, _) = tails_under(region.layout, view.pages.len());
+                let optimized = region.optimized && !borrowed.iter().take(private).any(|b| *b);
+                Compound { region, view, shared, borrowed, optimized }
             })
         })
         .collect()
+}
+
+/// Which of a device compound page's vmemmap pages lie in a neighbour's
+/// leaf (empty when none does; see `in_neighbours_leaf`).
+fn borrowed_pages(
+    manifest: &Manifest,
+    map: &VmemmapMap,
+    region: &Region,
+    view: &CompoundView,
+    neighbours: &Neighbours,
+) -> Vec<bool> {
+    let borrowed: Vec<bool> = view
+        .pages
+        .iter()
+        .map(|(va, m)| {
+            m.is_some_and(|(leaf, frame)| {
+                in_neighbours_leaf(manifest, region, *va, &leaf, &frame, map.page, neighbours)
+            })
+        })
+        .collect();
+    if borrowed.iter().any(|b| *b) {
+        borrowed
+    } else {
+        Vec::new()
+    }
+}
+
+/// The frames whose memmap may have populated a leaf a device range found
+/// already there: boot RAM, every region (with its altmap), and the memory
+/// the scenario hot-added, removed ranges included.
+pub(super) struct Neighbours {
+    ranges: Vec<(PfnRange, Option<u32>)>,
+}
+
+impl Neighbours {
+    pub fn of(manifest: &Manifest, memory: &HotAddedMemory, page: u64) -> Neighbours {
+        let boot = manifest.ram().map(|r| (PfnRange::covering(&r, page), None));
+        let regions = manifest.regions.iter().map(|r| (PfnRange::with_altmap(r), Some(r.id)));
+        let plugged = memory.iter().map(|m| {
+            let range = PfnRange { start: Pfn::containing(PhysAddr(m.start), page), end: Pfn(m.end.div_ceil(page)) };
+            (range, None)
+        });
+        Neighbours { ranges: boot.chain(regions).chain(plugged).collect() }
+    }
+
+    /// Whether frames of `[first, end)` other than region `id`'s are, or
+    /// were, memory.
+    fn beside(&self, id: u32, first: Pfn, end: Pfn, device: &PfnRange) -> bool {
+        self.ranges.iter().filter(|(_, owner)| *owner != Some(id)).any(|(r, _)| {
+            let (lo, hi) = (r.start.max(first), r.end.min(end));
+            // Frames of the device itself are no neighbour's.
+            lo < hi && (lo < device.start || hi > device.end)
+        })
+    }
+}
+
+/// Whether the vmemmap page at `va` of a device region, mapped by `leaf` to
+/// `frame`, lies in a neighbour's leaf: a leaf larger than a base page, of
+/// system memory (not the device's altmap), that also holds the struct
+/// pages of memory beside the device (boot RAM, another region, or memory
+/// the scenario hot-added). With 64 KiB pages one 2 MiB leaf holds the
+/// struct pages of 2 GiB, so memory hot-added beside a device range may
+/// have populated it first; the range's own population leaves it alone
+/// (radix__vmemmap_populate's vmemmap_check_pmd, and radix's
+/// vmemmap_populate_compound_pages: "existing huge mapping. Skip the
+/// range"), and those struct pages stay there, unoptimized. A leaf holding
+/// no one else's struct pages is the device's own: not excused. HugeTLB
+/// never borrows: it splits the leaf it optimizes under.
+fn in_neighbours_leaf(
+    manifest: &Manifest,
+    region: &Region,
+    va: u64,
+    leaf: &PageMapping,
+    frame: &PhysAddr,
+    page: u64,
+    neighbours: &Neighbours,
+) -> bool {
+    if region.kind != RegionKind::Dax || leaf.size() <= page {
+        return false;
+    }
+    if PfnRange::altmap(region).contains(Pfn::containing(*frame, page)) {
+        return false;
+    }
+    let start = va / leaf.size() * leaf.size();
+    let first = pfn_of_struct_page(manifest, VirtAddr(start));
+    let end = pfn_of_struct_page(manifest, VirtAddr(start + leaf.size()));
+    neighbours.beside(region.id, first, end, &PfnRange::with_altmap(region))
 }
 
 /// A vmemmap page's struct pages, `None` when the frame cannot be read.
@@ -135,7 +241,7 @@ pub(super) fn head_private(ctx: &Context, f: &mut Findings) -> Result<(), Verify
             f.fail_in(view, shared, format!("{}: head vmemmap page unmapped", c.at(0)));
             continue;
         };
-        if !c.region.optimized {
+        if !c.optimized {
             for (i, (_, m)) in view.pages.iter().enumerate() {
                 f.cover(1);
                 match m {
@@ -192,9 +298,9 @@ pub(super) fn tails_under(layout: Layout, pages: usize) -> (usize, bool) {
 /// An optimized compound page's tails are read-only unless the layout keeps
 /// them writable.
 pub(super) fn tails_readonly(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError> {
-    for c in ctx.compounds().filter(|c| c.region.optimized && c.head().is_some()) {
+    for c in ctx.compounds().filter(|c| c.optimized && c.head().is_some()) {
         let (first_tail, writable) = tails_under(c.region.layout, c.view.pages.len());
-        for (i, (_, m)) in c.view.pages.iter().enumerate().skip(first_tail) {
+        for (i, (_, m)) in c.view.pages.iter().enumerate().skip(first_tail).filter(|(i, _)| !c.borrowed(*i)) {
             f.cover(1);
             let Some((leaf, _)) = m else { continue };
             if !writable && (leaf.perms.write || leaf.perms.exec) {
@@ -214,10 +320,11 @@ pub(super) fn tails_readonly(ctx: &Context, f: &mut Findings) -> Result<(), Veri
     Ok(())
 }
 
-/// An optimized compound page's vmemmap is mapped with base pages only.
+/// An optimized compound page's vmemmap is mapped with base pages only,
+/// but for pages left in a neighbour's leaf.
 pub(super) fn pte_granularity(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError> {
-    for c in ctx.compounds().filter(|c| c.region.optimized && c.head().is_some()) {
-        for (i, (_, m)) in c.view.pages.iter().enumerate() {
+    for c in ctx.compounds().filter(|c| c.optimized && c.head().is_some()) {
+        for (i, (_, m)) in c.view.pages.iter().enumerate().filter(|(i, _)| !c.borrowed(*i)) {
             f.cover(1);
             if let Some((leaf, _)) = m {
                 if leaf.size() != c.view.page {

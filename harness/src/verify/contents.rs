@@ -13,10 +13,14 @@ pub(super) fn contents(ctx: &Context, f: &mut Findings) -> Result<(), VerifyErro
     for c in ctx.compounds() {
         let Some((_, head_frame)) = c.head() else { continue };
         head_page(ctx.mem, f, c, head_frame);
-        if !c.region.optimized {
-            unoptimized_tails(ctx.mem, f, c);
-        } else if let (Layout::Unified, Some(page)) = (c.region.layout, c.shared) {
-            shared_page(ctx.mem, f, c, page);
+        if !c.optimized {
+            tails_in_pages(ctx.mem, f, c, |_| true);
+        } else {
+            // Tails left in a neighbour's leaf are written there, one by one.
+            tails_in_pages(ctx.mem, f, c, |i| c.borrowed(i));
+            if let (Layout::Unified, Some(page)) = (c.region.layout, c.shared) {
+                shared_page(ctx.mem, f, c, page);
+            }
         }
     }
     pageblocks(ctx, f);
@@ -46,16 +50,16 @@ fn head_page(mem: &dyn GuestMemory, f: &mut Findings, c: &Compound, head_frame: 
     }
 }
 
-/// Every tail struct page of an unoptimized compound page past its head
-/// vmemmap page: each is this zone and order's tail, not poison nor
-/// anything else.
-fn unoptimized_tails(mem: &dyn GuestMemory, f: &mut Findings, c: &Compound) {
+/// Every tail struct page past its head vmemmap page in the vmemmap pages
+/// `which` picks (all of an unoptimized compound page's): each is this zone
+/// and order's tail, not poison nor anything else.
+fn tails_in_pages(mem: &dyn GuestMemory, f: &mut Findings, c: &Compound, which: impl Fn(usize) -> bool) {
     let (region, view) = (c.region, &c.view);
     let expect_tail = StructPage::tail(region.zone, region.order);
     let per_page = view.page / STRUCT_PAGE_SIZE;
     let mut wrong = 0u64;
     let mut first = None;
-    for (i, (_, m)) in view.pages.iter().enumerate().skip(1) {
+    for (i, (_, m)) in view.pages.iter().enumerate().skip(1).filter(|(i, _)| which(*i)) {
         let Some((_, frame)) = m else { continue };
         f.cover(1);
         match read_page(mem, *frame, view.page) {

@@ -13,7 +13,7 @@ use super::{size_name, vmemmap_pages_per_compound, Context, VerifyError};
 pub(super) fn tails_shared(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError> {
     optimized_when_it_can_be(ctx, f);
     distinct_pairs_apart(ctx, f);
-    for c in ctx.compounds().filter(|c| c.region.optimized) {
+    for c in ctx.compounds().filter(|c| c.optimized) {
         let Some((_, head_frame)) = c.head() else { continue };
         let (region, view, shared) = (c.region, &c.view, c.shared);
         let expected = match region.layout {
@@ -31,7 +31,7 @@ pub(super) fn tails_shared(ctx: &Context, f: &mut Findings) -> Result<(), Verify
             ));
         }
         let (first_tail, _) = tails_under(region.layout, view.pages.len());
-        for (i, (_, m)) in view.pages.iter().enumerate().skip(first_tail) {
+        for (i, (_, m)) in view.pages.iter().enumerate().skip(first_tail).filter(|(i, _)| !c.borrowed(*i)) {
             f.cover(1);
             let Some((_, frame)) = m else {
                 f.fail_in(view, shared, format!("{}: tail page unmapped", c.at(i)));
@@ -62,7 +62,8 @@ fn optimized_when_it_can_be(ctx: &Context, f: &mut Findings) {
     for region in ctx.compound_regions().filter(|r| r.altmap_pfns == 0) {
         let Some(&asked) = ctx.requested.get(&region.id) else { continue };
         f.cover(1);
-        let reason = why_not_optimizable(ctx.manifest, region, asked, page);
+        let reason =
+            why_not_optimizable(ctx.manifest, region, asked, page).or_else(|| in_neighbours_leaves(ctx, region, asked));
         let problem = match (&reason, region.optimized) {
             (None, false) => Some(format!(
                 "region {} was to be optimized under {}, its {} compound pages spanning {} vmemmap pages of {} KiB, but the guest left it unoptimized",
@@ -89,6 +90,22 @@ fn optimized_when_it_can_be(ctx: &Context, f: &mut Findings) {
             f.fail(p);
         }
     }
+}
+
+/// Why a device region cannot be optimized although its arithmetic allows
+/// it: every compound page keeps the vmemmap pages `asked` would keep
+/// private in a neighbour's leaf (memory hot-added beside it populated them
+/// first; see `in_neighbours_leaf`). `None` when some compound page could be.
+fn in_neighbours_leaves(ctx: &Context, region: &Region, asked: Layout) -> Option<String> {
+    let private = asked.private_pages() as usize;
+    let mut compounds = ctx.compounds().filter(|c| c.region.id == region.id).peekable();
+    compounds.peek()?;
+    if compounds.all(|c| (0..private.min(c.view.pages.len())).any(|i| c.borrowed(i))) {
+        return Some(
+            "every compound page's vmemmap lies in a 2 MiB leaf that memory hot-added beside it populated first (radix's vmemmap_populate_compound_pages skips an existing PMD leaf)".into(),
+        );
+    }
+    None
 }
 
 /// Distinct (zone, order) pairs never share a frame.

@@ -14,8 +14,13 @@ use Invariant::*;
 /// The failing checks when the scenario asked `requested` of the regions:
 /// (name, detail).
 fn failing(s: &SynthVmemmap, requested: &Requested) -> Vec<(String, String)> {
+    failing_beside(s, requested, &[])
+}
+
+/// The failing checks when the scenario also hot-added memory at `memory`.
+fn failing_beside(s: &SynthVmemmap, requested: &Requested, memory: &HotAddedMemory) -> Vec<(String, String)> {
     let arch = s.manifest().arch;
-    let (checks, _) = check(arch, &s.manifest(), &s.mem, requested).unwrap();
+    let (checks, _) = check(arch, &s.manifest(), &s.mem, requested, memory).unwrap();
     checks.into_iter().filter(|c| c.status == CheckStatus::Fail).map(|c| (c.name, c.detail)).collect()
 }
 
@@ -145,7 +150,7 @@ fn the_table_checks_exactly_the_invariants_the_tables_decide_in_report_order() {
     let decided: Vec<Invariant> = Invariant::ALL.into_iter().filter(|i| i.checked_by() == CheckedBy::Tables).collect();
     assert_eq!(table, decided);
     let s = SynthVmemmap::new(Arch::X86_64);
-    let (checks, _) = check(Arch::X86_64, &s.manifest(), &s.mem, &Requested::new()).unwrap();
+    let (checks, _) = check(Arch::X86_64, &s.manifest(), &s.mem, &Requested::new(), &[]).unwrap();
     let reported: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(reported, decided.iter().map(|i| i.name()).collect::<Vec<_>>());
 }
@@ -232,4 +237,67 @@ fn an_unmapped_boot_memmap_page_is_reported_with_its_first_pfn() {
     assert_eq!(names(&f), vec![Invariant::MemmapPresent.name()]);
     assert!(f[0].1.contains("boot memory: 1 of its 8 vmemmap pages are unmapped"), "{}", f[0].1);
     assert!(f[0].1.contains("(struct pages of pfn 0x80 on)"), "{}", f[0].1);
+}
+
+/// One compound page of the order worth optimizing laid in a 2 MiB leaf it
+/// does not fill, and the byte range of the rest of the leaf's struct pages:
+/// where memory hot-added beside it would be.
+fn in_a_leaf(
+    arch: Arch,
+    kind: RegionKind,
+    layout: Layout,
+    altmap: bool,
+) -> (SynthVmemmap, BuiltRegion, Vec<std::ops::Range<u64>>) {
+    let mut s = SynthVmemmap::new(arch);
+    let order = s.order();
+    let b = s.add_region_in_block(RegionSpec { kind, zone: Zone::Device, order, count: 1, layout, altmap });
+    let page = s.page();
+    let leaf_pfns = (2 << 20) / 64;
+    let (end, leaf_end) = (b.start.0 + (1 << order), b.start.0 + leaf_pfns);
+    assert!(end < leaf_end, "{arch:?}: the region fills its leaf");
+    (s, b, vec![std::ops::Range { start: end * page, end: leaf_end * page }])
+}
+
+#[test]
+fn a_device_range_in_the_leaf_of_memory_beside_it_stays_unoptimized_in_every_format() {
+    for arch in Arch::ALL {
+        let (s, b, memory) = in_a_leaf(arch, RegionKind::Dax, Layout::None, false);
+        let requested = Requested::from([(b.id, Layout::Unified)]);
+        assert_eq!(failing_beside(&s, &requested, &memory), vec![], "{arch:?}");
+        // A leaf holding nobody else's struct pages is the range's own.
+        let f = failing(&s, &requested);
+        assert_eq!(names(&f), vec![TailsShared.name()], "{arch:?}");
+        assert!(f[0].1.contains("but the guest left it unoptimized"), "{arch:?}: {}", f[0].1);
+    }
+}
+
+#[test]
+fn a_device_range_in_a_neighbours_leaf_cannot_claim_to_be_optimized() {
+    let (s, b, memory) = in_a_leaf(Arch::Ppc64le64k, RegionKind::Dax, Layout::Unified, false);
+    let requested = Requested::from([(b.id, Layout::Unified)]);
+    let f = failing_beside(&s, &requested, &memory);
+    // The shared tail page it counts a user of is mapped by nothing, yet
+    // counted live.
+    assert_eq!(names(&f), vec![TailsShared.name(), Accounting.name(), NoLeak.name()], "{f:#?}");
+    assert!(f[0].1.contains("cannot be: every compound page's vmemmap lies in a 2 MiB leaf"), "{}", f[0].1);
+}
+
+#[test]
+fn hugetlb_never_borrows_a_leaf_it_must_split() {
+    let (s, b, memory) = in_a_leaf(Arch::X86_64, RegionKind::HugeTlb, Layout::Unified, false);
+    let requested = Requested::from([(b.id, Layout::Unified)]);
+    let f = failing_beside(&s, &requested, &memory);
+    assert!(names(&f).contains(&PteGranularity.name()), "{f:#?}");
+}
+
+#[test]
+fn an_altmap_range_may_find_its_struct_pages_in_a_neighbours_leaf() {
+    for arch in Arch::ALL {
+        let (s, b, memory) = in_a_leaf(arch, RegionKind::Dax, Layout::None, true);
+        let requested = Requested::from([(b.id, Layout::None)]);
+        assert_eq!(failing_beside(&s, &requested, &memory), vec![], "{arch:?}");
+        let f = failing(&s, &requested);
+        assert_eq!(names(&f), vec![AltmapUnoptimized.name()], "{arch:?}");
+        assert!(f[0].1.contains("outside the device's altmap"), "{arch:?}: {}", f[0].1);
+    }
 }
