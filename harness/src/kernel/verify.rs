@@ -13,8 +13,8 @@
 mod accounting;
 mod checks;
 mod dax;
-mod removed;
 mod pattern;
+mod removed;
 
 pub use dax::DaxRange;
 
