@@ -4,6 +4,10 @@
 //! Every field is little-endian (all three guests run little-endian). The host
 //! decodes it field by field with [`Manifest::decode`], so a manifest from a
 //! guest of another ABI version is rejected with a reason instead of misread.
+//!
+//! Kept in one file past the usual size on purpose: the layout, its
+//! decoder and the decoder's tests must change together, field by field,
+//! and the update log's own layout already lives in `update_log.rs`.
 
 use core::mem::{offset_of, size_of};
 

@@ -21,11 +21,11 @@ use super::{
     BenchArgs, Spread,
 };
 
-/// The baseline: booting the kernel to its initramfs with the verdict's
-/// reservation (the kernel command line reserves it, so boot pays for it),
-/// the agent's `ready`, then power-off.
-const KERNEL_NULL: &str = r#"
-description = "kernel null: 64 x 2M and 1 x 1G reserved at boot, ready, exit"
+/// The machine both kernel measurements boot: 4 GiB with 64 x 2M and
+/// 1 x 1G reserved on the command line, so both boots pay for them.
+macro_rules! kernel_machine {
+    () => {
+        r#"
 [machine]
 boot-memory = "4G"
 max-memory = "4G"
@@ -39,30 +39,28 @@ count = 64
 region = "boot-1g"
 size = "1G"
 count = 1
+"#
+    };
+}
 
+/// The baseline: booting the kernel to its initramfs, the agent's
+/// `ready`, then power-off.
+const KERNEL_NULL: &str = concat!(
+    "description = \"kernel null: 64 x 2M and 1 x 1G reserved at boot, ready, exit\"\n",
+    kernel_machine!(),
+    r#"
 [[step]]
 action = "exit"
 status = 0
-"#;
+"#
+);
 
 /// scenarios/linux/hugetlb-boot.toml trimmed to its first verdict: the
 /// same machine as `KERNEL_NULL`, plus a ping and one `verify`.
-const KERNEL_VERDICT: &str = r#"
-description = "kernel verdict: 64 x 2M and 1 x 1G reserved at boot, ping, verify, exit"
-[machine]
-boot-memory = "4G"
-max-memory = "4G"
-
-[[boot-gigantic]]
-region = "boot-2m"
-size = "2M"
-count = 64
-
-[[boot-gigantic]]
-region = "boot-1g"
-size = "1G"
-count = 1
-
+const KERNEL_VERDICT: &str = concat!(
+    "description = \"kernel verdict: 64 x 2M and 1 x 1G reserved at boot, ping, verify, exit\"\n",
+    kernel_machine!(),
+    r#"
 [[step]]
 action = "ping"
 
@@ -72,7 +70,8 @@ action = "verify"
 [[step]]
 action = "exit"
 status = 0
-"#;
+"#
+);
 
 /// What the issue allows a verdict to cost, in null boots (medians); shown
 /// beside the ratio, never enforced: a loaded host would fail it spuriously.
