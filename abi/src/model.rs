@@ -249,10 +249,20 @@ pub enum Knob {
     /// ppc64: `tlbie` encodes the base page size (AP) whatever the size of
     /// the translation it must invalidate, so a 2 MiB one stays cached.
     TlbieBaseSize = 18,
+    /// Restore gives a tail its own frame again without invalidating the
+    /// translation to the shared page (the restore path only).
+    NoFlushRestore = 19,
+    /// A vmemmap page unmapped on teardown (DAX or memory hot-remove, a
+    /// failed hot-add's rollback) without invalidating its translation.
+    NoFlushUnmap = 20,
+    /// Optimize copies a compound page's private vmemmap pages (the head,
+    /// legacy-dax's page 1) to fresh frames and remaps them without
+    /// invalidating the translation to the old frame.
+    NoFlushHeadCopy = 21,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 19] = [
+    pub const ALL: [Knob; 22] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -272,6 +282,9 @@ impl Knob {
         Knob::SmallCompoundOptimized,
         Knob::NoBreakBeforeMake,
         Knob::TlbieBaseSize,
+        Knob::NoFlushRestore,
+        Knob::NoFlushUnmap,
+        Knob::NoFlushHeadCopy,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -295,6 +308,9 @@ impl Knob {
             Knob::SmallCompoundOptimized => "small-compound-optimized",
             Knob::NoBreakBeforeMake => "no-break-before-make",
             Knob::TlbieBaseSize => "tlbie-base-size",
+            Knob::NoFlushRestore => "no-flush-restore",
+            Knob::NoFlushUnmap => "no-flush-unmap",
+            Knob::NoFlushHeadCopy => "no-flush-head-copy",
         }
     }
 

@@ -20,6 +20,15 @@ pub const PREFIX: &str = "@hvo";
 /// The longest line either side sends, newline excluded.
 pub const MAX_LINE: usize = 480;
 
+/// A word the host has the guest write into a frame before a read probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Marker {
+    /// The physical address of the word (8-byte aligned, in RAM the guest's
+    /// linear map covers).
+    pub pa: u64,
+    pub value: u64,
+}
+
 /// A command the host sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command<'a> {
@@ -34,6 +43,12 @@ pub enum Command<'a> {
     /// The guest reads the byte at `va` and writes it back; it answers
     /// `ok faulted` if the write faulted and `ok written` if it did not.
     ProbeWrite { va: u64 },
+    /// The guest writes `marker` (when given) into the frame it names
+    /// through the linear map, reads the word at `va`, and puts the
+    /// frame's word back; it answers `ok read=<value>` or `ok faulted`.
+    /// The host, which walked the tables itself, knows what the read
+    /// must see: the marker, or a fault where nothing is mapped.
+    ProbeRead { va: u64, marker: Option<Marker> },
     /// Allocate `count` HugeTLB folios of `order` in `zone` as one region,
     /// from boot memory or from the hot-added memory region `from`;
     /// answered with `ok region=<id>`.
@@ -79,6 +94,7 @@ impl Command<'_> {
             Command::Exit { .. } => "exit",
             Command::Panic => "panic",
             Command::ProbeWrite { .. } => "probe-write",
+            Command::ProbeRead { .. } => "probe-read",
             Command::HugetlbAlloc { .. } => "hugetlb-alloc",
             Command::HugetlbFree { .. } => "hugetlb-free",
             Command::Optimize { .. } => "optimize",
@@ -109,6 +125,8 @@ impl fmt::Display for Request<'_> {
             Command::Ping { token: None } | Command::Report | Command::Panic => Ok(()),
             Command::Exit { status } => write!(f, " {status}"),
             Command::ProbeWrite { va } => write!(f, " {va:#x}"),
+            Command::ProbeRead { va, marker: None } => write!(f, " {va:#x}"),
+            Command::ProbeRead { va, marker: Some(m) } => write!(f, " {va:#x} {:#x} {:#x}", m.pa, m.value),
             Command::HugetlbAlloc { order, count, zone, from } => {
                 write!(f, " {order} {count} {}", zone.name())?;
                 match from {
@@ -208,6 +226,19 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, (Option<u64>, RequestErr
             Command::Exit { status }
         }
         "probe-write" => Command::ProbeWrite { va: hex(words.next(), "probe-write", "address (0x...)").map_err(fail)? },
+        "probe-read" => {
+            let verb = "probe-read";
+            let va = hex(words.next(), verb, "address (0x...)").map_err(fail)?;
+            let marker = match words.next() {
+                None => None,
+                pa => {
+                    let pa = hex(pa, verb, "marker address (0x...)").map_err(fail)?;
+                    let value = hex(words.next(), verb, "marker (0x...)").map_err(fail)?;
+                    Some(Marker { pa, value })
+                }
+            };
+            Command::ProbeRead { va, marker }
+        }
         "hugetlb-alloc" => {
             let verb = "hugetlb-alloc";
             let order = number(words.next(), verb, "order").map_err(fail)?;
@@ -369,6 +400,14 @@ mod tests {
             Request { seq: 3, command: Command::Report },
             Request { seq: 4, command: Command::Exit { status: 3 } },
             Request { seq: 5, command: Command::ProbeWrite { va: 0xffff_ea00_0000_1000 } },
+            Request { seq: 21, command: Command::ProbeRead { va: 0xffff_ea00_0000_1008, marker: None } },
+            Request {
+                seq: 22,
+                command: Command::ProbeRead {
+                    va: 0xffff_ea00_0000_1008,
+                    marker: Some(Marker { pa: 0x4_2008, value: 0x4856_4f00_0000_0001 }),
+                },
+            },
             Request { seq: 6, command: Command::HugetlbAlloc { order: 9, count: 8, zone: Zone::Movable, from: None } },
             Request { seq: 7, command: Command::HugetlbFree { region: 2 } },
             Request { seq: 8, command: Command::Optimize { region: 0, layout: Layout::LegacyDax } },
@@ -416,6 +455,7 @@ mod tests {
         assert!(matches!(parse_request("9 report now"), Err((Some(9), RequestError::ExtraArgument { .. }))));
         for (line, seq) in [
             ("2 probe-write 4096", 2),
+            ("2 probe-read 0x1000 0x2000 zz", 2),
             ("3 optimize 0 sideways", 3),
             ("4 hugetlb-alloc 9 99999999999 normal", 4),
             ("5 hugetlb-alloc 9 1 dma", 5),

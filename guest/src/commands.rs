@@ -1,6 +1,6 @@
 //! Serves the host's commands (protocol in `hvo_abi::protocol`).
 
-use hvo_abi::protocol::{parse_request, write_reply_head, Command};
+use hvo_abi::protocol::{parse_request, write_reply_head, Command, Marker};
 
 use crate::console::{Console, LineError, LineReader};
 use crate::mm::frames::FrameAllocator;
@@ -101,6 +101,11 @@ pub fn serve(kernel: &mut Kernel) -> ! {
                         let done = k.vmemmap.restore(&mut mm(&mut k.tables.kernel, &mut k.frames), region as usize);
                         changed(kernel, req.seq, done.map(|()| u64::from(region)), "restored")
                     }
+                    Command::ProbeRead { va, marker } => match probe_read(kernel, VirtAddr(va), marker) {
+                        Ok(Some(word)) => reply_ok(req.seq, format_args!("read={word:#x}")),
+                        Ok(None) => reply_ok(req.seq, format_args!("faulted")),
+                        Err(why) => reply_err(Some(req.seq), format_args!("{why}")),
+                    },
                     Command::ProbeWrite { va } => {
                         let outcome = if arch::probe_write(VirtAddr(va)) { "faulted" } else { "written" };
                         reply_ok(req.seq, format_args!("{outcome}"))
@@ -114,6 +119,32 @@ pub fn serve(kernel: &mut Kernel) -> ! {
             },
         }
     }
+}
+
+/// A read probe: the host's marker written into its frame through the
+/// linear map, the word at `va` read through whatever translation the
+/// TLB holds (`None`: it faulted), and the frame's word put back, so the
+/// probe leaves memory as it found it. A read through a stale translation
+/// sees the old frame, not the marker.
+fn probe_read(kernel: &Kernel, va: VirtAddr, marker: Option<Marker>) -> Result<Option<u64>, &'static str> {
+    let Some(Marker { pa, value }) = marker else {
+        return Ok(arch::probe_read(va));
+    };
+    if !pa.is_multiple_of(8) || !kernel.ram.iter().any(|r| r.contains(pa) && r.contains(pa + 7)) {
+        return Err("the marker's address is not a word of RAM the linear map covers");
+    }
+    let word = arch::LINEAR_MAP_BASE.wrapping_add(pa) as *mut u64;
+    // SAFETY: the linear map covers all RAM; the word is restored below, and
+    // nothing else runs meanwhile.
+    let kept = unsafe {
+        let kept = word.read_volatile();
+        word.write_volatile(value);
+        kept
+    };
+    let read = arch::probe_read(va);
+    // SAFETY: as above.
+    unsafe { word.write_volatile(kept) };
+    Ok(read)
 }
 
 /// Starts a command: the update log holds its page-table stores and TLB

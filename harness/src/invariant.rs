@@ -33,11 +33,12 @@ pub enum Invariant {
     MemmapPresent,
     AltmapUnoptimized,
     BreakBeforeMake,
+    TlbCoherent,
 }
 
 impl Invariant {
     /// Every invariant, in the order reports list them.
-    pub const ALL: [Invariant; 13] = [
+    pub const ALL: [Invariant; 14] = [
         Invariant::HeadPrivate,
         Invariant::TailsShared,
         Invariant::TailsReadonly,
@@ -51,6 +52,7 @@ impl Invariant {
         Invariant::MemmapPresent,
         Invariant::AltmapUnoptimized,
         Invariant::BreakBeforeMake,
+        Invariant::TlbCoherent,
     ];
 
     /// The name reports and scenario files use.
@@ -69,6 +71,7 @@ impl Invariant {
             Invariant::MemmapPresent => "memmap-present",
             Invariant::AltmapUnoptimized => "altmap-unoptimized",
             Invariant::BreakBeforeMake => "break-before-make",
+            Invariant::TlbCoherent => "tlb-coherent",
         }
     }
 
@@ -92,13 +95,16 @@ impl Invariant {
             Invariant::BreakBeforeMake => {
                 "live page-table entries change only as their MMU allows (arm64, radix: invalid entry, a TLB invalidation covering the old translation, then the new entry), every invalidation removes the translation it must at its size, and the guest's update log accounts for every store"
             }
+            Invariant::TlbCoherent => {
+                "reads through the guest's own TLB see what the tables map now (a marker the host had written into the mapped frame), and reads of unmapped addresses fault, before and after every optimize, restore, free and hot-remove"
+            }
         }
     }
 
     /// Whether the tables decide it or it needs the live guest.
     pub const fn checked_by(self) -> CheckedBy {
         match self {
-            Invariant::TranslationAgrees | Invariant::WriteFaults => CheckedBy::LiveGuest,
+            Invariant::TranslationAgrees | Invariant::WriteFaults | Invariant::TlbCoherent => CheckedBy::LiveGuest,
             Invariant::BreakBeforeMake => CheckedBy::UpdateLog,
             Invariant::HeadPrivate
             | Invariant::TailsShared

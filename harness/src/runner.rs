@@ -10,6 +10,7 @@ mod interpreter;
 mod kernel;
 mod kernel_devices;
 mod kernel_verify;
+mod probes;
 mod steps;
 mod updates;
 

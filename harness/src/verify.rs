@@ -16,6 +16,7 @@ pub mod live;
 mod map;
 mod pfns;
 mod presence;
+pub mod probes;
 mod tails;
 
 use std::collections::HashMap;

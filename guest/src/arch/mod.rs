@@ -23,6 +23,8 @@
 //! - `eject_memory_slot(slot)`: complete the platform's removal of a DIMM.
 //! - `probe_write(VirtAddr) -> bool`: read the byte there and write it back;
 //!   true when the write faulted (the trap handler recovers that one store).
+//! - `probe_read(VirtAddr) -> Option<u64>`: the word there, `None` when the
+//!   read faulted (the trap handler recovers that one load).
 //! - the entry point, which sets up a stack, traps and the platform, then calls
 //!   `crate::main(Platform)`; unexpected traps call `crate::crash` with a
 //!   description and a closure printing the registers.

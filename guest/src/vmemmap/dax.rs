@@ -5,7 +5,9 @@
 use hvo_abi::model::{pageblock_pages, Knob, Layout, RegionKind, StructPage, Zone, MIGRATE_MOVABLE, STRUCT_PAGE_SIZE};
 
 use super::shared_tails::tail_page;
-use super::{addr_of, pfn_of, reserved_vmemmap_pages, Mm, Region, Vmemmap, VmemmapError, STRUCT_PAGES_PER_PAGE};
+use super::{
+    addr_of, pfn_of, reserved_vmemmap_pages, FlushPath, Mm, Region, Vmemmap, VmemmapError, STRUCT_PAGES_PER_PAGE,
+};
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{align_down, align_up, FrameAllocator, Purpose};
 use crate::mm::pagetable::Prot;
@@ -353,7 +355,7 @@ impl Vmemmap {
                 continue;
             }
             if let Ok((frame, _, flush)) = mm.table.unmap(VirtAddr(va)) {
-                self.complete(flush);
+                self.complete(flush, FlushPath::Teardown);
                 if i >= private {
                     held_shared = true;
                 } else if !region.in_altmap(frame) {

@@ -4,7 +4,7 @@
 
 use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone, STRUCT_PAGE_SIZE};
 
-use super::{addr_of, pfn_of, Mm, Region, Vmemmap, VmemmapError};
+use super::{addr_of, pfn_of, FlushPath, Mm, Region, Vmemmap, VmemmapError};
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{align_down, align_up, Purpose};
 use crate::mm::pagetable::Prot;
@@ -95,7 +95,7 @@ impl Vmemmap {
     /// Unmaps the leaf at `va`, if any, and frees its frame.
     fn unmap_and_free(&self, mm: &mut Mm, va: u64) {
         if let Ok((frame, size, flush)) = mm.table.unmap(VirtAddr(va)) {
-            self.complete(flush);
+            self.complete(flush, FlushPath::Teardown);
             mm.frames.free(frame, size.bytes(), Purpose::Vmemmap);
         }
     }

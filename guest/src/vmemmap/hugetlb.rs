@@ -5,7 +5,7 @@
 use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone};
 
 use super::shared_tails::tail_page;
-use super::{addr_of, reserved_vmemmap_pages, Mm, Region, Vmemmap, VmemmapError};
+use super::{addr_of, reserved_vmemmap_pages, FlushPath, Mm, Region, Vmemmap, VmemmapError};
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{align_down, align_up, AllocError, FrameAllocator, Purpose};
 use crate::mm::pagetable::{MapError, Prot};
@@ -88,14 +88,21 @@ impl Vmemmap {
         let fresh = mm.frames.alloc(arch::BASE_PAGE, Purpose::Vmemmap)?;
         // SAFETY: `va` is mapped (readable) vmemmap; `fresh` is ours.
         unsafe { core::ptr::copy_nonoverlapping(va.0 as *const u8, fresh.as_mut_ptr::<u8>(), PAGE as usize) };
-        self.remap_and_free(mm, va, fresh, Prot::RW)?;
+        self.remap_and_free(mm, va, fresh, Prot::RW, FlushPath::PrivateCopy)?;
         Ok(fresh)
     }
 
     /// Points the vmemmap page at `va` to `target` and frees the frame it mapped.
-    fn remap_and_free(&self, mm: &mut Mm, va: VirtAddr, target: PhysAddr, prot: Prot) -> Result<(), VmemmapError> {
+    fn remap_and_free(
+        &self,
+        mm: &mut Mm,
+        va: VirtAddr,
+        target: PhysAddr,
+        prot: Prot,
+        path: FlushPath,
+    ) -> Result<(), VmemmapError> {
         let (old, flush) = mm.table.remap(va, target, prot, self.sequence())?;
-        self.complete(flush);
+        self.complete(flush, path);
         mm.frames.free(old, PAGE, Purpose::Vmemmap);
         Ok(())
     }
@@ -151,14 +158,14 @@ impl Vmemmap {
         let mut va = base.0;
         while va < base.0 + pages * PAGE {
             if let Some(flush) = mm.table.split(mm.frames, VirtAddr(va), self.sequence())? {
-                self.complete(flush);
+                self.complete(flush, FlushPath::Optimize);
             }
             va = align_down(va, PageSize::Size2M.bytes()) + PageSize::Size2M.bytes();
         }
         let head_frame = if self.knob(Knob::HeadShared) {
             // Knob `head-shared`: the head page goes to the shared tail page too.
             let shared = self.get_shared_tail(mm.frames, region.zone, region.order)?;
-            self.remap_and_free(mm, base, shared, Prot::RO)?;
+            self.remap_and_free(mm, base, shared, Prot::RO, FlushPath::PrivateCopy)?;
             shared
         } else {
             self.copy_to_fresh(mm, base)?
@@ -182,7 +189,7 @@ impl Vmemmap {
             // is what the flush after the remap must kill.
             // SAFETY: mapped, readable vmemmap.
             let _ = unsafe { (va.0 as *const u64).read_volatile() };
-            self.remap_and_free(mm, va, target, prot)?;
+            self.remap_and_free(mm, va, target, prot, FlushPath::Optimize)?;
         }
         Ok(())
     }
@@ -223,14 +230,15 @@ impl Vmemmap {
                 Ok(f) => f,
                 Err(e) => {
                     for j in first_shared..i {
-                        self.remap_and_free(mm, VirtAddr(base.0 + j * PAGE), target, prot)?;
+                        let va = VirtAddr(base.0 + j * PAGE);
+                        self.remap_and_free(mm, va, target, prot, FlushPath::Restore)?;
                     }
                     return Err(e);
                 }
             };
             // The old frame is shared (or the head's): it stays.
             let (_shared, flush) = mm.table.remap(VirtAddr(base.0 + i * PAGE), fresh, Prot::RW, self.sequence())?;
-            self.complete(flush);
+            self.complete(flush, FlushPath::Restore);
         }
         if region.layout == Layout::Unified {
             self.put_shared_tail(mm.frames, region.zone, region.order);
@@ -251,7 +259,7 @@ impl Vmemmap {
             Layout::None => return Err(VmemmapError::NotOptimized),
         };
         for i in first_shared..region.vmemmap_pages() {
-            self.remap_and_free(mm, VirtAddr(base.0 + i * PAGE), target, prot)?;
+            self.remap_and_free(mm, VirtAddr(base.0 + i * PAGE), target, prot, FlushPath::Optimize)?;
         }
         Ok(())
     }

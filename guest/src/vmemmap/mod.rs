@@ -157,6 +157,21 @@ impl RegionSlot {
     const EMPTY: RegionSlot = RegionSlot { region: None, origin: None, used: 0, pageblock_tags: None };
 }
 
+/// Which change a TLB flush completes (the path-named flush knobs forget
+/// only their own).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum FlushPath {
+    /// Optimize's splits and tail remaps, and a rollback's remaps back.
+    Optimize,
+    /// Optimize's copy of a private vmemmap page (the head; legacy-dax's
+    /// page 1) to a fresh frame.
+    PrivateCopy,
+    /// Restore giving a tail its own frame again (and its rollback).
+    Restore,
+    /// A vmemmap page unmapped as its range goes.
+    Teardown,
+}
+
 /// Where boot is: gigantic pages can be reserved only before the vmemmap is
 /// populated (they are populated already optimized).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,10 +221,17 @@ impl Vmemmap {
     }
 
     /// Completes a change to a live entry: invalidates the translation it
-    /// removed (and, after a break, writes the new entry), unless the
-    /// `no-tlb-flush` knob forgets the invalidation on purpose.
-    fn complete(&self, flush: Flush) {
-        if self.knob(Knob::NoTlbFlush) {
+    /// removed (and, after a break, writes the new entry), unless a knob
+    /// forgets the invalidation on purpose: `no-tlb-flush` on every path,
+    /// the path-named ones on theirs.
+    fn complete(&self, flush: Flush, path: FlushPath) {
+        let path_knob = match path {
+            FlushPath::Optimize => None,
+            FlushPath::PrivateCopy => Some(Knob::NoFlushHeadCopy),
+            FlushPath::Restore => Some(Knob::NoFlushRestore),
+            FlushPath::Teardown => Some(Knob::NoFlushUnmap),
+        };
+        if self.knob(Knob::NoTlbFlush) || path_knob.is_some_and(|k| self.knob(k)) {
             flush.ignore();
         } else {
             flush.flush(&self.tlb());

@@ -25,6 +25,7 @@ use crate::report::{Check, CheckStatus, Metrics, Status};
 use crate::scenario::Scenario;
 use crate::updates::UpdateChecker;
 use crate::verify::live::{self, LiveError};
+use crate::verify::probes::ReadProber;
 use crate::verify::{self, Requested};
 
 /// What the host keeps track of in the guest, by the scenario's names.
@@ -42,6 +43,8 @@ pub(super) struct Tracked {
     pub dimms: u32,
     /// Region name -> the DIMM it was hot-added on.
     pub dimm_of: HashMap<String, PluggedDimm>,
+    /// Read probes' markers (`tlb-coherent`).
+    pub reads: ReadProber,
     /// Where the persistent memory set aside at boot starts, once it is.
     pub pmem_start: Option<PhysAddr>,
     /// The region made of that persistent memory, while it is added.
@@ -349,6 +352,11 @@ impl<'a> Run<'a> {
         match translations {
             Ok(check) => self.findings.checks.push(check),
             Err(e) => return Err(self.live_abort(e).await),
+        }
+        let vas = self.all_probe_samples()?;
+        if let Some(probed) = self.probe_reads(&vas, "at verify").await? {
+            let name = crate::invariant::Invariant::TlbCoherent.name();
+            self.findings.checks.push(Check::pass(name, format!("{probed} read probes saw what the tables map")));
         }
         let took = started.elapsed().as_millis() as u64;
         self.findings.metrics.verify_ms = Some(took);

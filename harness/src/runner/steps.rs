@@ -5,6 +5,7 @@ use hvo_abi::model::Layout;
 use hvo_abi::protocol::Command;
 
 use super::interpreter::Run;
+use super::probes::around;
 use super::Abort;
 use crate::addr::PhysAddr;
 use crate::hotplug::{self, DimmKind};
@@ -64,19 +65,28 @@ impl Run<'_> {
             }
             Step::Optimize { region, layout } => {
                 let id = self.region_id(region)?;
+                let (vas, (before, after)) = (self.probe_samples(id)?, around("optimize", id));
+                self.probe_reads(&vas, &before).await?;
                 self.request(Command::Optimize { region: id, layout: *layout }).await?;
+                self.probe_reads(&vas, &after).await?;
                 self.record_request(id, *layout);
                 Ok(())
             }
             Step::Restore { region } => {
                 let id = self.region_id(region)?;
+                let (vas, (before, after)) = (self.probe_samples(id)?, around("restore", id));
+                self.probe_reads(&vas, &before).await?;
                 self.request(Command::Restore { region: id }).await?;
+                self.probe_reads(&vas, &after).await?;
                 self.record_request(id, Layout::None);
                 Ok(())
             }
             Step::HugetlbFree { region: name } => {
                 let region = self.region_id(name)?;
+                let (vas, (before, after)) = (self.probe_samples(region)?, around("hugetlb-free", region));
+                self.probe_reads(&vas, &before).await?;
                 self.request(Command::HugetlbFree { region }).await?;
+                self.probe_reads(&vas, &after).await?;
                 if let Some(id) = self.tracked.regions.remove(name) {
                     self.tracked.requested.remove(&id);
                 }
@@ -107,9 +117,12 @@ impl Run<'_> {
             }
             Step::HotRemove { region: name } => {
                 let region = self.region_id(name)?;
+                let (vas, (before, after)) = (self.probe_samples(region)?, around("hot-remove", region));
+                self.probe_reads(&vas, &before).await?;
                 if self.tracked.pmem_region.as_deref() == Some(name.as_str()) {
                     // Nothing to unplug: the range is boot memory.
                     self.request(Command::HotRemove { region, slot: None }).await?;
+                    self.probe_reads(&vas, &after).await?;
                     self.tracked.pmem_region = None;
                 } else {
                     let dimm = self
@@ -119,6 +132,10 @@ impl Run<'_> {
                         .ok_or_else(|| Abort::Fail(format!("region `{name}` was not hot-added")))?;
                     hotplug::request_unplug(&self.machine, dimm.n).await.map_err(Run::hotplug_abort)?;
                     self.request(Command::HotRemove { region, slot: Some(dimm.slot) }).await?;
+                    // The slot is ejected: QEMU's own flush on the memory map
+                    // change may have healed a forgotten one, as it would not
+                    // on hardware (pmem, which stays, shows it).
+                    self.probe_reads(&vas, &after).await?;
                     let timeout = self.step_timeout();
                     hotplug::finish_unplug(&mut self.machine, dimm, timeout).await.map_err(Run::hotplug_abort)?;
                 }

@@ -13,7 +13,7 @@ use crate::mm::{update_log, PageSize, PhysAddr, RangeList};
 use crate::paging::Tables;
 
 pub use platform::{console_read, console_write, eject_memory_slot, exit};
-pub use traps::probe_write;
+pub use traps::{probe_read, probe_write};
 
 pub const ARCH: hvo_abi::Arch = hvo_abi::Arch::Aarch64;
 /// Linux's PAGE_OFFSET with 48-bit virtual addresses.

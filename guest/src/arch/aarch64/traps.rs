@@ -93,6 +93,19 @@ hvo_probe_store:
     .global hvo_probe_resume
 hvo_probe_resume:
     ret
+
+    .global hvo_probe_read
+/* bool hvo_probe_read(const u64 *va, u64 *out): read the word; 1 if the read faulted. */
+hvo_probe_read:
+    mov x2, x0
+    mov x0, #0
+    .global hvo_probe_load
+hvo_probe_load:
+    ldr x3, [x2]
+    str x3, [x1]
+    .global hvo_probe_read_resume
+hvo_probe_read_resume:
+    ret
 "#
 );
 
@@ -100,6 +113,9 @@ extern "C" {
     fn hvo_probe_write(va: *mut u8) -> bool;
     static hvo_probe_store: u8;
     static hvo_probe_resume: u8;
+    fn hvo_probe_read(va: *const u64, out: *mut u64) -> bool;
+    static hvo_probe_load: u8;
+    static hvo_probe_read_resume: u8;
 }
 
 /// The stack as `hvo_exception_common` leaves it.
@@ -125,6 +141,14 @@ pub fn probe_write(va: VirtAddr) -> bool {
     unsafe { hvo_probe_write(va.0 as *mut u8) }
 }
 
+/// The word at `va`, or `None` when the read faulted.
+pub fn probe_read(va: VirtAddr) -> Option<u64> {
+    let mut word = 0;
+    // SAFETY: a fault on the load is recovered by `aarch64_exception`; `word` is ours.
+    let faulted = unsafe { hvo_probe_read(va.0 as *const u64, &mut word) };
+    (!faulted).then_some(word)
+}
+
 fn esr_far() -> (u64, u64) {
     let (esr, far): (u64, u64);
     // SAFETY: reading syndrome registers has no side effects.
@@ -138,9 +162,14 @@ fn esr_far() -> (u64, u64) {
 extern "C" fn aarch64_exception(frame: &mut ExceptionFrame, kind: u64) {
     let (esr, far) = esr_far();
     let class = esr >> 26;
-    let store = core::ptr::addr_of!(hvo_probe_store) as u64;
-    if kind == SYNC_CURRENT_EL && class == EC_DATA_ABORT_SAME_EL && frame.elr == store {
-        frame.elr = core::ptr::addr_of!(hvo_probe_resume) as u64;
+    // The probes' one access each: resumed after it, reporting the fault.
+    let probes = [
+        (core::ptr::addr_of!(hvo_probe_store) as u64, core::ptr::addr_of!(hvo_probe_resume) as u64),
+        (core::ptr::addr_of!(hvo_probe_load) as u64, core::ptr::addr_of!(hvo_probe_read_resume) as u64),
+    ];
+    let data_abort = kind == SYNC_CURRENT_EL && class == EC_DATA_ABORT_SAME_EL;
+    if let Some(&(_, resume)) = probes.iter().find(|(at, _)| data_abort && frame.elr == *at) {
+        frame.elr = resume;
         frame.x[0] = 1;
         return;
     }

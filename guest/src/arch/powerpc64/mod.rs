@@ -15,7 +15,7 @@ use crate::mm::{update_log, PageSize, PhysAddr, Range, RangeList};
 use crate::paging::Tables;
 
 pub use platform::{console_read, console_write, eject_memory_slot, exit};
-pub use traps::probe_write;
+pub use traps::{probe_read, probe_write};
 
 #[cfg(not(feature = "page-64k"))]
 pub const ARCH: hvo_abi::Arch = hvo_abi::Arch::Ppc64le;

@@ -93,6 +93,19 @@ hvo_probe_store:
     .global hvo_probe_resume
 hvo_probe_resume:
     blr
+
+    .global hvo_probe_read
+/* bool hvo_probe_read(const u64 *va, u64 *out): read the word; 1 if the read faulted. */
+hvo_probe_read:
+    mr %r5, %r3
+    li %r3, 0
+    .global hvo_probe_load
+hvo_probe_load:
+    ld %r6, 0(%r5)
+    std %r6, 0(%r4)
+    .global hvo_probe_read_resume
+hvo_probe_read_resume:
+    blr
 "#
 );
 
@@ -101,6 +114,9 @@ extern "C" {
     fn hvo_probe_write(va: *mut u8) -> bool;
     static hvo_probe_store: u8;
     static hvo_probe_resume: u8;
+    fn hvo_probe_read(va: *const u64, out: *mut u64) -> bool;
+    static hvo_probe_load: u8;
+    static hvo_probe_read_resume: u8;
 }
 
 /// The registers as `hvo_trap_common` saves them.
@@ -157,11 +173,23 @@ pub fn probe_write(va: VirtAddr) -> bool {
     unsafe { hvo_probe_write(va.0 as *mut u8) }
 }
 
+/// The word at `va`, or `None` when the read faulted.
+pub fn probe_read(va: VirtAddr) -> Option<u64> {
+    let mut word = 0;
+    // SAFETY: a fault on the load is recovered by `ppc64_trap`; `word` is ours.
+    let faulted = unsafe { hvo_probe_read(va.0 as *const u64, &mut word) };
+    (!faulted).then_some(word)
+}
+
 #[no_mangle]
 extern "C" fn ppc64_trap(frame: &mut TrapFrame) {
-    let store = core::ptr::addr_of!(hvo_probe_store) as u64;
-    if frame.vector == DATA_STORAGE && frame.srr0 == store {
-        frame.srr0 = core::ptr::addr_of!(hvo_probe_resume) as u64;
+    // The probes' one access each: resumed after it, reporting the fault.
+    let probes = [
+        (core::ptr::addr_of!(hvo_probe_store) as u64, core::ptr::addr_of!(hvo_probe_resume) as u64),
+        (core::ptr::addr_of!(hvo_probe_load) as u64, core::ptr::addr_of!(hvo_probe_read_resume) as u64),
+    ];
+    if let Some(&(_, resume)) = probes.iter().find(|(at, _)| frame.vector == DATA_STORAGE && frame.srr0 == *at) {
+        frame.srr0 = resume;
         frame.gpr[3] = 1;
         return;
     }

@@ -107,6 +107,18 @@ hvo_probe_store:
     .global hvo_probe_resume
 hvo_probe_resume:
     ret
+
+    .global hvo_probe_read
+/* bool hvo_probe_read(const u64 *va, u64 *out): read the word; 1 if the read faulted. */
+hvo_probe_read:
+    xor eax, eax
+    .global hvo_probe_load
+hvo_probe_load:
+    mov rcx, qword ptr [rdi]
+    mov qword ptr [rsi], rcx
+    .global hvo_probe_read_resume
+hvo_probe_read_resume:
+    ret
 "#
 );
 
@@ -115,6 +127,9 @@ extern "C" {
     fn hvo_probe_write(va: *mut u8) -> bool;
     static hvo_probe_store: u8;
     static hvo_probe_resume: u8;
+    fn hvo_probe_read(va: *const u64, out: *mut u64) -> bool;
+    static hvo_probe_load: u8;
+    static hvo_probe_read_resume: u8;
 }
 
 const VECTORS: usize = 32;
@@ -196,6 +211,14 @@ pub fn probe_write(va: VirtAddr) -> bool {
     unsafe { hvo_probe_write(va.0 as *mut u8) }
 }
 
+/// The word at `va`, or `None` when the read faulted.
+pub fn probe_read(va: VirtAddr) -> Option<u64> {
+    let mut word = 0;
+    // SAFETY: a fault on the load is recovered by `x86_64_trap`; `word` is ours.
+    let faulted = unsafe { hvo_probe_read(va.0 as *const u64, &mut word) };
+    (!faulted).then_some(word)
+}
+
 fn read_cr2() -> u64 {
     let cr2: u64;
     // SAFETY: reading a control register has no side effects.
@@ -205,8 +228,12 @@ fn read_cr2() -> u64 {
 
 #[no_mangle]
 extern "C" fn x86_64_trap(frame: &mut TrapFrame) {
-    let (store, resume) = (core::ptr::addr_of!(hvo_probe_store) as u64, core::ptr::addr_of!(hvo_probe_resume) as u64);
-    if frame.vector == PAGE_FAULT && frame.rip == store {
+    // The probes' one access each: resumed after it, reporting the fault.
+    let probes = [
+        (core::ptr::addr_of!(hvo_probe_store) as u64, core::ptr::addr_of!(hvo_probe_resume) as u64),
+        (core::ptr::addr_of!(hvo_probe_load) as u64, core::ptr::addr_of!(hvo_probe_read_resume) as u64),
+    ];
+    if let Some(&(_, resume)) = probes.iter().find(|(at, _)| frame.vector == PAGE_FAULT && frame.rip == *at) {
         frame.rip = resume;
         frame.rax = 1;
         return;
