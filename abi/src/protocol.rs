@@ -23,8 +23,7 @@ pub const MAX_LINE: usize = 480;
 /// A word the host has the guest write into a frame before a read probe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Marker {
-    /// The physical address of the word (8-byte aligned, in RAM the guest's
-    /// linear map covers).
+    /// The physical address of the word (8-byte aligned, in the guest's RAM).
     pub pa: u64,
     pub value: u64,
 }
@@ -44,7 +43,7 @@ pub enum Command<'a> {
     /// `ok faulted` if the write faulted and `ok written` if it did not.
     ProbeWrite { va: u64 },
     /// The guest writes `marker` (when given) into the frame it names
-    /// through the linear map, reads the word at `va`, and puts the
+    /// (through its identity map), reads the word at `va`, and puts the
     /// frame's word back; it answers `ok read=<value>` or `ok faulted`.
     /// The host, which walked the tables itself, knows what the read
     /// must see: the marker, or a fault where nothing is mapped.

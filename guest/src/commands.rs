@@ -121,20 +121,24 @@ pub fn serve(kernel: &mut Kernel) -> ! {
     }
 }
 
-/// A read probe: the host's marker written into its frame through the
-/// linear map, the word at `va` read through whatever translation the
-/// TLB holds (`None`: it faulted), and the frame's word put back, so the
-/// probe leaves memory as it found it. A read through a stale translation
-/// sees the old frame, not the marker.
+/// A read probe: the host's marker written into its frame, the word at `va`
+/// read through whatever translation the TLB holds (`None`: it faulted),
+/// and the frame's word put back, so the probe leaves memory as it found
+/// it. A read through a stale translation sees the old frame, not the
+/// marker. The marker goes through the identity map, as every frame the
+/// firmware touches does: a write through the linear map would load a
+/// large-page translation in the kernel half, and QEMU's TCG then treats
+/// every later page invalidation near it (the vmemmap's) as a full flush,
+/// which would hide the stale translations the probe is for.
 fn probe_read(kernel: &Kernel, va: VirtAddr, marker: Option<Marker>) -> Result<Option<u64>, &'static str> {
     let Some(Marker { pa, value }) = marker else {
         return Ok(arch::probe_read(va));
     };
     if !pa.is_multiple_of(8) || !kernel.ram.iter().any(|r| r.contains(pa) && r.contains(pa + 7)) {
-        return Err("the marker's address is not a word of RAM the linear map covers");
+        return Err("the marker's address is not a word of the guest's RAM");
     }
-    let word = arch::LINEAR_MAP_BASE.wrapping_add(pa) as *mut u64;
-    // SAFETY: the linear map covers all RAM; the word is restored below, and
+    let word = PhysAddr(pa).as_mut_ptr::<u64>();
+    // SAFETY: all RAM is identity-mapped; the word is restored below, and
     // nothing else runs meanwhile.
     let kept = unsafe {
         let kept = word.read_volatile();

@@ -3,8 +3,8 @@
 //! write probes miss a forgotten flush wherever the old translation was
 //! read-only (restore) or is gone (unmap); a read does not re-walk. For
 //! each address the host walks the tables itself: where they map a frame of
-//! RAM, the guest writes a marker the host chose into that frame through
-//! its linear map and reads the address back, which must give the marker
+//! RAM, the guest writes a marker the host chose into that frame (through
+//! its identity map) and reads the address back, which must give the marker
 //! (a stale translation reads the old frame); where they map nothing, the
 //! read must fault. The guest only performs the accesses and says what it
 //! read.
@@ -29,9 +29,12 @@ const WORD_IN_PAGE: u64 = 8;
 /// of a run look for the same value and none is a struct page's word.
 const MARKER_PATTERN: u64 = 0x4856_4f50_0000_0000;
 
-/// The words of a region's vmemmap worth probing: in its first compound
-/// page, the head's vmemmap page, the first tail page and the last (for
-/// hot-added memory, the first and last struct page of the range).
+/// The words of a region's vmemmap worth probing: in its first and its
+/// last compound page, the head's vmemmap page, the first tail page and the
+/// last (for hot-added memory, the first and last struct page of the
+/// range). The last compound page is the one a step changed most recently,
+/// so its translations are the likeliest still to be in the TLB; QEMU's
+/// TLB is direct-mapped and evicts older ones as a step touches other pages.
 pub fn samples(manifest: &Manifest, region: &Region) -> Vec<VirtAddr> {
     let page = manifest.page_size;
     let word = |pfn: u64| manifest.struct_page_va(pfn) & !(page - 1);
@@ -40,12 +43,15 @@ pub fn samples(manifest: &Manifest, region: &Region) -> Vec<VirtAddr> {
         if region.nr_pages > 0 {
             pages.extend([word(region.start_pfn), word(region.start_pfn + region.nr_pages - 1)]);
         }
-    } else if let Some(head) = region.heads().next() {
-        let base = word(head);
+    } else {
         let count = vmemmap_pages_per_compound(region.order, page).max(1);
-        pages.extend([base, base + page, base + (count - 1) * page].into_iter().take(count.min(3) as usize));
+        for head in [region.heads().next(), region.heads().last()].into_iter().flatten() {
+            let base = word(head);
+            pages.extend([base, base + page, base + (count - 1) * page].into_iter().take(count.min(3) as usize));
+        }
     }
-    pages.dedup();
+    let mut seen = std::collections::HashSet::new();
+    pages.retain(|p| seen.insert(*p));
     pages.into_iter().map(|p| VirtAddr(p + WORD_IN_PAGE)).collect()
 }
 
