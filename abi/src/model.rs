@@ -239,7 +239,9 @@ pub enum Knob {
     /// DAX whose compound pages have too few struct pages to share any
     /// (2 MiB with 64 KiB pages: 2 KiB, less than one vmemmap page) is
     /// taken for optimizable: vmemmap_can_optimize without the check that
-    /// there are more vmemmap pages than the layout keeps private.
+    /// there are more vmemmap pages than the layout keeps private. HugeTLB
+    /// optimize's check is off by one: a folio with exactly as many vmemmap
+    /// pages as the layout keeps private is optimized.
     SmallCompoundOptimized = 16,
     /// A live vmemmap entry replaced by one with another output address (a
     /// remap), or a block by a table (a split), with a single store where the

@@ -2,7 +2,7 @@
 //! populated (mm/sparse-vmemmap.c), persistent memory set aside, and memmap
 //! init (mm/mm_init.c).
 
-use hvo_abi::model::{Layout, RegionKind, StructPage, Zone};
+use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone};
 use hvo_guest::sparse::SUBSECTION;
 
 use super::{pfn_of, BootState, Mm, Region, Vmemmap, VmemmapError, STRUCT_PAGES_PER_PAGE};
@@ -126,7 +126,9 @@ impl Vmemmap {
                         } else {
                             self.shared_tail_pa(zone, order)?
                         };
-                        (shared, Prot::RO)
+                        // Knob `tails-writable`: the tails keep write permission.
+                        let prot = if self.knob(Knob::TailsWritable) { Prot::RW } else { Prot::RO };
+                        (shared, prot)
                     }
                     _ => (mm.frames.alloc(arch::BASE_PAGE, Purpose::Vmemmap)?, Prot::RW),
                 };

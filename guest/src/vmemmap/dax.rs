@@ -265,6 +265,16 @@ impl Vmemmap {
             if leaf.at(mm, va) {
                 continue;
             }
+            if i == 0 && optimized && self.knob(Knob::HeadShared) {
+                // Knob `head-shared`: the head page maps the shared tail
+                // page too, and its struct pages are never written.
+                let shared = self.get_shared_tail(mm.frames, zone, order)?;
+                if let Err(e) = mm.table.map(mm.frames, VirtAddr(va), shared, arch::BASE_PAGE, Prot::RO) {
+                    self.put_shared_tail(mm.frames, zone, order);
+                    return Err(e.into());
+                }
+                continue;
+            }
             let frame = source.frame(mm.frames)?;
             self.map_private(mm, region, VirtAddr(va), frame)?;
             self.write_compound_range(region, head, i * STRUCT_PAGES_PER_PAGE, (i + 1) * STRUCT_PAGES_PER_PAGE);
@@ -358,6 +368,9 @@ impl Vmemmap {
                 self.complete(flush, FlushPath::Teardown);
                 if i >= private {
                     held_shared = true;
+                } else if Ok(frame) == self.shared_tail_pa(region.zone, region.order) {
+                    // A head mapping the shared page (knob `head-shared`) held a user of it.
+                    self.put_shared_tail(mm.frames, region.zone, region.order);
                 } else if !region.in_altmap(frame) {
                     mm.frames.free(frame, PAGE, Purpose::Vmemmap);
                 }

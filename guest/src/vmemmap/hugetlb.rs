@@ -118,9 +118,13 @@ impl Vmemmap {
         if layout == Layout::None {
             return Err(VmemmapError::TooSmallToOptimize);
         }
-        if region.vmemmap_pages() <= reserved_vmemmap_pages(layout) {
-            // Nothing to share (hugetlb_vmemmap_optimize_folio returns when
-            // the optimizable size is 0): the folios stay as they are.
+        // Nothing to share (hugetlb_vmemmap_optimize_folio returns when the
+        // optimizable size is 0): the folios stay as they are. Knob
+        // `small-compound-optimized` is off by one: a folio with exactly as
+        // many vmemmap pages as the layout keeps private is optimized.
+        let (pages, kept) = (region.vmemmap_pages(), reserved_vmemmap_pages(layout));
+        let too_small = if self.knob(Knob::SmallCompoundOptimized) { pages < kept } else { pages <= kept };
+        if too_small {
             return Ok(());
         }
         region.layout = layout;

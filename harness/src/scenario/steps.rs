@@ -11,8 +11,11 @@ use super::names::{Action, Choice, HotAddKind, MEMORY_ZONES, OPTIMIZE_LAYOUTS};
 use super::raw::{RawBootGigantic, RawStep, Size};
 use super::{valid_name, Backend, BootGigantic, DaxDevice, PlacedStep, ScenarioError, Step};
 
-/// HugeTLB folio and DAX compound page sizes the model allocates: 2 MiB to 1 GiB.
-const FOLIO_SIZES: RangeInclusive<u64> = (2 << 20)..=(1 << 30);
+/// HugeTLB folio and DAX compound page sizes the model allocates: 128 KiB
+/// to 1 GiB. Below 2 MiB only to reach the optimizability boundary with
+/// 4 KiB pages (256 KiB: one vmemmap page, 512 KiB: two), as 64 MiB and
+/// 128 MiB reach it with 64 KiB pages.
+const FOLIO_SIZES: RangeInclusive<u64> = (128 << 10)..=(1 << 30);
 const MAX_FOLIOS: u64 = 65536;
 /// The compound page size of a DAX hot-add that names none.
 const DEFAULT_COMPOUND: u64 = 2 << 20;
@@ -43,7 +46,7 @@ fn folios(
         return Err(loc.error(
             size.span(),
             Some(&field("size")),
-            format!("{} is not a HugeTLB folio size: a power of two from 2M to 1G", size.get_ref()),
+            format!("{} is not a HugeTLB folio size: a power of two from 128K to 1G", size.get_ref()),
         ));
     }
     let count_value = count.map_or(1, |c| *c.get_ref());
@@ -209,7 +212,7 @@ impl StepReader<'_> {
             return Err(self.invalid(
                 compound_span,
                 "compound",
-                format!("{} is not a compound page size: a power of two from 2M to 1G", Size(compound_size)),
+                format!("{} is not a compound page size: a power of two from 128K to 1G", Size(compound_size)),
             ));
         }
         let bytes = size.get_ref().0;
