@@ -261,10 +261,14 @@ pub enum Knob {
     /// legacy-dax's page 1) to fresh frames and remaps them without
     /// invalidating the translation to the old frame.
     NoFlushHeadCopy = 21,
+    /// A new top-level vmemmap entry a hot-add creates stays in the kernel
+    /// root (the boot-time sync is right): the hot-add path of
+    /// `unsynced-root` alone.
+    UnsyncedRootHotAdd = 22,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 22] = [
+    pub const ALL: [Knob; 23] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -287,6 +291,7 @@ impl Knob {
         Knob::NoFlushRestore,
         Knob::NoFlushUnmap,
         Knob::NoFlushHeadCopy,
+        Knob::UnsyncedRootHotAdd,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -313,6 +318,7 @@ impl Knob {
             Knob::NoFlushRestore => "no-flush-restore",
             Knob::NoFlushUnmap => "no-flush-unmap",
             Knob::NoFlushHeadCopy => "no-flush-head-copy",
+            Knob::UnsyncedRootHotAdd => "unsynced-root-hot-add",
         }
     }
 

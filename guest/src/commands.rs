@@ -173,8 +173,12 @@ fn mm<'a>(table: &'a mut Table, frames: &'a mut FrameAllocator) -> Mm<'a> {
     Mm { table, frames }
 }
 
-/// `sync_process_root` over the vmemmap of the hot-added `[start, start + size)`.
+/// `sync_process_root` over the vmemmap of the hot-added `[start, start + size)`
+/// (knob `unsynced-root-hot-add`: not on this path).
 fn sync_process_root_over(kernel: &mut Kernel, start: u64, size: u64) {
+    if kernel.vmemmap.knobs & hvo_abi::model::Knob::UnsyncedRootHotAdd.bit() != 0 {
+        return;
+    }
     let pfn = |pa: u64| Pfn::containing(PhysAddr(pa), arch::BASE_PAGE);
     let (first, end) = (kernel.vmemmap.va(pfn(start)), kernel.vmemmap.va(pfn(start + size)));
     sync_process_root(kernel, first, end);

@@ -291,6 +291,7 @@ impl Drawer {
             device: if pmem { DaxDevice::Pmem } else { DaxDevice::Dimm },
             altmap,
             backend: if altmap { Backend::File } else { Backend::Ram },
+            address: None,
         })
     }
 

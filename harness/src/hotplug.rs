@@ -57,8 +57,8 @@ impl PluggedDimm {
     }
 }
 
-/// Plugs DIMM number `n` of `size` bytes and returns where it landed; a
-/// file-backed one is mapped by the host too. The vCPUs are stopped around
+/// Plugs DIMM number `n` of `size` bytes, at `at` when given, and returns
+/// where it landed; a file-backed one is mapped by the host too. The vCPUs are stopped around
 /// `device_add`: QEMU 7.2 can wait forever there for an RCU grace period a
 /// spinning vCPU never ends.
 pub async fn plug(
@@ -67,13 +67,14 @@ pub async fn plug(
     size: u64,
     kind: DimmKind,
     backend: Backend,
+    at: Option<PhysAddr>,
 ) -> Result<PluggedDimm, HotplugError> {
     let file = machine.paths().dimm_file(n);
     let (id, memdev) = (PluggedDimm::device_id(n), PluggedDimm::backend_id(n));
     let qmp = machine.qmp().ok_or(HotplugError::NoQmp)?;
     let object = memory_backend(&memdev, size, backend, &file.display().to_string())?;
     qmp.execute(qmp::stop {}).await?;
-    let plugged = add(qmp, object, kind, &id, &memdev).await;
+    let plugged = add(qmp, object, kind, &id, &memdev, at).await;
     qmp.execute(qmp::cont {}).await?;
     plugged?;
     let (start, slot) = placement(qmp, &id).await?;
@@ -104,13 +105,23 @@ fn memory_backend(id: &str, size: u64, backend: Backend, path: &str) -> Result<q
     serde_json::from_value(options).map_err(|e| HotplugError::Host(format!("backend options for {id}: {e}")))
 }
 
-async fn add(qmp: &Qmp, object: qmp::ObjectOptions, kind: DimmKind, id: &str, memdev: &str) -> Result<(), QmpError> {
+async fn add(
+    qmp: &Qmp,
+    object: qmp::ObjectOptions,
+    kind: DimmKind,
+    id: &str,
+    memdev: &str,
+    at: Option<PhysAddr>,
+) -> Result<(), QmpError> {
     qmp.execute(qmp::object_add(object)).await?;
     let driver = match kind {
         DimmKind::Dimm => "pc-dimm",
         DimmKind::Nvdimm => "nvdimm",
     };
-    let props = [("memdev".to_string(), json!(memdev))];
+    let mut props = vec![("memdev".to_string(), json!(memdev))];
+    if let Some(at) = at {
+        props.push(("addr".to_string(), json!(at.0)));
+    }
     qmp.execute(qmp::device_add::new(driver, Some(id.to_string()), None, props)).await?;
     Ok(())
 }

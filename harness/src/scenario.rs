@@ -107,7 +107,8 @@ pub enum Step {
     /// Hotplug `size` bytes of memory on `device` (or take the persistent
     /// memory set aside at boot) and make it device DAX with compound pages
     /// of `compound_size` bytes, its vmemmap under `layout`, its struct pages
-    /// on the device itself with `altmap`.
+    /// on the device itself with `altmap`; a DIMM at the guest-physical
+    /// `address` when one is given (else where QEMU places it).
     HotAdd {
         region: String,
         size: u64,
@@ -117,6 +118,7 @@ pub enum Step {
         device: DaxDevice,
         altmap: bool,
         backend: Backend,
+        address: Option<u64>,
     },
     /// Hotplug `size` bytes and online them as ordinary memory in `zone`.
     HotAddMemory { region: String, size: u64, zone: Zone, backend: Backend },

@@ -37,7 +37,7 @@ fn step_toml(out: &mut String, s: &FuzzStep) {
             kv("action", q("hugetlb-free"));
             kv("region", q(region));
         }
-        Step::HotAdd { region, size: bytes, compound_size, zone, layout, device, altmap, backend } => {
+        Step::HotAdd { region, size: bytes, compound_size, zone, layout, device, altmap, backend, address } => {
             kv("action", q("hot-add"));
             kv("region", q(region));
             kv("size", size(*bytes));
@@ -53,6 +53,9 @@ fn step_toml(out: &mut String, s: &FuzzStep) {
                 kv("altmap", "true".into());
             } else if *backend == Backend::File && *device != DaxDevice::Pmem {
                 kv("backend", q("file"));
+            }
+            if let Some(at) = address {
+                kv("address", size(*at));
             }
         }
         Step::HotAddMemory { region, size: bytes, zone, .. } => {

@@ -132,8 +132,9 @@ impl Run<'_> {
     pub(super) async fn kernel_memory_add(&mut self, region: &str, size: u64, backend: Backend) -> Result<(), Abort> {
         let n = self.kernel_state()?.ranges.plugged;
         self.kernel_state()?.ranges.plugged += 1;
-        let dimm =
-            hotplug::plug(&mut self.machine, n, size, DimmKind::Dimm, backend).await.map_err(Run::hotplug_abort)?;
+        let dimm = hotplug::plug(&mut self.machine, n, size, DimmKind::Dimm, backend, None)
+            .await
+            .map_err(Run::hotplug_abort)?;
         let reply = self.agent(AgentCommand::MemOnline { start: dimm.start, size, wait_s: MEM_WAIT_S }).await?;
         let online = MemOnline::parse(&reply).map_err(|e| Abort::Fail(e.to_string()))?;
         if online.zones.iter().any(|z| z != "Movable") {

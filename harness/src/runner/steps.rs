@@ -93,8 +93,8 @@ impl Run<'_> {
                 Ok(())
             }
             Step::Verify => self.verify().await,
-            Step::HotAdd { region, size, compound_size, zone, layout, device, altmap, backend } => {
-                let start = self.hot_add_range(region, *size, *device, *backend).await?;
+            Step::HotAdd { region, size, compound_size, zone, layout, device, altmap, backend, address } => {
+                let start = self.hot_add_range(region, *size, *device, *backend, *address).await?;
                 let reply = self
                     .request(Command::HotAdd {
                         start: start.0,
@@ -108,7 +108,7 @@ impl Run<'_> {
                 self.record_region(region, &reply, *layout)
             }
             Step::HotAddMemory { region, size, zone, backend } => {
-                let start = self.hot_add_range(region, *size, DaxDevice::Dimm, *backend).await?;
+                let start = self.hot_add_range(region, *size, DaxDevice::Dimm, *backend, None).await?;
                 let reply = self.request(Command::HotAddMemory { start: start.0, size: *size, zone: *zone }).await?;
                 if !self.expect_refusal {
                     self.tracked.hot_added_memory.push(start.0..start.0 + size);
@@ -156,6 +156,7 @@ impl Run<'_> {
         size: u64,
         device: DaxDevice,
         backend: Backend,
+        address: Option<u64>,
     ) -> Result<PhysAddr, Abort> {
         if device == DaxDevice::Pmem {
             self.tracked.pmem_region = Some(region.to_string());
@@ -164,7 +165,8 @@ impl Run<'_> {
         let kind = if device == DaxDevice::Nvdimm { DimmKind::Nvdimm } else { DimmKind::Dimm };
         let n = self.tracked.dimms;
         self.tracked.dimms += 1;
-        let dimm = hotplug::plug(&mut self.machine, n, size, kind, backend).await.map_err(Run::hotplug_abort)?;
+        let at = address.map(PhysAddr);
+        let dimm = hotplug::plug(&mut self.machine, n, size, kind, backend, at).await.map_err(Run::hotplug_abort)?;
         self.tracked.dimm_of.insert(region.to_string(), dimm);
         Ok(dimm.start)
     }
@@ -175,9 +177,9 @@ impl Run<'_> {
     pub(super) async fn sweep(&mut self, step: &Step) -> Result<(), Abort> {
         const MAX_SWEEP: u64 = 10_000;
         let mut hot_add_start = None;
-        if let Step::HotAdd { region, size, device, backend, .. } = step {
+        if let Step::HotAdd { region, size, device, backend, address, .. } = step {
             // One range for every attempt: a refused hot-add leaves it unused.
-            hot_add_start = Some(self.hot_add_range(region, *size, *device, *backend).await?);
+            hot_add_start = Some(self.hot_add_range(region, *size, *device, *backend, *address).await?);
         }
         for nth in 1..=MAX_SWEEP {
             self.request(Command::FailAlloc { nth }).await?;

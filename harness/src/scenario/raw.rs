@@ -98,6 +98,7 @@ pub(super) struct RawStep {
     pub device: Option<Spanned<String>>,
     pub altmap: Option<Spanned<bool>>,
     pub backend: Option<Spanned<String>>,
+    pub address: Option<Spanned<Size>>,
 }
 
 /// Gigantic pages reserved at boot, before memmap init: populated already optimized.

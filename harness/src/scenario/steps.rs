@@ -136,6 +136,7 @@ impl StepReader<'_> {
             ("device", span(&r.device)),
             ("altmap", span(&r.altmap)),
             ("backend", span(&r.backend)),
+            ("address", span(&r.address)),
         ]
         .into_iter()
         .filter_map(|(n, s)| Some((n, s?)))
@@ -225,7 +226,31 @@ impl StepReader<'_> {
         }
         let zone = ZONES.parse_or(self.loc, &self.field("zone"), self.raw.zone.as_ref(), Zone::Device)?;
         let layout = DAX_LAYOUT.parse_or(self.loc, &self.field("layout"), self.raw.layout.as_ref(), Layout::Unified)?;
-        Ok(Step::HotAdd { region: self.region()?, size: bytes, compound_size, zone, layout, device, altmap, backend })
+        let address = match (&self.raw.address, device) {
+            (None, _) => None,
+            (Some(a), DaxDevice::Pmem) => {
+                return Err(self.invalid(a.span(), "address", "persistent memory set aside at boot has its place"))
+            }
+            (Some(a), _) if !a.get_ref().0.is_multiple_of(compound_size.max(1 << 30)) => {
+                return Err(self.invalid(
+                    a.span(),
+                    "address",
+                    format!("{} is not a multiple of 1G and of the compound page size", a.get_ref()),
+                ))
+            }
+            (Some(a), _) => Some(a.get_ref().0),
+        };
+        Ok(Step::HotAdd {
+            region: self.region()?,
+            size: bytes,
+            compound_size,
+            zone,
+            layout,
+            device,
+            altmap,
+            backend,
+            address,
+        })
     }
 
     fn fail_allocation(&self) -> Result<Step, ScenarioError> {
@@ -267,6 +292,7 @@ impl StepReader<'_> {
                             "device",
                             "altmap",
                             "backend",
+                            "address",
                             CAN_FAIL[0],
                             CAN_FAIL[1],
                         ],
