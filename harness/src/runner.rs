@@ -20,7 +20,7 @@ use hvo_images::{profile, Arch};
 
 use crate::image::GuestImage;
 use crate::machine::Machine;
-use crate::qemu::BootPayload;
+use crate::qemu::{BootPayload, MachineSpec};
 use crate::qmp::QmpError;
 use crate::report::{Check, CheckStatus, ScenarioResult, Status};
 use crate::scenario::{Expect, Scenario};
@@ -112,7 +112,8 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
         step: Duration::from_millis(scenario.step_timeout_ms),
     };
     let deadline = Duration::from_millis(scenario.deadline_ms);
-    let launch = Launch { payload, guest: Guest::Firmware(image), timeouts, deadline, start };
+    let launch =
+        Launch { machine: scenario.machine, payload, guest: Guest::Firmware(image), timeouts, deadline, start };
     run(scenario, arch, launch, guest_elf, config, result).await
 }
 
@@ -131,7 +132,7 @@ pub async fn run_kernel_scenario(
         result.message = Some(format!("firmware-only: {why}"));
         return result;
     }
-    if let Some(why) = kernel::unsupported_because(scenario, arch) {
+    if let Some(why) = kernel::unsupported_because(scenario, arch, kernel) {
         result.status = Status::Skip;
         result.message = Some(format!("not on {arch}'s kernels: {why}"));
         return result;
@@ -143,6 +144,8 @@ pub async fn run_kernel_scenario(
 
 /// What one run boots and how long it may take.
 struct Launch {
+    /// The machine QEMU runs (a kernel may need it other than the file says).
+    machine: MachineSpec,
     payload: BootPayload,
     guest: Guest,
     timeouts: Timeouts,
@@ -159,9 +162,9 @@ async fn run(
     config: &RunConfig,
     mut result: ScenarioResult,
 ) -> ScenarioResult {
-    let Launch { payload, guest, timeouts, deadline, start } = launch;
+    let Launch { machine, payload, guest, timeouts, deadline, start } = launch;
     let p = profile(arch);
-    let mut machine = match Machine::new(p, &scenario.machine, &payload, start) {
+    let mut machine = match Machine::new(p, &machine, &payload, start) {
         Ok(m) => m,
         Err(e) => return errored(result, start, format!("cannot create a temporary directory: {e}")),
     };

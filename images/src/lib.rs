@@ -97,12 +97,62 @@ pub struct KernelBoot {
     /// Linux's `SECTION_SIZE_BITS` (arch/*/include/asm/sparsemem.h): the
     /// unit its boot memmap counter counts in.
     pub section_shift: u32,
-    /// Whether a kernel here can make device DAX of persistent memory set
-    /// aside at boot (`memmap=nn!ss`, legacy pmem), and if not, why.
-    pub boot_pmem: KernelSupport,
+    /// How a kernel here sees persistent memory present at boot, for device
+    /// DAX; or why it cannot.
+    pub boot_pmem: BootPmem,
+    /// Device DAX alignments (compound page sizes) a kernel here offers:
+    /// `dax_pmem` allows a PUD-sized one only where the architecture has
+    /// PUD-sized transparent huge pages (x86_64 only).
+    pub dax_aligns: &'static [u64],
+    /// Whether Linux optimizes device DAX vmemmap here at all: the
+    /// architecture selects ARCH_WANT_OPTIMIZE_DAX_VMEMMAP (x86_64, ppc64
+    /// radix) or keeps every DAX vmemmap page private (arm64).
+    pub dax_vmemmap_optimized: bool,
     /// Whether a kernel here takes a DIMM hot-plugged over QMP, and if not, why.
     pub dimm_hotplug: KernelSupport,
 }
+
+/// How a profile's kernels get persistent memory present at boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootPmem {
+    /// `memmap=SIZE!START` sets the end of boot RAM aside as legacy
+    /// persistent memory (nd_e820); a region flagged for struct pages, so
+    /// its raw namespace has them before any DAX device takes it.
+    Memmap,
+    /// A QEMU nvdimm on the command line, which the kernel sees only
+    /// through ACPI's NFIT: booted by this UEFI firmware with `acpi=force`.
+    /// Boot memory less the persistent memory is RAM; the NFIT region's
+    /// raw namespace has no struct pages.
+    AcpiNvdimm(&'static UefiFirmware),
+    /// Not here: what is missing (the machine, the firmware, the kernel).
+    No(&'static str),
+}
+
+/// A UEFI firmware file from a Debian package, fetched like the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UefiFirmware {
+    pub package: &'static str,
+    /// Pinned, so every run boots the same firmware: the one of the QEMU
+    /// release the project is measured on (bookworm's 7.2).
+    pub version: &'static str,
+    /// The file inside the package that QEMU takes as `-bios`.
+    pub file: &'static str,
+    /// Byte ranges (start, length) beside RAM that the firmware's memory
+    /// map describes as memory, so Linux gives them struct pages too.
+    pub memory_beside_ram: &'static [(u64, u64)],
+}
+
+/// EDK2 for QEMU's arm64 virt machine.
+pub const QEMU_EFI_AARCH64: UefiFirmware = UefiFirmware {
+    package: "qemu-efi-aarch64",
+    version: "2022.11-6+deb12u2",
+    file: "usr/share/qemu-efi-aarch64/QEMU_EFI.fd",
+    // virt's second flash bank, EDK2's variable store: a runtime region
+    // with a cacheable attribute, which arm64 Linux adds to memblock
+    // (nomap). Measured: 2112 MiB of memory for 2 GiB of RAM, one more
+    // 128 MiB section counted in nr_memmap_boot_pages.
+    memory_beside_ram: &[(0x0400_0000, 64 * MIB)],
+};
 
 /// Whether the kernels of a profile can do something the scenario asks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,10 +279,12 @@ const PPC64LE: Profile = Profile {
         root_symbol: "swapper_pg_dir",
         vmemmap: VmemmapStart::Variable("vmemmap"),
         section_shift: 24,
-        boot_pmem: KernelSupport::No(
-            "persistent memory set aside at boot needs `memmap=nn!ss`, which only x86 kernels take \
-             (and Debian's ppc64le kernels are built without LIBNVDIMM)",
+        boot_pmem: BootPmem::No(
+            "persistent memory at boot needs `memmap=nn!ss`, which only x86 kernels take, or an nvdimm, \
+             which Debian's ppc64le kernels cannot use: they are built without LIBNVDIMM",
         ),
+        dax_aligns: &[2 * MIB],
+        dax_vmemmap_optimized: true,
         dimm_hotplug: KernelSupport::Yes,
     },
 };
@@ -272,7 +324,9 @@ pub const fn profile(arch: Arch) -> &'static Profile {
                 root_symbol: "init_top_pgt",
                 vmemmap: VmemmapStart::Variable("vmemmap_base"),
                 section_shift: 27,
-                boot_pmem: KernelSupport::Yes,
+                boot_pmem: BootPmem::Memmap,
+                dax_aligns: &[2 * MIB, 1 << 30],
+                dax_vmemmap_optimized: true,
                 dimm_hotplug: KernelSupport::Yes,
             },
         },
@@ -311,10 +365,10 @@ pub const fn profile(arch: Arch) -> &'static Profile {
                 },
                 // With 4 KiB (and 16 KiB) pages; 29 with 64 KiB.
                 section_shift: 27,
-                boot_pmem: KernelSupport::No(
-                    "persistent memory set aside at boot needs `memmap=nn!ss`, which only x86 kernels take \
-                     (arm64 sees an nvdimm only through ACPI NFIT, booted by UEFI)",
-                ),
+                // An nvdimm is described only by ACPI NFIT on virt.
+                boot_pmem: BootPmem::AcpiNvdimm(&QEMU_EFI_AARCH64),
+                dax_aligns: &[2 * MIB],
+                dax_vmemmap_optimized: false,
                 dimm_hotplug: KernelSupport::No(
                     "virt booted by plain -kernel has no ACPI GED for pc-dimm, and Debian's arm64 kernels lack ACPI memory hotplug",
                 ),

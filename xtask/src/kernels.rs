@@ -22,6 +22,8 @@ use hvo_images::{workspace_root, Arch};
 
 use crate::apt::{PrivateApt, ARCHIVE, SECURITY};
 
+mod uefi;
+
 #[derive(clap::Args)]
 pub struct FetchKernelArgs {
     /// `debian-6.12` or `debian-7.2`.
@@ -434,6 +436,7 @@ pub fn kernel_guest(kernel: &str, system_map: Option<&Path>, arch: Arch) -> Resu
             initramfs: k.initramfs,
             symbols: given_map.or(from_files),
             symbols_cache: Some(cache),
+            uefi: uefi::ensure_uefi(arch)?,
         });
     }
     let image = Path::new(kernel);
@@ -460,6 +463,7 @@ pub fn kernel_guest(kernel: &str, system_map: Option<&Path>, arch: Arch) -> Resu
         initramfs,
         symbols: given_map.or(from_image),
         symbols_cache: Some(out.join("kallsyms.map")),
+        uefi: uefi::ensure_uefi(arch)?,
     })
 }
 

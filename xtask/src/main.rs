@@ -194,13 +194,16 @@ fn test(no_lint: bool) -> Result<ExitCode> {
         return Ok(firmware);
     }
     // Real kernels (fetched once, cached under target/kernels/): the Linux
-    // scenarios on x86_64, where Debian's kernel optimizes, and the
-    // not-optimized verdict on aarch64, where it cannot.
-    for (arch, scenarios) in [(Arch::X86_64, "scenarios/linux"), (Arch::Aarch64, "scenarios/linux/not-optimized.toml")]
-    {
-        eprintln!("test: {scenarios} on debian-6.12 for {arch}");
+    // scenarios on x86_64, where Debian's kernel optimizes; on aarch64, where
+    // it cannot, the not-optimized verdict and device DAX booted by UEFI.
+    let linux: [(Arch, &[&str]); 2] = [
+        (Arch::X86_64, &["scenarios/linux"]),
+        (Arch::Aarch64, &["scenarios/linux/not-optimized.toml", "scenarios/linux/dax-pmem-2m.toml"]),
+    ];
+    for (arch, scenarios) in linux {
+        eprintln!("test: {} on debian-6.12 for {arch}", scenarios.join(" "));
         let code = run::run_scenarios(run::RunArgs {
-            paths: vec![hvo_images::workspace_root().join(scenarios)],
+            paths: scenarios.iter().map(|s| hvo_images::workspace_root().join(s)).collect(),
             arch: Some(vec![arch]),
             jobs: Some(2),
             kernel: Some("debian-6.12".into()),

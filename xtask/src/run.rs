@@ -468,6 +468,9 @@ fn describe(r: &ScenarioResult) -> String {
             line.push_str(&format!("\n      judged {}", k.generation_reason));
         }
     }
+    if let (Status::Skip, Some(why)) = (r.status, &r.message) {
+        line.push_str(&format!("\n      {why}"));
+    }
     if r.status != Status::Pass && r.status != Status::Skip {
         if let Some(m) = &r.message {
             line.push_str(&format!("\n      {m}"));

@@ -187,7 +187,7 @@ impl<'a> Run<'a> {
             }
         }
         self.findings.metrics.ready_ms = Some(self.elapsed_ms());
-        self.machine.map_boot_ram(self.scenario.machine.boot_memory).map_err(Abort::Infra)?;
+        self.machine.map_boot_ram(self.machine.spec().boot_memory).map_err(Abort::Infra)?;
         self.start_update_log()?;
         match self.guest {
             Guest::Firmware(_) => self.boot_setup().await?,

@@ -36,7 +36,10 @@ fn a_good_scenario_parses_with_its_lines() {
     let s = parse(GOOD).unwrap();
     assert_eq!(s.name, "boot");
     assert_eq!(s.architectures, vec![Arch::X86_64, Arch::Ppc64le]);
-    assert_eq!(s.machine, MachineSpec { boot_memory: 1 << 30, slots: 2, max_memory: 4 << 30, nvdimm: false });
+    assert_eq!(
+        s.machine,
+        MachineSpec { boot_memory: 1 << 30, slots: 2, max_memory: 4 << 30, nvdimm: false, boot_nvdimm: None }
+    );
     assert_eq!(
         s.steps.iter().map(|s| s.step.clone()).collect::<Vec<_>>(),
         vec![Step::Ping, Step::VerifyManifest, Step::Exit { status: 0 }]
