@@ -266,11 +266,12 @@ fn judge(expect: &Expect, checks: &[Check], outcome: Result<(), Abort>) -> (Stat
         Expect::Pass if failed.is_empty() => (Status::Pass, None),
         Expect::Pass => (Status::Fail, Some(describe(&failed))),
         Expect::Fail { invariant, also } => {
-            let caught = failed.iter().any(|c| &c.name == invariant);
+            let caught: Vec<&Check> = failed.iter().copied().filter(|c| &c.name == invariant).collect();
             let others: Vec<&Check> =
                 failed.iter().copied().filter(|c| &c.name != invariant && !also.contains(&c.name)).collect();
-            match (caught, others.is_empty()) {
-                (true, true) => (Status::Pass, None),
+            match (!caught.is_empty(), others.is_empty()) {
+                // What fired is the evidence a reproduced bug is there.
+                (true, true) => (Status::Pass, Some(format!("failed as expected: {}", describe(&caught)))),
                 (false, true) => (Status::Fail, Some(format!("expected `{invariant}` to fail, but it held"))),
                 (_, false) => {
                     (Status::Fail, Some(format!("expected only `{invariant}` to fail, but: {}", describe(&others))))

@@ -46,7 +46,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub keep_artifacts: bool,
     /// Boot a real Linux kernel instead of the firmware: a Debian spec
-    /// (`debian-6.12`, `debian-7.2`, fetched and cached under
+    /// (`debian-6.12`, `debian-7.2`: the newest the mirror serves; or one
+    /// stable release such as `debian-6.12.100`; fetched and cached under
     /// target/kernels/) or the path of a kernel image (then name one --arch).
     /// The default scenarios become scenarios/linux/.
     #[arg(long, value_name = "SPEC|PATH")]
@@ -468,8 +469,12 @@ fn describe(r: &ScenarioResult) -> String {
             line.push_str(&format!("\n      judged {}", k.generation_reason));
         }
     }
-    if let (Status::Skip, Some(why)) = (r.status, &r.message) {
-        line.push_str(&format!("\n      {why}"));
+    // Why it was skipped; and what a real kernel's expected failure showed
+    // (a Linux bug's counts are the point of running it).
+    if let (Status::Skip, Some(why)) | (Status::Pass, Some(why)) = (r.status, &r.message) {
+        if r.status == Status::Skip || r.kernel.is_some() {
+            line.push_str(&format!("\n      {why}"));
+        }
     }
     if r.status != Status::Pass && r.status != Status::Skip {
         if let Some(m) = &r.message {
