@@ -93,6 +93,8 @@ pub struct Metrics {
     pub ready_ms: Option<u64>,
     /// Struct pages the guest initialized at boot.
     pub struct_pages_initialized: Option<u64>,
+    /// The boot vmemmap's population and memmap init, request to reply.
+    pub boot_memmap_ms: Option<u64>,
     /// From the run's start until boot-time set-up was done.
     pub boot_ms: Option<u64>,
     /// All the steps, verification included.

@@ -15,6 +15,7 @@ mod findings;
 pub mod live;
 mod map;
 mod pfns;
+mod plain;
 mod presence;
 mod tails;
 

@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 
 use crate::run::parse_arch;
 
+mod boot_time;
+mod boot_time_chart;
 mod kernel;
 
 #[derive(Args)]
@@ -40,6 +42,12 @@ pub struct BenchArgs {
     /// architectures) or the path of a kernel image (then name one --arch).
     #[arg(long, value_name = "SPEC|PATH", conflicts_with = "svg")]
     pub kernel: Option<String>,
+    /// Measure only the boot-time benefit of pre-optimized gigantic pages:
+    /// the boot memmap's time and struct pages written, with gigantic pages
+    /// reserved at boot and with the same memory as ordinary pages, from
+    /// 16 GiB to each profile's largest machine (long: minutes per profile).
+    #[arg(long, conflicts_with_all = ["kernel", "suite"])]
+    pub boot_time: bool,
     /// The kernel's System.map, for a kernel whose symbols the host has no
     /// other file of.
     #[arg(long, value_name = "FILE", requires = "kernel")]
@@ -179,6 +187,9 @@ fn write_json(path: &Path, report: &Value) -> Result<()> {
 pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     if let Some(kernel) = &args.kernel {
         return kernel::bench_kernel(kernel, &args);
+    }
+    if args.boot_time {
+        return boot_time::bench_boot_time(&args);
     }
     let root = workspace_root();
     let arches = args.arch.clone().unwrap_or(Arch::ALL.to_vec());

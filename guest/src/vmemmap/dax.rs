@@ -166,10 +166,12 @@ impl Vmemmap {
     /// Writes struct pages `from..to` of a compound page (0 is its head).
     fn write_compound_range(&mut self, region: &Region, head: Pfn, from: u64, to: u64) {
         let (zone, order) = (region.zone, region.order);
-        for pfn in head.add(from).up_to(head.add(to)) {
-            let page = if pfn == head { StructPage::head(zone, order) } else { StructPage::tail(zone, order) };
-            self.write_struct_page(pfn, page);
+        let mut first_tail = head.add(from);
+        if from == 0 && to > 0 {
+            self.write_struct_page(head, StructPage::head(zone, order));
+            first_tail = head.add(1);
         }
+        self.fill_struct_pages(first_tail, head.add(to), StructPage::tail(zone, order));
         self.struct_pages_initialized += to - from;
     }
 
@@ -321,9 +323,7 @@ impl Vmemmap {
             if !leaf.at(mm, base + i * PAGE) {
                 continue;
             }
-            for pfn in head.add(i * per_page).up_to(head.add((i + 1) * per_page)) {
-                self.write_struct_page(pfn, StructPage::POISONED);
-            }
+            self.fill_struct_pages(head.add(i * per_page), head.add((i + 1) * per_page), StructPage::POISONED);
             if !partial || i < reserved_vmemmap_pages(region.layout) {
                 self.write_compound_range(region, head, i * per_page, (i + 1) * per_page);
             }

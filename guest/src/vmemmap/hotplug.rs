@@ -37,9 +37,7 @@ impl Vmemmap {
             self.depopulate_memmap(mm, start.0, start.0 + size);
             return Err(e);
         }
-        for pfn in region.start_pfn.up_to(region.end_pfn()) {
-            self.write_struct_page(pfn, StructPage::free(zone));
-        }
+        self.fill_struct_pages(region.start_pfn, region.end_pfn(), StructPage::free(zone));
         self.struct_pages_initialized += region.nr_pages;
         self.slots[id].region = Some(region);
         self.slots[id].used = 0;

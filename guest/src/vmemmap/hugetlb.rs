@@ -56,9 +56,7 @@ impl Vmemmap {
         };
         for head in region.heads() {
             self.write_struct_page(head, StructPage::head(zone, order));
-            for pfn in head.add(1).up_to(head.add(1 << order)) {
-                self.write_struct_page(pfn, StructPage::tail(zone, order));
-            }
+            self.fill_struct_pages(head.add(1), head.add(1 << order), StructPage::tail(zone, order));
         }
         self.slots[id].region = Some(region);
         Ok(id)
@@ -71,9 +69,7 @@ impl Vmemmap {
         if region.optimized {
             self.restore(mm, id)?;
         }
-        for pfn in region.start_pfn.up_to(region.end_pfn()) {
-            self.write_struct_page(pfn, StructPage::free(Zone::Normal));
-        }
+        self.fill_struct_pages(region.start_pfn, region.end_pfn(), StructPage::free(Zone::Normal));
         // Folios of hot-added memory go back to it, not to the boot allocator.
         if self.slots[id].origin.take().is_none() {
             let start = region.start_pfn.start(arch::BASE_PAGE);

@@ -264,6 +264,22 @@ impl Vmemmap {
         }
     }
 
+    /// Writes `page` into the struct pages of `[start, end)`, as one run of
+    /// plain stores (a million struct pages under TCG: the per-page loop
+    /// with its lookups cost more than the stores).
+    fn fill_struct_pages(&self, start: Pfn, end: Pfn, page: StructPage) {
+        if end <= start {
+            return;
+        }
+        let first = self.va(start).0 as *mut StructPage;
+        // SAFETY: the vmemmap of these pfns is mapped, writable and virtually
+        // contiguous, and nothing else holds a reference into it.
+        let pages = unsafe { core::slice::from_raw_parts_mut(first, end.pages_since(start) as usize) };
+        pages.fill(page);
+        // The host reads them after the reply, which must not overtake them.
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    }
+
     /// The shared tail page of (zone, order), created on first use, with one
     /// more user. Knob `cross-zone-tail`: the lookup forgets the zone; knob
     /// `stale-tail-contents`: a new page is filled for the wrong order.

@@ -33,7 +33,9 @@ impl Run<'_> {
             self.tracked.requested.insert(id as u32, Layout::Unified);
         }
         if self.scenario.needs_vmemmap() {
+            let started = std::time::Instant::now();
             let reply = self.request(Command::BootMemmap).await?;
+            self.findings.metrics.boot_memmap_ms = Some(started.elapsed().as_millis() as u64);
             if let Some(n) = reply_field(&reply, "initialized") {
                 self.findings.metrics.struct_pages_initialized = Some(n);
             }

@@ -1,5 +1,6 @@
-//! contents: head, tail and shared struct pages, and device pageblocks'
-//! migratetypes, hold what the model says.
+//! contents: head, tail and shared struct pages, device pageblocks'
+//! migratetypes, and (sampled) the struct pages of plain boot RAM hold what
+//! the model says.
 
 use hvo_abi::model::{pageblock_pages, Layout, RegionKind, StructPage, MIGRATE_MOVABLE, STRUCT_PAGE_SIZE};
 
@@ -24,6 +25,7 @@ pub(super) fn contents(ctx: &Context, f: &mut Findings) -> Result<(), VerifyErro
         }
     }
     pageblocks(ctx, f);
+    super::plain::plain_boot_ram(ctx, f);
     Ok(())
 }
 

@@ -94,6 +94,12 @@ impl Breakage {
     }
 }
 
+/// Every frame of the hand-built boot RAM (no region lies in it).
+fn boot_ram_frames(s: &SynthVmemmap) -> Vec<Pfn> {
+    let page = s.page();
+    s.manifest().ram().flat_map(|r| (r.start / page..r.end() / page).map(Pfn)).collect()
+}
+
 const BREAKAGES: &[Breakage] = &[
     Breakage::only(HeadPrivate, "a head vmemmap page mapping another compound page's head frame", |t| {
         let other = t.s.frame_at(t.unified_page(0, 0)).unwrap();
@@ -122,6 +128,15 @@ const BREAKAGES: &[Breakage] = &[
         t.s.write_struct_page(t.unified.head(2) + 1, wrong);
     }),
     Breakage::only(Contents, "a device pageblock not movable", |t| t.s.set_pageblock_tag(t.unified.id, 1, 0)),
+    Breakage::only(Contents, "boot RAM's struct pages never initialized (memmap init skipped them)", |t| {
+        for pfn in boot_ram_frames(&t.s) {
+            t.s.write_struct_page(pfn, StructPage::POISONED);
+        }
+    }),
+    Breakage::only(Contents, "the last struct page of boot RAM left as the raw frame held it", |t| {
+        let last = *boot_ram_frames(&t.s).last().unwrap();
+        t.s.write_struct_page(last, StructPage::default());
+    }),
     Breakage::only(Accounting, "a vmemmap counter off by 7", |t| t.s.counters().vmemmap_allocated += 7),
     Breakage::only(Accounting, "a leaked page-table frame", |t| t.s.leak_table()),
     // Still counted live, and mapped by nothing: the counters disagree too.
