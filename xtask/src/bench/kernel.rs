@@ -24,7 +24,7 @@ use super::{
 /// The baseline: booting the kernel to its initramfs, the agent's
 /// `ready` and its account of the pools reserved at boot (`boot-pools`),
 /// then power-off.
-pub(super) const KERNEL_NULL: &str = concat!(
+const KERNEL_NULL: &str = concat!(
     "description = \"kernel null: 64 x 2M and 1 x 1G reserved at boot, ready, exit\"\n",
     kernel_machine!(),
     r#"
