@@ -14,8 +14,9 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context, Result};
 use hvo_harness::report::{CheckStatus, Phases, ScenarioResult, Status};
 use hvo_harness::runner::{run_scenario, KernelGuest};
-use hvo_harness::scenario::Scenario;
-use hvo_images::Arch;
+use hvo_harness::scenario::{order_of, Scenario};
+use hvo_harness::verify::vmemmap_pages_per_compound;
+use hvo_images::{profile, Arch};
 use serde::Serialize;
 use serde_json::json;
 
@@ -60,6 +61,24 @@ impl EqualWork {
             Scenario::parse(Path::new("equal-work.toml"), FIRMWARE_EQUAL_WORK).map_err(|e| anyhow!("{e}"))?;
         Ok(EqualWork { anchor, firmware })
     }
+}
+
+/// Why the firmware cannot do the anchor's work on `arch`, if it cannot: a
+/// page reserved at boot is populated optimized, which needs at least two
+/// vmemmap pages per compound page (with 64 KiB pages a 2 MiB page has a
+/// 32nd of one, and the firmware refuses it).
+fn cannot_match(sides: &EqualWork, arch: Arch) -> Option<String> {
+    let shift = profile(arch).page_shift;
+    sides.firmware.boot_gigantic.iter().find_map(|g| {
+        let pages = vmemmap_pages_per_compound(order_of(g.size, shift), 1 << shift);
+        (pages < 2).then(|| {
+            format!(
+                "on {arch} the struct pages of a {} MiB page fill {pages} whole vmemmap pages, fewer than the 2 it takes to be reserved \
+                 optimized: the firmware cannot reach the anchor's state",
+                g.size >> 20
+            )
+        })
+    })
 }
 
 /// One architecture's figures, as printed and as written to JSON.
@@ -175,6 +194,9 @@ pub(super) fn bench_equal_work(args: &BenchArgs) -> Result<ExitCode> {
         (None, false) => vec![Arch::X86_64],
     };
     let sides = EqualWork::parse()?;
+    if let Some(why) = arches.iter().find_map(|&arch| cannot_match(&sides, arch)) {
+        bail!("{why}");
+    }
     // Kernels fetched and images built before anything is timed.
     let guests = arches
         .iter()
@@ -217,6 +239,16 @@ mod tests {
         assert_eq!(steps(&anchor), [Step::Exit { status: 0 }]);
         assert_eq!(steps(&firmware), [Step::Verify, Step::Exit { status: 0 }]);
         assert!(firmware.bug_knobs.is_empty());
+    }
+
+    #[test]
+    fn the_firmware_matches_the_anchor_wherever_the_pages_can_be_reserved_optimized() {
+        let sides = EqualWork::parse().unwrap();
+        for arch in [Arch::X86_64, Arch::Aarch64, Arch::Ppc64le] {
+            assert_eq!(cannot_match(&sides, arch), None, "{arch}");
+        }
+        let why = cannot_match(&sides, Arch::Ppc64le64k).unwrap();
+        assert!(why.contains("a 2 MiB page fill 0 whole vmemmap pages"), "{why}");
     }
 
     fn run(duration_ms: u64, boot_memmap_ms: Option<u64>) -> ScenarioResult {
