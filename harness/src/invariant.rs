@@ -81,7 +81,9 @@ impl Invariant {
             }
             Invariant::TailsReadonly => "tail vmemmap pages are read-only at every level (writable only where the layout keeps them so)",
             Invariant::PteGranularity => "optimized ranges are mapped with base-page entries, never a block or huge leaf",
-            Invariant::Contents => "head, tail and shared struct pages, and pageblock migratetypes, hold what the model says",
+            Invariant::Contents => {
+                "head, tail and shared struct pages, pageblock migratetypes, and (sampled by the host) plain boot RAM's struct pages hold what the model says"
+            }
             Invariant::Accounting => "the guest's counters equal what the host counts in the page tables",
             Invariant::NoLeak => "no vmemmap or page-table frame is orphaned or still mapped after a teardown",
             Invariant::TranslationAgrees => "the host's walker and QEMU's MMU (gva2gpa) translate sampled addresses alike",

@@ -14,7 +14,7 @@ use hvo_images::{profile, Arch, BootPmem, KernelSupport};
 use super::interpreter::{Guest, Run, Timeouts};
 use super::kernel_devices::KernelRanges;
 use super::{Abort, Launch};
-use crate::kernel::agent::{AgentCommand, HstateSize, KernelFacts};
+use crate::kernel::agent::{AgentCommand, HstateSize, KernelFacts, KernelReport};
 use crate::kernel::symbols::KernelSymbols;
 use crate::kernel::verify::{FoundRegion, Generation};
 use crate::qemu::MachineSpec;
@@ -230,6 +230,32 @@ pub(super) fn launch(scenario: &Scenario, arch: Arch, kernel: &KernelGuest, star
     (launch, KernelSummary { spec: kernel.spec.clone(), ..KernelSummary::default() })
 }
 
+/// `boot-pools`: the kernel holds, right after boot, the HugeTLB pages its
+/// command line reserved (`asked`: per size, every reservation of it summed).
+fn boot_pools(asked: impl Iterator<Item = (HstateSize, u64)>, report: &KernelReport) -> Check {
+    let mut wanted: Vec<(HstateSize, u64)> = Vec::new();
+    for (size, count) in asked {
+        match wanted.iter_mut().find(|(s, _)| *s == size) {
+            Some((_, total)) => *total += count,
+            None => wanted.push((size, count)),
+        }
+    }
+    let mut found = Vec::new();
+    let mut wrong = Vec::new();
+    for (size, count) in wanted {
+        let pages = report.hstate(size).map_or(0, |h| h.pages);
+        found.push(format!("{pages} x {size}"));
+        if pages != count {
+            wrong.push(format!("{count} x {size} reserved on the command line, the pool holds {pages}"));
+        }
+    }
+    if wrong.is_empty() {
+        Check::pass("boot-pools", format!("the kernel allocated {} at boot", found.join(" and ")))
+    } else {
+        Check::fail("boot-pools", wrong.join("; "))
+    }
+}
+
 impl Run<'_> {
     pub(super) fn kernel_state(&mut self) -> Result<&mut KernelState, Abort> {
         match &mut self.guest {
@@ -266,6 +292,12 @@ impl Run<'_> {
         if let Some(bytes) = self.machine.spec().boot_nvdimm {
             let range = crate::hotplug::map_boot_nvdimm(&mut self.machine, bytes).await.map_err(Run::hotplug_abort)?;
             self.kernel_state()?.ranges.boot_pmem = Some(range);
+        }
+        if !self.scenario.boot_gigantic.is_empty() {
+            let reply = self.agent(AgentCommand::Report).await?;
+            let report = KernelReport::parse(&reply).map_err(|e| Abort::Fail(e.to_string()))?;
+            let asked = self.scenario.boot_gigantic.iter().map(|g| (HstateSize::from_kib(g.size >> 10), g.count));
+            self.findings.checks.push(boot_pools(asked, &report));
         }
         Ok(())
     }
@@ -330,6 +362,8 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::kernel::agent::Hstate;
+    use crate::report::CheckStatus;
 
     const DAX_2M: &str = r#"
 description = "d"
@@ -392,5 +426,31 @@ compound = "2M"
         assert_eq!(unsupported_because(&gigantic, Arch::X86_64, &guest(None)), None);
         let why = unsupported_because(&gigantic, Arch::Aarch64, &guest(Some("/fw"))).unwrap();
         assert!(why.starts_with("device DAX aligns to 2M here, not 1G"), "{why}");
+    }
+
+    fn report(hstates: &[(u64, u64)]) -> KernelReport {
+        let mut text = String::from("hvo=1 nr_memmap_pages=0 nr_memmap_boot_pages=0 hstates=");
+        let items: Vec<String> = hstates.iter().map(|(kib, pages)| format!("{kib}:{pages}:{pages}")).collect();
+        text.push_str(&items.join(","));
+        KernelReport::parse(&text).unwrap()
+    }
+
+    #[test]
+    fn boot_pools_sum_the_reservations_of_a_size_and_name_a_short_pool() {
+        let (m2, g1) = (HstateSize::from_kib(2048), HstateSize::from_kib(1 << 20));
+        let full = report(&[(2048, 64), (1 << 20, 1)]);
+        assert_eq!(full.hstate(m2), Some(&Hstate { size: m2, pages: 64, free: 64 }));
+        let c = boot_pools([(m2, 60), (g1, 1), (m2, 4)].into_iter(), &full);
+        assert_eq!(c.status, CheckStatus::Pass, "{}", c.detail);
+        assert_eq!(c.detail, "the kernel allocated 64 x 2048kB and 1 x 1048576kB at boot");
+        let short = report(&[(2048, 64), (1 << 20, 0)]);
+        let c = boot_pools([(m2, 64), (g1, 1)].into_iter(), &short);
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert_eq!(c.detail, "1 x 1048576kB reserved on the command line, the pool holds 0");
+        let c = boot_pools([(g1, 1)].into_iter(), &report(&[(2048, 0)]));
+        assert_eq!(
+            (c.status, c.detail.as_str()),
+            (CheckStatus::Fail, "1 x 1048576kB reserved on the command line, the pool holds 0")
+        );
     }
 }
