@@ -249,10 +249,13 @@ pub enum Knob {
     /// ppc64: `tlbie` encodes the base page size (AP) whatever the size of
     /// the translation it must invalidate, so a 2 MiB one stays cached.
     TlbieBaseSize = 18,
+    /// Freed HugeTLB folios' struct pages reset to the normal zone, whatever
+    /// zone the memory they came from is in (hot-added movable memory).
+    FreeResetsZone = 19,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 19] = [
+    pub const ALL: [Knob; 20] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -272,6 +275,7 @@ impl Knob {
         Knob::SmallCompoundOptimized,
         Knob::NoBreakBeforeMake,
         Knob::TlbieBaseSize,
+        Knob::FreeResetsZone,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -295,6 +299,7 @@ impl Knob {
             Knob::SmallCompoundOptimized => "small-compound-optimized",
             Knob::NoBreakBeforeMake => "no-break-before-make",
             Knob::TlbieBaseSize => "tlbie-base-size",
+            Knob::FreeResetsZone => "free-resets-zone",
         }
     }
 

@@ -5,7 +5,7 @@
 use hvo_abi::model::{Layout, RegionKind, StructPage, Zone};
 use hvo_guest::sparse::SUBSECTION;
 
-use super::{pfn_of, BootState, Mm, Region, Vmemmap, VmemmapError, STRUCT_PAGES_PER_PAGE};
+use super::{pfn_of, BootState, Mm, Region, Vmemmap, VmemmapError, BOOT_ZONE, STRUCT_PAGES_PER_PAGE};
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{align_down, align_up, FrameAllocator, Purpose};
 use crate::mm::pagetable::Prot;
@@ -193,7 +193,7 @@ impl Vmemmap {
             while pfn < pfn_of(r.end) {
                 let gigantic = self.regions().find(|g| g.optimized && pfn >= g.start_pfn && pfn < g.end_pfn()).copied();
                 let page = match gigantic {
-                    None => StructPage::free(Zone::Normal),
+                    None => StructPage::free(BOOT_ZONE),
                     Some(g) => {
                         let position = pfn.pages_since(g.start_pfn) % (1 << g.order);
                         if position >= STRUCT_PAGES_PER_PAGE {

@@ -5,7 +5,7 @@
 use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone};
 
 use super::shared_tails::tail_page;
-use super::{addr_of, reserved_vmemmap_pages, Mm, Region, Vmemmap, VmemmapError};
+use super::{addr_of, reserved_vmemmap_pages, Mm, Region, Vmemmap, VmemmapError, BOOT_ZONE};
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{align_down, align_up, AllocError, FrameAllocator, Purpose};
 use crate::mm::pagetable::{MapError, Prot};
@@ -71,8 +71,14 @@ impl Vmemmap {
         if region.optimized {
             self.restore(mm, id)?;
         }
+        // The pages go back to the zone of the memory they came from:
+        // hot-added memory's own, boot memory's normal (as memmap init left
+        // it). Knob `free-resets-zone`: always the normal zone.
+        let origin = self.slots[id].origin;
+        let home = origin.and_then(|m| self.slots[m].region).map_or(BOOT_ZONE, |m| m.zone);
+        let zone = if self.knob(Knob::FreeResetsZone) { Zone::Normal } else { home };
         for pfn in region.start_pfn.up_to(region.end_pfn()) {
-            self.write_struct_page(pfn, StructPage::free(Zone::Normal));
+            self.write_struct_page(pfn, StructPage::free(zone));
         }
         // Folios of hot-added memory go back to it, not to the boot allocator.
         if self.slots[id].origin.take().is_none() {

@@ -28,6 +28,8 @@ pub use shared_tails::SharedTails;
 
 pub const MAX_REGIONS: usize = hvo_abi::manifest::MAX_REGIONS;
 const STRUCT_PAGES_PER_PAGE: u64 = PAGE / STRUCT_PAGE_SIZE;
+/// The zone memmap init gives boot memory, and its freed pages go back to.
+const BOOT_ZONE: Zone = Zone::Normal;
 
 /// The architecture's sections.
 type Sections = hvo_guest::sparse::Sections<{ arch::SECTION_SIZE_BITS }, { arch::BASE_PAGE.shift() }>;
