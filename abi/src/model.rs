@@ -252,10 +252,13 @@ pub enum Knob {
     /// Freed HugeTLB folios' struct pages reset to the normal zone, whatever
     /// zone the memory they came from is in (hot-added movable memory).
     FreeResetsZone = 19,
+    /// Under legacy-dax, the tails mapped read-only: the layout keeps them
+    /// writable (the kernel writes a DAX compound page's tail struct pages).
+    LegacyDaxTailsReadonly = 20,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 20] = [
+    pub const ALL: [Knob; 21] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -276,6 +279,7 @@ impl Knob {
         Knob::NoBreakBeforeMake,
         Knob::TlbieBaseSize,
         Knob::FreeResetsZone,
+        Knob::LegacyDaxTailsReadonly,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -300,6 +304,7 @@ impl Knob {
             Knob::NoBreakBeforeMake => "no-break-before-make",
             Knob::TlbieBaseSize => "tlbie-base-size",
             Knob::FreeResetsZone => "free-resets-zone",
+            Knob::LegacyDaxTailsReadonly => "legacy-dax-tails-readonly",
         }
     }
 

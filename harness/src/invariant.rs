@@ -79,7 +79,9 @@ impl Invariant {
             Invariant::TailsShared => {
                 "every tail vmemmap page maps the frame its layout says (the (zone, order) shared page, the head's frame, or page 1), distinct (zone, order) pairs never share a frame, and a region is optimized exactly when it can be"
             }
-            Invariant::TailsReadonly => "tail vmemmap pages are read-only at every level (writable only where the layout keeps them so)",
+            Invariant::TailsReadonly => {
+                "tail vmemmap pages carry their layout's protection through every level: read-only (unified, legacy-hugetlb) or writable (legacy-dax, whose tails the kernel writes), never executable"
+            }
             Invariant::PteGranularity => "optimized ranges are mapped with base-page entries, never a block or huge leaf",
             Invariant::Contents => "head, tail and shared struct pages, and pageblock migratetypes, hold what the model says",
             Invariant::Accounting => "the guest's counters equal what the host counts in the page tables",

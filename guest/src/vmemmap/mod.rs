@@ -19,7 +19,7 @@ use hvo_guest::sparse::SectionError;
 
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{AllocError, FrameAllocator};
-use crate::mm::pagetable::{Flush, MapError, Sequence};
+use crate::mm::pagetable::{Flush, MapError, Prot, Sequence};
 use crate::mm::{Pfn, PhysAddr, RangeList, VirtAddr};
 use crate::paging::Table;
 
@@ -165,6 +165,17 @@ impl RegionSlot {
 enum BootState {
     Early,
     Populated,
+}
+
+/// How the tails of an optimized compound page under legacy-dax are mapped:
+/// writable, as the kernel writes them (knob `legacy-dax-tails-readonly`:
+/// read-only, on every path that maps them).
+fn legacy_dax_tails(knobs: u64) -> Prot {
+    if knobs & Knob::LegacyDaxTailsReadonly.bit() != 0 {
+        Prot::RO
+    } else {
+        Prot::RW
+    }
 }
 
 /// Vmemmap pages an optimized compound page keeps private under `layout`

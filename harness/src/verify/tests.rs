@@ -33,6 +33,7 @@ fn names(failures: &[(String, String)]) -> Vec<&str> {
 struct Standard {
     s: SynthVmemmap,
     unified: BuiltRegion,
+    legacy_dax: BuiltRegion,
     requested: Requested,
 }
 
@@ -60,13 +61,18 @@ fn standard(arch: Arch) -> Standard {
         requested.insert(b.id, r.layout);
         built.push(b);
     }
-    Standard { s, unified: built[0], requested }
+    Standard { s, unified: built[0], legacy_dax: built[2], requested }
 }
 
 impl Standard {
     /// The vmemmap address of page `i` of unified compound page `c`.
     fn unified_page(&self, c: u64, i: u64) -> u64 {
         self.s.va(self.unified.head(c)) + i * self.s.page()
+    }
+
+    /// The vmemmap address of page `i` of legacy-dax compound page `c`.
+    fn legacy_dax_page(&self, c: u64, i: u64) -> u64 {
+        self.s.va(self.legacy_dax.head(c)) + i * self.s.page()
     }
 }
 
@@ -110,6 +116,10 @@ const BREAKAGES: &[Breakage] = &[
     Breakage::only(TailsReadonly, "a writable tail", |t| {
         let shared = t.s.frame_at(t.unified_page(0, 1)).unwrap();
         t.s.map(t.unified_page(0, 3), shared, true);
+    }),
+    Breakage::only(TailsReadonly, "a read-only legacy-dax tail", |t| {
+        let first_tail = t.s.frame_at(t.legacy_dax_page(1, 1)).unwrap();
+        t.s.map(t.legacy_dax_page(1, 3), first_tail, false);
     }),
     // A block leaf maps consecutive frames, writable: the tails under it
     // cannot be on the shared page, nor read-only.
