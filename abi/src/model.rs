@@ -255,10 +255,14 @@ pub enum Knob {
     /// Under legacy-dax, the tails mapped read-only: the layout keeps them
     /// writable (the kernel writes a DAX compound page's tail struct pages).
     LegacyDaxTailsReadonly = 20,
+    /// The altmap reserve at the start of a device range rounded up to a
+    /// page, not to the compound page size: the compound pages after it
+    /// start off their natural alignment.
+    AltmapReserveUnaligned = 21,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 21] = [
+    pub const ALL: [Knob; 22] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -280,6 +284,7 @@ impl Knob {
         Knob::TlbieBaseSize,
         Knob::FreeResetsZone,
         Knob::LegacyDaxTailsReadonly,
+        Knob::AltmapReserveUnaligned,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -305,6 +310,7 @@ impl Knob {
             Knob::TlbieBaseSize => "tlbie-base-size",
             Knob::FreeResetsZone => "free-resets-zone",
             Knob::LegacyDaxTailsReadonly => "legacy-dax-tails-readonly",
+            Knob::AltmapReserveUnaligned => "altmap-reserve-unaligned",
         }
     }
 

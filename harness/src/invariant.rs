@@ -32,12 +32,13 @@ pub enum Invariant {
     RootsInSync,
     MemmapPresent,
     AltmapUnoptimized,
+    CompoundAligned,
     BreakBeforeMake,
 }
 
 impl Invariant {
     /// Every invariant, in the order reports list them.
-    pub const ALL: [Invariant; 13] = [
+    pub const ALL: [Invariant; 14] = [
         Invariant::HeadPrivate,
         Invariant::TailsShared,
         Invariant::TailsReadonly,
@@ -50,6 +51,7 @@ impl Invariant {
         Invariant::RootsInSync,
         Invariant::MemmapPresent,
         Invariant::AltmapUnoptimized,
+        Invariant::CompoundAligned,
         Invariant::BreakBeforeMake,
     ];
 
@@ -68,6 +70,7 @@ impl Invariant {
             Invariant::RootsInSync => "roots-in-sync",
             Invariant::MemmapPresent => "memmap-present",
             Invariant::AltmapUnoptimized => "altmap-unoptimized",
+            Invariant::CompoundAligned => "compound-aligned",
             Invariant::BreakBeforeMake => "break-before-make",
         }
     }
@@ -91,6 +94,9 @@ impl Invariant {
             Invariant::RootsInSync => "every page-table root the guest keeps has the same top-level vmemmap entries",
             Invariant::MemmapPresent => "every page of memory the guest has has its struct page mapped",
             Invariant::AltmapUnoptimized => "ranges whose struct pages live on the device (altmap) are never optimized and map only device frames",
+            Invariant::CompoundAligned => {
+                "every compound page is naturally aligned: its head's pfn is a multiple of its size in pages, and its region holds whole compound pages"
+            }
             Invariant::BreakBeforeMake => {
                 "live page-table entries change only as their MMU allows (arm64, radix: invalid entry, a TLB invalidation covering the old translation, then the new entry), every invalidation removes the translation it must at its size, and the guest's update log accounts for every store"
             }
@@ -111,7 +117,8 @@ impl Invariant {
             | Invariant::NoLeak
             | Invariant::RootsInSync
             | Invariant::MemmapPresent
-            | Invariant::AltmapUnoptimized => CheckedBy::Tables,
+            | Invariant::AltmapUnoptimized
+            | Invariant::CompoundAligned => CheckedBy::Tables,
         }
     }
 

@@ -33,16 +33,30 @@ impl SynthVmemmap {
         n
     }
 
-    /// The next region's first pfn, aligned to `align` pfns, leaving
-    /// `below` pfns before it (an altmap).
-    fn place(&mut self, pages: u64, below: u64, align: u64) -> Pfn {
-        let start = (self.next_pfn + below).div_ceil(align) * align;
+    /// The next region's first pfn, aligned to `align` pfns then moved up
+    /// by `skew`, leaving `below` pfns before it (an altmap).
+    fn place(&mut self, pages: u64, below: u64, align: u64, skew: u64) -> Pfn {
+        let start = (self.next_pfn + below).div_ceil(align) * align + skew;
         self.next_pfn = start + pages;
         Pfn(start)
     }
 
     /// Builds a region as `spec` says; returns where it is.
     pub fn add_region(&mut self, spec: RegionSpec) -> BuiltRegion {
+        self.add_region_skewed(spec, 0)
+    }
+
+    /// Builds a region as `spec` says, but its compound pages start one
+    /// vmemmap page's worth of pfns past their natural alignment (as an
+    /// altmap reserve rounded to a page, not to the compound size, leaves
+    /// them): laid out right otherwise.
+    pub fn add_region_unaligned(&mut self, spec: RegionSpec) -> BuiltRegion {
+        let skew = self.format.page / STRUCT_PAGE_SIZE;
+        assert!(skew < 1 << spec.order, "order {} compound pages are aligned to a vmemmap page", spec.order);
+        self.add_region_skewed(spec, skew)
+    }
+
+    fn add_region_skewed(&mut self, spec: RegionSpec, skew: u64) -> BuiltRegion {
         let n = self.pages_per_compound(spec.order);
         let private = match spec.layout {
             Layout::None => n,
@@ -50,7 +64,7 @@ impl SynthVmemmap {
         };
         let altmap_pfns = if spec.altmap { spec.count * private } else { 0 };
         let stride = 1u64 << spec.order;
-        let start = self.place(spec.count * stride, altmap_pfns, stride);
+        let start = self.place(spec.count * stride, altmap_pfns, stride, skew);
         let mut device = start.0 - altmap_pfns;
         let (head, tail) = (StructPage::head(spec.zone, spec.order), StructPage::tail(spec.zone, spec.order));
         let shared = (spec.layout == Layout::Unified).then(|| self.shared_tail(spec.zone, spec.order, spec.count));
@@ -94,7 +108,7 @@ impl SynthVmemmap {
         let stride = 1u64 << spec.order;
         let altmap_pfns = if spec.altmap { spec.count } else { 0 };
         // A block's worth of struct pages starts where a block of vmemmap does.
-        let start = self.place(spec.count * stride, altmap_pfns, block / STRUCT_PAGE_SIZE);
+        let start = self.place(spec.count * stride, altmap_pfns, block / STRUCT_PAGE_SIZE, 0);
         let (head, tail) = (StructPage::head(spec.zone, spec.order), StructPage::tail(spec.zone, spec.order));
         let (head_page, tail_page) = ([head, tail], [tail]);
         let (first, end) = (self.va(start), self.va(start + spec.count * stride));

@@ -48,9 +48,11 @@ impl CompoundView {
         CompoundView { head_pfn, first: 0, in_first: (page / STRUCT_PAGE_SIZE) as usize, pages, page }
     }
 
-    /// This compound page's struct pages among those of its first vmemmap page.
+    /// This compound page's struct pages among those of its first vmemmap
+    /// page (those past its end when the compound page straddles two, off
+    /// its alignment, are compound-aligned's finding).
     pub fn own<'p>(&self, page: &'p [StructPage]) -> &'p [StructPage] {
-        page.get(self.first..self.first + self.in_first).unwrap_or(&[])
+        page.get(self.first..(self.first + self.in_first).min(page.len())).unwrap_or(&[])
     }
 
     /// A small picture of the layout, in the style of vmemmap_dedup.rst: each

@@ -148,6 +148,10 @@ const BREAKAGES: &[Breakage] = &[
         let va = t.s.va(Pfn::containing(crate::addr::PhysAddr(ram.start), t.s.page()));
         t.s.unmap(va + 2 * t.s.page());
     }),
+    Breakage::only(CompoundAligned, "compound pages starting off their natural alignment", |t| {
+        let order = t.s.order();
+        t.s.add_region_unaligned(spec(RegionKind::Dax, Zone::Device, order, Layout::Unified, false));
+    }),
     Breakage::only(AltmapUnoptimized, "a range with its struct pages on the device, optimized", |t| {
         let order = t.s.order();
         t.s.add_region(spec(RegionKind::Dax, Zone::Device, order, Layout::Unified, true));
