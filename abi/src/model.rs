@@ -259,10 +259,13 @@ pub enum Knob {
     /// page, not to the compound page size: the compound pages after it
     /// start off their natural alignment.
     AltmapReserveUnaligned = 21,
+    /// A teardown leaves the page-table pages it emptied linked (and
+    /// counted): vmemmap_free without free_pte_table and its kin.
+    KeepEmptyTables = 22,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 22] = [
+    pub const ALL: [Knob; 23] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -285,6 +288,7 @@ impl Knob {
         Knob::FreeResetsZone,
         Knob::LegacyDaxTailsReadonly,
         Knob::AltmapReserveUnaligned,
+        Knob::KeepEmptyTables,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -311,6 +315,7 @@ impl Knob {
             Knob::FreeResetsZone => "free-resets-zone",
             Knob::LegacyDaxTailsReadonly => "legacy-dax-tails-readonly",
             Knob::AltmapReserveUnaligned => "altmap-reserve-unaligned",
+            Knob::KeepEmptyTables => "keep-empty-tables",
         }
     }
 

@@ -88,7 +88,9 @@ impl Invariant {
             Invariant::PteGranularity => "optimized ranges are mapped with base-page entries, never a block or huge leaf",
             Invariant::Contents => "head, tail and shared struct pages, and pageblock migratetypes, hold what the model says",
             Invariant::Accounting => "the guest's counters equal what the host counts in the page tables",
-            Invariant::NoLeak => "no vmemmap or page-table frame is orphaned or still mapped after a teardown",
+            Invariant::NoLeak => {
+                "no vmemmap or page-table frame is orphaned or still mapped after a teardown, and no page-table page over the vmemmap stays linked mapping nothing"
+            }
             Invariant::TranslationAgrees => "the host's walker and QEMU's MMU (gva2gpa) translate sampled addresses alike",
             Invariant::WriteFaults => "writes to read-only tails fault and writes to heads succeed, through the guest's own TLB",
             Invariant::RootsInSync => "every page-table root the guest keeps has the same top-level vmemmap entries",

@@ -381,7 +381,7 @@ impl Vmemmap {
 
     pub(super) fn free_vmemmap_tables(&self, mm: &mut Mm, region: &Region) {
         let end = self.va(region.end_pfn());
-        mm.table.free_empty_tables(mm.frames, &self.tlb(), self.va(region.start_pfn), end);
+        self.free_empty_tables(mm, self.va(region.start_pfn), end);
     }
 }
 

@@ -247,6 +247,14 @@ impl Vmemmap {
         }
     }
 
+    /// Frees the page-table pages a teardown emptied over the vmemmap
+    /// `[from, to)`, unless knob `keep-empty-tables` leaves them linked.
+    fn free_empty_tables(&self, mm: &mut Mm, from: VirtAddr, to: VirtAddr) {
+        if !self.knob(Knob::KeepEmptyTables) {
+            mm.table.free_empty_tables(mm.frames, &self.tlb(), from, to);
+        }
+    }
+
     pub fn memstart_pfn(&self) -> Pfn {
         self.memstart_pfn
     }

@@ -139,6 +139,7 @@ const BREAKAGES: &[Breakage] = &[
         let order = t.s.order();
         t.s.leak_shared_tail(Zone::Normal, order);
     }),
+    Breakage::only(NoLeak, "an empty page-table page left linked over the vmemmap", |t| t.s.link_empty_table()),
     Breakage::only(RootsInSync, "a process root without the kernel's vmemmap entry", |t| {
         let va = t.unified_page(0, 0);
         t.s.desync_process_root(va);
@@ -150,7 +151,7 @@ const BREAKAGES: &[Breakage] = &[
     }),
     Breakage::only(CompoundAligned, "compound pages starting off their natural alignment", |t| {
         let order = t.s.order();
-        t.s.add_region_unaligned(spec(RegionKind::Dax, Zone::Device, order, Layout::Unified, false));
+        t.s.add_region_unaligned(spec(RegionKind::HugeTlb, Zone::Normal, order, Layout::Unified, false));
     }),
     Breakage::only(AltmapUnoptimized, "a range with its struct pages on the device, optimized", |t| {
         let order = t.s.order();
