@@ -46,5 +46,7 @@ pub(super) fn compound_aligned(ctx: &Context, f: &mut Findings) -> Result<(), Ve
 fn tiled_from_device(region: &Region) -> bool {
     let pages = 1u64 << region.order;
     let device = PfnRange::with_altmap(region).start;
-    region.kind == RegionKind::Dax && device.0 % pages != 0 && (region.start_pfn - device.0) % pages == 0
+    region.kind == RegionKind::Dax
+        && !device.0.is_multiple_of(pages)
+        && (region.start_pfn - device.0).is_multiple_of(pages)
 }
