@@ -21,6 +21,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use hvo_abi::model::{Knob, Layout, Zone};
+use hvo_abi::refusal::Refusal;
 use hvo_images::Arch;
 use serde::Deserialize;
 use toml::Spanned;
@@ -219,8 +220,10 @@ pub const RUN_CHECKS: &[&str] = &["guest-ready", "ping", "manifest", "exit-statu
 #[derive(Debug, Clone)]
 pub struct PlacedStep {
     pub step: Step,
-    /// The guest must refuse this step (an injected allocation failure).
-    pub expect_failure: bool,
+    /// The guest must refuse this step, for this reason: the injected
+    /// allocation failure (`expect-failure`), or the one `expect-refusal`
+    /// names. Any other refusal fails the run, naming the real reason.
+    pub expect_refusal: Option<Refusal>,
     /// Run the step with its 1st, 2nd, ... allocation failing, checking the
     /// rollback each time, until it no longer reaches the failing allocation.
     pub sweep_failures: bool,

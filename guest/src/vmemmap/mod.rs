@@ -15,6 +15,7 @@ mod hugetlb;
 mod shared_tails;
 
 use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone, STRUCT_PAGE_SIZE};
+use hvo_abi::refusal::Refusal;
 use hvo_guest::sparse::SectionError;
 
 use crate::arch::{self, PAGE};
@@ -56,6 +57,31 @@ pub enum VmemmapError {
     /// Persistent memory set aside at boot must be whole subsections of
     /// the last boot RAM range, and leave some RAM.
     BadPmemSize,
+}
+
+impl VmemmapError {
+    /// The reason the host is told.
+    pub fn refusal(self) -> Refusal {
+        match self {
+            VmemmapError::Map(MapError::Alloc(AllocError::Injected)) => Refusal::InjectedFailure,
+            VmemmapError::Map(MapError::Alloc(AllocError::OutOfMemory)) => Refusal::OutOfMemory,
+            VmemmapError::Map(MapError::Misaligned) => Refusal::Misaligned,
+            VmemmapError::Map(MapError::AlreadyMapped) => Refusal::AlreadyMapped,
+            VmemmapError::Map(MapError::NotMapped) => Refusal::NotMapped,
+            VmemmapError::Map(MapError::SizeNotSupported) => Refusal::SizeNotSupported,
+            VmemmapError::NoSuchRegion => Refusal::NoSuchRegion,
+            VmemmapError::TooManyRegions => Refusal::NoRegionSlot,
+            VmemmapError::TooManySharedTails => Refusal::NoSharedTailSlot,
+            VmemmapError::TooSmallToOptimize => Refusal::TooSmallToOptimize,
+            VmemmapError::AlreadyOptimized => Refusal::AlreadyOptimized,
+            VmemmapError::NotOptimized => Refusal::NotOptimized,
+            VmemmapError::TooLate => Refusal::TooLate,
+            VmemmapError::Busy => Refusal::Busy,
+            VmemmapError::Sections(_) => Refusal::BadRange,
+            VmemmapError::NoRoomForAltmap => Refusal::NoRoomForAltmap,
+            VmemmapError::BadPmemSize => Refusal::BadPmemSize,
+        }
+    }
 }
 
 impl From<SectionError> for VmemmapError {

@@ -485,3 +485,36 @@ fn a_linux_bug_names_the_releases_that_fixed_it_and_fixed_kernels_must_pass() {
     let e = err("[expect]\noutcome = \"fail\"\ninvariant = \"accounting\"\nfixed-in = [\"6.12.90\"]\n");
     assert!(e.message.contains("exactly one mainline release"), "{e}");
 }
+
+#[test]
+fn a_step_names_the_refusal_it_expects_and_nothing_else() {
+    let steps = r#"
+description = "refusals"
+[[step]]
+action = "hugetlb-alloc"
+region = "pool"
+size = "2M"
+[[step]]
+action = "optimize"
+region = "pool"
+[[step]]
+action = "optimize"
+region = "pool"
+"#;
+    let s = parse(&format!("{steps}expect-refusal = \"already-optimized\"\n")).unwrap();
+    assert_eq!(s.steps[2].expect_refusal, Some(Refusal::AlreadyOptimized));
+    let s = parse(&format!("{steps}expect-failure = true\n")).unwrap();
+    assert_eq!(s.steps[2].expect_refusal, Some(Refusal::InjectedFailure));
+    assert_eq!(s.steps[1].expect_refusal, None);
+
+    let e = err(&format!("{steps}expect-refusal = \"sideways\"\n"));
+    assert_eq!((e.line, e.field.as_str()), (13, "step[3].expect-refusal"), "{e}");
+    assert!(e.message.contains("already-optimized") && e.message.contains("injected-failure"), "{e}");
+    let e = err(&format!("{steps}expect-refusal = \"busy\"\nexpect-failure = true\n"));
+    assert_eq!((e.line, e.field.as_str()), (13, "step[3].expect-refusal"), "{e}");
+    let e = err(&format!("{steps}expect-refusal = \"busy\"\nsweep-failures = true\n"));
+    assert_eq!((e.line, e.field.as_str()), (14, "step[3].sweep-failures"), "{e}");
+    assert!(e.message.contains("drop `expect-refusal`"), "{e}");
+    let e = err(&format!("{steps}[[step]]\naction = \"verify\"\nexpect-refusal = \"busy\"\n"));
+    assert_eq!(e.field.as_str(), "step[4].expect-refusal", "{e}");
+}
