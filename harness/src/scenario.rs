@@ -6,6 +6,7 @@
 //! The file as written is [`raw`]; [`steps`], [`machine`] and [`expect`] give
 //! it meaning; [`names`] holds every word a field accepts.
 
+mod boot_fit;
 mod expect;
 mod linux;
 mod locate;
@@ -304,6 +305,7 @@ impl Scenario {
         let boot_gigantic = steps::boot_gigantic(&loc, &raw.boot_gigantic)?;
         let steps = steps::place_steps(&loc, raw.step, &boot_gigantic)?;
         let (machine, boot_pmem) = machine::machine(&loc, &raw.machine, &architectures, &steps)?;
+        boot_fit::check(&loc, &raw.boot_gigantic, &boot_gigantic, &architectures, machine.boot_memory, boot_pmem)?;
         let hugetlb_free_vmemmap = machine::hugetlb_free_vmemmap(&loc, &raw.machine, &steps)?;
         Ok(Scenario {
             name,

@@ -107,7 +107,7 @@ mod tests {
 
     #[test]
     fn a_scenario_runs_on_a_kernel_exactly_when_every_step_has_a_linux_equivalent() {
-        let linux = "[[boot-gigantic]]\nregion = \"b\"\nsize = \"1G\"\n\
+        let linux = "[machine]\nboot-memory = \"2G\"\n[[boot-gigantic]]\nregion = \"b\"\nsize = \"1G\"\n\
                      [[step]]\naction = \"hugetlb-alloc\"\nregion = \"r\"\nsize = \"2M\"\ncount = 4\n\
                      [[step]]\naction = \"verify\"\n[[step]]\naction = \"hugetlb-free\"\nregion = \"r\"\n";
         let s = parse(linux).unwrap();
