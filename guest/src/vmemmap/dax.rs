@@ -5,9 +5,7 @@
 use hvo_abi::model::{pageblock_pages, Knob, Layout, RegionKind, StructPage, Zone, MIGRATE_MOVABLE, STRUCT_PAGE_SIZE};
 
 use super::shared_tails::tail_page;
-use super::{
-    addr_of, legacy_dax_tails, pfn_of, reserved_vmemmap_pages, Mm, Region, Vmemmap, VmemmapError, STRUCT_PAGES_PER_PAGE,
-};
+use super::{addr_of, pfn_of, reserved_vmemmap_pages, Mm, Region, Vmemmap, VmemmapError, STRUCT_PAGES_PER_PAGE};
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{align_down, align_up, FrameAllocator, Purpose};
 use crate::mm::pagetable::Prot;
@@ -290,7 +288,7 @@ impl Vmemmap {
                 Some(t) => t,
                 None => {
                     let t = match region.layout {
-                        Layout::LegacyDax => (first_tail_page, legacy_dax_tails(self.knobs)),
+                        Layout::LegacyDax => (first_tail_page, self.legacy_dax_tails()),
                         // Knob `per-folio-tail`: every compound page gets a tail page of its own.
                         _ if self.knob(Knob::PerFolioTail) => (tail_page(mm.frames, zone, order)?, Prot::RO),
                         _ => (self.get_shared_tail(mm.frames, zone, order)?, Prot::RO),

@@ -5,7 +5,7 @@
 use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone};
 
 use super::shared_tails::tail_page;
-use super::{addr_of, legacy_dax_tails, reserved_vmemmap_pages, Mm, Region, Vmemmap, VmemmapError, BOOT_ZONE};
+use super::{addr_of, reserved_vmemmap_pages, Mm, Region, Vmemmap, VmemmapError, BOOT_ZONE};
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{align_down, align_up, AllocError, FrameAllocator, Purpose};
 use crate::mm::pagetable::{MapError, Prot};
@@ -176,7 +176,7 @@ impl Vmemmap {
             }
             Layout::Unified => (1, self.get_shared_tail(mm.frames, region.zone, region.order)?, Prot::RO),
             Layout::LegacyHugetlb => (1, head_frame, Prot::RO),
-            Layout::LegacyDax => (2, self.copy_to_fresh(mm, VirtAddr(base.0 + PAGE))?, legacy_dax_tails(self.knobs)),
+            Layout::LegacyDax => (2, self.copy_to_fresh(mm, VirtAddr(base.0 + PAGE))?, self.legacy_dax_tails()),
             Layout::None => return Err(VmemmapError::TooSmallToOptimize),
         };
         // Knob `tails-writable`: the tails keep write permission.

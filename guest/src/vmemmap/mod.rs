@@ -193,17 +193,6 @@ enum BootState {
     Populated,
 }
 
-/// How the tails of an optimized compound page under legacy-dax are mapped:
-/// writable, as the kernel writes them (knob `legacy-dax-tails-readonly`:
-/// read-only, on every path that maps them).
-fn legacy_dax_tails(knobs: u64) -> Prot {
-    if knobs & Knob::LegacyDaxTailsReadonly.bit() != 0 {
-        Prot::RO
-    } else {
-        Prot::RW
-    }
-}
-
 /// Vmemmap pages an optimized compound page keeps private under `layout`
 /// (VMEMMAP_RESERVE_NR): the head page, and under legacy-dax the first tail page.
 const fn reserved_vmemmap_pages(layout: Layout) -> u64 {
@@ -270,6 +259,17 @@ impl Vmemmap {
             Sequence::SingleStore
         } else {
             Sequence::Architecture
+        }
+    }
+
+    /// How the tails of an optimized compound page under legacy-dax are
+    /// mapped: writable, as the kernel writes them (knob
+    /// `legacy-dax-tails-readonly`: read-only, on every path that maps them).
+    fn legacy_dax_tails(&self) -> Prot {
+        if self.knob(Knob::LegacyDaxTailsReadonly) {
+            Prot::RO
+        } else {
+            Prot::RW
         }
     }
 
