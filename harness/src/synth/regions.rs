@@ -97,6 +97,22 @@ impl SynthVmemmap {
         self.describe(spec, start, altmap_pfns)
     }
 
+    /// Hot-added memory of `pages` base pages (whole vmemmap pages' worth)
+    /// onlined into `zone`: its vmemmap mapped by base pages, every struct
+    /// page a free page of the zone.
+    pub fn add_memory(&mut self, zone: Zone, pages: u64) -> BuiltRegion {
+        let per_page = self.format.page / STRUCT_PAGE_SIZE;
+        assert!(pages.is_multiple_of(per_page), "{pages} pages are not whole vmemmap pages");
+        let start = self.place(pages, 0, per_page, 0);
+        for i in 0..pages / per_page {
+            let frame = self.vmemmap_frame(&[StructPage::free(zone)]);
+            self.map(self.va(start + i * per_page), frame, true);
+        }
+        let spec =
+            RegionSpec { kind: RegionKind::Memory, zone, order: 0, count: pages, layout: Layout::None, altmap: false };
+        self.describe(spec, start, 0)
+    }
+
     /// A region whose vmemmap lies under 2 MiB leaves, never split, however
     /// its manifest entry says it is laid out (as boot memmap is mapped, as
     /// the skip-split bug leaves an "optimized" range, and as a device range

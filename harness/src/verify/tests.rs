@@ -316,3 +316,19 @@ fn an_altmap_range_may_find_its_struct_pages_in_a_neighbours_leaf() {
         assert!(f[0].1.contains("outside the device's altmap"), "{arch:?}: {}", f[0].1);
     }
 }
+
+#[test]
+fn a_free_page_of_hot_added_memory_outside_its_zone_fails_contents_in_every_format() {
+    for arch in Arch::ALL {
+        let mut s = SynthVmemmap::new(arch);
+        let per_page = s.page() / 64;
+        let memory = s.add_memory(Zone::Movable, 4 * per_page);
+        assert_eq!(failing(&s, &Requested::new()), vec![], "{arch:?}");
+        // A HugeTLB folio freed back into it reset to the normal zone.
+        s.write_struct_page(memory.head(per_page + 3), StructPage::free(Zone::Normal));
+        let f = failing(&s, &Requested::new());
+        assert_eq!(names(&f), vec![Contents.name()], "{arch:?}");
+        let want = format!("1 of its {} free struct pages are not free movable pages", 4 * per_page);
+        assert!(f[0].1.contains(&want), "{arch:?}: {}", f[0].1);
+    }
+}
