@@ -252,10 +252,23 @@ pub enum Knob {
     /// memmap init skips boot RAM outside the gigantic pages reserved at
     /// boot: those struct pages keep whatever the raw vmemmap frames held.
     SkipBootMemmapInit = 19,
+    /// Freed HugeTLB folios' struct pages reset to the normal zone, whatever
+    /// zone the memory they came from is in (hot-added movable memory).
+    FreeResetsZone = 20,
+    /// Under legacy-dax, the tails mapped read-only: the layout keeps them
+    /// writable (the kernel writes a DAX compound page's tail struct pages).
+    LegacyDaxTailsReadonly = 21,
+    /// The altmap reserve at the start of a device range rounded up to a
+    /// page, not to the compound page size: the compound pages after it
+    /// start off their natural alignment.
+    AltmapReserveUnaligned = 22,
+    /// A teardown leaves the page-table pages it emptied linked (and
+    /// counted): vmemmap_free without free_pte_table and its kin.
+    KeepEmptyTables = 23,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 20] = [
+    pub const ALL: [Knob; 24] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -276,6 +289,10 @@ impl Knob {
         Knob::NoBreakBeforeMake,
         Knob::TlbieBaseSize,
         Knob::SkipBootMemmapInit,
+        Knob::FreeResetsZone,
+        Knob::LegacyDaxTailsReadonly,
+        Knob::AltmapReserveUnaligned,
+        Knob::KeepEmptyTables,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -300,6 +317,10 @@ impl Knob {
             Knob::NoBreakBeforeMake => "no-break-before-make",
             Knob::TlbieBaseSize => "tlbie-base-size",
             Knob::SkipBootMemmapInit => "skip-boot-memmap-init",
+            Knob::FreeResetsZone => "free-resets-zone",
+            Knob::LegacyDaxTailsReadonly => "legacy-dax-tails-readonly",
+            Knob::AltmapReserveUnaligned => "altmap-reserve-unaligned",
+            Knob::KeepEmptyTables => "keep-empty-tables",
         }
     }
 

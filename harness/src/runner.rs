@@ -196,6 +196,7 @@ async fn run(
     result.duration_ms = start.elapsed().as_millis() as u64;
     result.qemu_command = run.machine.command().shell_line();
     result.checks = std::mem::take(&mut run.findings.checks);
+    result.refusals = std::mem::take(&mut run.findings.refusals);
     result.phases = run.findings.metrics.phases(run.findings.verify_ms);
     result.metrics = run.findings.metrics.to_json();
     result.qemu_version = run.machine.qemu_version().to_string();

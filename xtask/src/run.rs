@@ -140,8 +140,8 @@ pub fn repro(args: ReproArgs) -> Result<ExitCode> {
         println!("boot: populate the boot vmemmap and run memmap init");
         for placed in &scenario.steps {
             let mut flags = String::new();
-            if placed.expect_failure {
-                flags.push_str(" (must be refused)");
+            if let Some(reason) = placed.expect_refusal {
+                flags.push_str(&format!(" (must be refused: {reason})"));
             }
             if placed.sweep_failures {
                 flags.push_str(" (allocation failures swept)");

@@ -5,7 +5,7 @@
 use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone};
 use hvo_guest::sparse::SUBSECTION;
 
-use super::{pfn_of, BootState, Mm, Region, Vmemmap, VmemmapError, STRUCT_PAGES_PER_PAGE};
+use super::{pfn_of, BootState, Mm, Region, Vmemmap, VmemmapError, BOOT_ZONE, STRUCT_PAGES_PER_PAGE};
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{align_down, align_up, FrameAllocator, Purpose};
 use crate::mm::pagetable::Prot;
@@ -218,7 +218,7 @@ impl Vmemmap {
         if end <= start || self.knob(Knob::SkipBootMemmapInit) {
             return;
         }
-        self.fill_struct_pages(start, end, StructPage::free(Zone::Normal));
+        self.fill_struct_pages(start, end, StructPage::free(BOOT_ZONE));
         self.struct_pages_initialized += end.pages_since(start);
     }
 

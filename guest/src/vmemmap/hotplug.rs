@@ -129,7 +129,7 @@ impl Vmemmap {
             window += big;
         }
         let (from, to) = (VirtAddr(align_down(first, big)), VirtAddr(align_up(last, big)));
-        mm.table.free_empty_tables(mm.frames, &self.tlb(), from, to);
+        self.free_empty_tables(mm, from, to);
     }
 
     /// Frees the 2 MiB leaves over the struct pages of `[start, end)` that

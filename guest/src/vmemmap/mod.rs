@@ -15,11 +15,12 @@ mod hugetlb;
 mod shared_tails;
 
 use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone, STRUCT_PAGE_SIZE};
+use hvo_abi::refusal::Refusal;
 use hvo_guest::sparse::SectionError;
 
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{AllocError, FrameAllocator};
-use crate::mm::pagetable::{Flush, MapError, Sequence};
+use crate::mm::pagetable::{Flush, MapError, Prot, Sequence};
 use crate::mm::{Pfn, PhysAddr, RangeList, VirtAddr};
 use crate::paging::Table;
 
@@ -28,6 +29,8 @@ pub use shared_tails::SharedTails;
 
 pub const MAX_REGIONS: usize = hvo_abi::manifest::MAX_REGIONS;
 const STRUCT_PAGES_PER_PAGE: u64 = PAGE / STRUCT_PAGE_SIZE;
+/// The zone memmap init gives boot memory, and its freed pages go back to.
+const BOOT_ZONE: Zone = Zone::Normal;
 
 /// The architecture's sections.
 type Sections = hvo_guest::sparse::Sections<{ arch::SECTION_SIZE_BITS }, { arch::BASE_PAGE.shift() }>;
@@ -54,6 +57,31 @@ pub enum VmemmapError {
     /// Persistent memory set aside at boot must be whole subsections of
     /// the last boot RAM range, and leave some RAM.
     BadPmemSize,
+}
+
+impl VmemmapError {
+    /// The reason the host is told.
+    pub fn refusal(self) -> Refusal {
+        match self {
+            VmemmapError::Map(MapError::Alloc(AllocError::Injected)) => Refusal::InjectedFailure,
+            VmemmapError::Map(MapError::Alloc(AllocError::OutOfMemory)) => Refusal::OutOfMemory,
+            VmemmapError::Map(MapError::Misaligned) => Refusal::Misaligned,
+            VmemmapError::Map(MapError::AlreadyMapped) => Refusal::AlreadyMapped,
+            VmemmapError::Map(MapError::NotMapped) => Refusal::NotMapped,
+            VmemmapError::Map(MapError::SizeNotSupported) => Refusal::SizeNotSupported,
+            VmemmapError::NoSuchRegion => Refusal::NoSuchRegion,
+            VmemmapError::TooManyRegions => Refusal::NoRegionSlot,
+            VmemmapError::TooManySharedTails => Refusal::NoSharedTailSlot,
+            VmemmapError::TooSmallToOptimize => Refusal::TooSmallToOptimize,
+            VmemmapError::AlreadyOptimized => Refusal::AlreadyOptimized,
+            VmemmapError::NotOptimized => Refusal::NotOptimized,
+            VmemmapError::TooLate => Refusal::TooLate,
+            VmemmapError::Busy => Refusal::Busy,
+            VmemmapError::Sections(_) => Refusal::BadRange,
+            VmemmapError::NoRoomForAltmap => Refusal::NoRoomForAltmap,
+            VmemmapError::BadPmemSize => Refusal::BadPmemSize,
+        }
+    }
 }
 
 impl From<SectionError> for VmemmapError {
@@ -231,6 +259,25 @@ impl Vmemmap {
             Sequence::SingleStore
         } else {
             Sequence::Architecture
+        }
+    }
+
+    /// How the tails of an optimized compound page under legacy-dax are
+    /// mapped: writable, as the kernel writes them (knob
+    /// `legacy-dax-tails-readonly`: read-only, on every path that maps them).
+    fn legacy_dax_tails(&self) -> Prot {
+        if self.knob(Knob::LegacyDaxTailsReadonly) {
+            Prot::RO
+        } else {
+            Prot::RW
+        }
+    }
+
+    /// Frees the page-table pages a teardown emptied over the vmemmap
+    /// `[from, to)`, unless knob `keep-empty-tables` leaves them linked.
+    fn free_empty_tables(&self, mm: &mut Mm, from: VirtAddr, to: VirtAddr) {
+        if !self.knob(Knob::KeepEmptyTables) {
+            mm.table.free_empty_tables(mm.frames, &self.tlb(), from, to);
         }
     }
 

@@ -102,7 +102,7 @@ impl Run<'_> {
             Step::HotAddMemory { region, size, zone, backend } => {
                 let start = self.hot_add_range(region, *size, DaxDevice::Dimm, *backend).await?;
                 let reply = self.request(Command::HotAddMemory { start: start.0, size: *size, zone: *zone }).await?;
-                if !self.expect_refusal {
+                if self.expect_refusal.is_none() {
                     self.tracked.hot_added_memory.push(start.0..start.0 + size);
                 }
                 self.record_region(region, &reply, Layout::None)
@@ -212,7 +212,7 @@ impl Run<'_> {
     /// with the layout asked of it; a step the guest refused as expected
     /// created none.
     fn record_region(&mut self, name: &str, reply: &str, layout: Layout) -> Result<(), Abort> {
-        if self.expect_refusal {
+        if self.expect_refusal.is_some() {
             return Ok(());
         }
         let id = reply_field(reply, "region").ok_or_else(|| Abort::Fail(format!("no region id in `{reply}`")))?;
