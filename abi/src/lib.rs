@@ -9,6 +9,7 @@
 pub mod manifest;
 pub mod model;
 pub mod protocol;
+pub mod refusal;
 pub mod update_log;
 
 /// The architectures a guest can be built for. The discriminant is what the

@@ -19,7 +19,7 @@ pub const MANIFEST_SYMBOL: &str = "HVO_MANIFEST";
 /// `b"HVOMANIF"` read as a little-endian u64.
 pub const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"HVOMANIF");
 /// Bumped whenever the layout below changes.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 pub const MAX_ROOTS: usize = 4;
 pub const MAX_RAM_RANGES: usize = 8;

@@ -251,24 +251,40 @@ pub enum Knob {
     /// ppc64: `tlbie` encodes the base page size (AP) whatever the size of
     /// the translation it must invalidate, so a 2 MiB one stays cached.
     TlbieBaseSize = 18,
+    /// memmap init skips boot RAM outside the gigantic pages reserved at
+    /// boot: those struct pages keep whatever the raw vmemmap frames held.
+    SkipBootMemmapInit = 19,
+    /// Freed HugeTLB folios' struct pages reset to the normal zone, whatever
+    /// zone the memory they came from is in (hot-added movable memory).
+    FreeResetsZone = 20,
+    /// Under legacy-dax, the tails mapped read-only: the layout keeps them
+    /// writable (the kernel writes a DAX compound page's tail struct pages).
+    LegacyDaxTailsReadonly = 21,
+    /// The altmap reserve at the start of a device range rounded up to a
+    /// page, not to the compound page size: the compound pages after it
+    /// start off their natural alignment.
+    AltmapReserveUnaligned = 22,
+    /// A teardown leaves the page-table pages it emptied linked (and
+    /// counted): vmemmap_free without free_pte_table and its kin.
+    KeepEmptyTables = 23,
     /// Restore gives a tail its own frame again without invalidating the
     /// translation to the shared page (the restore path only).
-    NoFlushRestore = 19,
+    NoFlushRestore = 24,
     /// A vmemmap page unmapped on teardown (DAX or memory hot-remove, a
     /// failed hot-add's rollback) without invalidating its translation.
-    NoFlushUnmap = 20,
+    NoFlushUnmap = 25,
     /// Optimize copies a compound page's private vmemmap pages (the head,
     /// legacy-dax's page 1) to fresh frames and remaps them without
     /// invalidating the translation to the old frame.
-    NoFlushHeadCopy = 21,
+    NoFlushHeadCopy = 26,
     /// A new top-level vmemmap entry a hot-add creates stays in the kernel
     /// root (the boot-time sync is right): the hot-add path of
     /// `unsynced-root` alone.
-    UnsyncedRootHotAdd = 22,
+    UnsyncedRootHotAdd = 27,
 }
 
 impl Knob {
-    pub const ALL: [Knob; 23] = [
+    pub const ALL: [Knob; 28] = [
         Knob::TailsWritable,
         Knob::HeadShared,
         Knob::PerFolioTail,
@@ -288,6 +304,11 @@ impl Knob {
         Knob::SmallCompoundOptimized,
         Knob::NoBreakBeforeMake,
         Knob::TlbieBaseSize,
+        Knob::SkipBootMemmapInit,
+        Knob::FreeResetsZone,
+        Knob::LegacyDaxTailsReadonly,
+        Knob::AltmapReserveUnaligned,
+        Knob::KeepEmptyTables,
         Knob::NoFlushRestore,
         Knob::NoFlushUnmap,
         Knob::NoFlushHeadCopy,
@@ -315,6 +336,11 @@ impl Knob {
             Knob::SmallCompoundOptimized => "small-compound-optimized",
             Knob::NoBreakBeforeMake => "no-break-before-make",
             Knob::TlbieBaseSize => "tlbie-base-size",
+            Knob::SkipBootMemmapInit => "skip-boot-memmap-init",
+            Knob::FreeResetsZone => "free-resets-zone",
+            Knob::LegacyDaxTailsReadonly => "legacy-dax-tails-readonly",
+            Knob::AltmapReserveUnaligned => "altmap-reserve-unaligned",
+            Knob::KeepEmptyTables => "keep-empty-tables",
             Knob::NoFlushRestore => "no-flush-restore",
             Knob::NoFlushUnmap => "no-flush-unmap",
             Knob::NoFlushHeadCopy => "no-flush-head-copy",

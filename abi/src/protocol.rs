@@ -9,6 +9,8 @@
 //! - `@hvo ready abi=<n> arch=<name>`: the guest serves commands from now on.
 //! - `@hvo <seq> ok [payload]` / `@hvo <seq> err <message>`: the reply to a
 //!   command; `seq` is `-` when the command was too malformed to carry one.
+//!   A command the guest understood but refused answers `err refused=<reason>
+//!   <detail>`, the reason one of [`crate::refusal::Refusal`]'s names.
 //! - `@hvo crash <message>`: a panic or unexpected exception; register lines
 //!   follow as free text and the guest then exits with a failure status.
 

@@ -199,8 +199,17 @@ fn changed(kernel: &Kernel, seq: u64, done: Result<u64, VmemmapError>, what: &st
     let generation = manifest::publish(kernel);
     match done {
         Ok(value) => reply_ok(seq, format_args!("{what}={value} generation={generation}")),
-        Err(e) => reply_err(Some(seq), format_args!("{e:?}")),
+        Err(e) => refuse(seq, e),
     }
+}
+
+/// Answers a refused command with its typed reason, then the error itself.
+fn refuse(seq: u64, error: VmemmapError) {
+    use core::fmt::Write;
+    let _ = write_reply_head(&mut Console, Some(seq), false);
+    let _ = Console.write_str(" ");
+    let _ = error.refusal().write_payload(&mut Console, format_args!("{error:?}"));
+    let _ = Console.write_str("\n");
 }
 
 fn reply_ok(seq: u64, payload: core::fmt::Arguments) {

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use crate::addr::PhysAddr;
 use crate::machine::Machine;
+use crate::qemu::BOOT_NVDIMM_ID;
 use crate::qmp::{Qmp, QmpError};
 use crate::scenario::Backend;
 
@@ -89,6 +90,21 @@ pub async fn plug(
             .map_err(|e| HotplugError::Host(format!("cannot map {id}: {e}")))?;
     }
     Ok(PluggedDimm { n, slot, start, mapped })
+}
+
+/// Maps the NVDIMM QEMU was started with (`MachineSpec::boot_nvdimm`) where
+/// QEMU placed it, and returns its byte range.
+pub async fn map_boot_nvdimm(machine: &mut Machine, size: u64) -> Result<std::ops::Range<u64>, HotplugError> {
+    let qmp = machine.qmp().ok_or(HotplugError::NoQmp)?;
+    let (start, _) = placement(qmp, BOOT_NVDIMM_ID).await?;
+    let file = std::fs::File::open(machine.paths().boot_nvdimm_file())
+        .map_err(|e| HotplugError::Host(format!("cannot open the backing file of {BOOT_NVDIMM_ID}: {e}")))?;
+    let len = usize::try_from(size).map_err(|_| HotplugError::Host(format!("{BOOT_NVDIMM_ID} is too large to map")))?;
+    machine
+        .memory_mut()
+        .add_at_offset(start, &file, 0, len)
+        .map_err(|e| HotplugError::Host(format!("cannot map {BOOT_NVDIMM_ID}: {e}")))?;
+    Ok(start.0..start.0 + size)
 }
 
 /// The backend object of a DIMM: anonymous RAM reserving nothing up front

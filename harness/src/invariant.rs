@@ -32,13 +32,14 @@ pub enum Invariant {
     RootsInSync,
     MemmapPresent,
     AltmapUnoptimized,
+    CompoundAligned,
     BreakBeforeMake,
     TlbCoherent,
 }
 
 impl Invariant {
     /// Every invariant, in the order reports list them.
-    pub const ALL: [Invariant; 14] = [
+    pub const ALL: [Invariant; 15] = [
         Invariant::HeadPrivate,
         Invariant::TailsShared,
         Invariant::TailsReadonly,
@@ -51,6 +52,7 @@ impl Invariant {
         Invariant::RootsInSync,
         Invariant::MemmapPresent,
         Invariant::AltmapUnoptimized,
+        Invariant::CompoundAligned,
         Invariant::BreakBeforeMake,
         Invariant::TlbCoherent,
     ];
@@ -70,6 +72,7 @@ impl Invariant {
             Invariant::RootsInSync => "roots-in-sync",
             Invariant::MemmapPresent => "memmap-present",
             Invariant::AltmapUnoptimized => "altmap-unoptimized",
+            Invariant::CompoundAligned => "compound-aligned",
             Invariant::BreakBeforeMake => "break-before-make",
             Invariant::TlbCoherent => "tlb-coherent",
         }
@@ -82,16 +85,25 @@ impl Invariant {
             Invariant::TailsShared => {
                 "every tail vmemmap page maps the frame its layout says (the (zone, order) shared page, the head's frame, or page 1), distinct (zone, order) pairs never share a frame, and a region is optimized exactly when it can be"
             }
-            Invariant::TailsReadonly => "tail vmemmap pages are read-only at every level (writable only where the layout keeps them so)",
+            Invariant::TailsReadonly => {
+                "tail vmemmap pages carry their layout's protection through every level: read-only (unified, legacy-hugetlb) or writable (legacy-dax, whose tails the kernel writes), never executable"
+            }
             Invariant::PteGranularity => "optimized ranges are mapped with base-page entries, never a block or huge leaf",
-            Invariant::Contents => "head, tail and shared struct pages, and pageblock migratetypes, hold what the model says",
+            Invariant::Contents => {
+                "head, tail and shared struct pages, pageblock migratetypes, and (sampled by the host) plain boot RAM's struct pages hold what the model says"
+            }
             Invariant::Accounting => "the guest's counters equal what the host counts in the page tables",
-            Invariant::NoLeak => "no vmemmap or page-table frame is orphaned or still mapped after a teardown",
+            Invariant::NoLeak => {
+                "no vmemmap or page-table frame is orphaned or still mapped after a teardown, and no page-table page over the vmemmap stays linked mapping nothing"
+            }
             Invariant::TranslationAgrees => "the host's walker and QEMU's MMU (gva2gpa) translate sampled addresses alike",
             Invariant::WriteFaults => "writes to read-only tails fault and writes to heads succeed, through the guest's own TLB",
             Invariant::RootsInSync => "every page-table root the guest keeps has the same top-level vmemmap entries",
             Invariant::MemmapPresent => "every page of memory the guest has has its struct page mapped",
             Invariant::AltmapUnoptimized => "ranges whose struct pages live on the device (altmap) are never optimized and map only device frames",
+            Invariant::CompoundAligned => {
+                "every compound page is naturally aligned: its head's pfn is a multiple of its size in pages, and its region holds whole compound pages"
+            }
             Invariant::BreakBeforeMake => {
                 "live page-table entries change only as their MMU allows (arm64, radix: invalid entry, a TLB invalidation covering the old translation, then the new entry), every invalidation removes the translation it must at its size, and the guest's update log accounts for every store"
             }
@@ -115,7 +127,8 @@ impl Invariant {
             | Invariant::NoLeak
             | Invariant::RootsInSync
             | Invariant::MemmapPresent
-            | Invariant::AltmapUnoptimized => CheckedBy::Tables,
+            | Invariant::AltmapUnoptimized
+            | Invariant::CompoundAligned => CheckedBy::Tables,
         }
     }
 

@@ -64,6 +64,8 @@ impl Shutdown {
 
 pub struct Machine {
     profile: &'static Profile,
+    /// The machine QEMU runs: its memory as the command line gives it.
+    spec: MachineSpec,
     command: QemuCommand,
     /// The profile's stub firmware is written before QEMU starts.
     stub_firmware: bool,
@@ -96,6 +98,7 @@ impl Machine {
         let command = QemuCommand::new(profile, spec, payload, &paths);
         Ok(Machine {
             profile,
+            spec: *spec,
             command,
             stub_firmware: payload.needs_stub_firmware(),
             paths,
@@ -115,6 +118,10 @@ impl Machine {
     pub fn with_inspection(mut self, gdb_port: Option<u16>) -> Machine {
         self.command = self.command.with_inspection(&self.paths, gdb_port);
         self
+    }
+
+    pub fn spec(&self) -> &MachineSpec {
+        &self.spec
     }
 
     pub fn command(&self) -> &QemuCommand {

@@ -29,6 +29,10 @@ pub struct MachineSpec {
     pub max_memory: u64,
     /// NVDIMMs will be hotplugged: the machine needs `nvdimm=on`.
     pub nvdimm: bool,
+    /// An NVDIMM of this many bytes present from boot (on QEMU's command
+    /// line, taking one slot), backed by a shared file the host maps: how
+    /// kernels that see persistent memory only through ACPI get it.
+    pub boot_nvdimm: Option<u64>,
 }
 
 /// The files of one run, all inside its private temporary directory.
@@ -56,6 +60,10 @@ impl RunPaths {
     pub fn dimm_file(&self, n: u32) -> PathBuf {
         self.dir.join(format!("dimm{n}"))
     }
+    /// The shared file backing the NVDIMM present from boot.
+    pub fn boot_nvdimm_file(&self) -> PathBuf {
+        self.dir.join("boot-nvdimm")
+    }
     pub fn firmware_stub(&self) -> PathBuf {
         self.dir.join("firmware-stub.bin")
     }
@@ -68,8 +76,9 @@ pub enum BootPayload {
     /// Our firmware ELF, loaded the way the profile's loader says.
     Firmware(PathBuf),
     /// A Linux kernel with the harness's initramfs and command line, loaded
-    /// the way the profile's [`hvo_images::KernelBoot`] says.
-    Kernel { image: PathBuf, initramfs: PathBuf, append: String },
+    /// the way the profile's [`hvo_images::KernelBoot`] says, or by this
+    /// UEFI firmware (`-bios`), which then loads it from QEMU's fw_cfg.
+    Kernel { image: PathBuf, initramfs: PathBuf, append: String, uefi: Option<PathBuf> },
 }
 
 impl BootPayload {
@@ -95,6 +104,9 @@ pub struct QemuCommand {
 }
 
 const BOOT_RAM_ID: &str = "boot-ram";
+/// The NVDIMM present from boot, and its memory backend.
+pub const BOOT_NVDIMM_ID: &str = "hvo-boot-nvdimm";
+const BOOT_NVDIMM_BACKEND: &str = "hvo-boot-pmem";
 
 impl QemuCommand {
     pub fn new(profile: &Profile, machine: &MachineSpec, payload: &BootPayload, paths: &RunPaths) -> QemuCommand {
@@ -106,7 +118,7 @@ impl QemuCommand {
         } else {
             format!("{mib}M")
         };
-        let nvdimm = if machine.nvdimm { ",nvdimm=on" } else { "" };
+        let nvdimm = if machine.nvdimm || machine.boot_nvdimm.is_some() { ",nvdimm=on" } else { "" };
         push(&["-M", &format!("{},memory-backend={BOOT_RAM_ID}{nvdimm}", profile.machine)]);
         push(&["-cpu", payload.cpu(profile), "-m", &memory]);
         push(&[
@@ -117,6 +129,18 @@ impl QemuCommand {
                 paths.boot_ram().display()
             ),
         ]);
+        if let Some(bytes) = machine.boot_nvdimm {
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-file,id={BOOT_NVDIMM_BACKEND},size={}M,mem-path={},share=on",
+                    bytes >> 20,
+                    paths.boot_nvdimm_file().display()
+                ),
+                "-device",
+                &format!("nvdimm,memdev={BOOT_NVDIMM_BACKEND},id={BOOT_NVDIMM_ID}"),
+            ]);
+        }
         // No default devices, no config files, no display: only what we name.
         push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
         // QEMU connects to sockets the harness already listens on, so no output
@@ -139,9 +163,11 @@ impl QemuCommand {
                     ]),
                 }
             }
-            BootPayload::Kernel { image, initramfs, append } => {
-                if let Loader::Kernel { bios: Some(bios) } = profile.kernel.loader {
-                    push(&["-bios", bios]);
+            BootPayload::Kernel { image, initramfs, append, uefi } => {
+                match (uefi, profile.kernel.loader) {
+                    (Some(uefi), _) => push(&["-bios", &uefi.display().to_string()]),
+                    (None, Loader::Kernel { bios: Some(bios) }) => push(&["-bios", bios]),
+                    (None, _) => {}
                 }
                 let (image, initramfs) = (image.display().to_string(), initramfs.display().to_string());
                 push(&["-kernel", &image, "-initrd", &initramfs, "-append", append]);
@@ -374,7 +400,8 @@ mod tests {
     use hvo_images::{profile, Arch};
 
     fn command(arch: Arch) -> QemuCommand {
-        let machine = MachineSpec { boot_memory: 512 << 20, slots: 4, max_memory: 8 << 30, nvdimm: false };
+        let machine =
+            MachineSpec { boot_memory: 512 << 20, slots: 4, max_memory: 8 << 30, nvdimm: false, boot_nvdimm: None };
         let paths = RunPaths { dir: PathBuf::from("/run/x") };
         QemuCommand::new(profile(arch), &machine, &BootPayload::Firmware("/g/hvo-guest".into()), &paths)
     }
@@ -405,12 +432,14 @@ mod tests {
 
     #[test]
     fn kernels_boot_with_their_initramfs_and_command_line_never_the_stub() {
-        let machine = MachineSpec { boot_memory: 4 << 30, slots: 0, max_memory: 4 << 30, nvdimm: false };
+        let machine =
+            MachineSpec { boot_memory: 4 << 30, slots: 0, max_memory: 4 << 30, nvdimm: false, boot_nvdimm: None };
         let paths = RunPaths { dir: PathBuf::from("/run/x") };
         let payload = BootPayload::Kernel {
             image: "/k/Image".into(),
             initramfs: "/k/initramfs.cpio".into(),
             append: "console=ttyAMA0 nokaslr".into(),
+            uefi: None,
         };
         let c = QemuCommand::new(profile(Arch::Aarch64), &machine, &payload, &paths);
         assert!(has_pair(&c, "-kernel", "/k/Image"));
@@ -421,6 +450,35 @@ mod tests {
         let x86 = QemuCommand::new(profile(Arch::X86_64), &machine, &payload, &paths);
         assert!(has_pair(&x86, "-bios", "qboot.rom"));
         assert!(has_pair(&x86, "-cpu", "qemu64,+pdpe1gb"), "1 GiB pages, 4-level tables");
+    }
+
+    #[test]
+    fn a_kernel_seeing_pmem_through_acpi_boots_by_uefi_beside_an_nvdimm_the_host_can_map() {
+        let machine = MachineSpec {
+            boot_memory: 2 << 30,
+            slots: 1,
+            max_memory: 4 << 30,
+            nvdimm: false,
+            boot_nvdimm: Some(2 << 30),
+        };
+        let paths = RunPaths { dir: PathBuf::from("/run/x") };
+        let payload = BootPayload::Kernel {
+            image: "/k/Image".into(),
+            initramfs: "/k/initramfs.cpio".into(),
+            append: "console=ttyAMA0 acpi=force".into(),
+            uefi: Some("/fw/QEMU_EFI.fd".into()),
+        };
+        let c = QemuCommand::new(profile(Arch::Aarch64), &machine, &payload, &paths);
+        assert!(has_pair(&c, "-bios", "/fw/QEMU_EFI.fd"));
+        assert!(has_pair(&c, "-kernel", "/k/Image"), "the firmware loads it from fw_cfg");
+        assert!(has_pair(&c, "-M", "virt,memory-backend=boot-ram,nvdimm=on"));
+        assert!(has_pair(&c, "-m", "2048M,slots=1,maxmem=4096M"));
+        assert!(has_pair(
+            &c,
+            "-object",
+            "memory-backend-file,id=hvo-boot-pmem,size=2048M,mem-path=/run/x/boot-nvdimm,share=on"
+        ));
+        assert!(has_pair(&c, "-device", "nvdimm,memdev=hvo-boot-pmem,id=hvo-boot-nvdimm"));
     }
 
     #[test]
@@ -449,7 +507,8 @@ mod tests {
 
     #[test]
     fn without_slots_there_is_no_hotplug_memory() {
-        let machine = MachineSpec { boot_memory: 1 << 30, slots: 0, max_memory: 1 << 30, nvdimm: true };
+        let machine =
+            MachineSpec { boot_memory: 1 << 30, slots: 0, max_memory: 1 << 30, nvdimm: true, boot_nvdimm: None };
         let paths = RunPaths { dir: PathBuf::from("/r") };
         let c = QemuCommand::new(profile(Arch::Ppc64le), &machine, &BootPayload::Firmware("/g".into()), &paths);
         assert!(has_pair(&c, "-m", "1024M"));

@@ -93,6 +93,8 @@ pub struct Metrics {
     pub ready_ms: Option<u64>,
     /// Struct pages the guest initialized at boot.
     pub struct_pages_initialized: Option<u64>,
+    /// The boot vmemmap's population and memmap init, request to reply.
+    pub boot_memmap_ms: Option<u64>,
     /// From the run's start until boot-time set-up was done.
     pub boot_ms: Option<u64>,
     /// All the steps, verification included.
@@ -165,6 +167,27 @@ pub struct ScenarioResult {
     /// The real kernel the run booted (none for the firmware).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelSummary>,
+    /// Every command the guest refused, in order, with its reason.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refusals: Vec<RefusalRecord>,
+}
+
+/// One command the guest refused: where, why, and whether the scenario
+/// expected that refusal.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct RefusalRecord {
+    /// The scenario step's line (0: boot-time set-up).
+    pub line: usize,
+    /// The command's verb.
+    pub command: String,
+    /// The refusal's stable name (`injected-failure`, `already-optimized`,
+    /// ...), or `unknown` when the guest gave none.
+    pub reason: String,
+    /// What the guest said after the reason.
+    pub detail: String,
+    /// The step expected exactly this refusal (`expect-failure`,
+    /// `expect-refusal`, or an allocation failure a sweep injected).
+    pub expected: bool,
 }
 
 /// A real kernel as a run found it.
@@ -239,6 +262,7 @@ impl ScenarioResult {
             qemu_command: String::new(),
             qemu_version: String::new(),
             kernel: None,
+            refusals: Vec::new(),
         }
     }
 }

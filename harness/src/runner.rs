@@ -21,7 +21,7 @@ use hvo_images::{profile, Arch};
 
 use crate::image::GuestImage;
 use crate::machine::Machine;
-use crate::qemu::BootPayload;
+use crate::qemu::{BootPayload, MachineSpec};
 use crate::qmp::QmpError;
 use crate::report::{Check, CheckStatus, ScenarioResult, Status};
 use crate::scenario::{Expect, Scenario};
@@ -113,7 +113,8 @@ pub async fn run_scenario(scenario: &Scenario, arch: Arch, guest_elf: &Path, con
         step: Duration::from_millis(scenario.step_timeout_ms),
     };
     let deadline = Duration::from_millis(scenario.deadline_ms);
-    let launch = Launch { payload, guest: Guest::Firmware(image), timeouts, deadline, start };
+    let launch =
+        Launch { machine: scenario.machine, payload, guest: Guest::Firmware(image), timeouts, deadline, start };
     run(scenario, arch, launch, guest_elf, config, result).await
 }
 
@@ -132,7 +133,7 @@ pub async fn run_kernel_scenario(
         result.message = Some(format!("firmware-only: {why}"));
         return result;
     }
-    if let Some(why) = kernel::unsupported_because(scenario, arch) {
+    if let Some(why) = kernel::unsupported_because(scenario, arch, kernel) {
         result.status = Status::Skip;
         result.message = Some(format!("not on {arch}'s kernels: {why}"));
         return result;
@@ -144,6 +145,8 @@ pub async fn run_kernel_scenario(
 
 /// What one run boots and how long it may take.
 struct Launch {
+    /// The machine QEMU runs (a kernel may need it other than the file says).
+    machine: MachineSpec,
     payload: BootPayload,
     guest: Guest,
     timeouts: Timeouts,
@@ -160,9 +163,9 @@ async fn run(
     config: &RunConfig,
     mut result: ScenarioResult,
 ) -> ScenarioResult {
-    let Launch { payload, guest, timeouts, deadline, start } = launch;
+    let Launch { machine, payload, guest, timeouts, deadline, start } = launch;
     let p = profile(arch);
-    let mut machine = match Machine::new(p, &scenario.machine, &payload, start) {
+    let mut machine = match Machine::new(p, &machine, &payload, start) {
         Ok(m) => m,
         Err(e) => return errored(result, start, format!("cannot create a temporary directory: {e}")),
     };
@@ -194,6 +197,7 @@ async fn run(
     result.duration_ms = start.elapsed().as_millis() as u64;
     result.qemu_command = run.machine.command().shell_line();
     result.checks = std::mem::take(&mut run.findings.checks);
+    result.refusals = std::mem::take(&mut run.findings.refusals);
     result.phases = run.findings.metrics.phases(run.findings.verify_ms);
     result.metrics = run.findings.metrics.to_json();
     result.qemu_version = run.machine.qemu_version().to_string();
@@ -264,11 +268,12 @@ fn judge(expect: &Expect, checks: &[Check], outcome: Result<(), Abort>) -> (Stat
         Expect::Pass if failed.is_empty() => (Status::Pass, None),
         Expect::Pass => (Status::Fail, Some(describe(&failed))),
         Expect::Fail { invariant, also } => {
-            let caught = failed.iter().any(|c| &c.name == invariant);
+            let caught: Vec<&Check> = failed.iter().copied().filter(|c| &c.name == invariant).collect();
             let others: Vec<&Check> =
                 failed.iter().copied().filter(|c| &c.name != invariant && !also.contains(&c.name)).collect();
-            match (caught, others.is_empty()) {
-                (true, true) => (Status::Pass, None),
+            match (!caught.is_empty(), others.is_empty()) {
+                // What fired is the evidence a reproduced bug is there.
+                (true, true) => (Status::Pass, Some(format!("failed as expected: {}", describe(&caught)))),
                 (false, true) => (Status::Fail, Some(format!("expected `{invariant}` to fail, but it held"))),
                 (_, false) => {
                     (Status::Fail, Some(format!("expected only `{invariant}` to fail, but: {}", describe(&others))))

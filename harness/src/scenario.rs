@@ -6,6 +6,7 @@
 //! The file as written is [`raw`]; [`steps`], [`machine`] and [`expect`] give
 //! it meaning; [`names`] holds every word a field accepts.
 
+mod boot_fit;
 mod expect;
 mod linux;
 mod locate;
@@ -21,6 +22,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use hvo_abi::model::{Knob, Layout, Zone};
+use hvo_abi::refusal::Refusal;
 use hvo_images::Arch;
 use serde::Deserialize;
 use toml::Spanned;
@@ -221,8 +223,10 @@ pub const RUN_CHECKS: &[&str] = &["guest-ready", "ping", "manifest", "exit-statu
 #[derive(Debug, Clone)]
 pub struct PlacedStep {
     pub step: Step,
-    /// The guest must refuse this step (an injected allocation failure).
-    pub expect_failure: bool,
+    /// The guest must refuse this step, for this reason: the injected
+    /// allocation failure (`expect-failure`), or the one `expect-refusal`
+    /// names. Any other refusal fails the run, naming the real reason.
+    pub expect_refusal: Option<Refusal>,
     /// Run the step with its 1st, 2nd, ... allocation failing, checking the
     /// rollback each time, until it no longer reaches the failing allocation.
     pub sweep_failures: bool,
@@ -303,6 +307,7 @@ impl Scenario {
         let boot_gigantic = steps::boot_gigantic(&loc, &raw.boot_gigantic)?;
         let steps = steps::place_steps(&loc, raw.step, &boot_gigantic)?;
         let (machine, boot_pmem) = machine::machine(&loc, &raw.machine, &architectures, &steps)?;
+        boot_fit::check(&loc, &raw.boot_gigantic, &boot_gigantic, &architectures, machine.boot_memory, boot_pmem)?;
         let hugetlb_free_vmemmap = machine::hugetlb_free_vmemmap(&loc, &raw.machine, &steps)?;
         Ok(Scenario {
             name,

@@ -146,6 +146,14 @@ impl SynthVmemmap {
         self.table(BLOCK_LEVEL);
     }
 
+    /// A page-table page linked over the vmemmap past every region, mapping
+    /// nothing: what a teardown that forgets to free empty tables leaves.
+    pub fn link_empty_table(&mut self) {
+        let block = self.format.span(BLOCK_LEVEL);
+        let va = (self.va(Pfn(self.next_pfn)) / block + 1) * block;
+        self.table_for(va, self.format.levels.len() - 1);
+    }
+
     /// The bytes of a vmemmap page of these struct pages, the last repeated
     /// to fill it.
     fn page_bytes(&self, pages: &[StructPage]) -> Vec<u8> {

@@ -7,6 +7,7 @@
 //! one shared [`Context`]; the live ones (translation-agrees, write-faults)
 //! need QEMU and are the runner's.
 
+mod aligned;
 mod compound;
 mod contents;
 mod costs;
@@ -15,6 +16,7 @@ mod findings;
 pub mod live;
 mod map;
 mod pfns;
+mod plain;
 mod presence;
 pub mod probes;
 mod tails;
@@ -91,7 +93,7 @@ fn compound_regions(manifest: &Manifest) -> impl Iterator<Item = &Region> + '_ {
 type CheckFn = fn(&Context, &mut Findings) -> Result<(), VerifyError>;
 
 /// Every invariant the page tables decide, with its check, in report order.
-const STATIC: [(Invariant, CheckFn); 10] = [
+const STATIC: [(Invariant, CheckFn); 11] = [
     (Invariant::HeadPrivate, compound::head_private),
     (Invariant::TailsShared, tails::tails_shared),
     (Invariant::TailsReadonly, compound::tails_readonly),
@@ -102,6 +104,7 @@ const STATIC: [(Invariant, CheckFn); 10] = [
     (Invariant::RootsInSync, presence::roots_in_sync),
     (Invariant::MemmapPresent, presence::memmap_present),
     (Invariant::AltmapUnoptimized, presence::altmap_unoptimized),
+    (Invariant::CompoundAligned, aligned::compound_aligned),
 ];
 
 /// Checks every static invariant (all but those needing the live guest).

@@ -97,12 +97,62 @@ pub struct KernelBoot {
     /// Linux's `SECTION_SIZE_BITS` (arch/*/include/asm/sparsemem.h): the
     /// unit its boot memmap counter counts in.
     pub section_shift: u32,
-    /// Whether a kernel here can make device DAX of persistent memory set
-    /// aside at boot (`memmap=nn!ss`, legacy pmem), and if not, why.
-    pub boot_pmem: KernelSupport,
+    /// How a kernel here sees persistent memory present at boot, for device
+    /// DAX; or why it cannot.
+    pub boot_pmem: BootPmem,
+    /// Device DAX alignments (compound page sizes) a kernel here offers:
+    /// `dax_pmem` allows a PUD-sized one only where the architecture has
+    /// PUD-sized transparent huge pages (x86_64 only).
+    pub dax_aligns: &'static [u64],
+    /// Whether Linux optimizes device DAX vmemmap here at all: the
+    /// architecture selects ARCH_WANT_OPTIMIZE_DAX_VMEMMAP (x86_64, ppc64
+    /// radix) or keeps every DAX vmemmap page private (arm64).
+    pub dax_vmemmap_optimized: bool,
     /// Whether a kernel here takes a DIMM hot-plugged over QMP, and if not, why.
     pub dimm_hotplug: KernelSupport,
 }
+
+/// How a profile's kernels get persistent memory present at boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootPmem {
+    /// `memmap=SIZE!START` sets the end of boot RAM aside as legacy
+    /// persistent memory (nd_e820); a region flagged for struct pages, so
+    /// its raw namespace has them before any DAX device takes it.
+    Memmap,
+    /// A QEMU nvdimm on the command line, which the kernel sees only
+    /// through ACPI's NFIT: booted by this UEFI firmware with `acpi=force`.
+    /// Boot memory less the persistent memory is RAM; the NFIT region's
+    /// raw namespace has no struct pages.
+    AcpiNvdimm(&'static UefiFirmware),
+    /// Not here: what is missing (the machine, the firmware, the kernel).
+    No(&'static str),
+}
+
+/// A UEFI firmware file from a Debian package, fetched like the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UefiFirmware {
+    pub package: &'static str,
+    /// Pinned, so every run boots the same firmware: the one of the QEMU
+    /// release the project is measured on (bookworm's 7.2).
+    pub version: &'static str,
+    /// The file inside the package that QEMU takes as `-bios`.
+    pub file: &'static str,
+    /// Byte ranges (start, length) beside RAM that the firmware's memory
+    /// map describes as memory, so Linux gives them struct pages too.
+    pub memory_beside_ram: &'static [(u64, u64)],
+}
+
+/// EDK2 for QEMU's arm64 virt machine.
+pub const QEMU_EFI_AARCH64: UefiFirmware = UefiFirmware {
+    package: "qemu-efi-aarch64",
+    version: "2022.11-6+deb12u2",
+    file: "usr/share/qemu-efi-aarch64/QEMU_EFI.fd",
+    // virt's second flash bank, EDK2's variable store: a runtime region
+    // with a cacheable attribute, which arm64 Linux adds to memblock
+    // (nomap). Measured: 2112 MiB of memory for 2 GiB of RAM, one more
+    // 128 MiB section counted in nr_memmap_boot_pages.
+    memory_beside_ram: &[(0x0400_0000, 64 * MIB)],
+};
 
 /// Whether the kernels of a profile can do something the scenario asks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,6 +210,9 @@ pub struct Profile {
     pub ram_layout: RamLayout,
     /// Whether an `nvdimm` can be hotplugged (with the machine's `nvdimm=on`).
     pub nvdimm_hotplug: bool,
+    /// The largest boot memory the machine takes under TCG with no hotplug
+    /// room (measured on QEMU 7.2 in 10 GiB steps), for the boot-time bench.
+    pub max_boot_memory: u64,
     /// The kernel's PAGE_OFFSET: where all RAM is mapped again.
     pub linear_map_base: u64,
     /// Base of the vmemmap region (docs/design.md section 3).
@@ -187,6 +240,13 @@ pub struct RamPiece {
 }
 
 const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+/// cortex-a57 has 44 physical address bits, and virt takes 16000 GiB; but
+/// there the firmware's boot makes 34 M page-table updates, past what its
+/// update log keeps, so no verdict: 4000 GiB is the largest measured.
+const AARCH64_MAX_BOOT_MEMORY: u64 = 4000 * GIB;
+/// pseries: 990 GiB boots; 2000 GiB is refused (see the profile).
+const PPC64_MAX_BOOT_MEMORY: u64 = 990 * GIB;
 
 /// ppc64le on pseries with the radix MMU; the 64 KiB profile differs only in
 /// its base page.
@@ -219,6 +279,9 @@ const PPC64LE: Profile = Profile {
     dimm_granule: 256 * MIB,
     ram_layout: RamLayout::Contiguous,
     nvdimm_hotplug: false,
+    // QEMU allocates the hash page table (1/128 of RAM) up front even for
+    // a radix guest: 2000 GiB asks 16 GiB of the host at once and fails.
+    max_boot_memory: PPC64_MAX_BOOT_MEMORY,
     linear_map_base: 0xc000_0000_0000_0000,
     vmemmap_base: 0xc00c_0000_0000_0000,
     // SLOF takes 10 s to boot Linux where VOF takes none.
@@ -229,10 +292,12 @@ const PPC64LE: Profile = Profile {
         root_symbol: "swapper_pg_dir",
         vmemmap: VmemmapStart::Variable("vmemmap"),
         section_shift: 24,
-        boot_pmem: KernelSupport::No(
-            "persistent memory set aside at boot needs `memmap=nn!ss`, which only x86 kernels take \
-             (and Debian's ppc64le kernels are built without LIBNVDIMM)",
+        boot_pmem: BootPmem::No(
+            "persistent memory at boot needs `memmap=nn!ss`, which only x86 kernels take, or an nvdimm, \
+             which Debian's ppc64le kernels cannot use: they are built without LIBNVDIMM",
         ),
+        dax_aligns: &[2 * MIB],
+        dax_vmemmap_optimized: true,
         dimm_hotplug: KernelSupport::Yes,
     },
 };
@@ -261,6 +326,10 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             dimm_granule: 2 * MIB,
             ram_layout: RamLayout::PcSplit,
             nvdimm_hotplug: true,
+            // 40 physical address bits under TCG; q35 puts RAM above 2 GiB
+            // at 4 GiB and its 64-bit PCI hole above that: 980 GiB is
+            // refused ("phys-bits too low").
+            max_boot_memory: 970 * GIB,
             linear_map_base: 0xffff_8880_0000_0000,
             vmemmap_base: 0xffff_ea00_0000_0000,
             // `max` has LA57, on which Debian's kernels run 5-level tables;
@@ -272,7 +341,9 @@ pub const fn profile(arch: Arch) -> &'static Profile {
                 root_symbol: "init_top_pgt",
                 vmemmap: VmemmapStart::Variable("vmemmap_base"),
                 section_shift: 27,
-                boot_pmem: KernelSupport::Yes,
+                boot_pmem: BootPmem::Memmap,
+                dax_aligns: &[2 * MIB, 1 << 30],
+                dax_vmemmap_optimized: true,
                 dimm_hotplug: KernelSupport::Yes,
             },
         },
@@ -296,6 +367,7 @@ pub const fn profile(arch: Arch) -> &'static Profile {
             dimm_granule: 2 * MIB,
             ram_layout: RamLayout::Contiguous,
             nvdimm_hotplug: true,
+            max_boot_memory: AARCH64_MAX_BOOT_MEMORY,
             linear_map_base: 0xffff_0000_0000_0000,
             vmemmap_base: 0xffff_fdff_c000_0000,
             // cortex-a57 has no LPA2: Debian's 52-bit kernels run 48-bit
@@ -311,10 +383,10 @@ pub const fn profile(arch: Arch) -> &'static Profile {
                 },
                 // With 4 KiB (and 16 KiB) pages; 29 with 64 KiB.
                 section_shift: 27,
-                boot_pmem: KernelSupport::No(
-                    "persistent memory set aside at boot needs `memmap=nn!ss`, which only x86 kernels take \
-                     (arm64 sees an nvdimm only through ACPI NFIT, booted by UEFI)",
-                ),
+                // An nvdimm is described only by ACPI NFIT on virt.
+                boot_pmem: BootPmem::AcpiNvdimm(&QEMU_EFI_AARCH64),
+                dax_aligns: &[2 * MIB],
+                dax_vmemmap_optimized: false,
                 dimm_hotplug: KernelSupport::No(
                     "virt booted by plain -kernel has no ACPI GED for pc-dimm, and Debian's arm64 kernels lack ACPI memory hotplug",
                 ),
@@ -341,7 +413,6 @@ pub fn workspace_root() -> &'static Path {
 impl Profile {
     /// Where `size` bytes of boot RAM land in guest-physical space.
     pub fn boot_ram_pieces(&self, size: u64) -> Vec<RamPiece> {
-        const GIB: u64 = 1 << 30;
         match self.ram_layout {
             RamLayout::PcSplit if size >= 0xb000_0000 => vec![
                 RamPiece { gpa: 0, file_offset: 0, len: 2 * GIB },

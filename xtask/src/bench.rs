@@ -16,6 +16,32 @@ use serde_json::{json, Value};
 
 use crate::run::parse_arch;
 
+/// The machine of the kernel measurements and of the firmware's equal
+/// work: 4 GiB with 64 x 2M and 1 x 1G reserved at boot (on a kernel's
+/// command line, `hugepagesz=2M hugepages=64 hugepagesz=1G hugepages=1`).
+macro_rules! kernel_machine {
+    () => {
+        r#"
+[machine]
+boot-memory = "4G"
+max-memory = "4G"
+
+[[boot-gigantic]]
+region = "boot-2m"
+size = "2M"
+count = 64
+
+[[boot-gigantic]]
+region = "boot-1g"
+size = "1G"
+count = 1
+"#
+    };
+}
+
+mod boot_time;
+mod boot_time_chart;
+mod equal;
 mod kernel;
 
 #[derive(Args)]
@@ -40,6 +66,19 @@ pub struct BenchArgs {
     /// architectures) or the path of a kernel image (then name one --arch).
     #[arg(long, value_name = "SPEC|PATH", conflicts_with = "svg")]
     pub kernel: Option<String>,
+    /// Measure only the boot-time benefit of pre-optimized gigantic pages:
+    /// the boot memmap's time and struct pages written, with gigantic pages
+    /// reserved at boot and with the same memory as ordinary pages, from
+    /// 16 GiB to each profile's largest machine (long: minutes per profile).
+    #[arg(long, conflicts_with_all = ["kernel", "suite", "equal_work"])]
+    pub boot_time: bool,
+    /// The firmware against a real kernel at equal work, interleaved: the
+    /// kernel (`--kernel`, default debian-6.12) booted to its initramfs with
+    /// 64 x 2M and 1 x 1G reserved, its pools checked, against the firmware
+    /// reaching the same state (those pages optimized at boot) and verifying
+    /// it (default architecture: x86_64).
+    #[arg(long, conflicts_with_all = ["suite", "svg"])]
+    pub equal_work: bool,
     /// The kernel's System.map, for a kernel whose symbols the host has no
     /// other file of.
     #[arg(long, value_name = "FILE", requires = "kernel")]
@@ -177,8 +216,14 @@ fn write_json(path: &Path, report: &Value) -> Result<()> {
 }
 
 pub fn bench(args: BenchArgs) -> Result<ExitCode> {
+    if args.equal_work {
+        return equal::bench_equal_work(&args);
+    }
     if let Some(kernel) = &args.kernel {
         return kernel::bench_kernel(kernel, &args);
+    }
+    if args.boot_time {
+        return boot_time::bench_boot_time(&args);
     }
     let root = workspace_root();
     let arches = args.arch.clone().unwrap_or(Arch::ALL.to_vec());

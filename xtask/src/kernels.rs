@@ -22,6 +22,8 @@ use hvo_images::{workspace_root, Arch};
 
 use crate::apt::{PrivateApt, ARCHIVE, SECURITY};
 
+mod uefi;
+
 #[derive(clap::Args)]
 pub struct FetchKernelArgs {
     /// `debian-6.12` or `debian-7.2`.
@@ -32,7 +34,7 @@ pub struct FetchKernelArgs {
 
 /// A Debian kernel series the harness knows how to fetch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DebianSpec {
+pub enum DebianSeries {
     /// bookworm-security (trixie on ppc64el): `linux-image-6.12.*` holds the
     /// image, a stub System.map and the config in `boot/`.
     Debian612,
@@ -41,36 +43,68 @@ pub enum DebianSpec {
     Debian72,
 }
 
-impl DebianSpec {
-    const ALL: [DebianSpec; 2] = [DebianSpec::Debian612, DebianSpec::Debian72];
+/// What `--kernel` names: a series' newest kernel the mirror serves
+/// (`debian-6.12`), or one stable release of it (`debian-6.12.100`, to
+/// check a kernel from before a fix).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DebianSpec {
+    pub series: DebianSeries,
+    /// The stable patch level pinned, if any.
+    pub point: Option<u32>,
+}
 
-    pub fn name(self) -> &'static str {
-        match self {
-            DebianSpec::Debian612 => "debian-6.12",
-            DebianSpec::Debian72 => "debian-7.2",
+impl DebianSpec {
+    pub fn name(self) -> String {
+        match self.point {
+            Some(point) => format!("{}.{point}", self.series.name()),
+            None => self.series.name().to_string(),
         }
     }
 
     pub fn from_name(name: &str) -> Result<DebianSpec> {
-        DebianSpec::ALL.into_iter().find(|s| s.name() == name).with_context(|| {
-            let known: Vec<&str> = DebianSpec::ALL.iter().map(|s| s.name()).collect();
-            format!("unknown kernel spec {name:?}: known specs are {}", known.join(", "))
-        })
+        let known = || {
+            let known: Vec<&str> = DebianSeries::ALL.iter().map(|s| s.name()).collect();
+            format!(
+                "unknown kernel spec {name:?}: known specs are {} (each optionally .<stable release>)",
+                known.join(", ")
+            )
+        };
+        for series in DebianSeries::ALL {
+            let Some(rest) = name.strip_prefix(series.name()) else { continue };
+            if rest.is_empty() {
+                return Ok(DebianSpec { series, point: None });
+            }
+            if let Some(point) = rest.strip_prefix('.').and_then(|p| p.parse().ok()) {
+                return Ok(DebianSpec { series, point: Some(point) });
+            }
+        }
+        bail!(known())
+    }
+}
+
+impl DebianSeries {
+    const ALL: [DebianSeries; 2] = [DebianSeries::Debian612, DebianSeries::Debian72];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DebianSeries::Debian612 => "debian-6.12",
+            DebianSeries::Debian72 => "debian-7.2",
+        }
     }
 
     /// The upstream series in package names.
     fn series(self) -> &'static str {
         match self {
-            DebianSpec::Debian612 => "6.12",
-            DebianSpec::Debian72 => "7.2",
+            DebianSeries::Debian612 => "6.12",
+            DebianSeries::Debian72 => "7.2",
         }
     }
 
     /// The package holding the image.
     fn image_kind(self) -> &'static str {
         match self {
-            DebianSpec::Debian612 => "linux-image",
-            DebianSpec::Debian72 => "linux-binary",
+            DebianSeries::Debian612 => "linux-image",
+            DebianSeries::Debian72 => "linux-binary",
         }
     }
 
@@ -79,22 +113,22 @@ impl DebianSpec {
     /// modules when `with_modules` (6.12's image package holds both).
     fn companion_kinds(self, with_modules: bool) -> &'static [&'static str] {
         match (self, with_modules) {
-            (DebianSpec::Debian612, _) => &[],
-            (DebianSpec::Debian72, false) => &["linux-base"],
-            (DebianSpec::Debian72, true) => &["linux-base", "linux-modules"],
+            (DebianSeries::Debian612, _) => &[],
+            (DebianSeries::Debian72, false) => &["linux-base"],
+            (DebianSeries::Debian72, true) => &["linux-base", "linux-modules"],
         }
     }
 
     /// Where the unpacked packages keep their files, relative to the unpack root.
     fn layout(self, release: &str) -> KernelLayout {
         match self {
-            DebianSpec::Debian612 => KernelLayout {
+            DebianSeries::Debian612 => KernelLayout {
                 images: vec![format!("boot/vmlinuz-{release}"), format!("boot/vmlinux-{release}")],
                 config: format!("boot/config-{release}"),
                 system_map: format!("boot/System.map-{release}"),
                 modules: format!("lib/modules/{release}"),
             },
-            DebianSpec::Debian72 => {
+            DebianSeries::Debian72 => {
                 let dir = format!("usr/lib/modules/{release}");
                 KernelLayout {
                     images: vec![format!("{dir}/vmlinuz")],
@@ -165,9 +199,12 @@ fn packages_newest_first<'a>(
     spec: DebianSpec,
     flavour: &str,
 ) -> Vec<&'a str> {
-    let kind = spec.image_kind();
-    let mut found: Vec<_> =
-        names.into_iter().filter_map(|n| Some((package_version(n, kind, spec.series(), flavour)?, n))).collect();
+    let kind = spec.series.image_kind();
+    let mut found: Vec<_> = names
+        .into_iter()
+        .filter_map(|n| Some((package_version(n, kind, spec.series.series(), flavour)?, n)))
+        .filter(|((patch, _), _)| spec.point.is_none_or(|p| p == *patch))
+        .collect();
     found.sort_by(|a, b| b.cmp(a));
     found.into_iter().map(|(_, n)| n).collect()
 }
@@ -244,9 +281,9 @@ const VERSIONS_TRIED: usize = 3;
 /// The package set of `image`: the image package first, then its
 /// companions (base, and modules when `with_modules`).
 fn package_set(spec: DebianSpec, image: &str, with_modules: bool) -> Vec<String> {
-    let image_kind = spec.image_kind();
+    let image_kind = spec.series.image_kind();
     let mut packages = vec![image.to_string()];
-    packages.extend(spec.companion_kinds(with_modules).iter().map(|kind| image.replacen(image_kind, kind, 1)));
+    packages.extend(spec.series.companion_kinds(with_modules).iter().map(|kind| image.replacen(image_kind, kind, 1)));
     packages
 }
 
@@ -280,12 +317,12 @@ fn ensure_packages(
     if let Some(image) = packages_newest_first(cached.iter().filter_map(|p| deb_package(p)), spec, flavour).first() {
         return download_set(&package_set(spec, image, with_modules), apt, debs);
     }
-    let image_kind = spec.image_kind();
+    let image_kind = spec.series.image_kind();
     apt.update()?;
-    let names = apt.package_names(&format!("{image_kind}-{}.", spec.series()))?;
+    let names = apt.package_names(&format!("{image_kind}-{}.", spec.series.series()))?;
     let candidates = packages_newest_first(names.iter().map(String::as_str), spec, flavour);
     if candidates.is_empty() {
-        bail!("no {image_kind}-{}.*-{flavour} package in Debian's indexes", spec.series());
+        bail!("no {image_kind} package of {} for {flavour} in Debian's indexes", spec.name());
     }
     let mut failures = Vec::new();
     for image in candidates.iter().take(VERSIONS_TRIED) {
@@ -300,7 +337,7 @@ fn ensure_packages(
     bail!(
         "none of the {} newest {image_kind}-{}.*-{flavour} versions could be downloaded:\n{}",
         failures.len(),
-        spec.series(),
+        spec.series.series(),
         failures.join("\n")
     )
 }
@@ -325,14 +362,14 @@ pub fn ensure_kernel(spec: DebianSpec, arch: Arch) -> Result<FetchedKernel> {
         }
         // linux-image-<release>: the release is what `uname -r` will say.
         let image_package = packages.first().and_then(|p| deb_package(p)).unwrap_or_default();
-        let release = image_package.strip_prefix(spec.image_kind()).and_then(|r| r.strip_prefix('-'));
+        let release = image_package.strip_prefix(spec.series.image_kind()).and_then(|r| r.strip_prefix('-'));
         let names: Vec<&str> = packages.iter().filter_map(|p| deb_package(p)).collect();
         fs::write(out.join(UNPACKED_PACKAGES), names.join("\n") + "\n")?;
         fs::write(&complete, release.context("the image package name holds no release")?)?;
     }
     let release = fs::read_to_string(&complete)?.trim().to_string();
     unpack_missing_companions(spec, &release, with_modules, &apt, &debs, &out)?;
-    let layout = spec.layout(&release);
+    let layout = spec.series.layout(&release);
     let image = layout
         .images
         .iter()
@@ -372,7 +409,7 @@ fn unpack_missing_companions(
     debs: &Path,
     out: &Path,
 ) -> Result<()> {
-    let image = format!("{}-{release}", spec.image_kind());
+    let image = format!("{}-{release}", spec.series.image_kind());
     let list = out.join(UNPACKED_PACKAGES);
     let mut unpacked: Vec<String> = match fs::read_to_string(&list) {
         Ok(text) => text.lines().map(str::to_string).collect(),
@@ -429,11 +466,12 @@ pub fn kernel_guest(kernel: &str, system_map: Option<&Path>, arch: Arch) -> Resu
         };
         let cache = kernels_dir().join(spec.name()).join(arch.name()).join("kallsyms.map");
         return Ok(KernelGuest {
-            spec: spec.name().to_string(),
+            spec: spec.name(),
             image: k.image,
             initramfs: k.initramfs,
             symbols: given_map.or(from_files),
             symbols_cache: Some(cache),
+            uefi: uefi::ensure_uefi(arch)?,
         });
     }
     let image = Path::new(kernel);
@@ -460,6 +498,7 @@ pub fn kernel_guest(kernel: &str, system_map: Option<&Path>, arch: Arch) -> Resu
         initramfs,
         symbols: given_map.or(from_image),
         symbols_cache: Some(out.join("kallsyms.map")),
+        uefi: uefi::ensure_uefi(arch)?,
     })
 }
 
@@ -490,11 +529,22 @@ pub fn fetch_kernel(args: FetchKernelArgs) -> Result<ExitCode> {
 mod tests {
     use super::*;
 
+    const LATEST_612: DebianSpec = DebianSpec { series: DebianSeries::Debian612, point: None };
+    const LATEST_72: DebianSpec = DebianSpec { series: DebianSeries::Debian72, point: None };
+
     #[test]
     fn specs_parse_and_unknown_ones_list_the_known() {
-        assert_eq!(DebianSpec::from_name("debian-7.2").unwrap(), DebianSpec::Debian72);
-        let e = DebianSpec::from_name("debian-5.10").unwrap_err().to_string();
-        assert!(e.contains("debian-6.12, debian-7.2"), "{e}");
+        assert_eq!(
+            DebianSpec::from_name("debian-7.2").unwrap(),
+            DebianSpec { series: DebianSeries::Debian72, point: None }
+        );
+        let pinned = DebianSpec::from_name("debian-6.12.100").unwrap();
+        assert_eq!(pinned, DebianSpec { series: DebianSeries::Debian612, point: Some(100) });
+        assert_eq!(pinned.name(), "debian-6.12.100");
+        for bad in ["debian-5.10", "debian-6.12.x", "debian-6.120", "debian-6.12."] {
+            let e = DebianSpec::from_name(bad).unwrap_err().to_string();
+            assert!(e.contains("debian-6.12, debian-7.2"), "{e}");
+        }
     }
 
     #[test]
@@ -510,30 +560,32 @@ mod tests {
             "linux-image-6.120.1+deb12-amd64",
         ];
         assert_eq!(
-            packages_newest_first(names, DebianSpec::Debian612, "amd64"),
+            packages_newest_first(names, LATEST_612, "amd64"),
             ["linux-image-6.12.117+deb12-amd64", "linux-image-6.12.9+deb12-amd64"]
         );
         assert_eq!(
-            packages_newest_first(names, DebianSpec::Debian612, "powerpc64le-64k").first().copied(),
+            packages_newest_first(names, LATEST_612, "powerpc64le-64k").first().copied(),
             Some("linux-image-6.12.41+deb13-powerpc64le-64k")
         );
-        assert!(packages_newest_first(names, DebianSpec::Debian612, "arm64").is_empty());
+        assert!(packages_newest_first(names, LATEST_612, "arm64").is_empty());
+        let pinned = DebianSpec { point: Some(9), ..LATEST_612 };
+        assert_eq!(packages_newest_first(names, pinned, "amd64"), ["linux-image-6.12.9+deb12-amd64"]);
         let sid =
             ["linux-binary-7.2.13+deb14-arm64", "linux-base-7.2.13+deb14-arm64", "linux-binary-7.2.9+deb14-arm64"];
         assert_eq!(
-            packages_newest_first(sid, DebianSpec::Debian72, "arm64"),
+            packages_newest_first(sid, LATEST_72, "arm64"),
             ["linux-binary-7.2.13+deb14-arm64", "linux-binary-7.2.9+deb14-arm64"]
         );
         assert_eq!(
-            package_set(DebianSpec::Debian72, "linux-binary-7.2.13+deb14-arm64", false),
+            package_set(LATEST_72, "linux-binary-7.2.13+deb14-arm64", false),
             ["linux-binary-7.2.13+deb14-arm64", "linux-base-7.2.13+deb14-arm64"]
         );
         assert_eq!(
-            package_set(DebianSpec::Debian72, "linux-binary-7.2.13+deb14-amd64", true),
+            package_set(LATEST_72, "linux-binary-7.2.13+deb14-amd64", true),
             ["linux-binary-7.2.13+deb14-amd64", "linux-base-7.2.13+deb14-amd64", "linux-modules-7.2.13+deb14-amd64"]
         );
         assert_eq!(
-            package_set(DebianSpec::Debian612, "linux-image-6.12.117+deb12-amd64", true),
+            package_set(LATEST_612, "linux-image-6.12.117+deb12-amd64", true),
             ["linux-image-6.12.117+deb12-amd64"],
             "6.12's image package holds its modules"
         );
@@ -553,7 +605,7 @@ mod tests {
         assert!(found.ends_with("busybox-static_1%3a1.35.0-4+deb12u1+b1_arm64.deb"));
         assert_eq!(cached_debs(dir.path()).len(), 2);
         let names: Vec<PathBuf> = cached_debs(dir.path());
-        let found = packages_newest_first(names.iter().filter_map(|p| deb_package(p)), DebianSpec::Debian612, "arm64");
+        let found = packages_newest_first(names.iter().filter_map(|p| deb_package(p)), LATEST_612, "arm64");
         assert_eq!(found, ["linux-image-6.12.117+deb12-arm64"]);
         assert_eq!(find_deb(&dir.path().join("missing"), "x"), None);
     }

@@ -194,16 +194,22 @@ fn test(no_lint: bool) -> Result<ExitCode> {
         return Ok(firmware);
     }
     // Real kernels (fetched once, cached under target/kernels/): the Linux
-    // scenarios on x86_64, where Debian's kernel optimizes, and the
-    // not-optimized verdict on aarch64, where it cannot.
-    for (arch, scenarios) in [(Arch::X86_64, "scenarios/linux"), (Arch::Aarch64, "scenarios/linux/not-optimized.toml")]
-    {
-        eprintln!("test: {scenarios} on debian-6.12 for {arch}");
+    // scenarios on x86_64, where Debian's kernel optimizes; on aarch64, where
+    // it cannot, the not-optimized verdict and device DAX booted by UEFI; and
+    // the Linux regressions on the last 6.12 before their fix, where they
+    // must fail as they state.
+    let linux: [(&str, Arch, &[&str]); 3] = [
+        ("debian-6.12", Arch::X86_64, &["scenarios/linux"]),
+        ("debian-6.12", Arch::Aarch64, &["scenarios/linux/not-optimized.toml", "scenarios/linux/dax-pmem-2m.toml"]),
+        ("debian-6.12.100", Arch::X86_64, &["scenarios/linux/regressions"]),
+    ];
+    for (kernel, arch, scenarios) in linux {
+        eprintln!("test: {} on {kernel} for {arch}", scenarios.join(" "));
         let code = run::run_scenarios(run::RunArgs {
-            paths: vec![hvo_images::workspace_root().join(scenarios)],
+            paths: scenarios.iter().map(|s| hvo_images::workspace_root().join(s)).collect(),
             arch: Some(vec![arch]),
             jobs: Some(2),
-            kernel: Some("debian-6.12".into()),
+            kernel: Some(kernel.into()),
             ..run::RunArgs::default()
         })?;
         if code != ExitCode::SUCCESS {

@@ -46,7 +46,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub keep_artifacts: bool,
     /// Boot a real Linux kernel instead of the firmware: a Debian spec
-    /// (`debian-6.12`, `debian-7.2`, fetched and cached under
+    /// (`debian-6.12`, `debian-7.2`: the newest the mirror serves; or one
+    /// stable release such as `debian-6.12.100`; fetched and cached under
     /// target/kernels/) or the path of a kernel image (then name one --arch).
     /// The default scenarios become scenarios/linux/.
     #[arg(long, value_name = "SPEC|PATH")]
@@ -139,8 +140,8 @@ pub fn repro(args: ReproArgs) -> Result<ExitCode> {
         println!("boot: populate the boot vmemmap and run memmap init");
         for placed in &scenario.steps {
             let mut flags = String::new();
-            if placed.expect_failure {
-                flags.push_str(" (must be refused)");
+            if let Some(reason) = placed.expect_refusal {
+                flags.push_str(&format!(" (must be refused: {reason})"));
             }
             if placed.sweep_failures {
                 flags.push_str(" (allocation failures swept)");
@@ -466,6 +467,13 @@ fn describe(r: &ScenarioResult) -> String {
         line.push_str(&format!("\n      kernel {}", k.describe()));
         if !k.generation_reason.is_empty() {
             line.push_str(&format!("\n      judged {}", k.generation_reason));
+        }
+    }
+    // Why it was skipped; and what a real kernel's expected failure showed
+    // (a Linux bug's counts are the point of running it).
+    if let (Status::Skip, Some(why)) | (Status::Pass, Some(why)) = (r.status, &r.message) {
+        if r.status == Status::Skip || r.kernel.is_some() {
+            line.push_str(&format!("\n      {why}"));
         }
     }
     if r.status != Status::Pass && r.status != Status::Skip {

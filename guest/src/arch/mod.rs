@@ -29,7 +29,8 @@
 //!   `crate::main(Platform)`; unexpected traps call `crate::crash` with a
 //!   description and a closure printing the registers.
 //! - every linker script (images/<arch>/link.ld) defines `__image_start` and
-//!   `__image_end` around everything loaded or zeroed.
+//!   `__image_end` around everything loaded or zeroed, and a `.noinit`
+//!   section inside them that boot leaves as it finds it.
 
 #[cfg(target_arch = "x86_64")]
 #[path = "x86_64/mod.rs"]

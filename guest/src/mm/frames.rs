@@ -148,6 +148,21 @@ impl FrameAllocator {
     /// A zeroed block of `bytes` (a power of two, at least a base page), aligned to its
     /// size: page-table roots larger than a page (ppc64le radix) come from here.
     pub fn alloc_bytes(&mut self, bytes: u64, purpose: Purpose) -> Result<PhysAddr, AllocError> {
+        let pa = self.alloc_block(bytes, purpose)?;
+        // SAFETY: the frame was free RAM that nothing else references.
+        unsafe { core::ptr::write_bytes(pa.as_mut_ptr::<u8>(), 0, bytes as usize) };
+        Ok(pa)
+    }
+
+    /// One frame of `size`, aligned to its size, holding whatever it held:
+    /// for the boot vmemmap, every byte of which memmap init or its poison
+    /// writes anyway (Linux allocates it raw too, memblock_alloc_try_nid_raw).
+    /// Zeroing 2 MiB leaves first cost as much as memmap init itself.
+    pub fn alloc_raw(&mut self, size: PageSize, purpose: Purpose) -> Result<PhysAddr, AllocError> {
+        self.alloc_block(size.bytes(), purpose)
+    }
+
+    fn alloc_block(&mut self, bytes: u64, purpose: Purpose) -> Result<PhysAddr, AllocError> {
         debug_assert!(bytes.is_power_of_two() && bytes >= self.frame);
         self.injected_failure()?;
         let one_frame = bytes == self.frame;
@@ -165,8 +180,6 @@ impl FrameAllocator {
             }
             _ => self.bump(bytes)?,
         };
-        // SAFETY: the frame was free RAM that nothing else references.
-        unsafe { core::ptr::write_bytes(pa.as_mut_ptr::<u8>(), 0, bytes as usize) };
         self.counters.allocated[purpose.index()] += bytes / self.frame;
         Ok(pa)
     }

@@ -402,20 +402,24 @@ impl<F: Format> PageTable<F> {
     }
 
     /// Copies the root entries of `from` that cover `[start, end)` and that
-    /// this root lacks: what sync_global_pgds does for a second root.
+    /// this root lacks: what sync_global_pgds does for a second root. Each
+    /// root slot is visited once, however wide the range (the whole 64-bit
+    /// space wraps a 512-entry root 65,536 times), and an empty source is
+    /// not copied: storing nothing over nothing changes no table.
     pub fn copy_top_level(&mut self, from: &Self, start: VirtAddr, end: VirtAddr) {
         let span = 1u64 << F::SHIFTS[0];
-        let mut va = start.0 & !(span - 1);
-        while va < end.0 {
-            let src = Self::slot(from.root, 0, VirtAddr(va));
-            let dst = Self::slot(self.root, 0, VirtAddr(va));
-            if F::decode(load::<F>(dst), 0) == Entry::Empty {
-                store::<F>(dst, load::<F>(src));
+        let first = start.0 & !(span - 1);
+        if end.0 <= first {
+            return;
+        }
+        let slots = (end.0 - first).div_ceil(span).min(1 << F::INDEX_BITS[0]);
+        for i in 0..slots {
+            let va = VirtAddr(first.wrapping_add(i * span));
+            let (src, dst) = (Self::slot(from.root, 0, va), Self::slot(self.root, 0, va));
+            let entry = load::<F>(src);
+            if F::decode(load::<F>(dst), 0) == Entry::Empty && F::decode(entry, 0) != Entry::Empty {
+                store::<F>(dst, entry);
             }
-            va = match va.checked_add(span) {
-                Some(next) => next,
-                None => break,
-            };
         }
     }
 

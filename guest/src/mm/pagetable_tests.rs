@@ -235,6 +235,26 @@ fn frees_empty_tables_and_keeps_the_root_entries<F: Format>() {
     assert_eq!(process.translate(kept), table.translate(kept));
 }
 
+/// Copying the whole address space's root entries stores each one the second
+/// root lacks exactly once: the range wraps the root many times over, and
+/// the empty entries are not stores at all.
+fn copies_each_root_entry_once<F: Format>() {
+    let (_memory, mut frames, mut table) = setup::<F>();
+    table.map(&mut frames, VMEMMAP, DATA, F::BASE_PAGE, Prot::RW).unwrap().ignore();
+    table.map(&mut frames, VirtAddr(0x4000_0000), DATA, F::BASE_PAGE, Prot::RW).unwrap().ignore();
+    let mut process = PageTable::<F>::new(&mut frames).unwrap();
+    update_log::begin_command();
+    process.copy_top_level(&table, VirtAddr(0), VirtAddr(u64::MAX));
+    let (len, records) = update_log::current();
+    assert_eq!(len, 2, "{records:?}");
+    assert!(records.iter().all(|r| r.kind == RecordKind::Store as u32 && r.detail == 1), "{records:?}");
+    assert_eq!(process.translate(VMEMMAP), table.translate(VMEMMAP));
+    // Nothing left to copy: nothing stored.
+    update_log::begin_command();
+    process.copy_top_level(&table, VirtAddr(0), VirtAddr(u64::MAX));
+    assert_eq!(update_log::current().0, 0);
+}
+
 /// Every check above, on one format (each check installs its own memory).
 fn every_check<F: Format>() {
     maps_and_reads_back::<F>();
@@ -243,6 +263,7 @@ fn every_check<F: Format>() {
     remaps_and_unmaps_base_pages::<F>();
     remaps_in_the_architecture_sequence::<F>();
     frees_empty_tables_and_keeps_the_root_entries::<F>();
+    copies_each_root_entry_once::<F>();
 }
 
 #[test]

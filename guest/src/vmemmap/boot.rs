@@ -5,7 +5,7 @@
 use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone};
 use hvo_guest::sparse::SUBSECTION;
 
-use super::{pfn_of, BootState, Mm, Region, Vmemmap, VmemmapError, STRUCT_PAGES_PER_PAGE};
+use super::{pfn_of, BootState, Mm, Region, Vmemmap, VmemmapError, BOOT_ZONE, STRUCT_PAGES_PER_PAGE};
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{align_down, align_up, FrameAllocator, Purpose};
 use crate::mm::pagetable::Prot;
@@ -111,8 +111,10 @@ impl Vmemmap {
             let end = self.va(pfn_of(sections.end)).0;
             let mut va = start;
             while va < end {
+                // Raw frames: memmap init or the poison below writes every
+                // struct page they hold.
                 if va.is_multiple_of(big) && va + big <= end && !self.overlaps_boot_gigantic(va, va + big) {
-                    let frame = mm.frames.alloc(PageSize::Size2M, Purpose::Vmemmap)?;
+                    let frame = mm.frames.alloc_raw(PageSize::Size2M, Purpose::Vmemmap)?;
                     // Empty entries are never cached: nothing to flush.
                     mm.table.map(mm.frames, VirtAddr(va), frame, PageSize::Size2M, Prot::RW)?.ignore();
                     va += big;
@@ -130,7 +132,7 @@ impl Vmemmap {
                         let prot = if self.knob(Knob::TailsWritable) { Prot::RW } else { Prot::RO };
                         (shared, prot)
                     }
-                    _ => (mm.frames.alloc(arch::BASE_PAGE, Purpose::Vmemmap)?, Prot::RW),
+                    _ => (mm.frames.alloc_raw(arch::BASE_PAGE, Purpose::Vmemmap)?, Prot::RW),
                 };
                 mm.table.map(mm.frames, VirtAddr(va), frame, arch::BASE_PAGE, prot)?.ignore();
                 va += PAGE;
@@ -149,9 +151,7 @@ impl Vmemmap {
     }
 
     fn poison(&self, start: Pfn, end: Pfn) {
-        for pfn in start.up_to(end) {
-            self.write_struct_page(pfn, StructPage::POISONED);
-        }
+        self.fill_struct_pages(start, end, StructPage::POISONED);
     }
 
     /// Sets the last `size` bytes of boot memory aside as persistent memory
@@ -188,32 +188,51 @@ impl Vmemmap {
 
     /// memmap_init: every RAM page's struct page. A reserved gigantic page's
     /// head and the tails in its head vmemmap page are written; its other
-    /// tails live in the shared tail page and are skipped, not counted.
+    /// tails live in the shared tail page and are skipped, not counted. Knob
+    /// `skip-boot-memmap-init`: the RAM outside them is left as the raw
+    /// vmemmap frames hold it.
     pub fn memmap_init(&mut self, ram: &RangeList) {
         for r in ram.iter() {
-            let mut pfn = pfn_of(r.start);
-            while pfn < pfn_of(r.end) {
-                let gigantic = self.regions().find(|g| g.optimized && pfn >= g.start_pfn && pfn < g.end_pfn()).copied();
-                let page = match gigantic {
-                    None => StructPage::free(Zone::Normal),
-                    Some(g) => {
-                        let position = pfn.pages_since(g.start_pfn) % (1 << g.order);
-                        if position >= STRUCT_PAGES_PER_PAGE {
-                            // The rest of this compound page is in the shared page.
-                            pfn = pfn.add((1 << g.order) - position);
-                            continue;
-                        }
-                        if position == 0 {
-                            StructPage::head(g.zone, g.order)
-                        } else {
-                            StructPage::tail(g.zone, g.order)
-                        }
-                    }
-                };
-                self.write_struct_page(pfn, page);
-                self.struct_pages_initialized += 1;
-                pfn = pfn.add(1);
+            let (mut pfn, end) = (pfn_of(r.start), pfn_of(r.end));
+            while pfn < end {
+                let next = self.next_boot_gigantic(pfn, end);
+                let plain_end = next.map_or(end, |g| g.start_pfn.max(pfn));
+                self.init_plain(pfn, plain_end);
+                let Some(g) = next else { break };
+                let folios_end = g.end_pfn().min(end);
+                self.init_boot_gigantic(&g, plain_end, folios_end);
+                pfn = folios_end;
             }
+        }
+    }
+
+    /// The reserved gigantic region that starts first among those ending
+    /// past `pfn` and starting before `end`.
+    fn next_boot_gigantic(&self, pfn: Pfn, end: Pfn) -> Option<Region> {
+        self.regions()
+            .filter(|g| g.optimized && g.end_pfn() > pfn && g.start_pfn < end)
+            .min_by_key(|g| g.start_pfn)
+            .copied()
+    }
+
+    /// Plain boot RAM: free struct pages of the normal zone.
+    fn init_plain(&mut self, start: Pfn, end: Pfn) {
+        if end <= start || self.knob(Knob::SkipBootMemmapInit) {
+            return;
+        }
+        self.fill_struct_pages(start, end, StructPage::free(BOOT_ZONE));
+        self.struct_pages_initialized += end.pages_since(start);
+    }
+
+    /// The struct pages of `g`'s folios in `[start, end)` that live in their
+    /// head vmemmap pages.
+    fn init_boot_gigantic(&mut self, g: &Region, start: Pfn, end: Pfn) {
+        let folio = 1u64 << g.order;
+        let in_head_page = STRUCT_PAGES_PER_PAGE.min(folio);
+        for head in g.heads().filter(|h| *h >= start && *h < end) {
+            self.write_struct_page(head, StructPage::head(g.zone, g.order));
+            self.fill_struct_pages(head.add(1), head.add(in_head_page).min(end), StructPage::tail(g.zone, g.order));
+            self.struct_pages_initialized += head.add(in_head_page).min(end).pages_since(head);
         }
     }
 }

@@ -66,8 +66,11 @@ impl Vmemmap {
         let id = self.free_slot()?;
         let compound = PAGE << order;
         // The altmap holds the whole range's struct pages, rounded up to
-        // whole compound pages; the compound pages start after it.
-        let reserve = if altmap { align_up(size / PAGE * STRUCT_PAGE_SIZE, compound) } else { 0 };
+        // whole compound pages; the compound pages start after it (knob
+        // `altmap-reserve-unaligned`: rounded to a page, and they start off
+        // their alignment).
+        let rounding = if self.knob(Knob::AltmapReserveUnaligned) { PAGE } else { compound };
+        let reserve = if altmap { align_up(size / PAGE * STRUCT_PAGE_SIZE, rounding) } else { 0 };
         if reserve >= size {
             return Err(VmemmapError::NoRoomForAltmap);
         }
@@ -168,10 +171,12 @@ impl Vmemmap {
     /// Writes struct pages `from..to` of a compound page (0 is its head).
     fn write_compound_range(&mut self, region: &Region, head: Pfn, from: u64, to: u64) {
         let (zone, order) = (region.zone, region.order);
-        for pfn in head.add(from).up_to(head.add(to)) {
-            let page = if pfn == head { StructPage::head(zone, order) } else { StructPage::tail(zone, order) };
-            self.write_struct_page(pfn, page);
+        let mut first_tail = head.add(from);
+        if from == 0 && to > 0 {
+            self.write_struct_page(head, StructPage::head(zone, order));
+            first_tail = head.add(1);
         }
+        self.fill_struct_pages(first_tail, head.add(to), StructPage::tail(zone, order));
         self.struct_pages_initialized += to - from;
     }
 
@@ -246,11 +251,15 @@ impl Vmemmap {
         if region.vmemmap_pages() == 0 {
             // The vmemmap page holds neighbours' struct pages too, as
             // vmemmap_populate over the whole range maps it: mapped once
-            // (or already, by a leaf of memory beside it).
-            let page = VirtAddr(align_down(base, PAGE));
-            if mm.table.translate(page).is_none() {
-                let frame = source.frame(mm.frames)?;
-                self.map_private(mm, region, page, frame)?;
+            // (or already, by a leaf of memory beside it). A compound page
+            // off its alignment straddles two (compound-aligned reports it).
+            let first = align_down(base, PAGE);
+            for i in 0..pages_touched(base, order) {
+                let page = VirtAddr(first + i * PAGE);
+                if mm.table.translate(page).is_none() {
+                    let frame = source.frame(mm.frames)?;
+                    self.map_private(mm, region, page, frame)?;
+                }
             }
             self.write_compound(region, head, 1 << order);
             return Ok(());
@@ -293,7 +302,7 @@ impl Vmemmap {
                 Some(t) => t,
                 None => {
                     let t = match region.layout {
-                        Layout::LegacyDax => (first_tail_page, Prot::RW),
+                        Layout::LegacyDax => (first_tail_page, self.legacy_dax_tails()),
                         // Knob `per-folio-tail`: every compound page gets a tail page of its own.
                         _ if self.knob(Knob::PerFolioTail) => (tail_page(mm.frames, zone, order)?, Prot::RO),
                         _ => (self.get_shared_tail(mm.frames, zone, order)?, Prot::RO),
@@ -333,9 +342,7 @@ impl Vmemmap {
             if !leaf.at(mm, base + i * PAGE) {
                 continue;
             }
-            for pfn in head.add(i * per_page).up_to(head.add((i + 1) * per_page)) {
-                self.write_struct_page(pfn, StructPage::POISONED);
-            }
+            self.fill_struct_pages(head.add(i * per_page), head.add((i + 1) * per_page), StructPage::POISONED);
             if !partial || i < reserved_vmemmap_pages(region.layout) {
                 self.write_compound_range(region, head, i * per_page, (i + 1) * per_page);
             }
@@ -351,12 +358,16 @@ impl Vmemmap {
         if self.sections.is_early(addr_of(head)) {
             return;
         }
-        let pages = region.vmemmap_pages().max(1);
+        let head_va = self.va(head).0;
+        let pages = match region.vmemmap_pages() {
+            0 => pages_touched(head_va, region.order),
+            n => n,
+        };
         let optimized = self.optimized_here(mm, region, head);
         let private = if optimized { reserved_vmemmap_pages(region.layout) } else { pages };
         // A vmemmap page shared with neighbours goes with the first of them:
         // they are all in this range and all going.
-        let base = align_down(self.va(head).0, PAGE);
+        let base = align_down(head_va, PAGE);
         let mut leaf = LeafProbe::new();
         let mut held_shared = false;
         for i in 0..pages {
@@ -383,8 +394,15 @@ impl Vmemmap {
 
     pub(super) fn free_vmemmap_tables(&self, mm: &mut Mm, region: &Region) {
         let end = self.va(region.end_pfn());
-        mm.table.free_empty_tables(mm.frames, &self.tlb(), self.va(region.start_pfn), end);
+        self.free_empty_tables(mm, self.va(region.start_pfn), end);
     }
+}
+
+/// The vmemmap pages the struct pages of a compound page of `order` whose
+/// head struct page is at `head_va` touch: one, for a compound page smaller
+/// than a vmemmap page's worth, unless it is off its alignment.
+fn pages_touched(head_va: u64, order: u32) -> u64 {
+    (align_up(head_va + (STRUCT_PAGE_SIZE << order), PAGE) - align_down(head_va, PAGE)) / PAGE
 }
 
 /// Whether a leaf larger than a base page (a 2 MiB leaf hot-added memory

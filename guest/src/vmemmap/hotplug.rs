@@ -37,9 +37,7 @@ impl Vmemmap {
             self.depopulate_memmap(mm, start.0, start.0 + size);
             return Err(e);
         }
-        for pfn in region.start_pfn.up_to(region.end_pfn()) {
-            self.write_struct_page(pfn, StructPage::free(zone));
-        }
+        self.fill_struct_pages(region.start_pfn, region.end_pfn(), StructPage::free(zone));
         self.struct_pages_initialized += region.nr_pages;
         self.slots[id].region = Some(region);
         self.slots[id].used = 0;
@@ -131,7 +129,7 @@ impl Vmemmap {
             window += big;
         }
         let (from, to) = (VirtAddr(align_down(first, big)), VirtAddr(align_up(last, big)));
-        mm.table.free_empty_tables(mm.frames, &self.tlb(), from, to);
+        self.free_empty_tables(mm, from, to);
     }
 
     /// Frees the 2 MiB leaves over the struct pages of `[start, end)` that

@@ -5,7 +5,7 @@
 use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone};
 
 use super::shared_tails::tail_page;
-use super::{addr_of, reserved_vmemmap_pages, FlushPath, Mm, Region, Vmemmap, VmemmapError};
+use super::{addr_of, reserved_vmemmap_pages, FlushPath, Mm, Region, Vmemmap, VmemmapError, BOOT_ZONE};
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{align_down, align_up, AllocError, FrameAllocator, Purpose};
 use crate::mm::pagetable::{MapError, Prot};
@@ -56,9 +56,7 @@ impl Vmemmap {
         };
         for head in region.heads() {
             self.write_struct_page(head, StructPage::head(zone, order));
-            for pfn in head.add(1).up_to(head.add(1 << order)) {
-                self.write_struct_page(pfn, StructPage::tail(zone, order));
-            }
+            self.fill_struct_pages(head.add(1), head.add(1 << order), StructPage::tail(zone, order));
         }
         self.slots[id].region = Some(region);
         Ok(id)
@@ -71,9 +69,13 @@ impl Vmemmap {
         if region.optimized {
             self.restore(mm, id)?;
         }
-        for pfn in region.start_pfn.up_to(region.end_pfn()) {
-            self.write_struct_page(pfn, StructPage::free(Zone::Normal));
-        }
+        // The pages go back to the zone of the memory they came from:
+        // hot-added memory's own, boot memory's normal (as memmap init left
+        // it). Knob `free-resets-zone`: always the normal zone.
+        let origin = self.slots[id].origin;
+        let home = origin.and_then(|m| self.slots[m].region).map_or(BOOT_ZONE, |m| m.zone);
+        let zone = if self.knob(Knob::FreeResetsZone) { Zone::Normal } else { home };
+        self.fill_struct_pages(region.start_pfn, region.end_pfn(), StructPage::free(zone));
         // Folios of hot-added memory go back to it, not to the boot allocator.
         if self.slots[id].origin.take().is_none() {
             let start = region.start_pfn.start(arch::BASE_PAGE);
@@ -181,7 +183,7 @@ impl Vmemmap {
             }
             Layout::Unified => (1, self.get_shared_tail(mm.frames, region.zone, region.order)?, Prot::RO),
             Layout::LegacyHugetlb => (1, head_frame, Prot::RO),
-            Layout::LegacyDax => (2, self.copy_to_fresh(mm, VirtAddr(base.0 + PAGE))?, Prot::RW),
+            Layout::LegacyDax => (2, self.copy_to_fresh(mm, VirtAddr(base.0 + PAGE))?, self.legacy_dax_tails()),
             Layout::None => return Err(VmemmapError::TooSmallToOptimize),
         };
         // Knob `tails-writable`: the tails keep write permission.

@@ -15,11 +15,12 @@ mod hugetlb;
 mod shared_tails;
 
 use hvo_abi::model::{Knob, Layout, RegionKind, StructPage, Zone, STRUCT_PAGE_SIZE};
+use hvo_abi::refusal::Refusal;
 use hvo_guest::sparse::SectionError;
 
 use crate::arch::{self, PAGE};
 use crate::mm::frames::{AllocError, FrameAllocator};
-use crate::mm::pagetable::{Flush, MapError, Sequence};
+use crate::mm::pagetable::{Flush, MapError, Prot, Sequence};
 use crate::mm::{Pfn, PhysAddr, RangeList, VirtAddr};
 use crate::paging::Table;
 
@@ -28,6 +29,8 @@ pub use shared_tails::SharedTails;
 
 pub const MAX_REGIONS: usize = hvo_abi::manifest::MAX_REGIONS;
 const STRUCT_PAGES_PER_PAGE: u64 = PAGE / STRUCT_PAGE_SIZE;
+/// The zone memmap init gives boot memory, and its freed pages go back to.
+const BOOT_ZONE: Zone = Zone::Normal;
 
 /// The architecture's sections.
 type Sections = hvo_guest::sparse::Sections<{ arch::SECTION_SIZE_BITS }, { arch::BASE_PAGE.shift() }>;
@@ -54,6 +57,31 @@ pub enum VmemmapError {
     /// Persistent memory set aside at boot must be whole subsections of
     /// the last boot RAM range, and leave some RAM.
     BadPmemSize,
+}
+
+impl VmemmapError {
+    /// The reason the host is told.
+    pub fn refusal(self) -> Refusal {
+        match self {
+            VmemmapError::Map(MapError::Alloc(AllocError::Injected)) => Refusal::InjectedFailure,
+            VmemmapError::Map(MapError::Alloc(AllocError::OutOfMemory)) => Refusal::OutOfMemory,
+            VmemmapError::Map(MapError::Misaligned) => Refusal::Misaligned,
+            VmemmapError::Map(MapError::AlreadyMapped) => Refusal::AlreadyMapped,
+            VmemmapError::Map(MapError::NotMapped) => Refusal::NotMapped,
+            VmemmapError::Map(MapError::SizeNotSupported) => Refusal::SizeNotSupported,
+            VmemmapError::NoSuchRegion => Refusal::NoSuchRegion,
+            VmemmapError::TooManyRegions => Refusal::NoRegionSlot,
+            VmemmapError::TooManySharedTails => Refusal::NoSharedTailSlot,
+            VmemmapError::TooSmallToOptimize => Refusal::TooSmallToOptimize,
+            VmemmapError::AlreadyOptimized => Refusal::AlreadyOptimized,
+            VmemmapError::NotOptimized => Refusal::NotOptimized,
+            VmemmapError::TooLate => Refusal::TooLate,
+            VmemmapError::Busy => Refusal::Busy,
+            VmemmapError::Sections(_) => Refusal::BadRange,
+            VmemmapError::NoRoomForAltmap => Refusal::NoRoomForAltmap,
+            VmemmapError::BadPmemSize => Refusal::BadPmemSize,
+        }
+    }
 }
 
 impl From<SectionError> for VmemmapError {
@@ -256,6 +284,25 @@ impl Vmemmap {
         }
     }
 
+    /// How the tails of an optimized compound page under legacy-dax are
+    /// mapped: writable, as the kernel writes them (knob
+    /// `legacy-dax-tails-readonly`: read-only, on every path that maps them).
+    fn legacy_dax_tails(&self) -> Prot {
+        if self.knob(Knob::LegacyDaxTailsReadonly) {
+            Prot::RO
+        } else {
+            Prot::RW
+        }
+    }
+
+    /// Frees the page-table pages a teardown emptied over the vmemmap
+    /// `[from, to)`, unless knob `keep-empty-tables` leaves them linked.
+    fn free_empty_tables(&self, mm: &mut Mm, from: VirtAddr, to: VirtAddr) {
+        if !self.knob(Knob::KeepEmptyTables) {
+            mm.table.free_empty_tables(mm.frames, &self.tlb(), from, to);
+        }
+    }
+
     pub fn memstart_pfn(&self) -> Pfn {
         self.memstart_pfn
     }
@@ -284,6 +331,22 @@ impl Vmemmap {
             // SAFETY: the vmemmap of every RAM pfn is mapped and writable.
             unsafe { ptr.add(i).write_volatile(word) };
         }
+    }
+
+    /// Writes `page` into the struct pages of `[start, end)`, as one run of
+    /// plain stores (a million struct pages under TCG: the per-page loop
+    /// with its lookups cost more than the stores).
+    fn fill_struct_pages(&self, start: Pfn, end: Pfn, page: StructPage) {
+        if end <= start {
+            return;
+        }
+        let first = self.va(start).0 as *mut StructPage;
+        // SAFETY: the vmemmap of these pfns is mapped, writable and virtually
+        // contiguous, and nothing else holds a reference into it.
+        let pages = unsafe { core::slice::from_raw_parts_mut(first, end.pages_since(start) as usize) };
+        pages.fill(page);
+        // The host reads them after the reply, which must not overtake them.
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
     }
 
     /// The shared tail page of (zone, order), created on first use, with one

@@ -19,18 +19,19 @@ use hvo_abi::Arch;
 use object::{Object, ObjectSection};
 
 /// The modules each architecture's agent loads, wanted for device DAX over
-/// legacy persistent memory (`memmap=SIZE!START`): nd_e820 makes the region
-/// of the e820 entry, nd_pmem (with nd_btt) the namespace's first driver,
-/// dax_pmem the nd dax device and device_dax the memory behind /dev/daxX.Y
-/// (its probe is what builds the struct pages). libnvdimm comes in as their
+/// persistent memory present at boot: on x86_64 legacy persistent memory
+/// (`memmap=SIZE!START`), whose region nd_e820 makes; on arm64 a QEMU
+/// nvdimm, whose region nfit makes from ACPI's NFIT (booted by UEFI).
+/// nd_pmem (with nd_btt) is the namespace's first driver, dax_pmem makes
+/// the nd dax device and device_dax the memory behind /dev/daxX.Y (its
+/// probe is what builds the struct pages). libnvdimm comes in as their
 /// dependency.
 ///
-/// aarch64 and ppc64le want none: Debian's ppc64le kernels are built
-/// without LIBNVDIMM, and the arm64 kernels have no e820 (`memmap=` is an
-/// x86 option) while QEMU 7.2 has no virtio-pmem for arm64's virt machine.
+/// ppc64le wants none: Debian's ppc64le kernels are built without
+/// LIBNVDIMM.
 const WANTED: &[(Arch, &[&str])] = &[
     (Arch::X86_64, &["libnvdimm", "nd_e820", "nd_btt", "nd_pmem", "dax_pmem", "device_dax"]),
-    (Arch::Aarch64, &[]),
+    (Arch::Aarch64, &["libnvdimm", "nfit", "nd_btt", "nd_pmem", "dax_pmem", "device_dax"]),
     (Arch::Ppc64le, &[]),
     (Arch::Ppc64le64k, &[]),
 ];

@@ -140,6 +140,11 @@ impl<'a> Walker<'a> {
         self.format.va_bits() - self.root_index_bits
     }
 
+    /// Bytes one root entry spans.
+    pub fn root_entry_span(&self) -> u64 {
+        1 << self.root_shift()
+    }
+
     /// A walker of another root of the same shape.
     pub fn like(other: &Walker<'a>, root: PhysAddr) -> Walker<'a> {
         Walker { format: other.format, root, root_index_bits: other.root_index_bits }

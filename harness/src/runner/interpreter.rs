@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use hvo_abi::manifest::{Manifest, MANIFEST_SIZE};
 use hvo_abi::model::Layout;
 use hvo_abi::protocol::Command;
+use hvo_abi::refusal::Refusal;
 use hvo_images::{profile, Arch, Profile};
 
 use super::kernel::KernelState;
@@ -21,7 +22,7 @@ use crate::image::GuestImage;
 use crate::machine::{LaunchError, Machine, QMP_PROBE};
 use crate::memory::GuestMemory;
 use crate::qemu::describe_exit;
-use crate::report::{Check, CheckStatus, Metrics, Status};
+use crate::report::{Check, CheckStatus, Metrics, RefusalRecord, Status};
 use crate::scenario::Scenario;
 use crate::updates::UpdateChecker;
 use crate::verify::live::{self, LiveError};
@@ -61,6 +62,8 @@ pub(super) struct Findings {
     pub last_vmemmap: Option<String>,
     /// Milliseconds spent in all `verify` steps.
     pub verify_ms: u64,
+    /// Every command the guest refused, with its reason.
+    pub refusals: Vec<RefusalRecord>,
 }
 
 /// What the machine boots, and what the run keeps of it.
@@ -90,8 +93,10 @@ pub(super) struct Run<'a> {
     pub machine: Machine,
     pub tracked: Tracked,
     pub findings: Findings,
-    /// The current step must be refused (an allocation was set to fail).
-    pub expect_refusal: bool,
+    /// The current step must be refused, for this reason.
+    pub expect_refusal: Option<Refusal>,
+    /// The current step's line (0 during boot-time set-up).
+    line: usize,
     /// The firmware's update log, followed from boot (`break-before-make`).
     pub updates: Option<UpdateChecker>,
 }
@@ -117,7 +122,8 @@ impl<'a> Run<'a> {
             machine,
             tracked: Tracked::default(),
             findings: Findings::default(),
-            expect_refusal: false,
+            expect_refusal: None,
+            line: 0,
             updates: None,
         }
     }
@@ -152,7 +158,8 @@ impl<'a> Run<'a> {
             return Ok(());
         }
         for placed in &self.scenario.steps {
-            self.expect_refusal = placed.expect_failure;
+            self.expect_refusal = placed.expect_refusal;
+            self.line = placed.line;
             (if placed.sweep_failures { self.sweep(&placed.step).await } else { self.step(&placed.step).await })
                 .map_err(|abort| abort.context(&format!("step {} (line {})", placed.step.name(), placed.line)))?;
         }
@@ -190,7 +197,7 @@ impl<'a> Run<'a> {
             }
         }
         self.findings.metrics.ready_ms = Some(self.elapsed_ms());
-        self.machine.map_boot_ram(self.scenario.machine.boot_memory).map_err(Abort::Infra)?;
+        self.machine.map_boot_ram(self.machine.spec().boot_memory).map_err(Abort::Infra)?;
         self.start_update_log()?;
         match self.guest {
             Guest::Firmware(_) => self.boot_setup().await?,
@@ -271,37 +278,81 @@ impl<'a> Run<'a> {
     }
 
     pub async fn request(&mut self, command: Command<'_>) -> Result<String, Abort> {
-        let timeout = self.step_timeout();
-        let Some(console) = self.machine.console() else {
-            return Err(Abort::Infra("no console".into()));
-        };
         let verb = command.verb();
-        let must_refuse = self.expect_refusal
-            && matches!(verb, "hugetlb-alloc" | "optimize" | "restore" | "hot-add" | "hot-add-memory");
-        let answer = console.request(command, timeout).await;
-        self.replay_updates();
-        match answer {
-            Ok(_) if must_refuse => Err(Abort::Fail(format!(
-                "`{verb}` was expected to fail on the injected allocation failure, but it succeeded"
-            ))),
+        let expected = self
+            .expect_refusal
+            .filter(|_| matches!(verb, "hugetlb-alloc" | "optimize" | "restore" | "hot-add" | "hot-add-memory"));
+        let answer = self.send(command).await?;
+        match (answer, expected) {
+            (Ok(_), Some(reason)) => {
+                Err(Abort::Fail(format!("`{verb}` was expected to be refused ({reason}), but it succeeded")))
+            }
+            (Ok(payload), None) => Ok(payload),
             // The refusal expected: the guest must have rolled back, which `verify` checks.
-            Err(ConsoleError::Refused { .. }) if must_refuse => Ok(String::new()),
-            Ok(payload) => Ok(payload),
-            Err(e) => Err(self.console_abort(e).await),
+            (Err(refused), Some(reason)) if refused.reason == Some(reason) => {
+                self.note_refusal(verb, &refused, true);
+                Ok(String::new())
+            }
+            (Err(refused), expected) => {
+                self.note_refusal(verb, &refused, false);
+                let wanted = expected.map_or(String::new(), |r| format!(", not {r} as expected"));
+                Err(Abort::Fail(format!("the guest refused `{}`: {}{wanted}", refused.command, refused.says())))
+            }
         }
     }
 
-    /// A request the guest may refuse: `None` when it did.
+    /// A request with an allocation set to fail (a sweep): `None` when the
+    /// guest refused it on that failure; refused for any other reason, the
+    /// run fails naming it.
     pub async fn try_request(&mut self, command: Command<'_>) -> Result<Option<String>, Abort> {
+        let verb = command.verb();
+        match self.send(command).await? {
+            Ok(payload) => Ok(Some(payload)),
+            Err(refused) => {
+                let injected = refused.reason == Some(Refusal::InjectedFailure);
+                self.note_refusal(verb, &refused, injected);
+                if injected {
+                    Ok(None)
+                } else {
+                    Err(Abort::Fail(format!(
+                        "the guest refused `{}`: {}, not the injected allocation failure",
+                        refused.command,
+                        refused.says()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Sends a command and replays the update log; the guest's answer, or
+    /// its refusal with the reason it gave.
+    async fn send(&mut self, command: Command<'_>) -> Result<Result<String, Refused>, Abort> {
         let timeout = self.step_timeout();
         let Some(console) = self.machine.console() else { return Err(Abort::Infra("no console".into())) };
         let answer = console.request(command, timeout).await;
         self.replay_updates();
         match answer {
-            Ok(payload) => Ok(Some(payload)),
-            Err(ConsoleError::Refused { .. }) => Ok(None),
+            Ok(payload) => Ok(Ok(payload)),
+            Err(ConsoleError::Refused { command, message }) => {
+                let (reason, detail) = match Refusal::parse(&message) {
+                    Some((reason, detail)) => (Some(reason), detail.to_string()),
+                    None => (None, message),
+                };
+                Ok(Err(Refused { command, reason, detail }))
+            }
             Err(e) => Err(self.console_abort(e).await),
         }
+    }
+
+    /// Writes a refusal into the run's record (the JSON result's `refusals`).
+    fn note_refusal(&mut self, verb: &str, refused: &Refused, expected: bool) {
+        self.findings.refusals.push(RefusalRecord {
+            line: self.line,
+            command: verb.to_string(),
+            reason: refused.reason.map_or("unknown", Refusal::name).to_string(),
+            detail: refused.detail.clone(),
+            expected,
+        });
     }
 
     /// The manifest as the guest last published it (it republishes after every change).
@@ -427,7 +478,7 @@ impl<'a> Run<'a> {
 
     /// The layout a step that the guest did not refuse asked of a region.
     pub fn record_request(&mut self, id: u32, layout: Layout) {
-        if !self.expect_refusal {
+        if self.expect_refusal.is_none() {
             self.tracked.requested.insert(id, layout);
         }
     }
@@ -439,5 +490,25 @@ fn stderr_note(stderr: &str) -> String {
         String::new()
     } else {
         format!(": {}", s.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | "))
+    }
+}
+
+/// A command the guest refused.
+pub(super) struct Refused {
+    /// The line sent.
+    command: String,
+    /// The reason it gave; `None` when it gave none the host knows.
+    reason: Option<Refusal>,
+    /// What it said besides.
+    detail: String,
+}
+
+impl Refused {
+    /// The reason and the detail, as a failure message says them.
+    fn says(&self) -> String {
+        match self.reason {
+            Some(reason) => format!("{reason} ({})", self.detail),
+            None => format!("no reason given ({})", self.detail),
+        }
     }
 }

@@ -9,7 +9,6 @@ use std::ops::Range;
 use hvo_abi::model::Layout;
 
 use super::interpreter::Run;
-use super::kernel::boot_pmem_range;
 use super::Abort;
 use crate::addr::{Pfn, PhysAddr};
 use crate::hotplug::{self, DimmKind, PluggedDimm};
@@ -36,6 +35,8 @@ pub(super) struct KernelDimm {
 pub(super) struct KernelRanges {
     pub dax: Vec<KernelDax>,
     pub dimms: Vec<KernelDimm>,
+    /// Where the persistent memory present at boot is, once known.
+    pub boot_pmem: Option<Range<u64>>,
     /// The persistent memory set aside at boot while nd_pmem still holds
     /// it raw: Linux gives it struct pages (ZONE_DEVICE, unoptimized) until
     /// a DAX device takes the namespace over.
@@ -101,8 +102,11 @@ impl Run<'_> {
         altmap: bool,
         expected: Layout,
     ) -> Result<(), Abort> {
-        let pmem = boot_pmem_range(self.scenario, self.arch)
+        let pmem = (self.kernel_state()?.ranges.boot_pmem.clone())
             .ok_or_else(|| Abort::Infra("no persistent memory was set aside".into()))?;
+        // Where Linux builds no DAX vmemmap optimization, whatever the
+        // scenario expects of a kernel that does, every page stays private.
+        let expected = if self.profile.kernel.dax_vmemmap_optimized { expected } else { Layout::None };
         let mode = if altmap { DaxMode::Pmem } else { DaxMode::Ram };
         let reply = self.agent(AgentCommand::DaxCreate { mode, align: compound_size }).await?;
         let device = DaxDevice::parse(&reply).map_err(|e| Abort::Fail(e.to_string()))?;

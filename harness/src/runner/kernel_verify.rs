@@ -9,10 +9,10 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use hvo_images::{Profile, VmemmapStart};
+use hvo_images::{BootPmem, Profile, VmemmapStart};
 
 use super::interpreter::{Guest, Run};
-use super::kernel::boot_pmem_range;
+use super::kernel::memmap_pmem_range;
 use super::{qmp_abort, Abort, NO_QMP};
 use crate::addr::{Pfn, PhysAddr, VirtAddr};
 use crate::invariant::Invariant;
@@ -130,9 +130,9 @@ impl Run<'_> {
         let Guest::Kernel(state) = &self.guest else {
             return Err(Abort::Infra("the firmware has no kernel memory".into()));
         };
-        let pmem = boot_pmem_range(self.scenario, self.arch);
+        let pmem = memmap_pmem_range(self.scenario, self.arch);
         let mut ram: Vec<Range<Pfn>> = Vec::new();
-        for piece in self.profile.boot_ram_pieces(self.scenario.machine.boot_memory) {
+        for piece in self.profile.boot_ram_pieces(self.machine.spec().boot_memory) {
             let mut end = piece.gpa + piece.len;
             if let Some(pmem) = pmem.as_ref().filter(|p| p.start >= piece.gpa && p.end == end) {
                 end = pmem.start;
@@ -140,6 +140,16 @@ impl Run<'_> {
             ram.push(Pfn::containing(PhysAddr(piece.gpa), page)..Pfn::containing(PhysAddr(end), page));
         }
         ram.extend(state.ranges.extra_ram(page));
+        if let (Some(_), BootPmem::AcpiNvdimm(firmware)) =
+            (self.machine.spec().boot_nvdimm, self.profile.kernel.boot_pmem)
+        {
+            // Booted by UEFI: its memory map gives Linux more than RAM.
+            let beside = firmware.memory_beside_ram.iter().map(|&(start, len)| {
+                Pfn::containing(PhysAddr(start), page)..Pfn::containing(PhysAddr(start + len), page)
+            });
+            ram.extend(beside);
+            ram.sort_by_key(|r| r.start);
+        }
         Ok(KernelMemory { ram, dax: state.ranges.dax_ranges(page), removed: state.ranges.removed(page) })
     }
 

@@ -34,7 +34,9 @@ impl Run<'_> {
             self.tracked.requested.insert(id as u32, Layout::Unified);
         }
         if self.scenario.needs_vmemmap() {
+            let started = std::time::Instant::now();
             let reply = self.request(Command::BootMemmap).await?;
+            self.findings.metrics.boot_memmap_ms = Some(started.elapsed().as_millis() as u64);
             if let Some(n) = reply_field(&reply, "initialized") {
                 self.findings.metrics.struct_pages_initialized = Some(n);
             }
@@ -110,7 +112,7 @@ impl Run<'_> {
             Step::HotAddMemory { region, size, zone, backend } => {
                 let start = self.hot_add_range(region, *size, DaxDevice::Dimm, *backend, None).await?;
                 let reply = self.request(Command::HotAddMemory { start: start.0, size: *size, zone: *zone }).await?;
-                if !self.expect_refusal {
+                if self.expect_refusal.is_none() {
                     self.tracked.hot_added_memory.push(start.0..start.0 + size);
                 }
                 self.record_region(region, &reply, Layout::None)
@@ -229,7 +231,7 @@ impl Run<'_> {
     /// with the layout asked of it; a step the guest refused as expected
     /// created none.
     fn record_region(&mut self, name: &str, reply: &str, layout: Layout) -> Result<(), Abort> {
-        if self.expect_refusal {
+        if self.expect_refusal.is_some() {
             return Ok(());
         }
         let id = reply_field(reply, "region").ok_or_else(|| Abort::Fail(format!("no region id in `{reply}`")))?;

@@ -10,6 +10,7 @@
 //! exists only for kernels, so it keeps a scenario kernel-only.
 
 use hvo_abi::model::Zone;
+use hvo_abi::refusal::Refusal;
 
 use super::raw::Size;
 use super::{DaxDevice, Expect, Scenario, Step};
@@ -35,8 +36,10 @@ impl Scenario {
             }
         }
         self.steps.iter().find_map(|placed| {
-            let why = if placed.expect_failure || placed.sweep_failures {
+            let why = if placed.sweep_failures || placed.expect_refusal == Some(Refusal::InjectedFailure) {
                 Some("injected allocation failures are the firmware's".to_string())
+            } else if let Some(reason) = placed.expect_refusal {
+                Some(format!("the refusals the firmware names ({reason}) are the firmware's"))
             } else {
                 match &placed.step {
                     Step::Ping | Step::Verify | Step::HugetlbFree { .. } | Step::Exit { status: 0 } => None,
@@ -104,7 +107,7 @@ mod tests {
 
     #[test]
     fn a_scenario_runs_on_a_kernel_exactly_when_every_step_has_a_linux_equivalent() {
-        let linux = "[[boot-gigantic]]\nregion = \"b\"\nsize = \"1G\"\n\
+        let linux = "[machine]\nboot-memory = \"2G\"\n[[boot-gigantic]]\nregion = \"b\"\nsize = \"1G\"\n\
                      [[step]]\naction = \"hugetlb-alloc\"\nregion = \"r\"\nsize = \"2M\"\ncount = 4\n\
                      [[step]]\naction = \"verify\"\n[[step]]\naction = \"hugetlb-free\"\nregion = \"r\"\n";
         let s = parse(linux).unwrap();

@@ -78,7 +78,7 @@ pub(super) fn machine(
             ),
         ));
     }
-    Ok((MachineSpec { boot_memory, slots, max_memory, nvdimm }, boot_pmem))
+    Ok((MachineSpec { boot_memory, slots, max_memory, nvdimm, boot_nvdimm: None }, boot_pmem))
 }
 
 /// Whether a real kernel boots with HugeTLB vmemmap optimization on. Off,

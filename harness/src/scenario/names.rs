@@ -5,6 +5,7 @@
 use std::fmt;
 
 use hvo_abi::model::{Knob, Layout, Zone};
+use hvo_abi::refusal::Refusal;
 use hvo_images::Arch;
 use toml::Spanned;
 
@@ -29,7 +30,7 @@ macro_rules! named_by_inherent_methods {
         }
     )*};
 }
-named_by_inherent_methods!(Zone, Layout, Knob, Arch, Backend, DaxDevice);
+named_by_inherent_methods!(Zone, Layout, Knob, Arch, Backend, DaxDevice, Refusal);
 
 /// What a step does, as its `action` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -91,6 +91,7 @@ pub(super) struct RawStep {
     pub layout: Option<Spanned<String>>,
     pub nth: Option<Spanned<u64>>,
     pub expect_failure: Option<Spanned<bool>>,
+    pub expect_refusal: Option<Spanned<String>>,
     pub compound: Option<Spanned<Size>>,
     pub sweep_failures: Option<Spanned<bool>>,
     pub kind: Option<Spanned<String>>,

@@ -4,6 +4,7 @@
 use std::ops::{Range, RangeInclusive};
 
 use hvo_abi::model::{Layout, Zone};
+use hvo_abi::refusal::Refusal;
 use toml::Spanned;
 
 use super::locate::Locator;
@@ -28,6 +29,7 @@ const BACKENDS: Choice<Backend> = Choice::all("backend");
 const DEVICES: Choice<DaxDevice> = Choice::all("device");
 const KINDS: Choice<HotAddKind> = Choice::all("kind");
 pub(super) const ACTIONS: Choice<Action> = Choice::all("action");
+const REFUSALS: Choice<Refusal> = Choice::all("refusal");
 
 /// Whether `bytes` is a size compound pages come in.
 fn is_folio_size(bytes: u64) -> bool {
@@ -129,6 +131,7 @@ impl StepReader<'_> {
             ("layout", span(&r.layout)),
             ("nth", span(&r.nth)),
             ("expect-failure", span(&r.expect_failure)),
+            ("expect-refusal", span(&r.expect_refusal)),
             ("compound", span(&r.compound)),
             ("sweep-failures", span(&r.sweep_failures)),
             ("kind", span(&r.kind)),
@@ -263,22 +266,25 @@ impl StepReader<'_> {
 
     /// The step and the parameters its action takes.
     fn step(&self, action: Action) -> Result<(Step, &'static [&'static str]), ScenarioError> {
-        const CAN_FAIL: [&str; 2] = ["expect-failure", "sweep-failures"];
+        const CAN_FAIL: [&str; 3] = ["expect-failure", "sweep-failures", "expect-refusal"];
         Ok(match action {
             Action::Ping => (Step::Ping, &[]),
             Action::VerifyManifest => (Step::VerifyManifest, &[]),
             Action::Verify => (Step::Verify, &[]),
             Action::Exit => (Step::Exit { status: self.raw.status.as_ref().map_or(0, |s| *s.get_ref()) }, &["status"]),
-            Action::HugetlbAlloc => {
-                (self.hugetlb_alloc()?, &["region", "size", "count", "zone", "from", CAN_FAIL[0], CAN_FAIL[1]])
+            Action::HugetlbAlloc => (
+                self.hugetlb_alloc()?,
+                &["region", "size", "count", "zone", "from", CAN_FAIL[0], CAN_FAIL[1], CAN_FAIL[2]],
+            ),
+            Action::Optimize => (self.optimize()?, &["region", "layout", CAN_FAIL[0], CAN_FAIL[1], CAN_FAIL[2]]),
+            Action::Restore => {
+                (Step::Restore { region: self.region()? }, &["region", CAN_FAIL[0], CAN_FAIL[1], CAN_FAIL[2]])
             }
-            Action::Optimize => (self.optimize()?, &["region", "layout", CAN_FAIL[0], CAN_FAIL[1]]),
-            Action::Restore => (Step::Restore { region: self.region()? }, &["region", CAN_FAIL[0], CAN_FAIL[1]]),
             Action::HotAdd => {
                 match KINDS.parse_or(self.loc, &self.field("kind"), self.raw.kind.as_ref(), HotAddKind::Dax)? {
                     HotAddKind::Memory => (
                         self.hot_add_memory()?,
-                        &["region", "size", "zone", "kind", "backend", CAN_FAIL[0], CAN_FAIL[1]],
+                        &["region", "size", "zone", "kind", "backend", CAN_FAIL[0], CAN_FAIL[1], CAN_FAIL[2]],
                     ),
                     HotAddKind::Dax => (
                         self.hot_add_dax()?,
@@ -295,6 +301,7 @@ impl StepReader<'_> {
                             "address",
                             CAN_FAIL[0],
                             CAN_FAIL[1],
+                            CAN_FAIL[2],
                         ],
                     ),
                 }
@@ -307,8 +314,9 @@ impl StepReader<'_> {
 }
 
 impl RawStep {
-    /// The step, whether the guest must refuse it, and whether to sweep failures.
-    fn into_step(self, loc: &Locator, index: usize) -> Result<(Step, bool, bool), ScenarioError> {
+    /// The step, the refusal the guest must answer it with (if any), and
+    /// whether to sweep failures.
+    fn into_step(self, loc: &Locator, index: usize) -> Result<(Step, Option<Refusal>, bool), ScenarioError> {
         let reader = StepReader { raw: &self, loc, index };
         let action = ACTIONS.parse(loc, &reader.field("action"), &self.action)?;
         let (step, takes) = reader.step(action)?;
@@ -316,15 +324,32 @@ impl RawStep {
             return Err(reader.invalid(span, name, format!("`{name}` is not a parameter of `{action}`")));
         }
         let expect_failure = self.expect_failure.as_ref().is_some_and(|e| *e.get_ref());
+        let named = self
+            .expect_refusal
+            .as_ref()
+            .map(|r| REFUSALS.parse(loc, &reader.field("expect-refusal"), r))
+            .transpose()?;
+        let expect_refusal = match (expect_failure, named) {
+            (true, Some(_)) => {
+                return Err(reader.invalid(
+                    reader.span_or_action(&self.expect_refusal),
+                    "expect-refusal",
+                    "`expect-failure` already expects the injected allocation failure: name one refusal",
+                ))
+            }
+            (true, None) => Some(Refusal::InjectedFailure),
+            (false, named) => named,
+        };
         let sweep = self.sweep_failures.as_ref().is_some_and(|e| *e.get_ref());
-        if sweep && expect_failure {
+        if sweep && expect_refusal.is_some() {
+            let field = if expect_failure { "expect-failure" } else { "expect-refusal" };
             return Err(reader.invalid(
                 reader.span_or_action(&self.sweep_failures),
                 "sweep-failures",
-                "a swept step fails and then succeeds: drop `expect-failure`",
+                format!("a swept step fails and then succeeds: drop `{field}`"),
             ));
         }
-        Ok((step, expect_failure, sweep))
+        Ok((step, expect_refusal, sweep))
     }
 }
 
@@ -368,7 +393,7 @@ pub(super) fn place_steps(
             ));
         }
         let line = loc.line_col(span.start).0;
-        let (step, expect_failure, sweep_failures) = spanned.into_inner().into_step(loc, index)?;
+        let (step, expect_refusal, sweep_failures) = spanned.into_inner().into_step(loc, index)?;
         let allocated = |name: &str| {
             boot_gigantic.iter().any(|g| g.region == name) || steps.iter().any(|s| allocates(&s.step) == Some(name))
         };
@@ -388,7 +413,7 @@ pub(super) fn place_steps(
                 ));
             }
         }
-        steps.push(PlacedStep { step, expect_failure, sweep_failures, line });
+        steps.push(PlacedStep { step, expect_refusal, sweep_failures, line });
     }
     Ok(steps)
 }

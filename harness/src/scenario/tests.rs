@@ -36,7 +36,10 @@ fn a_good_scenario_parses_with_its_lines() {
     let s = parse(GOOD).unwrap();
     assert_eq!(s.name, "boot");
     assert_eq!(s.architectures, vec![Arch::X86_64, Arch::Ppc64le]);
-    assert_eq!(s.machine, MachineSpec { boot_memory: 1 << 30, slots: 2, max_memory: 4 << 30, nvdimm: false });
+    assert_eq!(
+        s.machine,
+        MachineSpec { boot_memory: 1 << 30, slots: 2, max_memory: 4 << 30, nvdimm: false, boot_nvdimm: None }
+    );
     assert_eq!(
         s.steps.iter().map(|s| s.step.clone()).collect::<Vec<_>>(),
         vec![Step::Ping, Step::VerifyManifest, Step::Exit { status: 0 }]
@@ -193,7 +196,8 @@ fn an_altmap_lives_on_a_file_backed_device() {
 fn only_scenarios_that_touch_the_vmemmap_get_one_populated() {
     assert!(!parse("[[step]]\naction = \"verify-manifest\"\n[[step]]\naction = \"exit\"\n").unwrap().needs_vmemmap());
     assert!(parse("[[step]]\naction = \"verify\"\n").unwrap().needs_vmemmap());
-    assert!(parse("[[boot-gigantic]]\nregion = \"g\"\nsize = \"1G\"\n").unwrap().needs_vmemmap());
+    let gigantic = "[machine]\nboot-memory = \"2G\"\n[[boot-gigantic]]\nregion = \"g\"\nsize = \"1G\"\n";
+    assert!(parse(gigantic).unwrap().needs_vmemmap());
 }
 
 #[test]
@@ -484,4 +488,53 @@ fn a_linux_bug_names_the_releases_that_fixed_it_and_fixed_kernels_must_pass() {
     assert!(e.message.contains("major.minor"), "{e}");
     let e = err("[expect]\noutcome = \"fail\"\ninvariant = \"accounting\"\nfixed-in = [\"6.12.90\"]\n");
     assert!(e.message.contains("exactly one mainline release"), "{e}");
+}
+
+#[test]
+fn a_step_names_the_refusal_it_expects_and_nothing_else() {
+    let steps = r#"
+description = "refusals"
+[[step]]
+action = "hugetlb-alloc"
+region = "pool"
+size = "2M"
+[[step]]
+action = "optimize"
+region = "pool"
+[[step]]
+action = "optimize"
+region = "pool"
+"#;
+    let s = parse(&format!("{steps}expect-refusal = \"already-optimized\"\n")).unwrap();
+    assert_eq!(s.steps[2].expect_refusal, Some(Refusal::AlreadyOptimized));
+    let s = parse(&format!("{steps}expect-failure = true\n")).unwrap();
+    assert_eq!(s.steps[2].expect_refusal, Some(Refusal::InjectedFailure));
+    assert_eq!(s.steps[1].expect_refusal, None);
+
+    let e = err(&format!("{steps}expect-refusal = \"sideways\"\n"));
+    assert_eq!((e.line, e.field.as_str()), (13, "step[3].expect-refusal"), "{e}");
+    assert!(e.message.contains("already-optimized") && e.message.contains("injected-failure"), "{e}");
+    let e = err(&format!("{steps}expect-refusal = \"busy\"\nexpect-failure = true\n"));
+    assert_eq!((e.line, e.field.as_str()), (13, "step[3].expect-refusal"), "{e}");
+    let e = err(&format!("{steps}expect-refusal = \"busy\"\nsweep-failures = true\n"));
+    assert_eq!((e.line, e.field.as_str()), (14, "step[3].sweep-failures"), "{e}");
+    assert!(e.message.contains("drop `expect-refusal`"), "{e}");
+    let e = err(&format!("{steps}[[step]]\naction = \"verify\"\nexpect-refusal = \"busy\"\n"));
+    assert_eq!(e.field.as_str(), "step[4].expect-refusal", "{e}");
+}
+
+#[test]
+fn boot_gigantic_pages_that_cannot_fit_boot_memory_are_refused_at_load() {
+    let two = "[machine]\nboot-memory = \"2G\"\n[[boot-gigantic]]\nregion = \"g\"\nsize = \"1G\"\n";
+    assert!(parse(two).is_ok(), "one 1G folio fits 2G beside the firmware");
+    let e = err(&format!("{two}count = 2\n"));
+    assert_eq!((e.line, e.field.as_str()), (6, "boot-gigantic[1].count"), "{e}");
+    assert!(e.message.contains("2 folios of 1G do not fit the 2G of boot memory on x86_64"), "{e}");
+    let e = err(&format!("{two}[[boot-gigantic]]\nregion = \"h\"\nsize = \"1G\"\n"));
+    assert_eq!(e.field.as_str(), "boot-gigantic[2].count", "{e}");
+    let pmem =
+        "[machine]\nboot-memory = \"2G\"\nboot-pmem = \"1G\"\n[[boot-gigantic]]\nregion = \"g\"\nsize = \"1G\"\n";
+    assert!(err(pmem).message.contains("a folio of 1G does not fit"), "persistent memory set aside is no RAM");
+    let arm = "architectures = [\"aarch64\"]\n[machine]\nboot-memory = \"1536M\"\n[[boot-gigantic]]\nregion = \"g\"\nsize = \"512M\"\n";
+    assert!(parse(arm).is_ok(), "arm64 RAM from 1G: 1.5G..2G is free");
 }

@@ -33,16 +33,30 @@ impl SynthVmemmap {
         n
     }
 
-    /// The next region's first pfn, aligned to `align` pfns, leaving
-    /// `below` pfns before it (an altmap).
-    fn place(&mut self, pages: u64, below: u64, align: u64) -> Pfn {
-        let start = (self.next_pfn + below).div_ceil(align) * align;
+    /// The next region's first pfn, aligned to `align` pfns then moved up
+    /// by `skew`, leaving `below` pfns before it (an altmap).
+    fn place(&mut self, pages: u64, below: u64, align: u64, skew: u64) -> Pfn {
+        let start = (self.next_pfn + below).div_ceil(align) * align + skew;
         self.next_pfn = start + pages;
         Pfn(start)
     }
 
     /// Builds a region as `spec` says; returns where it is.
     pub fn add_region(&mut self, spec: RegionSpec) -> BuiltRegion {
+        self.add_region_skewed(spec, 0)
+    }
+
+    /// Builds a region as `spec` says, but its compound pages start one
+    /// vmemmap page's worth of pfns past their natural alignment (as an
+    /// altmap reserve rounded to a page, not to the compound size, leaves
+    /// them): laid out right otherwise.
+    pub fn add_region_unaligned(&mut self, spec: RegionSpec) -> BuiltRegion {
+        let skew = self.format.page / STRUCT_PAGE_SIZE;
+        assert!(skew < 1 << spec.order, "order {} compound pages are aligned to a vmemmap page", spec.order);
+        self.add_region_skewed(spec, skew)
+    }
+
+    fn add_region_skewed(&mut self, spec: RegionSpec, skew: u64) -> BuiltRegion {
         let n = self.pages_per_compound(spec.order);
         let private = match spec.layout {
             Layout::None => n,
@@ -50,7 +64,7 @@ impl SynthVmemmap {
         };
         let altmap_pfns = if spec.altmap { spec.count * private } else { 0 };
         let stride = 1u64 << spec.order;
-        let start = self.place(spec.count * stride, altmap_pfns, stride);
+        let start = self.place(spec.count * stride, altmap_pfns, stride, skew);
         let mut device = start.0 - altmap_pfns;
         let (head, tail) = (StructPage::head(spec.zone, spec.order), StructPage::tail(spec.zone, spec.order));
         let shared = (spec.layout == Layout::Unified).then(|| self.shared_tail(spec.zone, spec.order, spec.count));
@@ -83,6 +97,22 @@ impl SynthVmemmap {
         self.describe(spec, start, altmap_pfns)
     }
 
+    /// Hot-added memory of `pages` base pages (whole vmemmap pages' worth)
+    /// onlined into `zone`: its vmemmap mapped by base pages, every struct
+    /// page a free page of the zone.
+    pub fn add_memory(&mut self, zone: Zone, pages: u64) -> BuiltRegion {
+        let per_page = self.format.page / STRUCT_PAGE_SIZE;
+        assert!(pages.is_multiple_of(per_page), "{pages} pages are not whole vmemmap pages");
+        let start = self.place(pages, 0, per_page, 0);
+        for i in 0..pages / per_page {
+            let frame = self.vmemmap_frame(&[StructPage::free(zone)]);
+            self.map(self.va(start + i * per_page), frame, true);
+        }
+        let spec =
+            RegionSpec { kind: RegionKind::Memory, zone, order: 0, count: pages, layout: Layout::None, altmap: false };
+        self.describe(spec, start, 0)
+    }
+
     /// A region whose vmemmap lies under 2 MiB leaves, never split, however
     /// its manifest entry says it is laid out (as boot memmap is mapped, as
     /// the skip-split bug leaves an "optimized" range, and as a device range
@@ -94,7 +124,7 @@ impl SynthVmemmap {
         let stride = 1u64 << spec.order;
         let altmap_pfns = if spec.altmap { spec.count } else { 0 };
         // A block's worth of struct pages starts where a block of vmemmap does.
-        let start = self.place(spec.count * stride, altmap_pfns, block / STRUCT_PAGE_SIZE);
+        let start = self.place(spec.count * stride, altmap_pfns, block / STRUCT_PAGE_SIZE, 0);
         let (head, tail) = (StructPage::head(spec.zone, spec.order), StructPage::tail(spec.zone, spec.order));
         let (head_page, tail_page) = ([head, tail], [tail]);
         let (first, end) = (self.va(start), self.va(start + spec.count * stride));

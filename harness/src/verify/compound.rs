@@ -48,9 +48,11 @@ impl CompoundView {
         CompoundView { head_pfn, first: 0, in_first: (page / STRUCT_PAGE_SIZE) as usize, pages, page }
     }
 
-    /// This compound page's struct pages among those of its first vmemmap page.
+    /// This compound page's struct pages among those of its first vmemmap
+    /// page (those past its end when the compound page straddles two, off
+    /// its alignment, are compound-aligned's finding).
     pub fn own<'p>(&self, page: &'p [StructPage]) -> &'p [StructPage] {
-        page.get(self.first..self.first + self.in_first).unwrap_or(&[])
+        page.get(self.first..(self.first + self.in_first).min(page.len())).unwrap_or(&[])
     }
 
     /// A small picture of the layout, in the style of vmemmap_dedup.rst: each
@@ -295,26 +297,25 @@ pub(super) fn tails_under(layout: Layout, pages: usize) -> (usize, bool) {
     }
 }
 
-/// An optimized compound page's tails are read-only unless the layout keeps
-/// them writable.
+/// An optimized compound page's tails carry its layout's protection through
+/// every level: read-only, or writable where the layout keeps them so
+/// (legacy-dax: the kernel writes those tails, and a read-only one faults
+/// it); never executable.
 pub(super) fn tails_readonly(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError> {
     for c in ctx.compounds().filter(|c| c.optimized && c.head().is_some()) {
         let (first_tail, writable) = tails_under(c.region.layout, c.view.pages.len());
         for (i, (_, m)) in c.view.pages.iter().enumerate().skip(first_tail).filter(|(i, _)| !c.borrowed(*i)) {
             f.cover(1);
             let Some((leaf, _)) = m else { continue };
-            if !writable && (leaf.perms.write || leaf.perms.exec) {
-                f.fail_in(
-                    &c.view,
-                    c.shared,
-                    format!(
-                        "{}: tail is {}{} through the page tables",
-                        c.at(i),
-                        if leaf.perms.write { "writable" } else { "" },
-                        if leaf.perms.exec { " executable" } else { "" }
-                    ),
-                );
-            }
+            let problem = match (writable, leaf.perms.write, leaf.perms.exec) {
+                (_, _, true) => format!("tail is executable{}", if leaf.perms.write { " and writable" } else { "" }),
+                (false, true, false) => "tail is writable".to_string(),
+                (true, false, false) => {
+                    format!("tail is read-only, but {} keeps its tails writable", c.region.layout.name())
+                }
+                _ => continue,
+            };
+            f.fail_in(&c.view, c.shared, format!("{}: {problem} through the page tables", c.at(i)));
         }
     }
     Ok(())

@@ -1,12 +1,14 @@
-//! contents: head, tail and shared struct pages, and device pageblocks'
-//! migratetypes, hold what the model says.
+//! contents: head, tail and shared struct pages, device pageblocks'
+//! migratetypes, and (sampled) the struct pages of plain boot RAM hold what
+//! the model says.
 
 use hvo_abi::model::{pageblock_pages, Layout, RegionKind, StructPage, MIGRATE_MOVABLE, STRUCT_PAGE_SIZE};
 
 use super::compound::{read_page, Compound};
 use super::findings::Findings;
+use super::pfns::{pfn_of_struct_page, PfnRange};
 use super::{Context, VerifyError};
-use crate::addr::{Pfn, PhysAddr};
+use crate::addr::{Pfn, PhysAddr, VirtAddr};
 use crate::memory::GuestMemory;
 
 pub(super) fn contents(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError> {
@@ -24,6 +26,8 @@ pub(super) fn contents(ctx: &Context, f: &mut Findings) -> Result<(), VerifyErro
         }
     }
     pageblocks(ctx, f);
+    super::plain::plain_boot_ram(ctx, f);
+    free_memory(ctx, f);
     Ok(())
 }
 
@@ -130,6 +134,47 @@ fn pageblocks(ctx: &Context, f: &mut Findings) {
                 wrong.len(),
                 Pfn(region.start_pfn) + first as u64 * pageblock,
                 tags[first]
+            ));
+        }
+    }
+}
+
+/// Hot-added memory: every struct page no region of compound pages holds is
+/// a free page of the memory's own zone. HugeTLB folios carved from it and
+/// freed again go back to that zone (movable memory stays movable).
+fn free_memory(ctx: &Context, f: &mut Findings) {
+    let (manifest, page) = (ctx.manifest, ctx.map.page);
+    let held: Vec<PfnRange> = ctx.compound_regions().map(PfnRange::with_altmap).collect();
+    for memory in manifest.regions.iter().filter(|r| r.kind == RegionKind::Memory) {
+        let range = PfnRange::of_region(memory);
+        let expect = StructPage::free(memory.zone);
+        let (first, end) = range.vmemmap(manifest, page);
+        let (mut checked, mut wrong, mut first_wrong) = (0u64, 0u64, None);
+        for (va, _, frame) in ctx.map.pages_in(first.0, end.0) {
+            let Some(pages) = read_page(ctx.mem, frame, page) else {
+                f.fail(format!("hot-added memory region {}: vmemmap page {frame} unreadable", memory.id));
+                break;
+            };
+            for (k, p) in pages.iter().enumerate() {
+                let pfn = pfn_of_struct_page(manifest, VirtAddr(va + k as u64 * STRUCT_PAGE_SIZE));
+                if !range.contains(pfn) || held.iter().any(|h| h.contains(pfn)) {
+                    continue;
+                }
+                checked += 1;
+                if *p != expect {
+                    wrong += 1;
+                    first_wrong.get_or_insert((pfn, *p));
+                }
+            }
+        }
+        f.cover(checked);
+        if let Some((pfn, p)) = first_wrong {
+            let zone = p.zone().map_or("no zone", |z| z.name());
+            f.fail(format!(
+                "hot-added memory region {} ({}): {wrong} of its {checked} free struct pages are not free {} pages; pfn {pfn} is {p:?} ({zone})",
+                memory.id,
+                memory.zone.name(),
+                memory.zone.name(),
             ));
         }
     }

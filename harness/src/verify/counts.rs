@@ -8,8 +8,8 @@ use hvo_abi::model::Layout;
 use super::findings::Findings;
 use super::pfns::PfnRange;
 use super::{Context, VerifyError};
-use crate::addr::{Pfn, PhysAddr};
-use crate::pgtable;
+use crate::addr::{Pfn, PhysAddr, VirtAddr};
+use crate::pgtable::{self, Decoded};
 
 /// The guest's counters equal what the host counts in the page tables.
 pub(super) fn accounting(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError> {
@@ -65,8 +65,10 @@ pub(super) fn accounting(ctx: &Context, f: &mut Findings) -> Result<(), VerifyEr
     Ok(())
 }
 
-/// Every shared tail page has users and is mapped by the vmemmap.
+/// Every shared tail page has users and is mapped by the vmemmap, and no
+/// page-table page over the vmemmap is left linked mapping nothing.
 pub(super) fn no_leak(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError> {
+    empty_tables(ctx, f)?;
     for t in ctx.manifest.shared_tails.iter() {
         f.cover(1);
         let problem = if t.users == 0 {
@@ -77,6 +79,48 @@ pub(super) fn no_leak(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError
             continue;
         };
         f.fail(format!("shared tail page {:#x} ({}/order {}) {problem}", t.pa, t.zone.name(), t.order));
+    }
+    Ok(())
+}
+
+/// Teardown frees the page-table pages it empties: no table below the
+/// root's children over the vmemmap maps nothing. The root's children stay
+/// (every root points at them, as Linux keeps its top-level vmemmap entries
+/// and, with 4-level tables, the PUD pages under them), so they may be
+/// empty; accounting counts every table, empty or not, so only this sees
+/// one left behind.
+fn empty_tables(ctx: &Context, f: &mut Findings) -> Result<(), VerifyError> {
+    let (manifest, map) = (ctx.manifest, ctx.map);
+    let walker = pgtable::walker_for(ctx.arch, ctx.mem, manifest, VirtAddr(manifest.vmemmap_base))?;
+    let format = walker.format();
+    let bits = format.va_bits();
+    let mask = if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    // The root entries over the vmemmap: from its base to the end of the
+    // one holding the last struct page walked (removed memory's included).
+    let span = walker.root_entry_span();
+    let first = (manifest.vmemmap_base & mask) / span;
+    let last = ((map.end.0.max(manifest.vmemmap_base + 1) - 1) & mask) / span;
+    let mut empty = Vec::new();
+    let mut checked = 0u64;
+    for table in walker.visit_tables(ctx.mem)? {
+        if table.level < 2 || !(first..=last).contains(&(table.va / span)) {
+            continue;
+        }
+        checked += 1;
+        if table.entries.iter().all(|&raw| format.decode(raw, table.level, table.shift) == Decoded::Invalid) {
+            empty.push(table);
+        }
+    }
+    f.cover(checked);
+    if let Some(t) = empty.first() {
+        f.fail(format!(
+            "{} page-table pages over the vmemmap map nothing yet stay linked; the first, at {} (level {}), covers {:#x}..{:#x}",
+            empty.len(),
+            t.pa,
+            t.level,
+            t.va | (manifest.vmemmap_base & !mask),
+            (t.va | (manifest.vmemmap_base & !mask)) + (1u64 << (t.shift + t.index_bits)),
+        ));
     }
     Ok(())
 }

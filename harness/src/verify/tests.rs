@@ -33,6 +33,7 @@ fn names(failures: &[(String, String)]) -> Vec<&str> {
 struct Standard {
     s: SynthVmemmap,
     unified: BuiltRegion,
+    legacy_dax: BuiltRegion,
     requested: Requested,
 }
 
@@ -60,13 +61,18 @@ fn standard(arch: Arch) -> Standard {
         requested.insert(b.id, r.layout);
         built.push(b);
     }
-    Standard { s, unified: built[0], requested }
+    Standard { s, unified: built[0], legacy_dax: built[2], requested }
 }
 
 impl Standard {
     /// The vmemmap address of page `i` of unified compound page `c`.
     fn unified_page(&self, c: u64, i: u64) -> u64 {
         self.s.va(self.unified.head(c)) + i * self.s.page()
+    }
+
+    /// The vmemmap address of page `i` of legacy-dax compound page `c`.
+    fn legacy_dax_page(&self, c: u64, i: u64) -> u64 {
+        self.s.va(self.legacy_dax.head(c)) + i * self.s.page()
     }
 }
 
@@ -94,6 +100,12 @@ impl Breakage {
     }
 }
 
+/// Every frame of the hand-built boot RAM (no region lies in it).
+fn boot_ram_frames(s: &SynthVmemmap) -> Vec<Pfn> {
+    let page = s.page();
+    s.manifest().ram().flat_map(|r| (r.start / page..r.end() / page).map(Pfn)).collect()
+}
+
 const BREAKAGES: &[Breakage] = &[
     Breakage::only(HeadPrivate, "a head vmemmap page mapping another compound page's head frame", |t| {
         let other = t.s.frame_at(t.unified_page(0, 0)).unwrap();
@@ -111,6 +123,10 @@ const BREAKAGES: &[Breakage] = &[
         let shared = t.s.frame_at(t.unified_page(0, 1)).unwrap();
         t.s.map(t.unified_page(0, 3), shared, true);
     }),
+    Breakage::only(TailsReadonly, "a read-only legacy-dax tail", |t| {
+        let first_tail = t.s.frame_at(t.legacy_dax_page(1, 1)).unwrap();
+        t.s.map(t.legacy_dax_page(1, 3), first_tail, false);
+    }),
     // A block leaf maps consecutive frames, writable: the tails under it
     // cannot be on the shared page, nor read-only.
     Breakage::with(PteGranularity, &[TailsShared, TailsReadonly], "a 2 MiB leaf over a range marked optimized", |t| {
@@ -122,6 +138,15 @@ const BREAKAGES: &[Breakage] = &[
         t.s.write_struct_page(t.unified.head(2) + 1, wrong);
     }),
     Breakage::only(Contents, "a device pageblock not movable", |t| t.s.set_pageblock_tag(t.unified.id, 1, 0)),
+    Breakage::only(Contents, "boot RAM's struct pages never initialized (memmap init skipped them)", |t| {
+        for pfn in boot_ram_frames(&t.s) {
+            t.s.write_struct_page(pfn, StructPage::POISONED);
+        }
+    }),
+    Breakage::only(Contents, "the last struct page of boot RAM left as the raw frame held it", |t| {
+        let last = *boot_ram_frames(&t.s).last().unwrap();
+        t.s.write_struct_page(last, StructPage::default());
+    }),
     Breakage::only(Accounting, "a vmemmap counter off by 7", |t| t.s.counters().vmemmap_allocated += 7),
     Breakage::only(Accounting, "a leaked page-table frame", |t| t.s.leak_table()),
     // Still counted live, and mapped by nothing: the counters disagree too.
@@ -129,6 +154,7 @@ const BREAKAGES: &[Breakage] = &[
         let order = t.s.order();
         t.s.leak_shared_tail(Zone::Normal, order);
     }),
+    Breakage::only(NoLeak, "an empty page-table page left linked over the vmemmap", |t| t.s.link_empty_table()),
     Breakage::only(RootsInSync, "a process root without the kernel's vmemmap entry", |t| {
         let va = t.unified_page(0, 0);
         t.s.desync_process_root(va);
@@ -137,6 +163,10 @@ const BREAKAGES: &[Breakage] = &[
         let ram = t.s.manifest().ram().next().unwrap();
         let va = t.s.va(Pfn::containing(crate::addr::PhysAddr(ram.start), t.s.page()));
         t.s.unmap(va + 2 * t.s.page());
+    }),
+    Breakage::only(CompoundAligned, "compound pages starting off their natural alignment", |t| {
+        let order = t.s.order();
+        t.s.add_region_unaligned(spec(RegionKind::HugeTlb, Zone::Normal, order, Layout::Unified, false));
     }),
     Breakage::only(AltmapUnoptimized, "a range with its struct pages on the device, optimized", |t| {
         let order = t.s.order();
@@ -299,5 +329,21 @@ fn an_altmap_range_may_find_its_struct_pages_in_a_neighbours_leaf() {
         let f = failing(&s, &requested);
         assert_eq!(names(&f), vec![AltmapUnoptimized.name()], "{arch:?}");
         assert!(f[0].1.contains("outside the device's altmap"), "{arch:?}: {}", f[0].1);
+    }
+}
+
+#[test]
+fn a_free_page_of_hot_added_memory_outside_its_zone_fails_contents_in_every_format() {
+    for arch in Arch::ALL {
+        let mut s = SynthVmemmap::new(arch);
+        let per_page = s.page() / 64;
+        let memory = s.add_memory(Zone::Movable, 4 * per_page);
+        assert_eq!(failing(&s, &Requested::new()), vec![], "{arch:?}");
+        // A HugeTLB folio freed back into it reset to the normal zone.
+        s.write_struct_page(memory.head(per_page + 3), StructPage::free(Zone::Normal));
+        let f = failing(&s, &Requested::new());
+        assert_eq!(names(&f), vec![Contents.name()], "{arch:?}");
+        let want = format!("1 of its {} free struct pages are not free movable pages", 4 * per_page);
+        assert!(f[0].1.contains(&want), "{arch:?}: {}", f[0].1);
     }
 }

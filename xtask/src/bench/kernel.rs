@@ -21,30 +21,9 @@ use super::{
     BenchArgs, Spread,
 };
 
-/// The machine both kernel measurements boot: 4 GiB with 64 x 2M and
-/// 1 x 1G reserved on the command line, so both boots pay for them.
-macro_rules! kernel_machine {
-    () => {
-        r#"
-[machine]
-boot-memory = "4G"
-max-memory = "4G"
-
-[[boot-gigantic]]
-region = "boot-2m"
-size = "2M"
-count = 64
-
-[[boot-gigantic]]
-region = "boot-1g"
-size = "1G"
-count = 1
-"#
-    };
-}
-
 /// The baseline: booting the kernel to its initramfs, the agent's
-/// `ready`, then power-off.
+/// `ready` and its account of the pools reserved at boot (`boot-pools`),
+/// then power-off.
 const KERNEL_NULL: &str = concat!(
     "description = \"kernel null: 64 x 2M and 1 x 1G reserved at boot, ready, exit\"\n",
     kernel_machine!(),
@@ -78,13 +57,13 @@ status = 0
 const VERDICT_BUDGET: f64 = 1.5;
 
 /// The two scenarios measured, parsed and known to run on a kernel.
-struct KernelScenarios {
-    null: Scenario,
+pub(super) struct KernelScenarios {
+    pub(super) null: Scenario,
     verdict: Scenario,
 }
 
 impl KernelScenarios {
-    fn parse() -> Result<KernelScenarios> {
+    pub(super) fn parse() -> Result<KernelScenarios> {
         let parse = |file: &str, source: &str| -> Result<Scenario> {
             let s = Scenario::parse(Path::new(file), source).map_err(|e| anyhow!("{e}"))?;
             // run_kernel_scenario skips a firmware-only scenario: better said now than as a skip.
@@ -155,7 +134,7 @@ fn figures(nulls: &[ScenarioResult], verdicts: &[ScenarioResult]) -> Result<Kern
 
 impl Bench {
     /// One run that must pass: a failing one stops the bench, with why.
-    fn kernel_run(&self, scenario: &Scenario, arch: Arch, guest: &KernelGuest) -> Result<ScenarioResult> {
+    pub(super) fn kernel_run(&self, scenario: &Scenario, arch: Arch, guest: &KernelGuest) -> Result<ScenarioResult> {
         let r = crate::unless_interrupted(&self.runtime, run_kernel_scenario(scenario, arch, guest, &self.config))
             .ok_or_else(|| anyhow!("interrupted"))?;
         if r.status != Status::Pass {
