@@ -438,13 +438,14 @@ impl core::fmt::Display for ManifestError {
     }
 }
 
-fn le_u32(bytes: &[u8], at: usize) -> u32 {
+/// The little-endian word at `at` (the manifest's and the update log's decoders).
+pub(crate) fn le_u32(bytes: &[u8], at: usize) -> u32 {
     let mut b = [0u8; 4];
     b.copy_from_slice(&bytes[at..at + 4]);
     u32::from_le_bytes(b)
 }
 
-fn le_u64(bytes: &[u8], at: usize) -> u64 {
+pub(crate) fn le_u64(bytes: &[u8], at: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&bytes[at..at + 8]);
     u64::from_le_bytes(b)

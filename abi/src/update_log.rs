@@ -17,6 +17,7 @@
 //! makes more records than fit, the guest keeps the first ones and goes on
 //! counting: `len` above `capacity` tells the host it cannot see them all.
 
+use crate::manifest::{le_u32, le_u64};
 use core::mem::{offset_of, size_of};
 
 /// Records one command may leave before the log overflows.
@@ -286,18 +287,6 @@ impl core::fmt::Display for UpdateLogError {
             UpdateLogError::EmptyRun { index } => write!(f, "update log record {index}: a run of no stores"),
         }
     }
-}
-
-fn le_u32(bytes: &[u8], at: usize) -> u32 {
-    let mut b = [0u8; 4];
-    b.copy_from_slice(&bytes[at..at + 4]);
-    u32::from_le_bytes(b)
-}
-
-fn le_u64(bytes: &[u8], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(b)
 }
 
 impl LogHeader {
