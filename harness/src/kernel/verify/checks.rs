@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use hvo_abi::model::Layout;
 
-use super::pattern::{describe, FoundCompound};
+use super::pattern::{describe, unified_tails_on, FoundCompound};
 use super::{accounting, compound_sizes, dax, FoundRegion, Generation, KernelView};
 use crate::addr::PhysAddr;
 use crate::invariant::Invariant;
@@ -189,12 +189,7 @@ fn unified_shared_pages(ctx: &Context, f: &mut Findings) {
                 names.join(" and ")
             ));
         }
-        let tails: u64 = ctx
-            .compounds
-            .iter()
-            .filter(|c| c.layout == Layout::Unified)
-            .map(|c| c.tails().filter(|(_, _, t)| t == frame).count() as u64)
-            .sum();
+        let tails = unified_tails_on(ctx.compounds, *frame);
         let mappers = ctx.map.mappers(*frame);
         if mappers != tails {
             f.fail(format!(

@@ -21,7 +21,7 @@ use std::ops::Range;
 use hvo_abi::model::{Layout, STRUCT_PAGE_SIZE};
 
 use super::checks::Context;
-use super::pattern::{vmemmap_pages, FoundCompound};
+use super::pattern::{unified_tails_on, vmemmap_pages, FoundCompound};
 use super::{FoundRegion, Generation, KernelView};
 use crate::addr::{Pfn, PhysAddr};
 use crate::verify::{size_name, CompoundView, Findings, PageMapping, VmemmapMap};
@@ -405,12 +405,7 @@ fn dax_shared_pages(ctx: &Context, f: &mut Findings) {
                 "shared tail page {frame} serves HugeTLB folios and device DAX alike: device memory is a zone of its own"
             ));
         }
-        let tails: u64 = ctx
-            .dax
-            .iter()
-            .filter(|c| c.layout == Layout::Unified)
-            .map(|c| c.tails().filter(|(_, _, t)| t == frame).count() as u64)
-            .sum();
+        let tails = unified_tails_on(ctx.dax, *frame);
         let mappers = ctx.map.mappers(*frame);
         if mappers != tails {
             f.fail(format!(

@@ -99,6 +99,16 @@ pub fn find(view: &KernelView, map: &VmemmapMap, sizes: &[u64]) -> Vec<FoundComp
     found
 }
 
+/// How many tail vmemmap pages of unified-layout compound pages among
+/// `compounds` map `frame`: the users a shared tail page must have.
+pub(super) fn unified_tails_on(compounds: &[FoundCompound], frame: PhysAddr) -> u64 {
+    compounds
+        .iter()
+        .filter(|c| c.layout == Layout::Unified)
+        .map(|c| c.tails().filter(|(_, _, t)| *t == frame).count() as u64)
+        .sum()
+}
+
 /// The layout of one compound page's vmemmap pages, read off its first
 /// tails, and how its head is mapped; `None` when they are not optimized
 /// (the first tail private and writable, as every page of an unoptimized
