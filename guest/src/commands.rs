@@ -10,12 +10,27 @@ use crate::paging::Table;
 use crate::vmemmap::{DaxRequest, Mm, VmemmapError};
 use crate::{arch, manifest, Kernel};
 
+/// Empty console polls (a device access each, about a microsecond under
+/// TCG) before the guest halts to wait for the host.
+const SPIN_POLLS: u32 = 300;
+
 /// Answers commands until told to exit.
 pub fn serve(kernel: &mut Kernel) -> ! {
     let mut reader = LineReader::new();
+    let mut idle_polls = 0;
     loop {
-        match reader.poll() {
-            None => core::hint::spin_loop(),
+        let polled = reader.poll();
+        idle_polls = if polled.is_some() { 0 } else { idle_polls + 1 };
+        match polled {
+            // Spinning answers a quick next request (and the rest of a line)
+            // soonest, but holds a host CPU and QEMU's I/O lock the whole time
+            // the host works out its next request, which the runs in parallel
+            // pay for: after a short spin the guest halts instead.
+            None if idle_polls < SPIN_POLLS => core::hint::spin_loop(),
+            None => {
+                arch::wait_for_console();
+                idle_polls = 0;
+            }
             Some(Err(LineError::TooLong)) => reply_err(None, format_args!("command too long")),
             Some(Err(LineError::NotText)) => reply_err(None, format_args!("command is not text")),
             Some(Ok(line)) => match parse_request(line) {

@@ -12,7 +12,7 @@ use super::Encoding;
 use crate::mm::{update_log, PageSize, PhysAddr, RangeList};
 use crate::paging::Tables;
 
-pub use platform::{console_read, console_write, eject_memory_slot, exit};
+pub use platform::{console_read, console_write, eject_memory_slot, exit, wait_for_console};
 pub use traps::{probe_read, probe_write};
 
 pub const ARCH: hvo_abi::Arch = hvo_abi::Arch::Aarch64;
@@ -104,6 +104,7 @@ pub fn process_table() -> Option<PhysAddr> {
 
 #[no_mangle]
 extern "C" fn aarch64_entry() -> ! {
+    platform::gic_init();
     let (ram, device_tree) = platform::ram_from_device_tree();
     let mut reserved = RangeList::new();
     reserved.push(device_tree);

@@ -1,5 +1,6 @@
-//! Devices of arm virt: the PL011 UART, semihosting exit, and the device tree
-//! QEMU leaves at the start of RAM when it boots firmware (`-bios`).
+//! Devices of arm virt: the PL011 UART and its interrupt through the GICv2
+//! (virt's default), semihosting exit, and the device tree QEMU leaves at the
+//! start of RAM when it boots firmware (`-bios`).
 
 use crate::mm::{Range, RangeList};
 
@@ -8,6 +9,13 @@ const UART_DATA: usize = UART;
 const UART_FLAGS: usize = UART + 0x18;
 const TX_FULL: u32 = 1 << 5;
 const RX_EMPTY: u32 = 1 << 4;
+const UART_INTERRUPT_MASK: usize = UART + 0x38;
+const RX_INTERRUPT: u32 = 1 << 4;
+
+/// virt's GICv2: distributor, CPU interface, and the UART's line (SPI 1).
+const GICD: usize = 0x0800_0000;
+const GICC: usize = 0x0801_0000;
+const UART_INTID: usize = 32 + 1;
 
 /// The virt machine's device window (GIC, UART, RTC, fw_cfg, GED, memory
 /// hotplug registers): identity-mapped as device memory.
@@ -31,6 +39,35 @@ pub fn eject_memory_slot(slot: u32) {
         ((MEMORY_HOTPLUG + 0x14) as *mut u8).write_volatile(CLEAR_REMOVE);
         ((MEMORY_HOTPLUG + 0x14) as *mut u8).write_volatile(EJECT);
     }
+}
+
+fn write32(addr: usize, value: u32) {
+    // SAFETY: a register of a device QEMU's virt machine has at this address.
+    unsafe { (addr as *mut u32).write_volatile(value) }
+}
+
+/// Routes the UART's interrupt to this CPU through the GIC. IRQs stay masked
+/// in PSTATE: the interrupt is never taken, it only ends a `wfi`.
+pub fn gic_init() {
+    const ENABLE: u32 = 1;
+    write32(GICD + 0x100 + UART_INTID / 32 * 4, 1 << (UART_INTID % 32)); // GICD_ISENABLERn
+    // SAFETY: byte-wide GICD_ITARGETSRn field of the UART's line: CPU 0.
+    unsafe { ((GICD + 0x800 + UART_INTID) as *mut u8).write_volatile(1) };
+    write32(GICD, ENABLE); // GICD_CTLR
+    write32(GICC + 0x4, 0xf0); // GICC_PMR: every priority but the lowest passes
+    write32(GICC, ENABLE); // GICC_CTLR
+}
+
+/// Waits in `wfi` until the UART has a byte. The receive interrupt is
+/// enabled only here, so that the line is quiet while commands run.
+pub fn wait_for_console() {
+    write32(UART_INTERRUPT_MASK, RX_INTERRUPT);
+    if read32(UART_FLAGS) & RX_EMPTY != 0 {
+        // SAFETY: `wfi` only waits; a pending interrupt (the byte that came
+        // after the check above) ends it at once, masked or not.
+        unsafe { core::arch::asm!("wfi", options(nomem, nostack)) };
+    }
+    write32(UART_INTERRUPT_MASK, 0);
 }
 
 pub fn console_write(bytes: &[u8]) {

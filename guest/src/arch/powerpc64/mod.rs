@@ -165,3 +165,5 @@ extern "C" fn ppc64_entry() -> ! {
     reserved.push(Range { start: 0, end: FIRMWARE_AREA_END });
     crate::main(crate::arch::Platform { ram, reserved, mmio: RangeList::new() })
 }
+
+pub fn wait_for_console() { core::hint::spin_loop() }

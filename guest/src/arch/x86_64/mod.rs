@@ -11,7 +11,7 @@ use super::Encoding;
 use crate::mm::{update_log, PageSize, PhysAddr, RangeList};
 use crate::paging::Tables;
 
-pub use platform::{console_read, console_write, eject_memory_slot, exit};
+pub use platform::{console_read, console_write, eject_memory_slot, exit, wait_for_console};
 pub use traps::{probe_read, probe_write};
 
 pub const ARCH: hvo_abi::Arch = hvo_abi::Arch::X86_64;

@@ -1,5 +1,5 @@
-//! Devices of q35: the 16550 UART at I/O port 0x3f8, `isa-debug-exit` at 0xf4,
-//! and the PVH start-of-day information.
+//! Devices of q35: the 16550 UART at I/O port 0x3f8 and its interrupt through
+//! the 8259 PIC, `isa-debug-exit` at 0xf4, and the PVH start-of-day information.
 
 use crate::mm::{Range, RangeList};
 
@@ -7,6 +7,17 @@ const COM1: u16 = 0x3f8;
 const LINE_STATUS: u16 = COM1 + 5;
 const DATA_READY: u8 = 1 << 0;
 const TX_EMPTY: u8 = 1 << 5;
+const INTERRUPT_ENABLE: u16 = COM1 + 1;
+const FIFO_CONTROL: u16 = COM1 + 2;
+const FIFO_ENABLE: u8 = 1 << 0;
+const FIFO_CLEAR: u8 = 0b11 << 1;
+/// The receive trigger level is also how many bytes QEMU moves into the FIFO
+/// at a time: 14 while a line streams in, 1 while halted so that the first
+/// byte raises the interrupt (below 14 bytes QEMU would otherwise wait for
+/// the 4-character timeout, 350 us at 115200 baud).
+const TRIGGER_14: u8 = 0b11 << 6;
+const TRIGGER_1: u8 = 0;
+const RX_DATA_INTERRUPT: u8 = 1 << 0;
 const DEBUG_EXIT_PORT: u16 = 0xf4;
 
 fn outb(port: u16, value: u8) {
@@ -22,13 +33,65 @@ fn inb(port: u16) -> u8 {
 }
 
 pub fn serial_init() {
-    outb(COM1 + 1, 0x00); // no interrupts: the firmware polls
+    outb(COM1 + 1, 0x00); // no interrupts but while `wait_for_console` halts
     outb(COM1 + 3, 0x80); // divisor latch
     outb(COM1, 0x01); // 115200 baud
     outb(COM1 + 1, 0x00);
     outb(COM1 + 3, 0x03); // 8N1
-    outb(COM1 + 2, 0xc7); // FIFOs on and cleared
-    outb(COM1 + 4, 0x03);
+    outb(FIFO_CONTROL, FIFO_ENABLE | FIFO_CLEAR | TRIGGER_14);
+    outb(COM1 + 4, 0x0b); // DTR, RTS, and OUT2, which gates the IRQ line on a PC
+    pic_init();
+}
+
+/// The 8259 pair: remapped above the exceptions, every line masked but the
+/// UART's (ISA IRQ 4, vector [`CONSOLE_VECTOR`]), and delivered through the
+/// local APIC's LINT0 as ExtINT (the boot loader leaves LINT0 masked). Runs
+/// on the boot trampoline's tables, which identity-map the APIC's page.
+fn pic_init() {
+    const LAPIC_LVT_LINT0: usize = 0xfee0_0350;
+    const DELIVERY_EXTINT: u32 = 0b111 << 8;
+    // SAFETY: the local APIC's LINT0 register at its architectural address,
+    // identity-mapped by the boot trampoline's first 4 GiB.
+    unsafe { (LAPIC_LVT_LINT0 as *mut u32).write_volatile(DELIVERY_EXTINT) };
+    const MASTER: u16 = 0x20;
+    const SLAVE: u16 = 0xa0;
+    const INIT_WITH_ICW4: u8 = 0x11;
+    for (port, base, cascade) in [(MASTER, PIC_VECTOR_BASE, 1 << 2), (SLAVE, PIC_VECTOR_BASE + 8, 2)] {
+        outb(port, INIT_WITH_ICW4);
+        outb(port + 1, base);
+        outb(port + 1, cascade);
+        outb(port + 1, 0x01); // 8086 mode
+    }
+    outb(MASTER + 1, !(1 << COM1_IRQ));
+    outb(SLAVE + 1, 0xff);
+}
+
+const PIC_VECTOR_BASE: u8 = 0x20;
+const COM1_IRQ: u8 = 4;
+/// The vector the UART's interrupt arrives on (traps.rs handles it).
+pub const CONSOLE_VECTOR: u8 = PIC_VECTOR_BASE + COM1_IRQ;
+/// Where the master 8259 reports a line that dropped before it was acknowledged.
+pub const SPURIOUS_VECTOR: u8 = PIC_VECTOR_BASE + 7;
+
+/// Halts until the UART has a byte. The receive interrupt is enabled only
+/// here: the handler disables it again (dropping the line) and acknowledges
+/// the PIC, so it fires once per wait.
+pub fn wait_for_console() {
+    outb(FIFO_CONTROL, FIFO_ENABLE | TRIGGER_1);
+    if inb(LINE_STATUS) & DATA_READY == 0 {
+        outb(INTERRUPT_ENABLE, RX_DATA_INTERRUPT);
+        // SAFETY: `sti; hlt` is the race-free wait: an interrupt already
+        // pending is taken at the `hlt` (STI's shadow), so a byte that arrived
+        // after the check above still wakes it; interrupts are off again after.
+        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    }
+    outb(FIFO_CONTROL, FIFO_ENABLE | TRIGGER_14);
+}
+
+/// What the console interrupt handler does: quiet the line, end the interrupt.
+pub fn console_interrupt() {
+    outb(INTERRUPT_ENABLE, 0);
+    outb(0x20, 0x20); // non-specific end of interrupt
 }
 
 /// The ACPI memory-hotplug register block (docs/specs/acpi_mem_hotplug.rst).

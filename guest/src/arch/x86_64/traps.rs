@@ -1,9 +1,12 @@
-//! Exceptions: an IDT for the 32 architectural vectors. A page fault raised by
-//! the store in `probe_write` is recovered; anything else is a crash report
-//! with the registers, then exit.
+//! Exceptions and interrupts: an IDT for the 32 architectural vectors and the
+//! 8259's 16 lines above them. A page fault raised by the store in
+//! `probe_write` is recovered, the console's interrupt wakes
+//! `wait_for_console`; anything else is a crash report with the registers,
+//! then exit.
 
 use core::fmt::Write;
 
+use super::platform::{console_interrupt, CONSOLE_VECTOR, SPURIOUS_VECTOR};
 use crate::mm::VirtAddr;
 
 core::arch::global_asm!(
@@ -50,6 +53,9 @@ hvo_vector_\n:
     HVO_VECTOR 29, 1
     HVO_VECTOR 30, 1
     HVO_VECTOR 31, 0
+    .irp n, 32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
+    HVO_VECTOR \n, 0
+    .endr
 
 hvo_trap_common:
     push rax
@@ -91,7 +97,7 @@ hvo_trap_common:
     .balign 8
     .global hvo_vector_table
 hvo_vector_table:
-    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
     .quad hvo_vector_\n
     .endr
 
@@ -132,7 +138,7 @@ extern "C" {
     static hvo_probe_read_resume: u8;
 }
 
-const VECTORS: usize = 32;
+const VECTORS: usize = 48;
 const PAGE_FAULT: u64 = 14;
 const KERNEL_CODE_SELECTOR: u16 = 0x08;
 
@@ -236,6 +242,15 @@ extern "C" fn x86_64_trap(frame: &mut TrapFrame) {
     if let Some(&(_, resume)) = probes.iter().find(|(at, _)| frame.vector == PAGE_FAULT && frame.rip == *at) {
         frame.rip = resume;
         frame.rax = 1;
+        return;
+    }
+    if frame.vector == CONSOLE_VECTOR as u64 {
+        console_interrupt();
+        return;
+    }
+    // An 8259 reports a line that dropped before it was acknowledged as its
+    // lowest-priority one, without needing an end of interrupt.
+    if frame.vector == SPURIOUS_VECTOR as u64 {
         return;
     }
     let cr2 = read_cr2();
