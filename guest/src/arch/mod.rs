@@ -10,7 +10,10 @@
 //!   `SEPARATE_IDENTITY_ROOT` (arm64: TTBR0 holds the identity half).
 //! - `type Format: mm::pagetable::Format`: the page-table entry encoding, one
 //!   of the library's `formats` (its source is the architecture's pagetable.rs).
-//! - `console_write(&[u8])`, `console_read() -> Option<u8>` (never blocks).
+//! - `console_write(&[u8])`, `console_read() -> Option<u8>` (never blocks),
+//!   `wait_for_console()`: idle until console input may have arrived (x86_64
+//!   halts on the UART's interrupt, arm64 waits in `wfi` for it, pseries
+//!   polls), so that a guest waiting on the host costs the host no CPU.
 //! - `exit(status: u8) -> !`: ends the VM; 0 means success.
 //! - `enable_mmu(&paging::Tables)`: load the roots and turn translation on
 //!   (the identity range stays mapped, so execution carries on).
