@@ -50,8 +50,9 @@ fn write32(addr: usize, value: u32) {
 /// in PSTATE: the interrupt is never taken, it only ends a `wfi`.
 pub fn gic_init() {
     const ENABLE: u32 = 1;
-    write32(GICD + 0x100 + UART_INTID / 32 * 4, 1 << (UART_INTID % 32)); // GICD_ISENABLERn
-                                                                         // SAFETY: byte-wide GICD_ITARGETSRn field of the UART's line: CPU 0.
+    // GICD_ISENABLERn: the UART's line.
+    write32(GICD + 0x100 + UART_INTID / 32 * 4, 1 << (UART_INTID % 32));
+    // SAFETY: byte-wide GICD_ITARGETSRn field of the UART's line: CPU 0.
     unsafe { ((GICD + 0x800 + UART_INTID) as *mut u8).write_volatile(1) };
     write32(GICD, ENABLE); // GICD_CTLR
     write32(GICC + 0x4, 0xf0); // GICC_PMR: every priority but the lowest passes

@@ -33,10 +33,10 @@ fn inb(port: u16) -> u8 {
 }
 
 pub fn serial_init() {
-    outb(COM1 + 1, 0x00); // no interrupts but while `wait_for_console` halts
+    outb(INTERRUPT_ENABLE, 0); // none but while `wait_for_console` halts
     outb(COM1 + 3, 0x80); // divisor latch
-    outb(COM1, 0x01); // 115200 baud
-    outb(COM1 + 1, 0x00);
+    outb(COM1, 0x01); // 115200 baud: divisor 1 (low byte)
+    outb(COM1 + 1, 0x00); // divisor high byte, while the latch is open
     outb(COM1 + 3, 0x03); // 8N1
     outb(FIFO_CONTROL, FIFO_ENABLE | FIFO_CLEAR | TRIGGER_14);
     outb(COM1 + 4, 0x0b); // DTR, RTS, and OUT2, which gates the IRQ line on a PC
@@ -53,7 +53,6 @@ fn pic_init() {
     // SAFETY: the local APIC's LINT0 register at its architectural address,
     // identity-mapped by the boot trampoline's first 4 GiB.
     unsafe { (LAPIC_LVT_LINT0 as *mut u32).write_volatile(DELIVERY_EXTINT) };
-    const MASTER: u16 = 0x20;
     const SLAVE: u16 = 0xa0;
     const INIT_WITH_ICW4: u8 = 0x11;
     for (port, base, cascade) in [(MASTER, PIC_VECTOR_BASE, 1 << 2), (SLAVE, PIC_VECTOR_BASE + 8, 2)] {
@@ -66,6 +65,8 @@ fn pic_init() {
     outb(SLAVE + 1, 0xff);
 }
 
+/// The master 8259's command port (its data port is the next).
+const MASTER: u16 = 0x20;
 const PIC_VECTOR_BASE: u8 = 0x20;
 const COM1_IRQ: u8 = 4;
 /// The vector the UART's interrupt arrives on (traps.rs handles it).
@@ -91,7 +92,8 @@ pub fn wait_for_console() {
 /// What the console interrupt handler does: quiet the line, end the interrupt.
 pub fn console_interrupt() {
     outb(INTERRUPT_ENABLE, 0);
-    outb(0x20, 0x20); // non-specific end of interrupt
+    const END_OF_INTERRUPT: u8 = 0x20; // non-specific
+    outb(MASTER, END_OF_INTERRUPT);
 }
 
 /// The ACPI memory-hotplug register block (docs/specs/acpi_mem_hotplug.rst).
